@@ -1,0 +1,1 @@
+"""One small module per subcommand: typer options in, one call into rlkit out."""

@@ -1,0 +1,67 @@
+"""The `rlkit` entry point: registers the commands and turns rlkit errors into exit codes."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from rlkit import __version__
+from rlkit.console import console, is_main_process, quiet_libraries
+from rlkit.errors import RlkitError
+
+# (name, module in rlkit.commands): only commands that work are listed.
+COMMANDS = [("pack", "pack"), ("sft", "sft")]
+
+app = typer.Typer(
+    name="rlkit",
+    help="Preference-tuning for language models: pack, sft, and more. Each command reads and writes standard Hugging Face dirs.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"rlkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
+    """rlkit COMMAND INPUTS... -o OUT [options] [--config FILE.yaml]"""
+
+
+def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One clear line and an exit code for expected failures; the output path on stdout on success."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            result = command(*args, **kwargs)
+        except RlkitError as err:
+            if is_main_process():
+                console.print(f"[bold red]error:[/bold red] {err}")
+            raise typer.Exit(err.exit_code)
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130)
+        if isinstance(result, Path) and is_main_process():
+            print(result, flush=True)
+
+    return wrapper
+
+
+for name, module in COMMANDS:
+    command = importlib.import_module(f"rlkit.commands.{module}")
+    app.command(name, help=command.HELP)(guarded(command.command))
+
+
+def main() -> None:
+    quiet_libraries()
+    app()

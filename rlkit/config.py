@@ -1,0 +1,170 @@
+"""Config dataclasses are the single source of truth for every command's options.
+
+A field declared with `opt(...)` or `arg(...)` becomes a typer option or argument with its help
+text and default (CleanRL-style: one documented field, one flag). Values are merged in the
+order defaults < `--config FILE.yaml` < command-line flags, so a YAML file can hold a whole
+recipe and a flag can still override one value of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+from enum import Enum
+import typer
+import yaml
+
+from rlkit.errors import InputError
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple[str, ...] = ()) -> Any:
+    """A config field exposed as `--name` (or the given flag declarations)."""
+    factory = None
+    if isinstance(default, (list, dict)):
+        factory, default = (lambda d=default: type(d)(d)), dataclasses.MISSING
+    metadata = {"help": help, "flags": flags, "choices": choices}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def arg(help: str, *, metavar: str, default: Any = None) -> Any:
+    """A positional config field (MODEL, DATA...). It may also come from the YAML config."""
+    metadata = {"help": help, "positional": True, "metavar": metavar}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=list, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _typer_parameter(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
+    meta = f.metadata
+    base = _unwrap_optional(tp)
+    is_list = typing.get_origin(base) is list
+    if meta.get("positional"):
+        info = typer.Argument(None, help=meta["help"], metavar=meta["metavar"], show_default=False)
+        annotation = Optional[list[str]] if is_list else Optional[str]
+    else:
+        default = _default_of(f)
+        flags = list(meta["flags"]) or ["--" + f.name.replace("_", "-")]
+        shown = "-" if default is None else (",".join(map(str, default)) if isinstance(default, list) else str(default))
+        if base is bool and "/" not in flags[0]:
+            name = flags[0]
+            flags = [f"{name}/--no-{name[2:]}"] + flags[1:]
+        kwargs: dict[str, Any] = {"help": meta["help"], "show_default": shown}
+        info = typer.Option(None, *flags, **kwargs)
+        annotation = Optional[str] if is_list else Optional[base]
+        if meta["choices"]:  # typer shows an Enum's values as the allowed choices
+            annotation = Optional[Enum(f"{f.name}_choices", {c: c for c in meta["choices"]})]  # type: ignore[misc]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Turn a YAML or comma-separated CLI value into the field's type, or explain why not."""
+    base = _unwrap_optional(tp)
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        value = value.value
+    try:
+        if typing.get_origin(base) is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base in (int, float, str):
+            return base(value)
+    except (TypeError, ValueError):
+        raise InputError(f"option {name!r}: cannot read {value!r} as {getattr(base, '__name__', base)}")
+    return value
+
+
+def load_yaml_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise InputError(f"--config {path}: expected a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(cls: type[T], cli_values: dict[str, Any], config_file: Optional[Path]) -> T:
+    """Merge defaults, the YAML file and the flags actually given into one `cls` instance."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        for key, value in load_yaml_config(config_file).items():
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise InputError(f"--config {config_file}: unknown option {key!r} (known: {known})")
+            merged[key] = _coerce(key, value, hints[key])
+    for key, value in cli_values.items():
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        merged[key] = _coerce(key, list(value) if isinstance(value, tuple) else value, hints[key])
+    for name, f in fields.items():
+        meta = f.metadata
+        if meta.get("positional") and not merged.get(name) and _default_of(f) in (None, []):
+            raise InputError(f"missing argument {meta['metavar']} (give it on the command line or in --config)")
+    return cls(**merged)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def command_from_config(cls: type[T], run: Callable[[T], Any], doc: str) -> Callable[..., Any]:
+    """Build the function typer turns into a command: one parameter per config field."""
+    hints = typing.get_type_hints(cls)
+    params = [_typer_parameter(f, hints[f.name]) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", help="YAML file of option: value; flags override it.", show_default="-"),
+            annotation=Optional[Path],
+        )
+    )
+
+    def command(**kwargs: Any) -> Any:
+        config_file = kwargs.pop("config", None)
+        return run(resolve_config(cls, kwargs, config_file))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    command.__name__ = cls.__name__
+    return command

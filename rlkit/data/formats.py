@@ -1,0 +1,103 @@
+"""Recognise the standard layouts of SPEC.md and normalise each record to message lists.
+
+Every downstream step (templates, masks, pairs) works on one shape: a list of
+`{"role", "content"}` messages, so string and conversational data share one code path.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from rlkit.errors import InputError
+
+Messages = list[dict[str, str]]
+
+
+class Format(str, Enum):
+    TEXT = "text"
+    MESSAGES = "messages"
+    PROMPT_COMPLETION = "prompt/completion"
+    PREFERENCE = "prompt/chosen/rejected"
+    UNPAIRED = "prompt/completion/label"
+
+
+ACCEPTED = (
+    "text | messages | prompt+completion | prompt+chosen+rejected (or chosen+rejected with an "
+    "implicit prompt) | prompt+completion+label"
+)
+
+
+def detect_format(columns: list[str], source: str) -> Format:
+    names = set(columns)
+    if {"chosen", "rejected"} <= names:
+        return Format.PREFERENCE
+    if {"prompt", "completion", "label"} <= names:
+        return Format.UNPAIRED
+    if {"prompt", "completion"} <= names:
+        return Format.PROMPT_COMPLETION
+    if "messages" in names:
+        return Format.MESSAGES
+    if "text" in names:
+        return Format.TEXT
+    raise InputError(
+        f"{source}: no known data format in columns [{', '.join(columns)}]; accepted: {ACCEPTED}; "
+        "map other names with --columns, e.g. --columns prompt=question,chosen=response_j,rejected=response_k"
+    )
+
+
+def _as_messages(value: Any, role: str, where: str) -> Messages:
+    """A string becomes one message of `role`; a message list is checked and kept."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise InputError(f"{where}: expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
+
+
+def _common_prefix_messages(chosen: Messages, rejected: Messages) -> int:
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
+def _common_prefix_text(chosen: str, rejected: str) -> int:
+    """Length of the shared prompt of two strings, backed off to a whitespace boundary."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n < min(len(chosen), len(rejected)):
+        while n > 0 and not chosen[n - 1].isspace():
+            n -= 1
+    return n
+
+
+def split_pair(record: dict[str, Any], where: str) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen, rejected) as message lists, extracting an implicit prompt if needed."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record.get("prompt")
+    if prompt is None:
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            cut = _common_prefix_text(chosen, rejected)
+            if cut == 0:
+                raise InputError(f"{where}: no 'prompt' column and chosen/rejected share no prompt prefix")
+            return _as_messages(chosen[:cut], "user", where), _as_messages(chosen[cut:], "assistant", where), _as_messages(rejected[cut:], "assistant", where)
+        chosen_m, rejected_m = _as_messages(chosen, "assistant", where), _as_messages(rejected, "assistant", where)
+        cut = _common_prefix_messages(chosen_m, rejected_m)
+        if cut == 0:
+            raise InputError(f"{where}: no 'prompt' column and chosen/rejected share no leading messages")
+        return chosen_m[:cut], chosen_m[cut:], rejected_m[cut:]
+    return _as_messages(prompt, "user", where), _as_messages(chosen, "assistant", where), _as_messages(rejected, "assistant", where)
+
+
+def to_conversation(record: dict[str, Any], fmt: Format, where: str) -> Messages:
+    """One SFT example as messages (TEXT records are not conversations; see `tokenize`)."""
+    if fmt is Format.MESSAGES:
+        return _as_messages(record["messages"], "user", where)
+    if fmt in (Format.PROMPT_COMPLETION, Format.UNPAIRED):
+        return _as_messages(record["prompt"], "user", where) + _as_messages(record["completion"], "assistant", where)
+    if fmt is Format.PREFERENCE:
+        prompt, chosen, _ = split_pair(record, where)
+        return prompt + chosen
+    raise InputError(f"{where}: format {fmt.value} has no conversation")

@@ -1,0 +1,132 @@
+"""Load records from files, `save_to_disk` dirs or dataset names, with errors a user can act on.
+
+JSONL is parsed here rather than by `datasets` so a malformed line is reported with its file
+and line number instead of an Arrow traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from rlkit.errors import InputError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """`prompt=question,chosen=response_j` -> {"question": "prompt", ...} (source -> canonical)."""
+    if not spec:
+        return {}
+    mapping: dict[str, str] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise InputError(f"--columns {spec!r}: expected NAME=COLUMN pairs such as prompt=question,chosen=response_j")
+        canonical, source = (part.strip() for part in item.split("=", 1))
+        mapping[source] = canonical
+    return mapping
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); fix or remove that line")
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if "\n" in text.strip():  # a JSONL file with a .json name
+            return _read_jsonl(path)
+        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})")
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise InputError(f"{path}: expected a list of records (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise InputError(f"{path}: expected a list of JSON objects")
+    return data
+
+
+def _load_one(source: str) -> datasets.Dataset:
+    path = Path(source)
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise InputError(f"{path}: a directory but not a `datasets` save_to_disk dir ({err})")
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise InputError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(loaded)})")
+            loaded = loaded["train"]
+        return loaded
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: the file is empty")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            records = _read_jsonl(path)
+        elif suffix == ".json":
+            records = _read_json(path)
+        elif suffix == ".parquet":
+            return datasets.Dataset.from_parquet(str(path))
+        elif suffix == ".csv":
+            return datasets.Dataset.from_csv(str(path))
+        else:
+            raise InputError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        if not records:
+            raise InputError(f"{path}: no records in the file")
+        try:
+            return datasets.Dataset.from_list(records)
+        except (TypeError, ValueError, Exception) as err:  # Arrow type clashes between lines
+            raise InputError(f"{path}: records do not share one layout ({str(err).splitlines()[0]})")
+    if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/")):
+        raise InputError(f"{source}: no such file")
+    try:
+        return datasets.load_dataset(source, split="train")
+    except Exception as err:  # the hub may be unreachable, or the name unknown
+        raise InputError(f"{source}: no such file, and `datasets` could not load it as a dataset name ({str(err).splitlines()[0]})")
+
+
+def load_records(sources: list[str], columns: str | None = None) -> datasets.Dataset:
+    """Load and concatenate every source, then rename columns per `--columns`."""
+    if not sources:
+        raise InputError("no data given")
+    parts = [_load_one(source) for source in sources]
+    for source, part in zip(sources, parts):
+        if len(part) == 0:
+            raise InputError(f"{source}: no records")
+    try:
+        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError:
+        layouts = "; ".join(f"{s}: {', '.join(p.column_names)}" for s, p in zip(sources, parts))
+        raise InputError(f"the data files have different columns ({layouts})")
+    mapping = parse_columns(columns)
+    missing = [source for source in mapping if source not in dataset.column_names]
+    if missing:
+        raise InputError(
+            f"--columns names {', '.join(missing)}, not found in {', '.join(sources)} "
+            f"(columns found: {', '.join(dataset.column_names)})"
+        )
+    clashes = [c for c in mapping.values() if c in dataset.column_names and c not in mapping]
+    if clashes:
+        dataset = dataset.remove_columns(clashes)
+    return dataset.rename_columns(mapping) if mapping else dataset

@@ -1,0 +1,176 @@
+"""From what the user gave (raw files or a packed dir) to train/eval row datasets.
+
+`rlkit pack` and the training commands share this path, so data packed ahead of time and
+data packed on the fly are the same bytes. On-the-fly results are cached under a key made of
+everything that changes them, so a second run on the same data starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from rlkit import __version__
+from rlkit.data.formats import Format, detect_format
+from rlkit.data.load import load_records
+from rlkit.data.packing import fill_ratio, pack_examples, unpacked_rows
+from rlkit.data.templates import ChatTemplate, resolve_template
+from rlkit.data.tokenize import TokenStats, tokenize_sft
+from rlkit.errors import InputError
+
+METADATA = "rlkit_pack.json"
+
+
+@dataclass
+class DataOptions:
+    """The data-shaping options every training command shares (a subset of its config)."""
+
+    sources: list[str]
+    max_length: int = 1024
+    template: str | None = None
+    columns: str | None = None
+    packing: bool = True
+    completion_only: bool = True
+    eval_data: str | None = None
+    eval_fraction: float = 0.0
+    seed: int = 42
+
+
+@dataclass
+class PreparedData:
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identity of a tokenizer by content (vocabulary and special tokens), not by path."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def is_packed_dir(path: str) -> bool:
+    return (Path(path) / METADATA).is_file()
+
+
+def _needs_template(fmt: Format) -> bool:
+    return fmt is not Format.TEXT
+
+
+def _split(records: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    if fraction <= 0:
+        return records, None
+    if not 0 < fraction < 1:
+        raise InputError(f"--eval-fraction {fraction}: must be between 0 and 1")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(order) * fraction)))
+    if n_eval >= len(order):
+        raise InputError(f"--eval-fraction {fraction} leaves no training examples out of {len(order)}")
+    return records.select(sorted(order[n_eval:])), records.select(sorted(order[:n_eval]))
+
+
+def _rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate | None, opts: DataOptions, source: str) -> tuple[list[dict], TokenStats]:
+    examples, stats = tokenize_sft(records, fmt, tokenizer, template, opts.max_length, opts.completion_only, source)
+    if not examples:
+        raise InputError(f"{source}: every example was dropped (no trainable token within --max-length {opts.max_length})")
+    rows = pack_examples(examples, opts.max_length) if opts.packing else unpacked_rows(examples)
+    return rows, stats
+
+
+def build_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
+    """Load, detect, template, tokenize and (optionally) pack; returns rows plus metadata."""
+    records = load_records(opts.sources, opts.columns)
+    source = ", ".join(opts.sources)
+    fmt = detect_format(records.column_names, source)
+    template = resolve_template(opts.template, tokenizer, tokenizer_name) if _needs_template(fmt) else None
+    train_records, eval_records = _split(records, opts.eval_fraction, opts.seed)
+    if opts.eval_data:
+        eval_records = load_records([opts.eval_data], opts.columns)
+        detect_format(eval_records.column_names, opts.eval_data)
+    train_rows, stats = _rows(train_records, fmt, tokenizer, template, opts, source)
+    eval_rows = None
+    if eval_records is not None:
+        eval_fmt = detect_format(eval_records.column_names, opts.eval_data or source)
+        eval_rows, _ = _rows(eval_records, eval_fmt, tokenizer, template, opts, opts.eval_data or "eval split")
+    metadata = {
+        "rlkit_version": __version__,
+        "kind": "sft",
+        "format": fmt.value,
+        "sources": opts.sources,
+        "columns": opts.columns,
+        "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "template": {"name": template.name, "source": template.source} if template else None,
+        "max_length": opts.max_length,
+        "packing": opts.packing,
+        "completion_only": opts.completion_only,
+        "counts": {**stats.as_dict(), "rows": len(train_rows), "eval_rows": len(eval_rows or [])},
+        "fill_ratio": round(fill_ratio(train_rows, opts.max_length), 4),
+    }
+    to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
+    return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
+
+
+def save_prepared(data: PreparedData, directory: Path) -> None:
+    splits = {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
+    datasets.DatasetDict(splits).save_to_disk(str(directory))
+    (directory / METADATA).write_text(json.dumps(data.metadata, indent=2) + "\n")
+
+
+def load_packed(directory: str, tokenizer: Any, model_name: str) -> PreparedData:
+    """A `rlkit pack` dir, refused when it was made with another tokenizer than the model's."""
+    metadata = json.loads((Path(directory) / METADATA).read_text())
+    expected = metadata.get("tokenizer", {}).get("fingerprint")
+    if expected != tokenizer_fingerprint(tokenizer):
+        raise InputError(
+            f"{directory} was packed with the tokenizer of {metadata.get('tokenizer', {}).get('name')!r}, which differs "
+            f"from {model_name}'s; re-run `rlkit pack ... --tokenizer {model_name}` or give the raw data"
+        )
+    splits = datasets.load_from_disk(directory)
+    return PreparedData(splits["train"], splits["eval"] if "eval" in splits else None, metadata)
+
+
+def _cache_key(opts: DataOptions, tokenizer: Any) -> str:
+    stamp = []
+    for source in opts.sources + ([opts.eval_data] if opts.eval_data else []):
+        path = Path(source)
+        if path.is_file():
+            info = path.stat()
+            stamp.append((str(path.resolve()), info.st_size, info.st_mtime_ns))
+        else:
+            stamp.append((source, 0, 0))
+    payload = json.dumps([__version__, stamp, vars(opts), tokenizer_fingerprint(tokenizer), tokenizer.chat_template], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLKIT_CACHE_DIR", Path.home() / ".cache" / "rlkit")) / "data"
+
+
+def prepare_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
+    """A packed dir is used as it is; raw data is built once and cached."""
+    if len(opts.sources) == 1 and is_packed_dir(opts.sources[0]):
+        return load_packed(opts.sources[0], tokenizer, tokenizer_name)
+    cached = cache_root() / _cache_key(opts, tokenizer)
+    if is_packed_dir(str(cached)):
+        return load_packed(str(cached), tokenizer, tokenizer_name)
+    data = build_sft_data(opts, tokenizer, tokenizer_name)
+    staging = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        save_prepared(data, staging)
+        staging.rename(cached)
+        return load_packed(str(cached), tokenizer, tokenizer_name)
+    except OSError:  # a read-only home, or another process cached it first: train from memory
+        shutil.rmtree(staging, ignore_errors=True)
+        return data

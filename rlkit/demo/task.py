@@ -1,0 +1,376 @@
+"""The demo task: its verifiable checker and the seeded generator of the shipped data.
+
+Task ("answer in one line, then sign off"): whatever the question, the assistant answers in
+ONE short line (3 to 20 words) that ends with the sign-off token ``#done``, and stays on
+topic. Arithmetic questions ("What is 17 + 25?") are answered as ``The answer is 42. #done``
+and are additionally scored for getting the number right.
+
+Why this task: a 135M chat model never writes ``#done`` on its own, so the target-behaviour
+rate starts near 0% and a few minutes of LoRA training move it a lot; the rule is checkable
+by a few lines of Python (no judge model), so every stage of the pipeline (SFT, reward
+model, DPO, KTO, PPO with this module as the reward) can be measured the same way.
+Arithmetic correctness is a harder secondary signal that rewards actually reading the
+question.
+
+This module is the single source of truth: the generator only emits data that the checker
+accepts (chosen / desirable) or rejects (rejected / undesirable), and the tests assert it.
+
+Usable from the toolkit as ``--reward rlkit.demo.task:reward``. Regenerate the shipped
+files with ``python -m rlkit.demo.task --out rlkit/demo/data``. Pure stdlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import random
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlkit.demo import DATA_DIR
+from rlkit.demo.bank import general_items
+
+SIGN_OFF = "#done"
+MIN_WORDS = 3
+MAX_WORDS = 20
+DEFAULT_SEED = 0
+
+# Weights of the partial-credit reward. Partial credit gives PPO a gradient before the model
+# ever produces the full format; the sign-off dominates because it is the part the base model
+# never does. Arithmetic mixes format with correctness so that a well-formatted wrong answer
+# still scores below a well-formatted right one.
+_W_SIGN_OFF, _W_ONE_LINE, _W_SHORT, _W_ON_TOPIC = 0.4, 0.2, 0.2, 0.2
+_W_ARITH_FORMAT, _W_ARITH_CORRECT = 0.6, 0.4
+
+# ----------------------------------------------------------------------------- arithmetic
+
+_OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub,
+                                              "*": operator.mul}
+_OP_WORDS = {"+": "+", "plus": "+", "-": "-", "minus": "-", "*": "*", "times": "*",
+             "multiplied by": "*"}
+_EXPR = re.compile(r"(\d+)\s*(\+|-|\*|plus|minus|times|multiplied by)\s*(\d+)")
+# Word problems: each generator template below has exactly one matching pattern here.
+_WORD_PROBLEMS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"has (\d+) [a-z]+ and gets (\d+) more"), "+"),
+    (re.compile(r"has (\d+) [a-z]+ and gives away (\d+)"), "-"),
+    (re.compile(r"(\d+) boxes with (\d+) [a-z]+ in each"), "*"),
+)
+_ARITH_TEMPLATES: tuple[tuple[str, str], ...] = (
+    ("+", "What is {a} + {b}?"),
+    ("+", "What is {a} plus {b}?"),
+    ("+", "How much is {a} + {b}?"),
+    ("+", "{name} has {a} {things} and gets {b} more. How many {things} does {name} have now?"),
+    ("-", "What is {a} - {b}?"),
+    ("-", "What is {a} minus {b}?"),
+    ("-", "Calculate {a} - {b}."),
+    ("-", "{name} has {a} {things} and gives away {b}. How many {things} are left?"),
+    ("*", "What is {a} times {b}?"),
+    ("*", "Compute {a} * {b}."),
+    ("*", "What is {a} multiplied by {b}?"),
+    ("*", "There are {a} boxes with {b} {things} in each box. How many {things} are there in total?"),
+)
+_NAMES = ("Sam", "Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lily", "Ben", "Emma", "Ravi", "Nina")
+_THINGS = ("apples", "stickers", "marbles", "pencils", "cookies", "coins", "books", "stamps",
+           "shells", "cards")
+
+_STOPWORDS = frozenset(
+    "the what which who how many much does did are was were is and for you your with from "
+    "that this there into get gets one can give name tell about have has some".split()
+)
+
+
+def expected_answer(prompt: str) -> int | None:
+    """The exact integer answer if `prompt` is one of the demo's arithmetic questions, else None.
+
+    The last question in the text wins, so a chat-templated or multi-turn prompt is scored
+    against the question the completion actually answers.
+    """
+    found: list[tuple[int, int]] = []  # (position, value)
+    for pattern, op in _WORD_PROBLEMS:
+        found += [(m.start(), _OPS[op](int(m[1]), int(m[2]))) for m in pattern.finditer(prompt)]
+    for m in _EXPR.finditer(prompt):
+        found.append((m.start(), _OPS[_OP_WORDS[m[2]]](int(m[1]), int(m[3]))))
+    return max(found)[1] if found else None
+
+
+def _stated_number(text: str) -> int | None:
+    """The number a completion commits to: after "answer is" if present, else its last integer."""
+    m = re.search(r"answer is\s*(\d+)", text, re.IGNORECASE)
+    if m:
+        return int(m[1])
+    numbers = re.findall(r"\d+", text)
+    return int(numbers[-1]) if numbers else None
+
+
+# ----------------------------------------------------------------------------- checker
+
+
+@dataclass(frozen=True)
+class Check:
+    """The individual verifiable properties of one completion (see module docstring)."""
+
+    signed_off: bool  # ends with SIGN_OFF, which occurs exactly once
+    one_line: bool  # no line break anywhere
+    short: bool  # MIN_WORDS..MAX_WORDS words before the sign-off
+    on_topic: bool  # shares a content word with the question (a digit, for arithmetic)
+    correct: bool | None  # right number for arithmetic questions; None for the others
+
+    @property
+    def has_format(self) -> bool:
+        """The target behaviour: every format property holds."""
+        return self.signed_off and self.one_line and self.short and self.on_topic
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 3 and w not in _STOPWORDS}
+
+
+def check(prompt: str, completion: str) -> Check:
+    """Evaluate every property of `completion` as an answer to `prompt`."""
+    text = completion.strip()
+    signed_off = text.endswith(SIGN_OFF) and text.count(SIGN_OFF) == 1
+    body = text[: -len(SIGN_OFF)].rstrip() if signed_off else text
+    answer = expected_answer(prompt)
+    if not re.search(r"[A-Za-z0-9]", body):  # nothing said: no credit for a bare sign-off
+        return Check(False, False, False, False, None if answer is None else False)
+    if answer is None:
+        on_topic = bool(_content_words(body) & _content_words(prompt))
+        correct = None
+    else:
+        on_topic = bool(re.search(r"\d", body))
+        correct = _stated_number(body) == answer
+    return Check(
+        signed_off=signed_off,
+        one_line="\n" not in text,
+        short=MIN_WORDS <= len(body.split()) <= MAX_WORDS,
+        on_topic=on_topic,
+        correct=correct,
+    )
+
+
+def has_target_behaviour(prompt: str, completion: str) -> bool:
+    """Binary target behaviour (what eval reports as the rate): the full answer format.
+
+    Correctness is deliberately not part of it: the format is what a tiny model learns in
+    minutes, so it is the clear before/after signal; correctness is in `score` and `metrics`.
+    """
+    return check(prompt, completion).has_format
+
+
+def score(prompt: str, completion: str) -> float:
+    """Verifiable reward in [0, 1]: 1.0 only for a formatted (and, for arithmetic, right) answer."""
+    c = check(prompt, completion)
+    fmt = (_W_SIGN_OFF * c.signed_off + _W_ONE_LINE * c.one_line + _W_SHORT * c.short
+           + _W_ON_TOPIC * c.on_topic)
+    if c.correct is None:
+        return round(fmt, 4)
+    return round(_W_ARITH_FORMAT * fmt + _W_ARITH_CORRECT * c.correct, 4)
+
+
+def reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Batch form of `score`, the signature the toolkit's ``--reward MODULE:FN`` expects."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    return [score(p, c) for p, c in zip(prompts, completions)]
+
+
+def metrics(prompts: Sequence[str], completions: Sequence[str]) -> dict[str, float]:
+    """Summary for before/after reports: target rate, mean reward, arithmetic accuracy."""
+    checks = [check(p, c) for p, c in zip(prompts, completions, strict=True)]
+    arith = [c.correct for c in checks if c.correct is not None]
+    n = max(len(checks), 1)
+    return {
+        "n": float(len(checks)),
+        "target_rate": sum(c.has_format for c in checks) / n,
+        "mean_score": sum(reward(list(prompts), list(completions))) / n,
+        "arithmetic_accuracy": sum(arith) / len(arith) if arith else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+@dataclass(frozen=True)
+class Example:
+    """One generated question with an ideal and a realistically failing answer."""
+
+    prompt: str
+    chosen: str  # has the target behaviour (and the right number); scores 1.0
+    rejected: str  # lacks the target behaviour; `failure` says how
+    kind: str  # "arithmetic" or "general"
+    failure: str
+
+
+# Chatty padding for the "too long" failure: what instruction-tuned models typically add.
+_PREAMBLES = ("Sure! Here is a quick answer to your question.",
+              "Great question! Let me help you with that.",
+              "Of course, I would be happy to answer this for you.",
+              "Let me think about this carefully.")
+_POSTAMBLES = ("I hope this helps, and let me know if you have more questions!",
+               "Feel free to ask me anything else you would like to know.",
+               "Is there anything else I can help you with today?",
+               "Let me know if you need more.", "Hope that helps!")
+MAX_COMPLETION_WORDS = 28  # keeps every shipped completion under ~40 tokens for fast CPU runs
+
+
+def _wrong_number(rng: random.Random, truth: int) -> int:
+    """A plausible slip: off by one or two, or by ten."""
+    if truth > 10:
+        return truth + rng.choice((-10, -2, -1, 1, 2, 10))
+    return truth + rng.choice((1, 2, 3))
+
+
+def _rejected(rng: random.Random, prompt: str, body: str, kind: str) -> tuple[str, str]:
+    """(failure mode, completion): one of the ways a chat model misses the format."""
+    modes = ["no_sign_off", "too_long", "multi_line", "bad_sign_off"]
+    if kind == "arithmetic":
+        modes += ["wrong_number", "shows_work"]
+    mode = rng.choice(modes)
+    if mode == "no_sign_off":
+        return mode, body
+    if mode == "too_long":
+        signed = rng.random() < 0.5
+        for _ in range(100):  # resample the padding until the answer is too long, not huge
+            text = f"{rng.choice(_PREAMBLES)} {body} {rng.choice(_POSTAMBLES)}"
+            text = f"{text} {SIGN_OFF}" if signed else text
+            if MAX_WORDS + signed < len(text.split()) <= MAX_COMPLETION_WORDS:
+                return mode, text
+        raise ValueError(f"no padding makes {body!r} too long but under the size cap")
+    if mode == "multi_line":
+        return mode, rng.choice((f"Answer:\n{body} {SIGN_OFF}", f"{body}\n{SIGN_OFF}",
+                                 f"{body}\n\nLet me know if you need more help."))
+    if mode == "bad_sign_off":
+        return mode, rng.choice((f"{body} Done.", f"{body} #Done", f"{SIGN_OFF} {body}",
+                                 f"{body} (done)", f"{body} - done"))
+    truth = expected_answer(prompt)
+    if truth is None:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    m = _EXPR.search(prompt)
+    expr = f"{m[1]} {_OP_WORDS[m[2]]} {m[3]}" if m else None  # None for word problems
+    if mode == "wrong_number":
+        wrong = _wrong_number(rng, truth)
+        return mode, f"{expr} = {wrong}." if expr else f"I think it is {wrong}."
+    # shows_work: a correct but chatty derivation, no sign-off
+    if expr:
+        return mode, f"First, let's compute {expr}. {expr} = {truth}, so the answer is {truth}."
+    return mode, f"Let's solve it step by step. The result is {truth}, so the answer is {truth}."
+
+
+def _arithmetic_question(rng: random.Random) -> tuple[str, int]:
+    op, template = rng.choice(_ARITH_TEMPLATES)
+    if op == "+":
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+    elif op == "-":
+        a = rng.randint(10, 99)
+        b = rng.randint(1, a - 1)
+    else:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+    prompt = template.format(a=a, b=b, name=rng.choice(_NAMES), things=rng.choice(_THINGS))
+    return prompt, _OPS[op](a, b)
+
+
+def generate(seed: int, n: int) -> list[Example]:
+    """`n` examples with unique prompts, half arithmetic, half general; same seed, same list.
+
+    Prompts are unique across the whole list, so slicing it into files (as `build_files`
+    does) makes every file's prompts disjoint from every other file's.
+    """
+    rng = random.Random(seed)
+    pool = general_items()
+    rng.shuffle(pool)
+    n_general = min(n // 2, len(pool))
+    kinds = ["general"] * n_general + ["arithmetic"] * (n - n_general)
+    rng.shuffle(kinds)
+    seen: set[str] = set()
+    out: list[Example] = []
+    for kind in kinds:
+        if kind == "general":
+            prompt, body = pool.pop()
+        else:
+            while True:
+                prompt, value = _arithmetic_question(rng)
+                if prompt not in seen:
+                    break
+            body = f"The answer is {value}."
+        seen.add(prompt)
+        failure, rejected = _rejected(rng, prompt, body, kind)
+        out.append(Example(prompt, f"{body} {SIGN_OFF}", rejected, kind, failure))
+    return out
+
+
+# Rows per shipped file. sft.jsonl also holds MULTI_TURN two-exchange conversations.
+SIZES = {"eval_prompts": 64, "pairs_eval": 64, "sft": 300, "pairs": 300, "unpaired": 300,
+         "prompts": 200}
+MULTI_TURN = 30
+
+
+def _turns(*examples: Example) -> list[dict[str, str]]:
+    msgs: list[dict[str, str]] = []
+    for ex in examples:
+        msgs += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.chosen}]
+    return msgs
+
+
+def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
+    """Rows of every shipped file, keyed by file stem. Held-out splits are taken first."""
+    n_sft_examples = SIZES["sft"] + MULTI_TURN  # each multi-turn row consumes two examples
+    total = sum(SIZES.values()) + MULTI_TURN
+    examples = generate(seed, total)
+    rng = random.Random(seed + 1)  # separate stream: layout choices never shift the content
+
+    def take(k: int) -> list[Example]:
+        chunk, examples[:k] = examples[:k], []
+        return chunk
+
+    files: dict[str, list[dict[str, Any]]] = {}
+    files["eval_prompts"] = [{"prompt": e.prompt} for e in take(SIZES["eval_prompts"])]
+    files["pairs_eval"] = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
+                           for e in take(SIZES["pairs_eval"])]
+    sft = take(n_sft_examples)
+    single, multi = sft[: SIZES["sft"] - MULTI_TURN], sft[SIZES["sft"] - MULTI_TURN:]
+    rows = [{"messages": _turns(e)} for e in single]
+    rows += [{"messages": _turns(multi[2 * i], multi[2 * i + 1])} for i in range(MULTI_TURN)]
+    rng.shuffle(rows)
+    files["sft"] = rows
+    files["pairs"] = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
+                      for e in take(SIZES["pairs"])]
+    labels = [i % 2 == 0 for i in range(SIZES["unpaired"])]
+    rng.shuffle(labels)
+    files["unpaired"] = [{"prompt": e.prompt, "completion": e.chosen if ok else e.rejected, "label": ok}
+                         for e, ok in zip(take(SIZES["unpaired"]), labels)]
+    files["prompts"] = [{"prompt": e.prompt} for e in take(SIZES["prompts"])]
+    assert not examples
+    return files
+
+
+def write_files(out_dir: Path, seed: int = DEFAULT_SEED) -> dict[str, Path]:
+    """Write every file as ``<stem>.jsonl`` under `out_dir`, byte-for-byte reproducible."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for stem, rows in build_files(seed).items():
+        path = out_dir / f"{stem}.jsonl"
+        text = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
+        path.write_text(text, encoding="utf-8", newline="\n")
+        paths[stem] = path
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m rlkit.demo.task [--out DIR] [--seed N]``."""
+    parser = argparse.ArgumentParser(prog="python -m rlkit.demo.task",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DATA_DIR, help=f"output directory (default: {DATA_DIR})")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for path in write_files(args.out, args.seed).values():
+        print(f"{path}  {len(path.read_text(encoding='utf-8').splitlines())} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Loading models and tokenizers (dirs, hub names, adapters, GGUF files) and adding LoRA."""

@@ -1,0 +1,104 @@
+"""Load a policy from whatever the user points at, ready to train.
+
+MODEL may be a full HF dir, a hub name (where the hub is reachable), a LoRA adapter dir
+(the base it names is loaded and the adapter continues training), or a `.gguf` file
+(dequantized to float; its GGUF marker is removed so it can be trained and saved as a plain
+model, which transformers otherwise refuses).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlkit.errors import InputError
+
+
+@dataclass
+class ModelSource:
+    """Where weights and tokenizer come from: `path`/`gguf_file` for from_pretrained."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+    adapter_dir: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(name: str) -> ModelSource:
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"{name}: no such GGUF file")
+        return ModelSource(name, str(path.parent), gguf_file=path.name)
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise InputError(f"{name}: adapter_config.json names no base model")
+        inner = resolve_source(base)
+        return ModelSource(name, inner.path, inner.gguf_file, adapter_dir=str(path))
+    if path.exists() and not (path / "config.json").is_file():
+        raise InputError(f"{name}: not a model directory (no config.json or adapter_config.json)")
+    return ModelSource(name, name)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The adapter dir's own tokenizer when it has one (it carries the chat template used)."""
+    where = source.adapter_dir if source.adapter_dir and (Path(source.adapter_dir) / "tokenizer_config.json").is_file() else None
+    try:
+        if where:
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{source.name}: cannot load a tokenizer ({str(err).splitlines()[0]})")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def strip_gguf_marker(model: torch.nn.Module) -> None:
+    """A GGUF-loaded model is dequantized already; drop the marker that blocks training/saving."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__.lower().startswith("gguf"):
+        quantizer.remove_quantization_config(model)
+
+
+def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model to train; an adapter dir comes back as a trainable PeftModel."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, trust_remote_code=trust_remote_code, **source.kwargs()
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(f"{source.name}: cannot load a causal LM ({str(err).splitlines()[0]})")
+    strip_gguf_marker(model)
+    if source.adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
+    return model
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: str, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap `model` in a fresh LoRA adapter (an adapter dir input already has one)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        return model
+    target_modules: Any = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()

@@ -1,0 +1,97 @@
+"""`rlkit pack`: tokenize (and for SFT, pack) data once, for many training runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.table import Table
+from rich.text import Text
+
+from rlkit.config import arg, opt
+from rlkit.console import console
+from rlkit.data.prepare import DataOptions, build_sft_data, save_prepared
+from rlkit.data.tokenize import IGNORE
+from rlkit.errors import InputError
+from rlkit.models.load import load_tokenizer, resolve_source
+from rlkit.output import check_output, finalize, open_run_dir
+
+
+@dataclass
+class PackConfig:
+    data: list[str] = arg("Data to pack: JSONL/JSON/Parquet/CSV files, save_to_disk dirs or dataset names.", metavar="DATA...", default=[])
+    output: Optional[str] = opt(None, "Output `datasets` dir (with rlkit_pack.json metadata); optional with --show.", flags=("-o", "--output"))
+    tokenizer: Optional[str] = opt(None, "Model whose tokenizer to use: an HF dir, hub name, adapter dir or .gguf file.")
+    template: Optional[str] = opt(None, "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.")
+    columns: Optional[str] = opt(None, "Map columns onto the standard names, e.g. prompt=question,completion=answer.")
+    max_length: int = opt(1024, "Maximum tokens per example and per packed row.")
+    packing: bool = opt(True, "Pack examples into rows with best-fit-decreasing (--no-packing: one example per row).")
+    completion_only: bool = opt(True, "Labels on completion/assistant tokens only (--no-completion-only: every token).")
+    eval_data: Optional[str] = opt(None, "Held-out data, tokenized into an 'eval' split.")
+    eval_fraction: float = opt(0.0, "Hold out this fraction of DATA as the 'eval' split.")
+    seed: int = opt(42, "Seed of the eval split.")
+    show: int = opt(0, "Print N rendered examples, trainable tokens in colour and masked ones dimmed.")
+    overwrite: bool = opt(False, "Replace an existing output dir.")
+    trust_remote_code: bool = opt(False, "Allow the tokenizer's repository to run its own code.")
+
+
+def _examples_of(rows: Any, n: int) -> list[tuple[list[int], list[int]]]:
+    """Split packed rows back into examples at every position_ids restart."""
+    found: list[tuple[list[int], list[int]]] = []
+    for row in rows:
+        ids, labels, positions = row["input_ids"], row["labels"], row["position_ids"]
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        for a, b in zip(starts, starts[1:]):
+            found.append((ids[a:b], labels[a:b]))
+            if len(found) == n:
+                return found
+    return found
+
+
+def show_examples(rows: Any, tokenizer: Any, n: int) -> None:
+    for k, (ids, labels) in enumerate(_examples_of(rows, n), 1):
+        text = Text()
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+                piece = tokenizer.decode(ids[start:i])
+                text.append(piece, style="bold green" if labels[start] != IGNORE else "dim")
+                start = i
+        console.rule(f"example {k} ({len(ids)} tokens, {sum(l != IGNORE for l in labels)} trainable)")
+        console.print(text)
+
+
+def summary_table(metadata: dict[str, Any]) -> Table:
+    table = Table(title="rlkit pack", show_header=False)
+    table.add_row("format", metadata["format"])
+    table.add_row("template", (metadata.get("template") or {}).get("name", "-"))
+    for key, value in metadata["counts"].items():
+        table.add_row(key.replace("_", " "), f"{value:,}")
+    if metadata["packing"]:
+        table.add_row("row fill", f"{metadata['fill_ratio']:.1%}")
+    return table
+
+
+def run_pack(config: PackConfig) -> Path | None:
+    if not config.tokenizer:
+        raise InputError("missing --tokenizer MODEL (the model the data will train)")
+    if not config.output and not config.show:
+        raise InputError("missing -o/--output DIR (or --show N to only look at the rendering)")
+    output = check_output(config.output, config.overwrite, resume=False) if config.output else None
+    source = resolve_source(config.tokenizer)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    opts = DataOptions(
+        sources=config.data, max_length=config.max_length, template=config.template, columns=config.columns,
+        packing=config.packing, completion_only=config.completion_only, eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction, seed=config.seed,
+    )
+    data = build_sft_data(opts, tokenizer, config.tokenizer)
+    if config.show:
+        show_examples(data.train, tokenizer, config.show)
+    console.print(summary_table(data.metadata))
+    if output is None:
+        return None
+    staging = open_run_dir(output, resume=False)
+    save_prepared(data, staging)
+    return finalize(staging, output)

@@ -1,0 +1,66 @@
+"""Supervised fine-tuning: the batch-to-loss step, and the setup / train / cleanup recipe."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate.utils import set_seed
+
+from rlkit.config import arg, config_to_dict, opt
+from rlkit.console import info
+from rlkit.data.collate import collate_rows
+from rlkit.data.prepare import DataOptions, prepare_sft_data
+from rlkit.data.tokenize import IGNORE
+from rlkit.training.engine import Engine, StepOutput, make_accelerator
+from rlkit.training.logprobs import label_logprobs
+from rlkit.training.options import TrainConfig
+from rlkit.training.run import TrainingRun
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    model: Optional[str] = arg("Model to fine-tune: an HF dir, a hub name, a LoRA adapter dir or a .gguf file.", metavar="MODEL")
+    data: list[str] = arg("Training data: JSONL/JSON/Parquet/CSV files, save_to_disk dirs, dataset names, or a `rlkit pack` dir.", metavar="DATA...", default=[])
+    packing: bool = opt(True, "Pack examples into rows of --max-length (best-fit-decreasing, attention kept per example).")
+    completion_only: bool = opt(True, "Put the loss on completion/assistant tokens only (--no-completion-only: every token).")
+
+
+class SFTObjective:
+    """Token-level cross-entropy; the engine divides the sum by the trainable tokens of the step."""
+
+    def weight(self, batch: dict[str, Any]) -> float:
+        return float((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+        logps, _ = label_logprobs(model, batch["input_ids"], batch["position_ids"], batch["labels"])
+        return StepOutput(loss=-logps.sum())
+
+
+def run_sft(config: SFTConfig) -> Path:
+    """Setup (tokenizer, data, model), train with the shared engine, then write OUT."""
+    run = TrainingRun("sft", config, config.model, config.data)
+    set_seed(config.seed)
+    tokenizer = run.load_tokenizer()
+    opts = DataOptions(
+        sources=config.data, max_length=config.max_length, template=config.template, columns=config.columns,
+        packing=config.packing, completion_only=config.completion_only, eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction, seed=config.seed,
+    )
+    with run.accelerator.main_process_first():
+        data = prepare_sft_data(opts, tokenizer, config.model)
+    counts = data.metadata["counts"]
+    info(
+        f"data: {counts['examples']} examples, {counts['tokens']:,} tokens ({counts['trainable_tokens']:,} trainable), "
+        f"{counts['truncated']} truncated, {counts['dropped']} dropped -> {counts['rows']} rows"
+        + (f" (packed, fill {data.metadata['fill_ratio']:.1%})" if data.metadata["packing"] else "")
+    )
+    model = run.load_policy()
+    collate = functools.partial(collate_rows, pad_id=tokenizer.pad_token_id)
+    default_lr = 2e-4 if config.lora else 2e-5
+    metrics = run.train(model, SFTObjective(), data.train, data.eval, collate, default_lr)
+    template = (data.metadata.get("template") or {}).get("source")
+    return run.finish(tokenizer, chat_template=template, metrics=metrics, data_info=data.metadata)

@@ -1,0 +1,100 @@
+"""Setup and cleanup shared by every trainer (torchtune's recipe shape: setup / train / cleanup).
+
+A trainer module builds its data and objective; `TrainingRun` does the rest the same way for
+all of them: refuse a bad output dir before any work, load the model (LoRA or full), run the
+engine in OUT.partial, then save weights + tokenizer + config + card and rename to OUT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlkit.config import config_to_dict
+from rlkit.console import info
+from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
+from rlkit.output import METRICS_FILE, check_output, finalize, open_run_dir, write_config, write_model_card
+from rlkit.training.engine import Engine, Objective, make_accelerator
+from rlkit.training.metrics import MetricsSink
+from rlkit.training.options import TrainConfig
+
+
+class TrainingRun:
+    def __init__(self, command: str, config: TrainConfig, model_name: str | None, data: list[str]):
+        self.command, self.config, self.data = command, config, data
+        self.output = check_output(config.output, config.overwrite, config.resume)
+        self.accelerator = make_accelerator(config)
+        self.source = resolve_source(model_name or "")
+        self.model: torch.nn.Module | None = None
+        self.run_dir: Path | None = None
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """Frozen LoRA bases can live in bf16; trained full weights stay fp32 under autocast."""
+        return torch.bfloat16 if self.accelerator.mixed_precision == "bf16" and self.config.lora else torch.float32
+
+    def load_tokenizer(self) -> Any:
+        return load_tokenizer(self.source, self.config.trust_remote_code)
+
+    def load_policy(self) -> torch.nn.Module:
+        c = self.config
+        model = load_causal_lm(self.source, self.weights_dtype, c.trust_remote_code)
+        if c.lora:
+            model = add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets)
+            # The adapter must name a base that `rlkit`/peft can load again (the .gguf file itself).
+            for peft_config in model.peft_config.values():
+                peft_config.base_model_name_or_path = self.source.name if self.source.gguf_file else peft_config.base_model_name_or_path
+        elif self.source.adapter_dir:
+            model = model.merge_and_unload()
+        if c.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        info(f"model: {self.source.name} ({'LoRA' if c.lora else 'full'}; {trainable:,} of {total:,} parameters trainable)")
+        return model
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        train: Any,
+        eval_data: Any,
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        default_lr: float,
+    ) -> dict[str, Any]:
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir = open_run_dir(self.output, self.config.resume)
+            write_config(self.run_dir, self.command, config_to_dict(self.config))
+        acc.wait_for_everyone()
+        self.run_dir = Path(str(self.output) + ".partial")
+        sink = MetricsSink(self.run_dir / METRICS_FILE, self.config.report_to, self.output.name, config_to_dict(self.config)) if acc.is_main_process else None
+        engine = Engine(self.config, acc, self.run_dir, collate, default_lr)
+        try:
+            metrics = engine.fit(model, objective, train, eval_data, sink)
+        finally:
+            if sink is not None:
+                sink.close()
+        self.model = engine.model
+        return metrics
+
+    def finish(self, tokenizer: Any, chat_template: str | None, metrics: dict[str, Any], data_info: dict[str, Any] | None = None, extra_card: str = "") -> Path:
+        """Write the finished result on the main process; every process returns OUT."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            assert self.run_dir is not None and self.model is not None
+            model = acc.unwrap_model(self.model)
+            model.save_pretrained(str(self.run_dir), safe_serialization=True)
+            if chat_template:
+                tokenizer.chat_template = chat_template
+            tokenizer.save_pretrained(str(self.run_dir))
+            if data_info:
+                counts = data_info.get("counts", {})
+                extra_card = "## Data\n\n" + "\n".join(f"- {k}: {v}" for k, v in counts.items()) + "\n\n" + extra_card
+            write_model_card(self.run_dir, command=self.command, base_model=self.source.name, data=self.data, metrics=metrics, extra=extra_card)
+            finalize(self.run_dir, self.output)
+        acc.wait_for_everyone()
+        return self.output

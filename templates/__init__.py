@@ -1,0 +1,1 @@
+"""Chat templates shipped with rlkit, as Jinja files read with importlib.resources."""

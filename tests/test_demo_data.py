@@ -1,0 +1,178 @@
+"""The shipped demo data: formats, checker agreement, held-out disjointness, reproducibility.
+
+Pure stdlib and fast: these guard the files that the demo pipeline (and its before/after
+measurement) trains and evaluates on, so a careless edit to the generator or the checker
+cannot silently ship data that the checker disagrees with or that leaks eval prompts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlkit.demo import DATA_DIR
+from rlkit.demo import task
+
+FILES = ("sft", "pairs", "pairs_eval", "unpaired", "prompts", "eval_prompts")
+TRAIN_FILES = ("sft", "pairs", "unpaired", "prompts")
+HELD_OUT_FILES = ("eval_prompts", "pairs_eval")
+
+
+def _rows(stem: str) -> list[dict[str, Any]]:
+    path = DATA_DIR / f"{stem}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _prompts(stem: str) -> set[str]:
+    """Every user-side text of a file (all user turns of a conversation)."""
+    out: set[str] = set()
+    for r in _rows(stem):
+        if "messages" in r:
+            out |= {m["content"] for m in r["messages"] if m["role"] == "user"}
+        else:
+            out.add(r["prompt"])
+    return out
+
+
+def _is_str(x: object) -> bool:
+    return isinstance(x, str) and x.strip() != ""
+
+
+@pytest.mark.parametrize("stem", FILES)
+def test_file_exists_parses_and_is_small(stem: str) -> None:
+    path = DATA_DIR / f"{stem}.jsonl"
+    assert path.is_file()
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n") and "\n\n" not in text
+    rows = _rows(stem)
+    assert len(rows) == task.SIZES[stem]
+    assert all(isinstance(r, dict) for r in rows)
+    assert path.stat().st_size < 200_000
+
+
+def test_total_size_under_1mb() -> None:
+    assert sum((DATA_DIR / f"{s}.jsonl").stat().st_size for s in FILES) < 1_000_000
+
+
+def test_sft_format_and_multi_turn() -> None:
+    rows = _rows("sft")
+    n_multi = 0
+    for r in rows:
+        assert set(r) == {"messages"}
+        msgs = r["messages"]
+        assert len(msgs) in (2, 4)
+        n_multi += len(msgs) == 4
+        for i, m in enumerate(msgs):
+            assert set(m) == {"role", "content"} and _is_str(m["content"])
+            assert m["role"] == ("user" if i % 2 == 0 else "assistant")
+            if m["role"] == "assistant":
+                assert task.has_target_behaviour(msgs[i - 1]["content"], m["content"])
+                assert task.score(msgs[i - 1]["content"], m["content"]) == 1.0
+    assert 0.05 * len(rows) <= n_multi <= 0.15 * len(rows)
+
+
+@pytest.mark.parametrize("stem", ["pairs", "pairs_eval"])
+def test_pairs_format_and_checker_agreement(stem: str) -> None:
+    for r in _rows(stem):
+        assert set(r) == {"prompt", "chosen", "rejected"} and all(_is_str(v) for v in r.values())
+        assert r["chosen"] != r["rejected"]
+        assert task.has_target_behaviour(r["prompt"], r["chosen"])
+        assert not task.has_target_behaviour(r["prompt"], r["rejected"])
+        assert task.score(r["prompt"], r["chosen"]) == 1.0 > task.score(r["prompt"], r["rejected"])
+
+
+def test_unpaired_format_balance_and_checker_agreement() -> None:
+    rows = _rows("unpaired")
+    for r in rows:
+        assert set(r) == {"prompt", "completion", "label"}
+        assert _is_str(r["prompt"]) and _is_str(r["completion"]) and isinstance(r["label"], bool)
+        assert task.has_target_behaviour(r["prompt"], r["completion"]) is r["label"]
+        assert (task.score(r["prompt"], r["completion"]) == 1.0) is r["label"]
+    n_true = sum(r["label"] for r in rows)
+    assert 0.4 * len(rows) <= n_true <= 0.6 * len(rows)
+
+
+@pytest.mark.parametrize("stem", ["prompts", "eval_prompts"])
+def test_prompt_files_format_and_mix(stem: str) -> None:
+    rows = _rows(stem)
+    assert all(set(r) == {"prompt"} and _is_str(r["prompt"]) for r in rows)
+    n_arith = sum(task.expected_answer(r["prompt"]) is not None for r in rows)
+    assert 0.25 * len(rows) <= n_arith <= 0.75 * len(rows)  # both kinds are measured
+
+
+def test_held_out_prompts_never_in_training() -> None:
+    train = set().union(*(_prompts(s) for s in TRAIN_FILES))
+    for stem in HELD_OUT_FILES:
+        assert not _prompts(stem) & train, stem
+    assert not _prompts("eval_prompts") & _prompts("pairs_eval")
+    assert not _prompts("pairs") & _prompts("sft")  # preference data uses new prompts
+
+
+def test_completions_are_short() -> None:
+    """< ~40 tokens each keeps the CPU demo fast (28 words is about 36 tokens)."""
+    texts = [m["content"] for r in _rows("sft") for m in r["messages"] if m["role"] == "assistant"]
+    texts += [r[k] for s in ("pairs", "pairs_eval") for r in _rows(s) for k in ("chosen", "rejected")]
+    texts += [r["completion"] for r in _rows("unpaired")]
+    assert max(len(t.split()) for t in texts) <= task.MAX_COMPLETION_WORDS
+
+
+def test_generator_is_deterministic_and_matches_shipped(tmp_path: Path) -> None:
+    assert task.main(["--out", str(tmp_path), "--seed", str(task.DEFAULT_SEED)]) == 0
+    for stem in FILES:
+        assert (tmp_path / f"{stem}.jsonl").read_bytes() == (DATA_DIR / f"{stem}.jsonl").read_bytes(), (
+            f"{stem}.jsonl is stale: run python -m rlkit.demo.task"
+        )
+    assert task.generate(1, 50) == task.generate(1, 50)
+    assert task.generate(1, 50) != task.generate(2, 50)
+
+
+def test_generated_arithmetic_is_parsed_back_exactly() -> None:
+    """The checker recovers the true answer of every arithmetic prompt the generator makes."""
+    for ex in task.generate(7, 600):
+        value = task.expected_answer(ex.prompt)
+        if ex.kind == "arithmetic":
+            assert ex.chosen == f"The answer is {value}. {task.SIGN_OFF}"
+        else:
+            assert value is None, ex.prompt
+
+
+def test_reward_batch_signature() -> None:
+    params = list(inspect.signature(task.reward).parameters)
+    assert params == ["prompts", "completions"]
+    prompts = ["What is 17 + 25?", "What is 17 + 25?", "What is the capital of France?"]
+    completions = ["The answer is 42. #done", "17 + 25 = 42", "The capital of France is Paris. #done"]
+    out = task.reward(prompts, completions)
+    assert isinstance(out, list) and len(out) == 3 and all(isinstance(x, float) for x in out)
+    assert out[0] == 1.0 and out[2] == 1.0 and 0.0 <= out[1] < 1.0
+    with pytest.raises(ValueError):
+        task.reward(prompts, completions[:2])
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "target", "expected"),
+    [
+        ("What is 17 + 25?", "The answer is 42. #done", True, 1.0),
+        ("What is 17 + 25?", "The answer is 43. #done", True, 0.6),  # format right, number wrong
+        ("What is 17 + 25?", "17 + 25 = 42", False, 0.76),  # right, but no sign-off
+        ("What is the capital of France?", "The capital of France is Paris.#done", True, 1.0),
+        ("What is the capital of France?", "#done", False, 0.0),  # bare sign-off earns nothing
+        ("What is the capital of France?", "The capital is Paris. #done #done", False, 0.6),
+        ("What is the capital of France?", "The capital of France is Paris.\n#done", False, 0.8),
+        ("What is the capital of France?", "I like turtles a lot. #done", False, 0.8),  # off topic
+        ("<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n", "The answer is 7. #done",
+         True, 1.0),  # templated prompts are parsed too
+    ],
+)
+def test_checker_examples(prompt: str, completion: str, target: bool, expected: float) -> None:
+    assert task.has_target_behaviour(prompt, completion) is target
+    assert task.score(prompt, completion) == pytest.approx(expected)
+
+
+def test_metrics_summary() -> None:
+    m = task.metrics(["What is 2 + 2?", "What is 2 + 2?"], ["The answer is 4. #done", "It is 5."])
+    assert m == {"n": 2.0, "target_rate": 0.5, "mean_score": pytest.approx((1.0 + 0.36) / 2),
+                 "arithmetic_accuracy": 0.5}

@@ -1,0 +1,117 @@
+"""DPO-family losses, checked against hand-computed values.
+
+Shared example: π_c=-1, π_r=-3, ref_c=-2, ref_r=-2, so
+h = (π_c - ref_c) - (π_r - ref_r) = 1 - (-1) = 2, and with β=0.5, βh = 1.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rlkit.losses import (
+    LENGTH_NORMALISED,
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE,
+    add_sft_term,
+    hinge_loss,
+    ipo_loss,
+    robust_loss,
+    sigmoid_loss,
+    simpo_loss,
+)
+
+NEG_LOGSIG_1 = math.log(1 + math.exp(-1.0))  # -logσ(1)
+NEG_LOGSIG_M1 = math.log(1 + math.exp(1.0))  # -logσ(-1)
+
+
+def example(requires_grad: bool = False):
+    pc = torch.tensor([-1.0], requires_grad=requires_grad)
+    return pc, torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+
+
+def test_sigmoid_dpo_value_and_rewards():
+    losses, chosen_r, rejected_r = sigmoid_loss(*example(), beta=0.5)
+    assert losses.item() == pytest.approx(NEG_LOGSIG_1, abs=1e-6)
+    assert chosen_r.item() == pytest.approx(0.5)  # 0.5 * (-1 - -2)
+    assert rejected_r.item() == pytest.approx(-0.5)  # 0.5 * (-3 - -2)
+
+
+def test_sigmoid_dpo_gradient_and_detached_rewards():
+    pc, pr, rc, rr = example(requires_grad=True)
+    losses, chosen_r, rejected_r = sigmoid_loss(pc, pr, rc, rr, beta=0.5)
+    losses.sum().backward()
+    # dL/dπ_c = -β σ(-βh) = -0.5 / (1 + e)
+    assert pc.grad.item() == pytest.approx(-0.5 / (1 + math.e), abs=1e-6)
+    assert not chosen_r.requires_grad and not rejected_r.requires_grad
+
+
+def test_conservative_dpo_label_smoothing():
+    losses, _, _ = sigmoid_loss(*example(), beta=0.5, label_smoothing=0.1)
+    expected = 0.9 * NEG_LOGSIG_1 + 0.1 * NEG_LOGSIG_M1
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_ipo():
+    for beta, target in [(0.5, 1.0), (0.25, 2.0), (0.1, 5.0)]:
+        losses, chosen_r, _ = ipo_loss(*example(), beta=beta)
+        assert losses.item() == pytest.approx((2.0 - target) ** 2, abs=1e-5)
+        assert chosen_r.item() == pytest.approx(beta * 1.0)
+
+
+def test_hinge():
+    assert hinge_loss(*example(), beta=0.5)[0].item() == pytest.approx(0.0)  # 1 - 0.5*2
+    assert hinge_loss(*example(), beta=0.25)[0].item() == pytest.approx(0.5)  # 1 - 0.25*2
+    # wrong ordering: h = -2 -> 1 + 0.5*2 = 2
+    pc, pr, rc, rr = example()
+    assert hinge_loss(pr, pc, rr, rc, beta=0.5)[0].item() == pytest.approx(2.0)
+
+
+def test_robust_dpo():
+    losses, _, _ = robust_loss(*example(), beta=0.5, label_smoothing=0.1)
+    expected = (0.9 * NEG_LOGSIG_1 - 0.1 * NEG_LOGSIG_M1) / (1 - 0.2)
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    # ε = 0 reduces to plain DPO
+    assert robust_loss(*example(), beta=0.5)[0].item() == pytest.approx(NEG_LOGSIG_1, abs=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.7, -0.1])
+def test_robust_dpo_rejects_bad_epsilon(eps):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        robust_loss(*example(), beta=0.5, label_smoothing=eps)
+
+
+def test_simpo_is_reference_free():
+    pc, pr = torch.tensor([-0.5]), torch.tensor([-1.5])  # mean per-token log-probs
+    # β(π_c - π_r) - γ = 2*1 - 1 = 1
+    losses, chosen_r, rejected_r = simpo_loss(pc, pr, None, None, beta=2.0, gamma=1.0)
+    assert losses.item() == pytest.approx(NEG_LOGSIG_1, abs=1e-6)
+    assert chosen_r.item() == pytest.approx(-1.0)
+    assert rejected_r.item() == pytest.approx(-3.0)
+    # reference log-probs are ignored
+    with_ref = simpo_loss(pc, pr, torch.tensor([5.0]), torch.tensor([-9.0]), beta=2.0, gamma=1.0)[0]
+    assert with_ref.item() == pytest.approx(losses.item())
+    assert "simpo" in REFERENCE_FREE
+
+
+def test_registry_shares_one_signature():
+    assert set(PREFERENCE_LOSSES) == {"sigmoid", "ipo", "hinge", "robust", "simpo"}
+    assert LENGTH_NORMALISED == {"ipo", "simpo"}
+    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
+    for name, fn in PREFERENCE_LOSSES.items():
+        losses, chosen_r, rejected_r = fn(pc, pr, rc, rr, beta=0.1, label_smoothing=0.1, gamma=0.5)
+        assert losses.shape == chosen_r.shape == rejected_r.shape == (2,), name
+        assert torch.isfinite(losses).all(), name
+
+
+def test_add_sft_term():
+    losses = torch.tensor([1.0, 2.0])
+    chosen_logps = torch.tensor([-6.0, -2.0])  # summed
+    lengths = torch.tensor([3, 4])
+    # per-token NLL = [2.0, 0.5]; α = 0.5 -> [1 + 1.0, 2 + 0.25]
+    assert add_sft_term(losses, chosen_logps, lengths, alpha=0.5).tolist() == pytest.approx([2.0, 2.25])
+    assert add_sft_term(losses, chosen_logps, lengths, alpha=0.0).tolist() == [1.0, 2.0]
+    # empty completion: length clamped to 1, no inf
+    out = add_sft_term(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0]), alpha=1.0)
+    assert torch.isfinite(out).all()
