@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import typer
+from rich.markup import escape
 
 from rlkit import __version__
 from rlkit.console import console, is_main_process, quiet_libraries
@@ -46,7 +47,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
             result = command(*args, **kwargs)
         except RlkitError as err:
             if is_main_process():
-                console.print(f"[bold red]error:[/bold red] {err}")
+                console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
             raise typer.Exit(err.exit_code)
         except KeyboardInterrupt:
             console.print("interrupted")

@@ -1,4 +1,8 @@
-"""`rlkit pack`: tokenize (and for SFT, pack) data once, for many training runs."""
+"""`rlkit pack`: tokenize (and for SFT, pack) data once, for many training runs.
+
+Preference data (prompt/chosen/rejected) becomes tokenized pairs for dpo and train-rm by
+default (`--kind auto`); `--kind sft` packs its prompt + chosen for SFT instead.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from rich.text import Text
 
 from rlkit.config import arg, opt
 from rlkit.console import console
-from rlkit.data.prepare import DataOptions, build_sft_data, save_prepared
+from rlkit.data.pairs import SIDES
+from rlkit.data.prepare import DataOptions, build_data, save_prepared
 from rlkit.data.tokenize import IGNORE
 from rlkit.errors import InputError
 from rlkit.models.load import load_tokenizer, resolve_source
@@ -31,6 +36,7 @@ class PackConfig:
     eval_data: Optional[str] = opt(None, "Held-out data, tokenized into an 'eval' split.")
     eval_fraction: float = opt(0.0, "Hold out this fraction of DATA as the 'eval' split.")
     seed: int = opt(42, "Seed of the eval split.")
+    kind: str = opt("auto", "What to prepare: sft rows, preference pairs (for dpo/train-rm), or auto (pairs when DATA holds prompt/chosen/rejected).", choices=("auto", "sft", "pairs"))
     show: int = opt(0, "Print N rendered examples, trainable tokens in colour and masked ones dimmed.")
     overwrite: bool = opt(False, "Replace an existing output dir.")
     trust_remote_code: bool = opt(False, "Allow the tokenizer's repository to run its own code.")
@@ -49,21 +55,39 @@ def _examples_of(rows: Any, n: int) -> list[tuple[list[int], list[int]]]:
     return found
 
 
+def _styled(tokenizer: Any, ids: list[int], labels: list[int]) -> Text:
+    """Trainable tokens in colour, masked ones dimmed."""
+    text = Text()
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+            text.append(tokenizer.decode(ids[start:i]), style="bold green" if labels[start] != IGNORE else "dim")
+            start = i
+    return text
+
+
 def show_examples(rows: Any, tokenizer: Any, n: int) -> None:
     for k, (ids, labels) in enumerate(_examples_of(rows, n), 1):
-        text = Text()
-        start = 0
-        for i in range(1, len(ids) + 1):
-            if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
-                piece = tokenizer.decode(ids[start:i])
-                text.append(piece, style="bold green" if labels[start] != IGNORE else "dim")
-                start = i
         console.rule(f"example {k} ({len(ids)} tokens, {sum(l != IGNORE for l in labels)} trainable)")
-        console.print(text)
+        console.print(_styled(tokenizer, ids, labels))
+
+
+def show_pairs(rows: Any, tokenizer: Any, n: int) -> None:
+    """The prompt once, then each completion with the tokens whose log-prob is summed in colour."""
+    for k in range(min(n, len(rows))):
+        row = rows[k]
+        prompt = row["prompt_input_ids"]
+        console.rule(f"pair {k + 1} (prompt {len(prompt)} tokens)")
+        console.print(_styled(tokenizer, prompt, [IGNORE] * len(prompt)))
+        for side in SIDES:
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            console.print(Text(f"-- {side} ({sum(l != IGNORE for l in labels)} scored tokens)", style="bold"))
+            console.print(_styled(tokenizer, ids, labels))
 
 
 def summary_table(metadata: dict[str, Any]) -> Table:
     table = Table(title="rlkit pack", show_header=False)
+    table.add_row("kind", metadata.get("kind", "sft"))
     table.add_row("format", metadata["format"])
     table.add_row("template", (metadata.get("template") or {}).get("name", "-"))
     for key, value in metadata["counts"].items():
@@ -84,10 +108,12 @@ def run_pack(config: PackConfig) -> Path | None:
     opts = DataOptions(
         sources=config.data, max_length=config.max_length, template=config.template, columns=config.columns,
         packing=config.packing, completion_only=config.completion_only, eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction, seed=config.seed,
+        eval_fraction=config.eval_fraction, seed=config.seed, kind=config.kind,
     )
-    data = build_sft_data(opts, tokenizer, config.tokenizer)
-    if config.show:
+    data = build_data(opts, tokenizer, config.tokenizer)
+    if config.show and data.metadata["kind"] == "pairs":
+        show_pairs(data.train, tokenizer, config.show)
+    elif config.show:
         show_examples(data.train, tokenizer, config.show)
     console.print(summary_table(data.metadata))
     if output is None:

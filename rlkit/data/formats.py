@@ -41,7 +41,7 @@ def detect_format(columns: list[str], source: str) -> Format:
     if "text" in names:
         return Format.TEXT
     raise InputError(
-        f"{source}: no known data format in columns [{', '.join(columns)}]; accepted: {ACCEPTED}; "
+        f"{source}: no known data format in columns ({', '.join(columns)}); accepted: {ACCEPTED}; "
         "map other names with --columns, e.g. --columns prompt=question,chosen=response_j,rejected=response_k"
     )
 
@@ -67,16 +67,24 @@ def _common_prefix_text(chosen: str, rejected: str) -> int:
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    if n < min(len(chosen), len(rejected)):
-        while n > 0 and not chosen[n - 1].isspace():
-            n -= 1
+    # Back off even when one string is a prefix of the other ("... yes" / "... yes sir"): the
+    # replies are whole words, and neither may end up empty.
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
     return n
+
+
+def _holds_prompt(value: Any) -> bool:
+    """A message list that starts with a non-assistant turn carries its own prompt."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and value[0].get("role") != "assistant"
 
 
 def split_pair(record: dict[str, Any], where: str) -> tuple[Messages, Messages, Messages]:
     """(prompt, chosen, rejected) as message lists, extracting an implicit prompt if needed."""
     chosen, rejected = record["chosen"], record["rejected"]
     prompt = record.get("prompt")
+    if prompt is not None and _holds_prompt(chosen) and _holds_prompt(rejected):
+        prompt = None  # whole conversations (UltraFeedback-binarized's layout): the prompt column repeats their start
     if prompt is None:
         if isinstance(chosen, str) and isinstance(rejected, str):
             cut = _common_prefix_text(chosen, rejected)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.parquet
 
 from rlkit.errors import InputError
 
@@ -28,6 +29,8 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         if "=" not in item:
             raise InputError(f"--columns {spec!r}: expected NAME=COLUMN pairs such as prompt=question,chosen=response_j")
         canonical, source = (part.strip() for part in item.split("=", 1))
+        if source in mapping or canonical in mapping.values():
+            raise InputError(f"--columns {spec!r}: each name and each column may appear only once")
         mapping[source] = canonical
     return mapping
 
@@ -53,7 +56,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        if "\n" in text.strip():  # a JSONL file with a .json name
+        if err.msg == "Extra data":  # one JSON value followed by more: a JSONL file with a .json name
             return _read_jsonl(path)
         raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})")
     if isinstance(data, dict):
@@ -86,10 +89,15 @@ def _load_one(source: str) -> datasets.Dataset:
             records = _read_jsonl(path)
         elif suffix == ".json":
             records = _read_json(path)
-        elif suffix == ".parquet":
-            return datasets.Dataset.from_parquet(str(path))
-        elif suffix == ".csv":
-            return datasets.Dataset.from_csv(str(path))
+        elif suffix in (".parquet", ".csv"):
+            try:
+                if suffix == ".parquet":
+                    pyarrow.parquet.read_schema(str(path))  # fails quietly, where `datasets` would log the error
+                    return datasets.Dataset.from_parquet(str(path))
+                return datasets.Dataset.from_csv(str(path))
+            except Exception as err:  # pyarrow/pandas errors (a corrupt file), wrapped or not by `datasets`
+                cause = err.__cause__ or err
+                raise InputError(f"{path}: cannot read it as {suffix[1:].upper()} ({(str(cause).splitlines() or [type(cause).__name__])[0]})")
         else:
             raise InputError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
         if not records:
@@ -114,11 +122,13 @@ def load_records(sources: list[str], columns: str | None = None) -> datasets.Dat
     for source, part in zip(sources, parts):
         if len(part) == 0:
             raise InputError(f"{source}: no records")
+    layouts = "; ".join(f"{s}: {', '.join(p.column_names)}" for s, p in zip(sources, parts))
+    if any(set(p.column_names) != set(parts[0].column_names) for p in parts):  # `datasets` would fill the gaps with None
+        raise InputError(f"the data files have different columns ({layouts})")
     try:
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    except ValueError:
-        layouts = "; ".join(f"{s}: {', '.join(p.column_names)}" for s, p in zip(sources, parts))
-        raise InputError(f"the data files have different columns ({layouts})")
+    except ValueError as err:
+        raise InputError(f"the data files have different column types ({str(err).splitlines()[0]})")
     mapping = parse_columns(columns)
     missing = [source for source in mapping if source not in dataset.column_names]
     if missing:

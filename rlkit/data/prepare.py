@@ -3,6 +3,10 @@
 `rlkit pack` and the training commands share this path, so data packed ahead of time and
 data packed on the fly are the same bytes. On-the-fly results are cached under a key made of
 everything that changes them, so a second run on the same data starts at once.
+
+Two kinds of prepared data share it: "sft" rows (tokenized, labelled, optionally packed) and
+"pairs" (tokenized preference pairs for dpo and train-rm, see `rlkit.data.pairs`; they are
+laid end to end per micro-batch at collate time, since batches are drawn at random).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +26,14 @@ from rlkit import __version__
 from rlkit.data.formats import Format, detect_format
 from rlkit.data.load import load_records
 from rlkit.data.packing import fill_ratio, pack_examples, unpacked_rows
+from rlkit.data.pairs import tokenize_pairs
 from rlkit.data.templates import ChatTemplate, resolve_template
 from rlkit.data.tokenize import TokenStats, tokenize_sft
+from rlkit.console import warn
 from rlkit.errors import InputError
 
 METADATA = "rlkit_pack.json"
+KINDS = ("sft", "pairs")
 
 
 @dataclass
@@ -42,6 +49,7 @@ class DataOptions:
     eval_data: str | None = None
     eval_fraction: float = 0.0
     seed: int = 42
+    kind: str = "sft"  # "sft", "pairs", or (rlkit pack only) "auto": pairs for preference data
 
 
 @dataclass
@@ -49,6 +57,7 @@ class PreparedData:
     train: datasets.Dataset
     eval: datasets.Dataset | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = None  # where it lives on disk (a pack dir or the cache), if anywhere
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -88,11 +97,19 @@ def _rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: Chat
     return rows, stats
 
 
-def build_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
-    """Load, detect, template, tokenize and (optionally) pack; returns rows plus metadata."""
+Loaded = tuple[datasets.Dataset, Format, str]
+
+
+def _load(opts: DataOptions) -> Loaded:
+    """The training records, their format, and how to name them in messages."""
     records = load_records(opts.sources, opts.columns)
     source = ", ".join(opts.sources)
-    fmt = detect_format(records.column_names, source)
+    return records, detect_format(records.column_names, source), source
+
+
+def build_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
+    """Load, detect, template, tokenize and (optionally) pack; returns rows plus metadata."""
+    records, fmt, source = loaded or _load(opts)
     template = resolve_template(opts.template, tokenizer, tokenizer_name) if _needs_template(fmt) else None
     train_records, eval_records = _split(records, opts.eval_fraction, opts.seed)
     if opts.eval_data:
@@ -121,15 +138,84 @@ def build_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> Pr
     return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
 
 
+def _pair_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str) -> tuple[list[dict], dict[str, int]]:
+    if fmt is not Format.PREFERENCE:
+        raise InputError(
+            f"{source}: preference pairs needed (prompt/chosen/rejected, or chosen/rejected with an implicit prompt), "
+            f"found {fmt.value} data; map other names with --columns, e.g. --columns prompt=question,chosen=response_j,rejected=response_k"
+        )
+    rows, stats = tokenize_pairs(records, tokenizer, template, opts.max_length, source)
+    if stats.dropped:
+        where = ", ".join(map(str, stats.dropped_records)) + (", ..." if stats.dropped > len(stats.dropped_records) else "")
+        warn(f"{source}: dropped {stats.dropped} pair(s) whose prompt alone fills --max-length {opts.max_length} (records {where})")
+    if not rows:
+        raise InputError(
+            f"{source}: every pair was dropped: each prompt alone fills --max-length {opts.max_length} tokens; "
+            "raise --max-length or shorten the prompts"
+        )
+    return rows, stats.as_dict()
+
+
+def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
+    """Load, template and tokenize preference pairs (train and eval); returns rows plus metadata."""
+    records, fmt, source = loaded or _load(opts)
+    template = resolve_template(opts.template, tokenizer, tokenizer_name)
+    train_records, eval_records = _split(records, opts.eval_fraction, opts.seed)
+    eval_source = "eval split"
+    if opts.eval_data:
+        eval_records, eval_source = load_records([opts.eval_data], opts.columns), opts.eval_data
+    train_rows, counts = _pair_rows(train_records, fmt, tokenizer, template, opts, source)
+    eval_rows: list[dict] = []
+    if eval_records is not None:
+        eval_fmt = detect_format(eval_records.column_names, eval_source)
+        eval_rows, _ = _pair_rows(eval_records, eval_fmt, tokenizer, template, opts, eval_source)
+    metadata = {
+        "rlkit_version": __version__,
+        "kind": "pairs",
+        "format": fmt.value,
+        "sources": opts.sources,
+        "columns": opts.columns,
+        "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "template": {"name": template.name, "source": template.source},
+        "max_length": opts.max_length,
+        "packing": False,
+        "counts": {**counts, "eval_pairs": len(eval_rows)},
+    }
+    to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
+    return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
+
+
+def build_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
+    """SFT rows or preference pairs, per `opts.kind` ("auto": pairs when the data are pairs)."""
+    loaded = _load(opts)
+    kind = opts.kind
+    if kind == "auto":
+        kind = "pairs" if loaded[1] is Format.PREFERENCE else "sft"
+    if kind not in KINDS:
+        raise InputError(f"--kind {kind!r}: expected auto, {' or '.join(KINDS)}")
+    build = build_pair_data if kind == "pairs" else build_sft_data
+    return build(replace(opts, kind=kind), tokenizer, tokenizer_name, loaded)
+
+
 def save_prepared(data: PreparedData, directory: Path) -> None:
     splits = {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
     datasets.DatasetDict(splits).save_to_disk(str(directory))
     (directory / METADATA).write_text(json.dumps(data.metadata, indent=2) + "\n")
 
 
-def load_packed(directory: str, tokenizer: Any, model_name: str) -> PreparedData:
-    """A `rlkit pack` dir, refused when it was made with another tokenizer than the model's."""
+_KIND_WORDS = {"sft": "SFT rows", "pairs": "preference pairs"}
+
+
+def load_packed(directory: str, tokenizer: Any, model_name: str, kind: str | None = None) -> PreparedData:
+    """A `rlkit pack` dir, refused when it was made with another tokenizer than the model's,
+    or holds another kind of data than the command trains on (when `kind` is given)."""
     metadata = json.loads((Path(directory) / METADATA).read_text())
+    found = metadata.get("kind", "sft")
+    if kind is not None and found != kind:
+        raise InputError(
+            f"{directory} holds {_KIND_WORDS.get(found, found)}, but this command trains on {_KIND_WORDS.get(kind, kind)}; "
+            f"re-run `rlkit pack ... --kind {kind}` or give the raw data"
+        )
     expected = metadata.get("tokenizer", {}).get("fingerprint")
     if expected != tokenizer_fingerprint(tokenizer):
         raise InputError(
@@ -137,7 +223,7 @@ def load_packed(directory: str, tokenizer: Any, model_name: str) -> PreparedData
             f"from {model_name}'s; re-run `rlkit pack ... --tokenizer {model_name}` or give the raw data"
         )
     splits = datasets.load_from_disk(directory)
-    return PreparedData(splits["train"], splits["eval"] if "eval" in splits else None, metadata)
+    return PreparedData(splits["train"], splits["eval"] if "eval" in splits else None, metadata, Path(directory))
 
 
 def _cache_key(opts: DataOptions, tokenizer: Any) -> str:
@@ -157,20 +243,30 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLKIT_CACHE_DIR", Path.home() / ".cache" / "rlkit")) / "data"
 
 
-def prepare_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
-    """A packed dir is used as it is; raw data is built once and cached."""
+def prepare_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
+    """A packed dir is used as it is; raw data is built once and cached (`opts.kind`: sft or pairs)."""
     if len(opts.sources) == 1 and is_packed_dir(opts.sources[0]):
-        return load_packed(opts.sources[0], tokenizer, tokenizer_name)
+        return load_packed(opts.sources[0], tokenizer, tokenizer_name, kind=opts.kind)
     cached = cache_root() / _cache_key(opts, tokenizer)
     if is_packed_dir(str(cached)):
-        return load_packed(str(cached), tokenizer, tokenizer_name)
-    data = build_sft_data(opts, tokenizer, tokenizer_name)
+        return load_packed(str(cached), tokenizer, tokenizer_name, kind=opts.kind)
+    data = build_data(opts, tokenizer, tokenizer_name)
     staging = cached.with_name(cached.name + f".tmp{os.getpid()}")
     try:
         staging.parent.mkdir(parents=True, exist_ok=True)
         save_prepared(data, staging)
         staging.rename(cached)
-        return load_packed(str(cached), tokenizer, tokenizer_name)
+        return load_packed(str(cached), tokenizer, tokenizer_name, kind=opts.kind)
     except OSError:  # a read-only home, or another process cached it first: train from memory
         shutil.rmtree(staging, ignore_errors=True)
         return data
+
+
+def prepare_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
+    """SFT rows from raw data (cached) or a `rlkit pack` dir of SFT rows."""
+    return prepare_data(replace(opts, kind="sft"), tokenizer, tokenizer_name)
+
+
+def prepare_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
+    """Tokenized preference pairs from raw data (cached) or a `rlkit pack` dir of pairs."""
+    return prepare_data(replace(opts, kind="pairs", packing=False, completion_only=True), tokenizer, tokenizer_name)

@@ -68,7 +68,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision))
+    # Without an accelerator, accelerate only sets up gloo for a torchrun launch when told cpu=True.
+    has_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_device)
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:

@@ -1,0 +1,233 @@
+"""The frozen reference of DPO-family losses: precomputed log-prob columns, or a model per step.
+
+Why precompute (the default): the reference never changes, so its log-probs of the training
+and eval pairs are data. One no-grad pass before training (sharded over processes) turns
+them into two columns, `ref_chosen_logps` and `ref_rejected_logps`, cached next to the
+prepared data under a key naming the reference (its files, dtype and precision). Training
+then holds no reference model and runs no reference forward, and a second run against the
+same reference skips even the pass.
+
+Why the policy itself can compute them when the reference is the starting model: before the
+first optimizer step the policy *is* the starting model (a fresh LoRA adapter adds exactly
+zero; an adapter dir being continued is still that adapter), so its pass in eval mode gives
+the reference log-probs without a second copy of anything.
+
+On the fly (`--no-precompute-ref`), each strategy avoids a second copy of the base weights
+where it can: a fresh LoRA adapter is switched off (`disable_adapter()`); an adapter dir is
+loaded a second time as a frozen adapter on the same base and switched to; `--ref DIR` is its
+own frozen model; full fine-tuning with no `--ref` needs a frozen copy of the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel, gather_object
+
+from rlkit import __version__
+from rlkit.console import info
+from rlkit.data.prepare import PreparedData
+from rlkit.models.load import ModelSource
+from rlkit.pair_logps import pair_logps
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REFERENCE_ADAPTER = "reference"
+
+Batch = dict[str, Any]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """No dropout while computing reference log-probs, whatever mode training left it in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Reference(Protocol):
+    def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs of each pair's chosen and rejected completion, [B] each."""
+
+
+class PrecomputedReference:
+    """Reads the columns the precompute pass attached to the data."""
+
+    def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        device = model_device(model)
+        return batch[REF_COLUMNS[0]].to(device), batch[REF_COLUMNS[1]].to(device)
+
+
+class DisabledAdapterReference:
+    """The base under a fresh LoRA adapter: the policy's own forward with the adapter off."""
+
+    def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        peft_model = extract_model_from_parallel(model)
+        with torch.no_grad(), eval_mode(model), peft_model.disable_adapter():
+            out = pair_logps(model, batch)
+        return out.chosen, out.rejected
+
+
+class AdapterReference:
+    """A continued adapter's starting point: the same adapter loaded again, frozen, on the same base.
+
+    Only the adapter's weights are held twice (megabytes), never the base. The switch runs
+    before the policy forward of the step, under no_grad, and always switches back.
+    """
+
+    def __init__(self, peft_model: Any, adapter_dir: str):
+        self.policy_adapter = peft_model.active_adapter
+        peft_model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        peft_model.set_adapter(self.policy_adapter)
+
+    def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        peft_model = extract_model_from_parallel(model)
+        with torch.no_grad(), eval_mode(model):
+            peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+            try:
+                out = pair_logps(model, batch)
+            finally:
+                peft_model.set_adapter(self.policy_adapter)
+        return out.chosen, out.rejected
+
+
+class ModelReference:
+    """A separate frozen model (`--ref DIR`, or a copy of the start for full fine-tuning)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+
+    def logps(self, policy: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        device = model_device(policy)
+        if model_device(self.model) != device:
+            self.model.to(device)
+        with torch.no_grad():
+            out = pair_logps(self.model, to_device(batch, device))
+        return out.chosen, out.rejected
+
+
+# ---- precompute ----------------------------------------------------------------------------
+
+
+def source_identity(source: ModelSource) -> dict[str, Any]:
+    """What names a model's weights: its path, and each weight/config file's size and mtime."""
+    files = []
+    for directory in (source.path, source.adapter_dir):
+        if directory and Path(directory).is_dir():
+            for path in sorted(Path(directory).iterdir()):
+                if path.is_file() and path.suffix in (".safetensors", ".bin", ".gguf", ".json", ".pt"):
+                    stat = path.stat()
+                    files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return {"name": source.name, "gguf": source.gguf_file, "adapter": source.adapter_dir, "files": files}
+
+
+def reference_key(source: ModelSource, dtype: torch.dtype, accelerator: Accelerator) -> str:
+    payload = [__version__, source_identity(source), str(dtype), accelerator.mixed_precision]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
+
+
+def compute_reference_logps(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    collate: Callable[[Any], Batch],
+    batch_size: int,
+    accelerator: Accelerator,
+) -> dict[str, list[float]]:
+    """One no-grad pass in eval mode; each process takes every world-th micro-batch."""
+    model.to(accelerator.device)
+    starts = list(range(0, len(dataset), batch_size))
+    mine = starts[accelerator.process_index :: accelerator.num_processes]
+    found: list[tuple[int, list[float], list[float]]] = []
+    with torch.no_grad(), eval_mode(model):
+        for start in mine:
+            batch = collate(dataset.select(range(start, min(start + batch_size, len(dataset)))))
+            with accelerator.autocast():
+                out = pair_logps(model, to_device(batch, accelerator.device))
+            found.append((start, out.chosen.float().cpu().tolist(), out.rejected.float().cpu().tolist()))
+    if accelerator.num_processes > 1:
+        found = gather_object(found)
+    found.sort(key=lambda item: item[0])
+    return {
+        REF_COLUMNS[0]: [v for _, chosen, _ in found for v in chosen],
+        REF_COLUMNS[1]: [v for _, _, rejected in found for v in rejected],
+    }
+
+
+def _splits(data: PreparedData) -> dict[str, datasets.Dataset]:
+    return {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
+
+
+def _load_cached(path: Path | None, sizes: dict[str, int]) -> dict[str, dict[str, list[float]]] | None:
+    if path is None or not (path / "dataset_dict.json").is_file():
+        return None
+    try:
+        cached = datasets.load_from_disk(str(path))
+    except (OSError, ValueError):
+        return None
+    if set(cached) != set(sizes) or any(len(cached[name]) != n for name, n in sizes.items()):
+        return None
+    return {name: {c: cached[name][c] for c in REF_COLUMNS} for name in sizes}
+
+
+def _save_cached(path: Path, columns: dict[str, dict[str, list[float]]]) -> None:
+    staging = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in columns.items()}).save_to_disk(str(staging))
+        staging.rename(path)
+    except OSError:  # a read-only pack dir, or another process cached it first: no cache, same result
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def attach_reference_logps(
+    data: PreparedData,
+    key: str,
+    compute: Callable[[datasets.Dataset], dict[str, list[float]]],
+    accelerator: Accelerator,
+) -> PreparedData:
+    """`data` with the reference columns added to every split, computed once and cached.
+
+    The cache is `<prepared data dir>/reference/<key>`; `compute` runs only on a cache miss
+    (so a `--ref` model is loaded only then).
+    """
+    splits = _splits(data)
+    sizes = {name: len(ds) for name, ds in splits.items()}
+    cache = data.directory / "reference" / key if data.directory is not None else None
+    columns = _load_cached(cache, sizes)
+    if columns is not None:
+        info(f"reference log-probs: cached ({cache})")
+    else:
+        started = time.time()
+        columns = {name: compute(ds) for name, ds in splits.items()}
+        info(f"reference log-probs: {sum(sizes.values())} pairs in {time.time() - started:.1f}s")
+        if cache is not None and accelerator.is_main_process:
+            _save_cached(cache, columns)
+        accelerator.wait_for_everyone()
+    attached = {}
+    for name, ds in splits.items():
+        for column in REF_COLUMNS:
+            if column in ds.column_names:
+                ds = ds.remove_columns(column)
+            ds = ds.add_column(column, columns[name][column])
+        attached[name] = ds
+    return PreparedData(attached["train"], attached.get("eval"), data.metadata, data.directory)

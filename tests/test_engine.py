@@ -1,0 +1,114 @@
+"""The shared engine: exact resume after SIGTERM, and 2-process runs that match 1-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+from rlkit.training.schedule import lr_multiplier
+
+SFT_DATA = REPO / "rlkit" / "demo" / "data" / "sft.jsonl"
+COMMON = ["--batch-size", "2", "--max-length", "128", "--lr", "1e-3", "--log-every", "1000"]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(out / name)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigterm_is_bit_identical(tiny_model_dir, tmp_path):
+    steps = "120"
+    reference = tmp_path / "reference"
+    done = run_cli("sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(reference), "--max-steps", steps, *COMMON)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "interrupted"
+    partial = tmp_path / "interrupted.partial"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlkit", "sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", steps, *COMMON],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics = partial / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    assert not out.exists()
+    checkpoints = list((partial / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 10 <= stopped_at < int(steps)
+
+    refused = run_cli("sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", steps, *COMMON)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = run_cli("sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", steps, "--resume", *COMMON)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {stopped_at}" in resumed.stderr
+    expected, got = _weights(reference), _weights(out)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    losses = {m["step"]: m["loss"] for m in _metrics(out) if "loss" in m}
+    assert sorted(losses) == list(range(1, int(steps) + 1))
+    assert losses == {m["step"]: m["loss"] for m in _metrics(reference) if "loss" in m}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one(tiny_model_dir, tmp_path):
+    """Same global batch (2 x 2 rows vs 1 x 4 rows): the same losses, to 1e-5."""
+    args = [str(tiny_model_dir), str(SFT_DATA), "--max-steps", "6", "--max-length", "128", "--lr", "1e-3", "--full"]
+    single = tmp_path / "single"
+    one = run_cli("sft", *args, "-o", str(single), "--batch-size", "4")
+    assert one.returncode == 0, one.stderr
+    double = tmp_path / "double"
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "rlkit", "sft", *args, "-o", str(double), "--batch-size", "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.strip().splitlines() == [str(double)]  # only rank 0 prints the path
+    a = [m for m in _metrics(single) if "loss" in m]
+    b = [m for m in _metrics(double) if "loss" in m]
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
+        assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x, y)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_schedules_warm_up_then_follow_their_shape(kind):
+    f = lr_multiplier(kind, total_steps=100, warmup=10)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0)
+    if kind == "constant":
+        assert f(99) == 1.0
+    else:
+        assert f(55) == pytest.approx(0.5, abs=0.02)
+        assert f(99) < 0.05
