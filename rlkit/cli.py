@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Libraries' tqdm bars (GGUF dequantization, datasets) would interleave with rlkit's own progress.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 import functools
 import importlib
 from pathlib import Path
@@ -15,7 +20,7 @@ from rlkit.console import console, is_main_process, quiet_libraries
 from rlkit.errors import RlkitError
 
 # (name, module in rlkit.commands): only commands that work are listed.
-COMMANDS = [("pack", "pack"), ("sft", "sft")]
+COMMANDS = [("pack", "pack"), ("sft", "sft"), ("train-rm", "train_rm"), ("dpo", "dpo")]
 
 app = typer.Typer(
     name="rlkit",

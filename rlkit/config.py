@@ -167,4 +167,5 @@ def command_from_config(cls: type[T], run: Callable[[T], Any], doc: str) -> Call
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc
     command.__name__ = cls.__name__
+    command.config_class = cls  # type: ignore[attr-defined]  # for generated docs
     return command

@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from rlkit.config import arg, opt
-from rlkit.console import console
-from rlkit.data.pairs import SIDES
+from rlkit.console import console, warn
+from rlkit.data.pairs import SIDES, describe_pair_data
 from rlkit.data.prepare import DataOptions, build_data, save_prepared
 from rlkit.data.tokenize import IGNORE
 from rlkit.errors import InputError
@@ -116,6 +116,9 @@ def run_pack(config: PackConfig) -> Path | None:
     elif config.show:
         show_examples(data.train, tokenizer, config.show)
     console.print(summary_table(data.metadata))
+    if data.metadata["kind"] == "pairs":
+        for message in describe_pair_data(data.metadata)[1]:
+            warn(message)
     if output is None:
         return None
     staging = open_run_dir(output, resume=False)

@@ -74,8 +74,10 @@ class PrecomputedReference:
     """Reads the columns the precompute pass attached to the data."""
 
     def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        device = model_device(model)
-        return batch[REF_COLUMNS[0]].to(device), batch[REF_COLUMNS[1]].to(device)
+        """Stored in float64; given back in the dtype the policy's own log-probs will have."""
+        param = next(model.parameters())
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        return batch[REF_COLUMNS[0]].to(param.device, dtype), batch[REF_COLUMNS[1]].to(param.device, dtype)
 
 
 class DisabledAdapterReference:

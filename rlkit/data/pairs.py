@@ -212,7 +212,7 @@ def collate_pairs(
     }
     for column in OPTIONAL_COLUMNS:
         if rows and column in rows[0] and rows[0][column] is not None:
-            batch[column] = torch.tensor([float(row[column]) for row in rows], dtype=torch.float32)
+            batch[column] = torch.tensor([float(row[column]) for row in rows], dtype=torch.float64)
     return batch
 
 
@@ -247,3 +247,25 @@ def last_token_index(input_ids: torch.Tensor, seq_index: torch.Tensor, pad_id: i
     last = torch.full((num_sequences,), -1, dtype=torch.long, device=flat_seq.device)
     last = last.scatter_reduce(0, flat_seq[keep], positions[keep], reduce="amax")
     return torch.where(last >= 0, last, fallback)
+
+
+def describe_pair_data(metadata: dict[str, Any]) -> tuple[str, list[str]]:
+    """A one-line summary of prepared pairs, and a warning per source that lost pairs.
+
+    Kept apart from tokenising so the warning is shown whenever the data is used, also when
+    it comes from a `rlkit pack` dir or the cache rather than being tokenised now.
+    """
+    counts = metadata["counts"]
+    line = (
+        f"data: {counts['pairs']} pairs, {counts['tokens']:,} tokens ({counts['completion_tokens']:,} in completions), "
+        f"{counts['truncated']} truncated, {counts['dropped']} dropped"
+        + (f"; eval: {counts['eval_pairs']} pairs" if counts.get("eval_pairs") else "")
+    )
+    warnings = []
+    for lost in metadata.get("dropped", []):
+        where = ", ".join(map(str, lost["records"])) + (", ..." if lost["pairs"] > len(lost["records"]) else "")
+        warnings.append(
+            f"{lost['source']}: dropped {lost['pairs']} pair(s) whose prompt alone fills --max-length "
+            f"{metadata['max_length']} tokens (record {where}); raise --max-length to keep them"
+        )
+    return line, warnings

@@ -26,10 +26,9 @@ from rlkit import __version__
 from rlkit.data.formats import Format, detect_format
 from rlkit.data.load import load_records
 from rlkit.data.packing import fill_ratio, pack_examples, unpacked_rows
-from rlkit.data.pairs import tokenize_pairs
+from rlkit.data.pairs import PairStats, tokenize_pairs
 from rlkit.data.templates import ChatTemplate, resolve_template
 from rlkit.data.tokenize import TokenStats, tokenize_sft
-from rlkit.console import warn
 from rlkit.errors import InputError
 
 METADATA = "rlkit_pack.json"
@@ -138,22 +137,19 @@ def build_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loade
     return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
 
 
-def _pair_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str) -> tuple[list[dict], dict[str, int]]:
+def _pair_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str) -> tuple[list[dict], PairStats]:
     if fmt is not Format.PREFERENCE:
         raise InputError(
             f"{source}: preference pairs needed (prompt/chosen/rejected, or chosen/rejected with an implicit prompt), "
             f"found {fmt.value} data; map other names with --columns, e.g. --columns prompt=question,chosen=response_j,rejected=response_k"
         )
     rows, stats = tokenize_pairs(records, tokenizer, template, opts.max_length, source)
-    if stats.dropped:
-        where = ", ".join(map(str, stats.dropped_records)) + (", ..." if stats.dropped > len(stats.dropped_records) else "")
-        warn(f"{source}: dropped {stats.dropped} pair(s) whose prompt alone fills --max-length {opts.max_length} (records {where})")
     if not rows:
         raise InputError(
             f"{source}: every pair was dropped: each prompt alone fills --max-length {opts.max_length} tokens; "
             "raise --max-length or shorten the prompts"
         )
-    return rows, stats.as_dict()
+    return rows, stats
 
 
 def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
@@ -164,11 +160,12 @@ def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, load
     eval_source = "eval split"
     if opts.eval_data:
         eval_records, eval_source = load_records([opts.eval_data], opts.columns), opts.eval_data
-    train_rows, counts = _pair_rows(train_records, fmt, tokenizer, template, opts, source)
+    train_rows, stats = _pair_rows(train_records, fmt, tokenizer, template, opts, source)
     eval_rows: list[dict] = []
+    eval_stats = PairStats()
     if eval_records is not None:
         eval_fmt = detect_format(eval_records.column_names, eval_source)
-        eval_rows, _ = _pair_rows(eval_records, eval_fmt, tokenizer, template, opts, eval_source)
+        eval_rows, eval_stats = _pair_rows(eval_records, eval_fmt, tokenizer, template, opts, eval_source)
     metadata = {
         "rlkit_version": __version__,
         "kind": "pairs",
@@ -179,7 +176,11 @@ def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, load
         "template": {"name": template.name, "source": template.source},
         "max_length": opts.max_length,
         "packing": False,
-        "counts": {**counts, "eval_pairs": len(eval_rows)},
+        "counts": {**stats.as_dict(), "eval_pairs": len(eval_rows), "eval_dropped": eval_stats.dropped},
+        "dropped": [
+            {"source": name, "pairs": st.dropped, "records": st.dropped_records}
+            for name, st in ((source, stats), (eval_source, eval_stats)) if st.dropped
+        ],
     }
     to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
     return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)

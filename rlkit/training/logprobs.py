@@ -29,7 +29,7 @@ def label_logprobs(
     mask = targets != IGNORE
     keep = mask.any(dim=0).nonzero().squeeze(1)
     out = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False)
-    logits = out.logits.float()
+    logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
     kept_targets = targets[:, keep]
     token_logps = -F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1), ignore_index=IGNORE, reduction="none"

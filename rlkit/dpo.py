@@ -1,0 +1,188 @@
+"""Direct preference optimisation and its family: the pair-to-loss step, and the recipe.
+
+The objective turns one micro-batch of pairs into summed per-pair losses: one policy forward
+over chosen and rejected together (`pair_logps`), the reference's log-probs (precomputed
+columns by default, see `rlkit.reference`), then a pure loss from `rlkit.losses`. Everything
+else (accumulation, schedule, checkpoints, eval, metrics) is the shared engine's; it divides
+the sums by the number of pairs of the step.
+
+The Tulu 2.5 recipe, as flags (global batch 32 = 8 x 4 on one device):
+
+    rlkit dpo SFT_MODEL ultrafeedback.jsonl -o out --full --template tulu --lr 5e-7 \\
+        --batch-size 8 --grad-accum 4 --scheduler linear --warmup-ratio 0.1 --epochs 3 --beta 0.1
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate.utils import set_seed
+
+from rlkit.config import arg, opt
+from rlkit.console import info, warn
+from rlkit.data.prepare import PreparedData, tokenizer_fingerprint
+from rlkit.errors import InputError
+from rlkit.losses import LENGTH_NORMALISED, PREFERENCE_LOSSES, REFERENCE_FREE, add_sft_term
+from rlkit.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_source
+from rlkit.pair_logps import pair_logps
+from rlkit.pair_training import PairTrainConfig, disable_dropout, load_pairs, pair_collate
+from rlkit.reference import (
+    AdapterReference,
+    DisabledAdapterReference,
+    ModelReference,
+    PrecomputedReference,
+    Reference,
+    attach_reference_logps,
+    compute_reference_logps,
+    model_device,
+    reference_key,
+    to_device,
+)
+from rlkit.training.engine import StepOutput
+from rlkit.training.run import TrainingRun
+
+
+@dataclass
+class DPOConfig(PairTrainConfig):
+    model: Optional[str] = arg(
+        "Policy to start from: an HF dir, a hub name, a LoRA adapter dir (e.g. `rlkit sft --lora` output: the adapter "
+        "is continued and its frozen start is the reference) or a .gguf file.",
+        metavar="MODEL",
+    )
+    ref: Optional[str] = opt(None, "Reference model (HF dir, hub name, adapter dir or .gguf). Default: MODEL as it starts; with a fresh LoRA adapter, the base with the adapter disabled.")
+    loss: str = opt("sigmoid", "Preference loss: sigmoid (DPO; cDPO with --label-smoothing), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).", choices=tuple(PREFERENCE_LOSSES))
+    beta: float = opt(0.1, "β: how strongly the policy is held to the reference (IPO's τ; SimPO's reward scale, 2-2.5 in its paper).")
+    label_smoothing: float = opt(0.0, "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).")
+    simpo_gamma: float = opt(0.5, "SimPO's target reward margin γ (the paper's γ, not TRL's γ/β ratio).")
+    sft_weight: float = opt(0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss.")
+    precompute_ref: bool = opt(True, "Compute the reference log-probs in one pass before training and cache them next to the data, so training holds no reference model (--no-precompute-ref: a reference forward every step).")
+
+
+def implicit_reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """1 where chosen is preferred, 0 where rejected is, 1/2 for a tie, per pair.
+
+    Ties count half so the measure reads 50% for a policy with no preference at all, which
+    is exactly the policy at step 0, where every implicit reward β·log(π/π_ref) is zero.
+    """
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
+class DPOObjective:
+    """Per-pair preference loss of the chosen loss; metric sums per pair for the engine to average."""
+
+    def __init__(self, config: DPOConfig, reference: Reference | None):
+        self.name, self.reference = config.loss, reference
+        self.beta, self.label_smoothing, self.gamma, self.sft_weight = config.beta, config.label_smoothing, config.simpo_gamma, config.sft_weight
+
+    def weight(self, batch: dict[str, Any]) -> float:
+        return float(batch["num_pairs"])
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+        batch = to_device(batch, model_device(model))
+        reference = self.reference.logps(model, batch) if self.reference is not None else None  # before the policy forward
+        policy = pair_logps(model, batch)
+        chosen, rejected = policy.chosen, policy.rejected
+        ref_chosen, ref_rejected = reference if reference is not None else (None, None)
+        if self.name in LENGTH_NORMALISED:
+            chosen, rejected = policy.normalised()
+            if reference is not None:
+                ref_chosen, ref_rejected = ref_chosen / policy.chosen_tokens.clamp(min=1), ref_rejected / policy.rejected_tokens.clamp(min=1)
+        losses, chosen_rewards, rejected_rewards = PREFERENCE_LOSSES[self.name](
+            chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma
+        )
+        losses = add_sft_term(losses, policy.chosen, policy.chosen_tokens, self.sft_weight)
+        metrics = {
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "rewards/accuracies": implicit_reward_accuracy(chosen_rewards, rejected_rewards).sum(),
+            "logps/chosen": policy.chosen.detach().sum(),
+            "logps/rejected": policy.rejected.detach().sum(),
+        }
+        return StepOutput(loss=losses.sum(), metrics=metrics)
+
+
+def check_options(config: DPOConfig) -> None:
+    """Refuse option values the losses cannot use, before any model is loaded."""
+    if config.beta <= 0:
+        raise InputError(f"--beta {config.beta}: must be > 0")
+    if not 0 <= config.label_smoothing < 0.5:
+        raise InputError(f"--label-smoothing {config.label_smoothing}: must be in [0, 0.5)")
+    if config.label_smoothing and config.loss not in ("sigmoid", "robust"):
+        warn(f"--label-smoothing is used by --loss sigmoid and robust only; --loss {config.loss} ignores it")
+    if config.sft_weight < 0:
+        raise InputError(f"--sft-weight {config.sft_weight}: must be >= 0")
+    if config.loss in REFERENCE_FREE and config.ref:
+        warn(f"--loss {config.loss} uses no reference model; --ref is ignored")
+
+
+def _load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: TrainingRun) -> torch.nn.Module:
+    tokenizer = load_tokenizer(ref, run.config.trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
+        raise InputError(f"--ref {ref.name}: its tokenizer differs from {run.source.name}'s; the reference must share the policy's tokens")
+    model = load_causal_lm(ref, run.weights_dtype, run.config.trust_remote_code)
+    return model.eval().requires_grad_(False)
+
+
+def setup_reference(
+    config: DPOConfig, run: TrainingRun, policy: torch.nn.Module, data: PreparedData, tokenizer: Any, collate: Any
+) -> tuple[Reference | None, PreparedData, str]:
+    """The reference strategy, the data (with reference columns when precomputed) and a description."""
+    if config.loss in REFERENCE_FREE:
+        return None, data, "none (reference-free loss)"
+    ref_source = resolve_source(config.ref) if config.ref else run.source
+    described = f"`{config.ref}`" if config.ref else f"the starting model `{run.source.name}`"
+    if config.precompute_ref:
+        loaded: dict[str, torch.nn.Module] = {}  # the --ref model, loaded on a cache miss only, once
+
+        def compute(dataset: Any) -> dict[str, list[float]]:
+            if "model" not in loaded:
+                loaded["model"] = policy if not config.ref else _load_reference_model(ref_source, tokenizer, run)
+            return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator)
+
+        key = reference_key(ref_source, run.weights_dtype, run.accelerator)
+        data = attach_reference_logps(data, key, compute, run.accelerator)
+        loaded.clear()  # training holds no reference model
+        return PrecomputedReference(), data, f"{described}, log-probs precomputed"
+    if config.ref:
+        return ModelReference(_load_reference_model(ref_source, tokenizer, run)), data, f"{described}, on the fly"
+    if config.lora and run.source.adapter_dir:
+        return AdapterReference(policy, run.source.adapter_dir), data, f"{described} (its adapter, frozen), on the fly"
+    if config.lora:
+        return DisabledAdapterReference(), data, f"{described} (the base, adapter disabled), on the fly"
+    warn("full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not")
+    return ModelReference(copy.deepcopy(policy)), data, f"{described} (a frozen copy), on the fly"
+
+
+def run_dpo(config: DPOConfig) -> Path:
+    """Setup (tokenizer, pairs, policy, reference), train with the shared engine, then write OUT."""
+    check_options(config)
+    run = TrainingRun("dpo", config, config.model, config.data)
+    set_seed(config.seed)
+    tokenizer = run.load_tokenizer()
+    data = load_pairs(run, config, tokenizer, config.model or "")
+    policy = run.load_policy()
+    if not config.dropout:
+        disable_dropout(policy)
+    collate = pair_collate(config, tokenizer)
+    reference, data, described = setup_reference(config, run, policy, data, tokenizer, collate)
+    info(f"reference: {described}")
+    objective = DPOObjective(config, reference)
+    default_lr = 5e-6 if config.lora else 5e-7
+    metrics = run.train(policy, objective, data.train, data.eval, collate, default_lr)
+    card = (
+        "## Preference optimisation\n\n"
+        f"- loss: `{config.loss}`, beta {config.beta}"
+        + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else "")
+        + (f", SimPO gamma {config.simpo_gamma}" if config.loss == "simpo" else "")
+        + (f", SFT weight {config.sft_weight}" if config.sft_weight else "")
+        + f"\n- reference: {described}\n"
+        + (f"- held-out implicit-reward accuracy: {metrics['eval/rewards/accuracies']:.4f}\n" if "eval/rewards/accuracies" in metrics else "")
+        + "\n"
+    )
+    template = (data.metadata.get("template") or {}).get("source")
+    return run.finish(tokenizer, chat_template=template, metrics=metrics, data_info=data.metadata, extra_card=card)

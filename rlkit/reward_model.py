@@ -1,0 +1,168 @@
+"""Reward models: one score per sequence, trained with the Bradley-Terry loss on pairs.
+
+The model is `AutoModelForSequenceClassification` with `num_labels=1` and `pad_token_id`
+set in its config: transformers' head reads the score at the last token that is not padding,
+and without a pad id it cannot find it (batches fail, or scores land on padding and accuracy
+collapses). With LoRA, peft's SEQ_CLS task puts the new score head in `modules_to_save`, so
+it is trained in full next to the adapter.
+
+Why the score is gathered here rather than by the HF head: pairs are batched padding-free
+(several sequences per row, `rlkit.data.pairs`), and the HF head finds one last token per
+ROW. So `RewardScorer` runs the head's own trunk, takes the hidden state at the last non-pad
+token of each SEQUENCE (the HF rule, applied per sequence, so the saved model scores a lone
+sequence exactly as training did) and applies the head's own `score` layer there: no compute
+on padding, and the head's matmul on 2B vectors instead of every position. The scorer is an
+`nn.Module` wrapping the HF model and is what the engine trains, so DDP/FSDP see one forward.
+
+The output is a full sequence-classification dir by default (LoRA merged), which
+`AutoModelForSequenceClassification.from_pretrained(OUT)` loads as is, score head, one label and
+pad id included: a reward model is consumed as a scorer (PPO, eval), and an adapter cannot
+carry the head's config. `--no-merge` writes the adapter (score head inside) instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate.utils import set_seed
+from transformers import AutoModelForSequenceClassification
+
+from rlkit.config import arg, opt
+from rlkit.console import info, warn
+from rlkit.data.pairs import last_token_index
+from rlkit.dpo import implicit_reward_accuracy
+from rlkit.errors import InputError
+from rlkit.losses import bradley_terry_loss
+from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, strip_gguf_marker
+from rlkit.pair_training import PairTrainConfig, disable_dropout, load_pairs, pair_collate
+from rlkit.reference import model_device, to_device
+from rlkit.training.engine import StepOutput
+from rlkit.training.run import TrainingRun
+
+
+@dataclass
+class RewardModelConfig(PairTrainConfig):
+    model: Optional[str] = arg(
+        "Model to start from (its LM head is replaced by a one-score head): an HF dir, a hub name, a LoRA adapter dir "
+        "(e.g. `rlkit sft --lora` output, merged into its base first) or a .gguf file.",
+        metavar="MODEL",
+    )
+    center_rewards: float = opt(0.0, "COEF: add COEF x mean((r_chosen + r_rejected)^2) to the loss, keeping scores centred on 0 (Eisenstein et al. 2023; 0.01 is usual).")
+    merge: bool = opt(True, "With LoRA, write a full sequence-classification model with the adapter merged (--no-merge: the adapter, score head included).")
+
+
+def _hf_model(model: torch.nn.Module) -> Any:
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class RewardScorer(torch.nn.Module):
+    """Scores of every sequence of a pair batch, [2B]: chosen first, then rejected."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int | None, merge: bool = True):
+        super().__init__()
+        self.model, self.pad_id, self.merge = model, pad_id, merge
+        hf = _hf_model(model)
+        if not hasattr(hf, "score") or not hasattr(hf, hf.base_model_prefix):
+            raise InputError(f"{type(hf).__name__} has no `score` head over a `{hf.base_model_prefix}` trunk; rlkit train-rm needs a decoder model")
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+        hf = _hf_model(self.model)
+        trunk = getattr(hf, hf.base_model_prefix)
+        hidden = trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        last = last_token_index(input_ids, seq_index, self.pad_id, num_sequences)
+        return hf.score(hidden.reshape(-1, hidden.size(-1))[last]).squeeze(-1).float()
+
+    def save_pretrained(self, directory: str, **kwargs: Any) -> None:
+        """The HF model (LoRA merged unless --no-merge), loadable without rlkit."""
+        from peft import PeftModel
+
+        model = self.model
+        if isinstance(model, PeftModel) and self.merge:
+            model = model.merge_and_unload()
+        model.save_pretrained(directory, **kwargs)
+
+
+class RewardObjective:
+    """Bradley-Terry loss per pair (minus its margin, plus the centring term); sums for the engine."""
+
+    def __init__(self, center_rewards: float):
+        self.center_rewards = center_rewards
+
+    def weight(self, batch: dict[str, Any]) -> float:
+        return float(batch["num_pairs"])
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
+        batch = to_device(batch, model_device(model))
+        pairs = int(batch["num_pairs"])
+        scores = model(batch["input_ids"], batch["position_ids"], batch["seq_index"], 2 * pairs)
+        chosen, rejected = scores[:pairs], scores[pairs:]
+        margin = batch["margin"].to(scores.dtype) if "margin" in batch else None
+        losses = bradley_terry_loss(chosen, rejected, margin, self.center_rewards)
+        chosen, rejected = chosen.detach(), rejected.detach()
+        metrics = {
+            "accuracy": implicit_reward_accuracy(chosen, rejected).sum(),
+            "margin": (chosen - rejected).sum(),
+            "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(),
+        }
+        return StepOutput(loss=losses.sum(), metrics=metrics)
+
+
+def load_reward_model(run: TrainingRun, tokenizer: Any) -> torch.nn.Module:
+    """A one-score sequence classifier from MODEL, LoRA-wrapped (score head trained) or full."""
+    c, source = run.config, run.source
+    dtype = run.weights_dtype
+    kwargs = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id, "dtype": dtype, "trust_remote_code": c.trust_remote_code}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs, **source.kwargs())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{source.name}: cannot load it as a sequence classifier ({str(err).splitlines()[0]})")
+    strip_gguf_marker(model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if source.adapter_dir:  # an SFT adapter: its trunk, merged, under the new head
+        causal = load_causal_lm(source, dtype, c.trust_remote_code).merge_and_unload()
+        trunk = getattr(model, model.base_model_prefix)
+        trunk.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+        del causal
+    if c.lora:
+        model = add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets, task_type="SEQ_CLS")
+        for param in model.parameters():  # the score head copy may sit in the frozen base's bf16
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    if c.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    info(f"reward model: {source.name} ({'LoRA + score head' if c.lora else 'full'}; {trainable:,} of {total:,} parameters trainable)")
+    return model
+
+
+def run_train_rm(config: RewardModelConfig) -> Path:
+    """Setup (tokenizer, pairs, model), train with the shared engine, then write OUT."""
+    if config.center_rewards < 0:
+        raise InputError(f"--center-rewards {config.center_rewards}: must be >= 0")
+    run = TrainingRun("train-rm", config, config.model, config.data)
+    set_seed(config.seed)
+    tokenizer = run.load_tokenizer()
+    data = load_pairs(run, config, tokenizer, config.model or "")
+    merge = config.merge
+    if config.lora and run.source.adapter_dir and not merge:
+        warn("MODEL is an adapter dir: its base alone is not the reward model's trunk, so the LoRA reward model is written merged")
+        merge = True
+    model = load_reward_model(run, tokenizer)
+    if not config.dropout:
+        disable_dropout(model)
+    scorer = RewardScorer(model, tokenizer.pad_token_id, merge=merge)
+    default_lr = 1e-4 if config.lora else 1e-5
+    metrics = run.train(scorer, RewardObjective(config.center_rewards), data.train, data.eval, pair_collate(config, tokenizer), default_lr)
+    card = "## Reward model\n\n- one score per sequence, read at its last non-pad token (Bradley-Terry loss"
+    card += (f", centring {config.center_rewards}" if config.center_rewards else "") + ")\n"
+    if "eval/accuracy" in metrics:
+        card += f"- held-out pair accuracy: {metrics['eval/accuracy']:.4f} ({data.metadata['counts'].get('eval_pairs', 0)} pairs)\n"
+    template = (data.metadata.get("template") or {}).get("source")
+    return run.finish(tokenizer, chat_template=template, metrics=metrics, data_info=data.metadata, extra_card=card + "\n")

@@ -1,0 +1,57 @@
+"""Batched generation from chat prompts, shared by the demo, `chat`, `eval` and `ppo`.
+
+Prompts are encoded exactly as training encoded them (rlkit.data.prompts), left-padded so
+every row's next token sits in the last column, and decoded up to the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlkit.data.formats import Messages
+from rlkit.data.prompts import encode_prompt
+from rlkit.data.templates import ChatTemplate
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.as_tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Messages], sampling: SamplingConfig) -> list[str]:
+    """One completion per conversation, in order."""
+    model.eval()
+    device = next(model.parameters()).device
+    completions: list[str] = []
+    for start in range(0, len(conversations), sampling.batch_size):
+        chunk = conversations[start : start + sampling.batch_size]
+        ids, mask = left_pad([encode_prompt(tokenizer, template, c) for c in chunk], tokenizer.pad_token_id)
+        sample = sampling.temperature > 0
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample, temperature=sampling.temperature if sample else None, top_p=sampling.top_p if sample else None,
+            top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in out[:, ids.shape[1]:]:
+            tokens = row.tolist()
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+            completions.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return completions

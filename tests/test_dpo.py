@@ -1,0 +1,283 @@
+"""DPO: summed completion log-probs, the reference (precomputed, disabled adapter, frozen adapter), the CLI.
+
+The log-prob tests run the tiny model in float32 and compare against a plain forward of each
+sequence on its own, so they check the label shift, the masking and the padding-free layout at
+once.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEMO_DATA, build_model, run_cli, write_jsonl
+from rlkit.data.pairs import collate_pairs, pair_sequences, tokenize_pairs
+from rlkit.data.templates import resolve_template
+from rlkit.dpo import DPOConfig, DPOObjective
+from rlkit.models.load import add_lora, load_causal_lm, resolve_source
+from rlkit.pair_logps import pair_logps
+from rlkit.reference import (
+    AdapterReference,
+    DisabledAdapterReference,
+    ModelReference,
+    PrecomputedReference,
+    compute_reference_logps,
+)
+
+
+@pytest.fixture(scope="module")
+def pair_rows(tiny_tokenizer):
+    records = [json.loads(line) for line in (DEMO_DATA / "pairs.jsonl").read_text().splitlines()[:6]]
+    rows, _ = tokenize_pairs(records, tiny_tokenizer, resolve_template(None, tiny_tokenizer), 1024)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def base(tiny_tokenizer):
+    """float64, so layouts can be compared far below float32's rounding of sums near -250."""
+    return build_model(len(tiny_tokenizer), seed=1).double().eval()
+
+
+def _perturbed_lora(model, seed=0):
+    """A LoRA policy whose adapter is no longer zero, as after some training."""
+    policy = add_lora(copy.deepcopy(model), r=4, alpha=8, dropout=0.0, targets="all-linear").to(torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return policy.eval()
+
+
+def _independent_logps(model, ids, prompt_length):
+    """Sum of log p(token t | tokens < t) over completion tokens, from a forward of this sequence alone."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    logprobs = F.log_softmax(logits, dim=-1)
+    return sum(logprobs[t - 1, ids[t]].item() for t in range(prompt_length, len(ids)))
+
+
+def test_summed_logps_equal_independent_per_token_logps(base, pair_rows, tiny_tokenizer):
+    batch = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = pair_logps(base, batch)
+    for k, row in enumerate(pair_rows):
+        prompt = row["prompt_input_ids"]
+        for side, got, count in (("chosen", out.chosen[k], out.chosen_tokens[k]), ("rejected", out.rejected[k], out.rejected_tokens[k])):
+            ids = prompt + row[f"{side}_input_ids"]
+            expected = _independent_logps(base, ids, len(prompt))
+            assert got.item() == pytest.approx(expected, abs=1e-5)
+            assert count.item() == len(row[f"{side}_input_ids"])  # completion tokens only
+            with_prompt = _independent_logps(base, ids, 1)
+            assert abs(with_prompt - expected) > 1e-3  # the prompt's tokens would have changed the sum
+
+
+@pytest.mark.parametrize("capacity", [None, 10_000])
+def test_padding_free_equals_padded(base, pair_rows, tiny_tokenizer, capacity):
+    free = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id, capacity=capacity)
+    padded = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id, padding_free=False)
+    assert free["input_ids"].numel() < padded["input_ids"].numel()
+    with torch.no_grad():
+        a, b = pair_logps(base, free), pair_logps(base, padded)
+    for x, y in ((a.chosen, b.chosen), (a.rejected, b.rejected), (a.chosen_tokens, b.chosen_tokens)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_lora_with_adapter_disabled_is_the_base(base, pair_rows, tiny_tokenizer):
+    policy = _perturbed_lora(base)
+    ids = torch.tensor([pair_sequences(pair_rows)[0][0]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        assert not torch.allclose(policy(input_ids=ids).logits, expected, atol=1e-3)
+        with policy.disable_adapter():
+            torch.testing.assert_close(policy(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
+    # the same, as the reference strategy the objective uses
+    batch = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id)
+    disabled = DisabledAdapterReference().logps(policy, batch)
+    frozen = ModelReference(copy.deepcopy(base)).logps(policy, batch)
+    for x, y in zip(disabled, frozen):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def _config(loss="sigmoid", **kwargs):
+    return DPOConfig(model="m", data=["d"], loss=loss, **kwargs)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust"])
+def test_precomputed_and_on_the_fly_reference_give_the_same_loss(base, pair_rows, tiny_tokenizer, loss):
+    from accelerate import Accelerator
+
+    collate = functools.partial(collate_pairs, pad_id=tiny_tokenizer.pad_token_id)
+    start = add_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.0, targets="all-linear").double()  # the policy at step 0
+    dataset = datasets.Dataset.from_list(pair_rows)
+    columns = compute_reference_logps(start, dataset, collate, batch_size=4, accelerator=Accelerator(cpu=True))
+    with_ref = dataset.add_column("ref_chosen_logps", columns["ref_chosen_logps"]).add_column("ref_rejected_logps", columns["ref_rejected_logps"])
+    policy = _perturbed_lora(base)  # later in training
+    config = _config(loss, label_smoothing=0.1 if loss == "robust" else 0.0, sft_weight=0.3)
+    with torch.no_grad():
+        precomputed = DPOObjective(config, PrecomputedReference()).loss(policy, collate(with_ref))
+        on_the_fly = DPOObjective(config, DisabledAdapterReference()).loss(policy, collate(dataset))
+    assert precomputed.loss.item() == pytest.approx(on_the_fly.loss.item(), abs=1e-5)
+    for key in precomputed.metrics:
+        assert precomputed.metrics[key].item() == pytest.approx(on_the_fly.metrics[key].item(), abs=1e-4), key
+
+
+def test_objective_matches_the_papers_formulas(base, pair_rows, tiny_tokenizer):
+    batch = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id)
+    policy = _perturbed_lora(base)
+    with torch.no_grad():
+        pol = pair_logps(policy, batch)
+        ref_c, ref_r = DisabledAdapterReference().logps(policy, batch)
+        beta = 0.1
+        h = (pol.chosen - ref_c) - (pol.rejected - ref_r)
+        expected = (-F.logsigmoid(beta * h) + 0.5 * -pol.chosen / pol.chosen_tokens).sum()
+        got = DPOObjective(_config(beta=beta, sft_weight=0.5), DisabledAdapterReference()).loss(policy, batch)
+        assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        acc = ((pol.chosen - ref_c) > (pol.rejected - ref_r)).float().sum()
+        assert got.metrics["rewards/accuracies"].item() == acc.item()
+        assert got.metrics["logps/chosen"].item() == pytest.approx(pol.chosen.sum().item(), rel=1e-6)
+        # IPO: length-normalised log-ratios, target 1/(2 beta)
+        n_c, n_r = pol.chosen_tokens, pol.rejected_tokens
+        h_norm = (pol.chosen - ref_c) / n_c - (pol.rejected - ref_r) / n_r
+        got = DPOObjective(_config("ipo", beta=beta), DisabledAdapterReference()).loss(policy, batch)
+        assert got.loss.item() == pytest.approx(((h_norm - 1 / (2 * beta)) ** 2).sum().item(), rel=1e-5)
+        # SimPO: no reference at all; mean log-probs, margin gamma
+        got = DPOObjective(_config("simpo", beta=2.0, simpo_gamma=0.5), None).loss(policy, batch)
+        logits = 2.0 * (pol.chosen / n_c - pol.rejected / n_r) - 0.5
+        assert got.loss.item() == pytest.approx((-F.logsigmoid(logits)).sum().item(), rel=1e-5)
+        # at step 0 (policy == reference) every implicit reward is 0: accuracy reads 50%
+        start = add_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.0, targets="all-linear").double().eval()
+        got = DPOObjective(_config(), DisabledAdapterReference()).loss(start, batch)
+        assert got.metrics["rewards/accuracies"].item() == pytest.approx(0.5 * len(pair_rows))
+        assert got.loss.item() == pytest.approx(len(pair_rows) * math.log(2), rel=1e-5)
+
+
+def test_continued_adapter_reference_is_the_frozen_start(base, pair_rows, tiny_tokenizer, tmp_path):
+    """MODEL = an adapter dir: the reference is that adapter as it was, on the same base (no second base)."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base.save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    sft = _perturbed_lora(base, seed=3)
+    sft.peft_config["default"].base_model_name_or_path = str(base_dir)
+    sft.save_pretrained(adapter_dir)
+    batch = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = pair_logps(sft, batch)
+    policy = load_causal_lm(resolve_source(str(adapter_dir)), dtype=torch.float64)
+    reference = AdapterReference(policy, str(adapter_dir))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    with torch.no_grad():  # training moves the policy's adapter
+        for name, param in policy.named_parameters():
+            if "lora_A.default" in name:
+                param.add_(0.3)
+    ref_c, ref_r = reference.logps(policy, batch)
+    torch.testing.assert_close(ref_c, expected.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref_r, expected.rejected, atol=1e-5, rtol=0)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable  # switched back, still trainable
+    assert abs(pair_logps(policy, batch).chosen - expected.chosen).max() > 1e-3
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_dpo_end_to_end_and_reference_cache(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "dpo"
+    args = ["dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out), "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"),
+            "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "3"]
+    env = {"RLKIT_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "reference log-probs: 364 pairs" in result.stderr and "precomputed" in result.stderr
+    rows = _metrics(out)
+    for key in ("loss", "grad_norm", "tokens_per_s", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert key in rows[0], key
+    assert "eval/rewards/accuracies" in rows[2]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert "held-out implicit-reward accuracy" in (out / "README.md").read_text()
+    assert 0 <= final["eval/rewards/accuracies"] <= 1
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    assert model is not None
+    again = run_cli(*args, "--overwrite", env=env)  # same reference, same data: no reference pass
+    assert again.returncode == 0, again.stderr
+    assert "reference log-probs: cached" in again.stderr
+    assert json.loads((out / "final_metrics.json").read_text())["loss"] == pytest.approx(final["loss"], abs=1e-6)
+
+
+def test_full_dpo_with_ref_on_the_fly_and_simpo(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    result = run_cli("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--full", "--ref", str(tiny_model_dir),
+                     "--no-precompute-ref", "--max-steps", "2", "--batch-size", "4", "--loss", "ipo", "--no-padding-free")
+    assert result.returncode == 0, result.stderr
+    assert "on the fly" in result.stderr
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    out = tmp_path / "simpo"
+    result = run_cli("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--loss", "simpo", "--beta", "2",
+                     "--max-steps", "2", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "reference: none" in result.stderr
+
+
+def test_long_prompts_are_dropped_with_a_warning_and_all_dropped_is_exit_2(tiny_model_dir, tmp_path):
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"The answer is {i + 1}. #done", "rejected": "No idea."} for i in range(8)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs + [{"prompt": "word " * 200, "chosen": "a", "rejected": "b"}])
+    out = tmp_path / "out"
+    result = run_cli("dpo", str(tiny_model_dir), str(path), "-o", str(out), "--max-length", "64", "--max-steps", "1", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "dropped 1 pair(s) whose prompt alone fills --max-length 64" in result.stderr and "record 9" in result.stderr
+    out = tmp_path / "none"
+    result = run_cli("dpo", str(tiny_model_dir), str(path), "-o", str(out), "--max-length", "8")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "every pair was dropped" in lines[-1] and "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "none.partial").exists()
+
+
+def test_bad_options_are_refused(tiny_model_dir, tmp_path):
+    result = run_cli("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(tmp_path / "o"), "--loss", "robust", "--label-smoothing", "0.5")
+    assert result.returncode == 2 and "--label-smoothing" in result.stderr
+
+
+def test_tulu_recipe_is_expressible_as_flags(tmp_path):
+    from rlkit.config import resolve_config
+
+    recipe = tmp_path / "tulu.yaml"
+    recipe.write_text("lr: 5.0e-7\nbatch_size: 8\ngrad_accum: 4\nscheduler: linear\nwarmup_ratio: 0.1\nepochs: 3\nlora: false\ntemplate: tulu\nbeta: 0.1\n")
+    config = resolve_config(DPOConfig, {"model": "sft", "data": ["uf.jsonl"], "output": "out"}, recipe)
+    assert (config.lr, config.batch_size * config.grad_accum, config.scheduler, config.warmup_ratio, config.epochs) == (5e-7, 32, "linear", 0.1, 3)
+    assert (config.adam_beta1, config.adam_beta2, config.adam_epsilon) == (0.9, 0.999, 1e-8)
+
+
+def test_efficacy_dpo_after_sft_lifts_held_out_preference_accuracy(tiny_model_dir, tmp_path):
+    """After a short SFT, DPO takes held-out implicit-reward accuracy from ~50% (step 0) to > 90%."""
+    sft = tmp_path / "sft"
+    result = run_cli("sft", str(tiny_model_dir), str(DEMO_DATA / "sft.jsonl"), "-o", str(sft), "--full", "--lr", "3e-3",
+                     "--max-steps", "60", "--batch-size", "4", "--max-length", "256")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "dpo"
+    result = run_cli("dpo", str(sft), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out), "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"),
+                     "--lr", "2e-3", "--epochs", "2", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    first = _metrics(out)[0]["rewards/accuracies"]
+    final = json.loads((out / "final_metrics.json").read_text())
+    print(f"implicit-reward accuracy: first step {first:.3f}, held-out after {final['eval/rewards/accuracies']:.3f}")
+    assert abs(first - 0.5) <= 0.25
+    assert final["eval/rewards/accuracies"] > 0.9

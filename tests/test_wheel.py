@@ -1,0 +1,60 @@
+"""The built wheel works on its own: installed into a fresh venv and run from another directory.
+
+The venv reaches the already-installed heavy dependencies (torch, transformers...) through a
+path entry, not through system site-packages, so the editable install of this checkout
+(a meta-path finder started by a .pth file) cannot shadow the wheel under test.
+"""
+
+from __future__ import annotations
+
+import json
+import site
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+from conftest import REPO, build_tokenizer, write_jsonl
+
+
+def _run(*args, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
+    dist = tmp_path / "dist"
+    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, REPO)
+    wheel = next(dist.glob("rlkit-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "rlkit/commands/sft.py" in names and "rlkit/templates/chatml.jinja" in names
+    assert "rlkit/demo/data/sft.jsonl" in names
+    assert not any(n.startswith("commands/") or n.startswith("templates/") for n in names)
+
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv)
+    python = venv / "bin" / "python"
+    purelib = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
+    deps = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *site.getsitepackages()}
+    (purelib / "host_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
+    _run(python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", wheel)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = _run(python, "-c", "import rlkit, rlkit.commands; print(rlkit.__file__)", cwd=elsewhere).stdout.strip()
+    assert where.startswith(str(venv)), where
+    assert not (purelib / "commands").exists() and not (purelib / "templates").exists()
+
+    rlkit = venv / "bin" / "rlkit"
+    assert "sft" in _run(rlkit, "--help", cwd=elsewhere).stdout
+    assert _run(rlkit, "--version", cwd=elsewhere).stdout.startswith("rlkit ")
+
+    tokenizer_dir = tmp_path / "tok"
+    build_tokenizer(chat_template=None).save_pretrained(tokenizer_dir)
+    data = write_jsonl(elsewhere / "d.jsonl", [{"prompt": "Hi?", "completion": "Hello."}] * 3)
+    packed = _run(rlkit, "pack", data, "--tokenizer", tokenizer_dir, "--template", "tulu", "-o", "packed", "--max-length", "64", cwd=elsewhere)
+    assert packed.stdout.strip() == "packed"
+    meta = json.loads((elsewhere / "packed" / "rlkit_pack.json").read_text())
+    assert meta["counts"]["examples"] == 3 and meta["template"]["name"] == "tulu"
