@@ -32,6 +32,12 @@ from rlkit.reference import (
 )
 
 
+def rlkit(*args: str, env: dict | None = None):
+    """`rlkit ...` in a subprocess, one intra-op thread: tiny models gain nothing from more, and on
+    a shared CPU, spinning OpenMP threads of parallel test runs slow each other down ~20x."""
+    return run_cli(*args, env={"OMP_NUM_THREADS": "1", **(env or {})})
+
+
 @pytest.fixture(scope="module")
 def pair_rows(tiny_tokenizer):
     records = [json.loads(line) for line in (DEMO_DATA / "pairs.jsonl").read_text().splitlines()[:6]]
@@ -200,7 +206,7 @@ def test_lora_dpo_end_to_end_and_reference_cache(tiny_model_dir, tmp_path):
     args = ["dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out), "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"),
             "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "3"]
     env = {"RLKIT_CACHE_DIR": str(tmp_path / "cache")}
-    result = run_cli(*args, env=env)
+    result = rlkit(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert "reference log-probs: 364 pairs" in result.stderr and "precomputed" in result.stderr
@@ -214,7 +220,7 @@ def test_lora_dpo_end_to_end_and_reference_cache(tiny_model_dir, tmp_path):
     assert 0 <= final["eval/rewards/accuracies"] <= 1
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
     assert model is not None
-    again = run_cli(*args, "--overwrite", env=env)  # same reference, same data: no reference pass
+    again = rlkit(*args, "--overwrite", env=env)  # same reference, same data: no reference pass
     assert again.returncode == 0, again.stderr
     assert "reference log-probs: cached" in again.stderr
     assert json.loads((out / "final_metrics.json").read_text())["loss"] == pytest.approx(final["loss"], abs=1e-6)
@@ -224,13 +230,13 @@ def test_full_dpo_with_ref_on_the_fly_and_simpo(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "full"
-    result = run_cli("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--full", "--ref", str(tiny_model_dir),
+    result = rlkit("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--full", "--ref", str(tiny_model_dir),
                      "--no-precompute-ref", "--max-steps", "2", "--batch-size", "4", "--loss", "ipo", "--no-padding-free")
     assert result.returncode == 0, result.stderr
     assert "on the fly" in result.stderr
     assert AutoModelForCausalLM.from_pretrained(out) is not None
     out = tmp_path / "simpo"
-    result = run_cli("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--loss", "simpo", "--beta", "2",
+    result = rlkit("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--loss", "simpo", "--beta", "2",
                      "--max-steps", "2", "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     assert "reference: none" in result.stderr
@@ -240,20 +246,28 @@ def test_long_prompts_are_dropped_with_a_warning_and_all_dropped_is_exit_2(tiny_
     pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"The answer is {i + 1}. #done", "rejected": "No idea."} for i in range(8)]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs + [{"prompt": "word " * 200, "chosen": "a", "rejected": "b"}])
     out = tmp_path / "out"
-    result = run_cli("dpo", str(tiny_model_dir), str(path), "-o", str(out), "--max-length", "64", "--max-steps", "1", "--batch-size", "4")
+    result = rlkit("dpo", str(tiny_model_dir), str(path), "-o", str(out), "--max-length", "64", "--max-steps", "1", "--batch-size", "4")
     assert result.returncode == 0, result.stderr
     assert "dropped 1 pair(s) whose prompt alone fills --max-length 64" in result.stderr and "record 9" in result.stderr
     out = tmp_path / "none"
-    result = run_cli("dpo", str(tiny_model_dir), str(path), "-o", str(out), "--max-length", "8")
+    result = rlkit("dpo", str(tiny_model_dir), str(path), "-o", str(out), "--max-length", "8")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "every pair was dropped" in lines[-1] and "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / "none.partial").exists()
 
 
-def test_bad_options_are_refused(tiny_model_dir, tmp_path):
-    result = run_cli("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(tmp_path / "o"), "--loss", "robust", "--label-smoothing", "0.5")
-    assert result.returncode == 2 and "--label-smoothing" in result.stderr
+@pytest.mark.parametrize("options, message", [
+    ({"loss": "robust", "label_smoothing": 0.5}, "--label-smoothing"),
+    ({"beta": 0.0}, "--beta"),
+    ({"sft_weight": -1.0}, "--sft-weight"),
+])
+def test_bad_options_are_refused(options, message):
+    from rlkit.dpo import check_options
+    from rlkit.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        check_options(_config(**options))
 
 
 def test_tulu_recipe_is_expressible_as_flags(tmp_path):
@@ -264,20 +278,3 @@ def test_tulu_recipe_is_expressible_as_flags(tmp_path):
     config = resolve_config(DPOConfig, {"model": "sft", "data": ["uf.jsonl"], "output": "out"}, recipe)
     assert (config.lr, config.batch_size * config.grad_accum, config.scheduler, config.warmup_ratio, config.epochs) == (5e-7, 32, "linear", 0.1, 3)
     assert (config.adam_beta1, config.adam_beta2, config.adam_epsilon) == (0.9, 0.999, 1e-8)
-
-
-def test_efficacy_dpo_after_sft_lifts_held_out_preference_accuracy(tiny_model_dir, tmp_path):
-    """After a short SFT, DPO takes held-out implicit-reward accuracy from ~50% (step 0) to > 90%."""
-    sft = tmp_path / "sft"
-    result = run_cli("sft", str(tiny_model_dir), str(DEMO_DATA / "sft.jsonl"), "-o", str(sft), "--full", "--lr", "3e-3",
-                     "--max-steps", "60", "--batch-size", "4", "--max-length", "256")
-    assert result.returncode == 0, result.stderr
-    out = tmp_path / "dpo"
-    result = run_cli("dpo", str(sft), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out), "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"),
-                     "--lr", "2e-3", "--epochs", "2", "--batch-size", "8")
-    assert result.returncode == 0, result.stderr
-    first = _metrics(out)[0]["rewards/accuracies"]
-    final = json.loads((out / "final_metrics.json").read_text())
-    print(f"implicit-reward accuracy: first step {first:.3f}, held-out after {final['eval/rewards/accuracies']:.3f}")
-    assert abs(first - 0.5) <= 0.25
-    assert final["eval/rewards/accuracies"] > 0.9

@@ -32,7 +32,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_resume_after_sigterm_is_bit_identical(tiny_model_dir, tmp_path):
-    steps = "120"
+    steps = "60"
     reference = tmp_path / "reference"
     done = run_cli("sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(reference), "--max-steps", steps, *COMMON)
     assert done.returncode == 0, done.stderr

@@ -15,6 +15,13 @@ from rlkit.data.templates import SHIPPED, prompt_text, resolve_template
 from rlkit.data.tokenize import IGNORE, tokenize_sft
 from rlkit.errors import InputError
 
+
+def rlkit(*args: str, env: dict | None = None):
+    """`rlkit ...` in a subprocess, one intra-op thread: tiny models gain nothing from more, and on
+    a shared CPU, spinning OpenMP threads of parallel test runs slow each other down ~20x."""
+    return run_cli(*args, env={"OMP_NUM_THREADS": "1", **(env or {})})
+
+
 PAIR = {"prompt": "What is 2 + 3?", "chosen": "The answer is 5. #done", "rejected": "I think it is 6."}
 
 
@@ -139,7 +146,7 @@ def test_last_token_index_skips_padding_like_the_hf_head():
 
 def test_pack_prepares_pairs_that_only_pair_commands_accept(tmp_path, tiny_model_dir, tiny_tokenizer):
     out = tmp_path / "packed"
-    result = run_cli("pack", str(DEMO_DATA / "pairs.jsonl"), "--tokenizer", str(tiny_model_dir), "-o", str(out),
+    result = rlkit("pack", str(DEMO_DATA / "pairs.jsonl"), "--tokenizer", str(tiny_model_dir), "-o", str(out),
                      "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"), "--show", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
@@ -152,7 +159,7 @@ def test_pack_prepares_pairs_that_only_pair_commands_accept(tmp_path, tiny_model
         prepare_sft_data(DataOptions(sources=[str(out)]), tiny_tokenizer, "tiny")
     # --kind sft keeps the SFT path for preference data (prompt + chosen)
     sft_out = tmp_path / "sft-packed"
-    result = run_cli("pack", str(DEMO_DATA / "pairs.jsonl"), "--tokenizer", str(tiny_model_dir), "-o", str(sft_out), "--kind", "sft")
+    result = rlkit("pack", str(DEMO_DATA / "pairs.jsonl"), "--tokenizer", str(tiny_model_dir), "-o", str(sft_out), "--kind", "sft")
     assert result.returncode == 0, result.stderr
     assert load_packed(str(sft_out), tiny_tokenizer, "tiny", kind="sft").metadata["kind"] == "sft"
     with pytest.raises(InputError, match="holds SFT rows.*--kind pairs"):

@@ -126,3 +126,23 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, tmp_path):
     assert len(lines) == 1 and "loss became" in lines[0] and "Traceback" not in result.stderr
     assert not out.exists()
     assert any((tmp_path / "out.partial" / "checkpoints").glob("step-*"))
+
+
+def test_config_file_tensorboard_checkpointing_and_eval_split(tiny_model_dir, tmp_path):
+    """A YAML recipe with a flag overriding it; TensorBoard events, gradient checkpointing, eval split."""
+    import yaml
+
+    data = _memorisation_data(tmp_path / "facts.jsonl")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": [str(data)], "max-steps": 3, "batch_size": 2,
+                                      "lr": 1e-3, "report_to": "tensorboard", "gradient_checkpointing": True,
+                                      "eval_fraction": 0.25, "eval_every": 1, "packing": False}))
+    out = tmp_path / "out"
+    result = run_cli("sft", "--config", str(recipe), "-o", str(out), "--max-steps", "4")
+    assert result.returncode == 0, result.stderr
+    saved = yaml.safe_load((out / "rlkit_config.yaml").read_text())
+    assert saved["max_steps"] == 4 and saved["batch_size"] == 2 and saved["gradient_checkpointing"] is True
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [1, 2, 3, 4]  # every step, the last one at the end
+    assert json.loads((out / "final_metrics.json").read_text())["steps"] == 4

@@ -44,8 +44,8 @@ def resolve_source(name: str) -> ModelSource:
             raise InputError(f"{name}: adapter_config.json names no base model")
         inner = resolve_source(base)
         return ModelSource(name, inner.path, inner.gguf_file, adapter_dir=str(path))
-    if path.exists() and not (path / "config.json").is_file():
-        raise InputError(f"{name}: not a model directory (no config.json or adapter_config.json)")
+    if path.exists() and not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json")):
+        raise InputError(f"{name}: not a model directory (no config.json, adapter_config.json or tokenizer_config.json)")
     return ModelSource(name, name)
 
 
