@@ -112,3 +112,13 @@ def test_schedules_warm_up_then_follow_their_shape(kind):
     else:
         assert f(55) == pytest.approx(0.5, abs=0.02)
         assert f(99) < 0.05
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, tmp_path):
+    """Loss normalised by the trainable tokens of the whole accumulated step: 1x4 == 2x2 accumulated."""
+    args = [str(tiny_model_dir), str(SFT_DATA), "--max-steps", "4", "--max-length", "128", "--lr", "1e-3", "--full"]
+    big, accumulated = tmp_path / "big", tmp_path / "accumulated"
+    assert run_cli("sft", *args, "-o", str(big), "--batch-size", "4").returncode == 0
+    assert run_cli("sft", *args, "-o", str(accumulated), "--batch-size", "2", "--grad-accum", "2").returncode == 0
+    for x, y in zip(_metrics(big), _metrics(accumulated)):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x, y)
