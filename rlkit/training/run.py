@@ -15,6 +15,7 @@ import torch
 from rlkit.config import config_to_dict
 from rlkit.console import info
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
+from rlkit.plots import plot_training_curves
 from rlkit.output import METRICS_FILE, check_output, finalize, open_run_dir, write_config, write_model_card
 from rlkit.training.engine import Engine, Objective, make_accelerator
 from rlkit.training.metrics import MetricsSink
@@ -94,6 +95,8 @@ class TrainingRun:
             if data_info:
                 counts = data_info.get("counts", {})
                 extra_card = "## Data\n\n" + "\n".join(f"- {k}: {v}" for k, v in counts.items()) + "\n\n" + extra_card
+            if plot_training_curves(self.run_dir / METRICS_FILE, self.run_dir / "training_curves.png", f"rlkit {self.command}: {self.output.name}"):
+                extra_card += "\n![training curves](training_curves.png)\n"
             write_model_card(self.run_dir, command=self.command, base_model=self.source.name, data=self.data, metrics=metrics, extra=extra_card)
             finalize(self.run_dir, self.output)
         acc.wait_for_everyone()
