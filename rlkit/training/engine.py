@@ -50,6 +50,25 @@ class Objective(Protocol):
         """Summed loss (and metric sums) of the micro-batch."""
 
 
+class StepSource(Protocol):
+    """Makes each optimizer step's micro-batches itself, instead of the engine cutting them from data.
+
+    For loops whose data is produced by the model being trained (PPO: a rollout, then several
+    epochs of mini-batch updates on it). `batches(step, model)` is called at the start of
+    optimizer step `step` (0-based) with the prepared model; `step_metrics()` is called after the
+    step and its values are logged as they are (not divided by units). The engine keeps
+    everything else: accumulation, clipping, NaN checks, checkpoints, resume, metrics, progress.
+    """
+
+    total_steps: int
+
+    def batches(self, step: int, model: torch.nn.Module) -> list[Batch]:
+        """This process's micro-batches for optimizer step `step`."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Extra metrics of the step just taken (may be empty)."""
+
+
 class TrainerState:
     """What, beyond model/optimizer/schedule/RNG, a checkpoint must hold to resume exactly."""
 
@@ -70,7 +89,11 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     # Without an accelerator, accelerate only sets up gloo for a torchrun launch when told cpu=True.
     has_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_device)
+    return Accelerator(
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        cpu=not has_device,
+        gradient_accumulation_steps=config.grad_accum,
+    )
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -200,16 +223,20 @@ class Engine:
         train: Any,
         eval_data: Any | None,
         sink: MetricsSink | None,
+        source: StepSource | None = None,
     ) -> dict[str, Any]:
-        """Train `model` in place; returns the final metrics. `model` is not yet prepared."""
+        """Train `model` in place; returns the final metrics. `model` is not yet prepared.
+
+        With a `source`, it makes the micro-batches of every step and `train` is unused.
+        """
         c, acc = self.config, self.accelerator
-        steps_per_epoch = len(train) // self._global_batch()
-        if steps_per_epoch == 0:
+        steps_per_epoch = source.total_steps if source is not None else len(train) // self._global_batch()
+        if source is None and steps_per_epoch == 0:
             raise InputError(
                 f"{len(train)} training rows are fewer than one global batch ({self._global_batch()} = "
                 f"batch-size {c.batch_size} x grad-accum {c.grad_accum} x {acc.num_processes} processes); lower them"
             )
-        total = c.max_steps if c.max_steps else c.epochs * steps_per_epoch
+        total = source.total_steps if source is not None else (c.max_steps if c.max_steps else c.epochs * steps_per_epoch)
         optimizer = self._optimizer(model)
         warmup = warmup_steps_for(total, c.warmup_steps, c.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(c.scheduler, total, warmup))
@@ -231,22 +258,27 @@ class Engine:
             with _StopRequest() as stop:
                 while self.state.step < total:
                     t0 = time.time()
-                    micro = self._micro_batches(train, self.state.step, steps_per_epoch)
+                    if source is not None:
+                        micro = source.batches(self.state.step, model)
+                    else:
+                        micro = self._micro_batches(train, self.state.step, steps_per_epoch)
                     units = self._reduce({"w": sum(float(objective.weight(b)) for b in micro)})["w"]
                     sums: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
-                    for a, batch in enumerate(micro):
-                        sync = a == len(micro) - 1
-                        with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                    for batch in micro:
+                        # accumulate() skips the gradient all-reduce until the last micro-batch (DDP)
+                        # and tells DeepSpeed where the step boundary is; backward() divides by
+                        # grad_accum, which the factor below undoes: the step's loss is sum / units.
+                        with acc.accumulate(model), acc.autocast():
                             out = objective.loss(model, batch)
-                        acc.backward(out.loss * acc.num_processes / max(units, 1e-12))
+                            acc.backward(out.loss * acc.num_processes * c.grad_accum / max(units, 1e-12))
                         sums["loss"] += float(out.loss.detach())
                         sums["tokens"] += float(batch.get("num_tokens", batch["input_ids"].numel()))
                         for key, value in out.metrics.items():
                             sums[key] = sums.get(key, 0.0) + float(value)
                     grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
                     sums = self._reduce(sums)
-                    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                    if not math.isfinite(sums["loss"]) or not math.isfinite(grad_norm):
+                    grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed does not report it
+                    if not math.isfinite(sums["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
                         optimizer.zero_grad(set_to_none=True)
                         kept = checkpoints_in(self.run_dir)
                         where = f"; the last good checkpoint is {kept[-1]} (--resume)" if kept else ""
@@ -270,6 +302,8 @@ class Engine:
                         **{k: v / max(units, 1e-12) for k, v in sums.items() if k != "tokens"},
                         "step_time_s": elapsed,
                     }
+                    if source is not None:
+                        last.update(source.step_metrics())
                     if eval_data is not None and c.eval_every and self.state.step % c.eval_every == 0 and self.state.step < total:
                         last.update(self._evaluate(model, objective, eval_data))
                     if sink is not None:
