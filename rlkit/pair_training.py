@@ -30,6 +30,7 @@ class PairTrainConfig(TrainConfig):
         metavar="PAIRS...",
         default=[],
     )
+    batch_size: int = opt(8, "Pairs per device per micro-batch (each pair is two sequences, chosen and rejected).")
     padding_free: bool = opt(True, "Lay the chosen and rejected sequences of a micro-batch end to end in rows, with per-sequence position_ids (--no-padding-free: one padded row per sequence).")
     row_tokens: int = opt(0, "Width of a padding-free row in tokens (0: the longest sequence of the micro-batch; raise it with flash-attention, whose cost per row is linear).")
     dropout: bool = opt(False, "Keep dropout active in training (off by default: pairs are compared through their log-probs or scores, and dropout only adds noise to them).")

@@ -91,7 +91,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `rlkit ...` in a subprocess exactly as a user would."""
-    full_env = {**os.environ, **(env or {})}
+    # One thread per run: on 2 shared cores, 2 threads per subprocess oversubscribe badly.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "rlkit", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )

@@ -155,8 +155,12 @@ class Engine:
         batches = []
         for a in range(self.config.grad_accum):
             start = base + (a * world + rank) * bs
-            batches.append(self.collate(dataset.select(order[start : start + bs].tolist())))
+            batches.append(self._to_device(self.collate(dataset.select(order[start : start + bs].tolist()))))
         return batches
+
+    def _to_device(self, batch: Batch) -> Batch:
+        device = self.accelerator.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- the loop ---------------------------------------------------------------------
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -203,7 +207,7 @@ class Engine:
                 i = r * world + rank
                 real = i < len(starts)
                 start = starts[i] if real else 0
-                batch = self.collate(dataset.select(range(start, min(start + bs, len(dataset)))))
+                batch = self._to_device(self.collate(dataset.select(range(start, min(start + bs, len(dataset))))))
                 with self.accelerator.autocast():
                     out = objective.loss(model, batch)
                 if real:

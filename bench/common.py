@@ -1,0 +1,263 @@
+"""Shared helpers for rlkit's benchmarks (SFT now; DPO/KTO/PPO reuse them).
+
+A benchmark is an orchestrator that runs each configuration in its own child process, one
+after another, so that one run's memory never inflates another's peak and a crash costs one
+row. A child records, after every optimizer step, the wall clock, the process CPU time and the
+real (non-padding) tokens of the step (`StepClock`), and writes a JSON result; the orchestrator
+turns the results into a markdown table and writes it between markers in docs/benchmarks.md.
+
+Reference trainers (TRL) never enter rlkit's environment: `ensure_venv_with` builds a separate
+virtual environment that sees this interpreter's packages (torch, transformers, peft, ...)
+through a .pth bridge and installs only the extra package into it, without its dependencies,
+so it can never pull another torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import site
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def log(message: str) -> None:
+    """Progress for people: stderr, so stdout carries only the table."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---- measurement (in the child) ---------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (and of any children it waited for), in MiB."""
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return peak / scale
+
+
+@dataclass
+class StepClock:
+    """Per-step wall time, process CPU time and real tokens; the first `warmup` steps are left out.
+
+    Call `start()` when training starts (after the model is loaded) and `step(tokens, loss)`
+    after every optimizer step. CPU time is `time.process_time()`: all threads of the process,
+    user + system, which moves much less than wall time when other jobs share the cores.
+    """
+
+    warmup: int = 1
+    marks: list[tuple[float, float]] = field(default_factory=list)  # (wall, cpu) at start and after each step
+    tokens: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.marks = [(time.perf_counter(), time.process_time())]
+        self.tokens, self.losses = [], []
+
+    def step(self, tokens: int, loss: float | None = None) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+        self.tokens.append(int(tokens))
+        if loss is not None:
+            self.losses.append(float(loss))
+
+    def summary(self) -> dict[str, Any]:
+        """The measured steps (after warmup), each as wall s, CPU s and real tokens, plus losses."""
+        steps = len(self.tokens)
+        skip = min(self.warmup, max(steps - 1, 0))  # always keep at least one step
+        return {
+            "warmup_steps": skip,
+            "step_wall_s": [round(self.marks[i + 1][0] - self.marks[i][0], 5) for i in range(skip, steps)],
+            "step_cpu_s": [round(self.marks[i + 1][1] - self.marks[i][1], 5) for i in range(skip, steps)],
+            "step_tokens": self.tokens[skip:],
+            "final_loss": self.losses[-1] if self.losses else None,
+            "losses": [round(x, 5) for x in self.losses],
+        }
+
+
+def pool(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Table numbers from one or more runs of a configuration (their measured steps pooled).
+
+    tokens/s and CPU-s per 1k tokens are medians over the steps: a step that another job
+    slowed down moves a mean, hardly a median. The totals are kept too.
+    """
+    walls = [w for r in results for w in r["step_wall_s"]]
+    cpus = [c for r in results for c in r["step_cpu_s"]]
+    toks = [t for r in results for t in r["step_tokens"]]
+    if not toks:
+        return {"steps_measured": 0}
+    wall, cpu, total = sum(walls), sum(cpus), sum(toks)
+    return {
+        "runs": len(results),
+        "steps_measured": len(toks),
+        "tokens_measured": total,
+        "tokens_per_step": total / len(toks),
+        "tokens_per_s": statistics.median(t / max(w, 1e-9) for t, w in zip(toks, walls)),
+        "cpu_s_per_1k_tokens": statistics.median(1000 * c / max(t, 1) for t, c in zip(toks, cpus)),
+        "mean_tokens_per_s": total / max(wall, 1e-9),
+        "mean_cpu_s_per_1k_tokens": 1000 * cpu / max(total, 1),
+        "cpu_utilisation": cpu / max(wall, 1e-9),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+        "final_loss": results[0].get("final_loss"),
+    }
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    result = {**result, "peak_rss_mib": peak_rss_mib()}
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ---- running children (in the orchestrator) ---------------------------------------------
+
+
+def run_child(cmd: Sequence[str], result_path: Path, env: dict[str, str] | None = None, timeout: float | None = None, log_path: Path | None = None) -> dict[str, Any]:
+    """Run one configuration in its own process; its JSON result, or {'error': ...}."""
+    result_path.unlink(missing_ok=True)
+    started = time.time()
+    full_env = {**os.environ, **(env or {})}
+    with open(log_path or os.devnull, "w") as out:
+        try:
+            proc = subprocess.run(list(cmd), env=full_env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    elapsed = time.time() - started
+    if code == 0 and result_path.is_file():
+        result = json.loads(result_path.read_text())
+        result["process_wall_s"] = elapsed
+        return result
+    tail = ""
+    if log_path and log_path.is_file():
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        tail = lines[-1][:300] if lines else ""
+    return {"error": f"exit {code}" + (f": {tail}" if tail else ""), "process_wall_s": elapsed}
+
+
+def versions(packages: Sequence[str], python: str | None = None) -> dict[str, str]:
+    """Installed versions of `packages`, as seen by `python` (default: this interpreter)."""
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        "for p in sys.argv[1:]:\n"
+        "    try: out[p] = m.version(p)\n"
+        "    except m.PackageNotFoundError: out[p] = None\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        done = subprocess.run([python or sys.executable, "-c", code, *packages], capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return {}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        threads, gpu = None, None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "torch_threads": threads,
+        "gpu": gpu,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---- a separate environment for reference trainers --------------------------------------
+
+
+def ensure_venv_with(venv: Path, requirement: str, module: str, check: str = "") -> tuple[str | None, str]:
+    """A python that can import `module`, without touching this environment.
+
+    Reuses `venv` when it already imports `module`. Otherwise creates it, bridges this
+    interpreter's site-packages into it (a .pth file processed by `site.addsitedir`, so this
+    environment's editable installs and .pth files work there too), and installs
+    `requirement` with --no-deps: its dependencies must already be here (torch, transformers,
+    ...), so the reference trainer runs on exactly the same torch/transformers as rlkit.
+    Returns (python path or None, message).
+    """
+    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    probe = f"import {module}{'; ' + check if check else ''}"
+
+    def works() -> tuple[bool, str]:
+        if not py.exists():
+            return False, f"{py} does not exist"
+        done = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
+        lines = (done.stderr or "").strip().splitlines()
+        return done.returncode == 0, (lines[-1] if lines else "")
+
+    ok, why = works()
+    if ok:
+        return str(py), f"using {venv}"
+    log(f"setting up {venv} for {requirement} (a separate environment that shares this one's packages)")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True).stdout.strip()
+        here = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+        bridge = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in here) + "\n"
+        Path(purelib, "_rlkit_bench_bridge.pth").write_text(bridge)
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", requirement], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as err:
+        detail = (err.stderr or "").strip().splitlines()
+        return None, f"could not install {requirement} into {venv}: {detail[-1] if detail else err}"
+    ok, why = works()
+    return (str(py), f"installed {requirement} into {venv}") if ok else (None, f"{requirement} installed into {venv} but `{probe}` fails: {why}")
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def replace_block(path: Path, name: str, content: str) -> None:
+    """Put `content` between `<!-- bench:NAME:begin -->` and `<!-- bench:NAME:end -->` in `path`,
+    appending the block when the markers are missing; the rest of the page is kept."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    block = f"{begin}\n{content.rstrip()}\n{end}"
+    text = path.read_text() if path.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.write_text(text)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

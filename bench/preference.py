@@ -1,0 +1,237 @@
+"""DPO and reward-model throughput and memory: rlkit (defaults and toggles) against TRL.
+
+    python bench/preference.py [--sizes tiny,small] [--epochs 1] [--repeats 2] [--doc docs/dpo.md]
+    python bench/preference.py --sizes medium --tasks dpo --max-steps 8 --repeats 1 --block preference-memory
+
+Every configuration trains the same model (full fine-tuning, fp32, CPU unless a GPU is there)
+on the same pairs (the demo's pairs.jsonl, chatml), with the same batch and max length, in
+its own child process (`bench/common.py`). rlkit runs with its defaults (padding-free rows,
+precomputed reference log-probs), then with each toggled, so the gain of each shows; TRL's
+DPOTrainer and RewardTrainer run with their defaults (padded batches, a reference model copy
+consulted every step) in a separate environment that shares this one's torch/transformers.
+
+Columns: tokens/s is real (non-padding) prompt+completion tokens of both sides per second of
+training steps (first step left out); end-to-end is the child's wall time from before data
+preparation to the trained model (tokenising, reference pass, training, and for rlkit saving);
+peak RSS is the child's. Each configuration runs `--repeats` times, interleaved, and the best
+tokens/s is kept: on a shared CPU the slowest runs measure the neighbours, not the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, ensure_venv_with, log, machine_info, markdown_table, replace_block, run_child, versions, write_result  # noqa: E402
+
+DATA = REPO / "rlkit" / "demo" / "data" / "pairs.jsonl"
+SIZES = {"tiny": (64, 2), "small": (256, 4), "medium": (512, 8)}  # hidden, layers (vocab 600: the test tokenizer)
+BATCH, MAX_LENGTH, LR = 8, 256, 1e-4
+RLKIT_DPO = {
+    "rlkit (defaults)": [],
+    "rlkit --no-padding-free": ["--no-padding-free"],
+    "rlkit --no-precompute-ref": ["--no-precompute-ref"],
+    "rlkit, both off": ["--no-padding-free", "--no-precompute-ref"],
+}
+RLKIT_RM = {"rlkit (defaults)": [], "rlkit --no-padding-free": ["--no-padding-free"]}
+
+
+def make_model(directory: Path, size: str) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_model, build_tokenizer
+
+    if not (directory / "config.json").is_file():
+        tokenizer = build_tokenizer()
+        hidden, layers = SIZES[size]
+        build_model(len(tokenizer), hidden=hidden, layers=layers).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def epoch_tokens(model: Path) -> tuple[int, int]:
+    """(real tokens of one pass over the pairs, pairs): the numerator for every trainer."""
+    from transformers import AutoTokenizer
+
+    from rlkit.data.pairs import tokenize_pairs
+    from rlkit.data.templates import resolve_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    records = [json.loads(line) for line in DATA.read_text().splitlines()]
+    _, stats = tokenize_pairs(records, tokenizer, resolve_template(None, tokenizer), MAX_LENGTH)
+    return stats.tokens, stats.pairs
+
+
+# ---- children -----------------------------------------------------------------------------
+
+
+def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
+    from rlkit.console import quiet_libraries
+
+    quiet_libraries()
+    out = Path(tempfile.mkdtemp()) / "out"
+    common = dict(model=args.model, data=[str(DATA)], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
+                  epochs=args.epochs, max_steps=args.max_steps or None, precision="fp32", log_every=10_000)
+    flags = json.loads(args.flags)
+    toggles = {"padding_free": "--no-padding-free" not in flags}
+    started = time.perf_counter()
+    if args.task == "dpo":
+        from rlkit.dpo import DPOConfig, run_dpo
+
+        run_dpo(DPOConfig(**common, **toggles, precompute_ref="--no-precompute-ref" not in flags))
+    else:
+        from rlkit.reward_model import RewardModelConfig, run_train_rm
+
+        run_train_rm(RewardModelConfig(**common, **toggles))
+    total = time.perf_counter() - started
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "step_time_s" in s]
+    return {"step_walls": [s["step_time_s"] for s in steps], "end_to_end_s": total}
+
+
+def child_trl(args: argparse.Namespace) -> dict[str, Any]:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    records = [json.loads(line) for line in DATA.read_text().splitlines()]
+    conversational = [
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        for r in records
+    ]
+    dataset = datasets.Dataset.from_list(conversational)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    walls: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            walls.append(time.perf_counter() - self.t0)
+
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, learning_rate=LR, num_train_epochs=args.epochs,
+                  max_length=MAX_LENGTH, report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True, bf16=False,
+                  max_steps=args.max_steps or -1)
+    started = time.perf_counter()
+    if args.task == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1), train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    return {"step_walls": walls, "end_to_end_s": time.perf_counter() - started}
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401  (imported before any clock starts)
+
+    torch.manual_seed(0)
+    result = child_rlkit(args) if args.trainer == "rlkit" else child_trl(args)
+    write_result(args.result, result)
+
+
+# ---- orchestrator -------------------------------------------------------------------------
+
+
+def summarise(result: dict[str, Any], tokens: int, pairs: int, epochs: int) -> dict[str, Any]:
+    walls = result["step_walls"]
+    measured = walls[1:] if len(walls) > 1 else walls
+    per_step = tokens / pairs * BATCH  # the mean real tokens of a step of BATCH pairs
+    return {
+        "tokens_per_s": per_step * len(measured) / max(sum(measured), 1e-9),
+        "end_to_end_s": result["end_to_end_s"],
+        "peak_rss_mib": result["peak_rss_mib"],
+        "steps": len(walls),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", default="run", choices=("run", "child"))
+    parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: --epochs)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tasks", default="dpo,rm")
+    parser.add_argument("--threads", default="1", help="OMP/torch threads per child (1: stable on a shared CPU)")
+    parser.add_argument("--doc", default=str(REPO / "docs" / "dpo.md"))
+    parser.add_argument("--block", default="preference", help="name of the marked block of --doc to replace")
+    parser.add_argument("--no-trl", action="store_true")
+    # child-only
+    parser.add_argument("--trainer"), parser.add_argument("--task"), parser.add_argument("--model"), parser.add_argument("--result"), parser.add_argument("--flags", default="[]")
+    args = parser.parse_args()
+    if args.mode == "child":
+        return child(args)
+
+    work = REPO / "build" / "bench-preference"
+    work.mkdir(parents=True, exist_ok=True)
+    trl_python = None
+    if not args.no_trl:
+        trl_python, message = ensure_venv_with(REPO / "build" / "bench-venv-trl", "trl==1.16.0", "trl")
+        log(message)
+    env = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads, "RLKIT_CACHE_DIR": str(work / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    tables = []
+    for task in args.tasks.split(","):
+        rows = []
+        for size in args.sizes.split(","):
+            model = make_model(work / f"model-{size}", size)
+            tokens, pairs = epoch_tokens(model)
+            configs = [("rlkit", name, flags) for name, flags in (RLKIT_DPO if task == "dpo" else RLKIT_RM).items()]
+            if trl_python:
+                configs.append(("trl", f"TRL {'DPOTrainer' if task == 'dpo' else 'RewardTrainer'} (defaults)", []))
+            results: dict[str, Any] = {}
+            for trainer, name, flags in [c for _ in range(args.repeats) for c in configs]:
+                python = sys.executable if trainer == "rlkit" else trl_python
+                # a fresh cache per rlkit run: the reference pass and tokenising are part of what is timed
+                run_env = {**env, "RLKIT_CACHE_DIR": str(work / "cache" / f"{task}-{size}-{len(results)}-{time.time_ns()}")}
+                cmd = [python, __file__, "child", "--trainer", trainer, "--task", task, "--model", str(model), "--result", str(work / "result.json"),
+                       "--flags", json.dumps(flags), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps)]
+                log(f"{task} {size}: {name}")
+                result = run_child(cmd, work / "result.json", env=run_env, log_path=work / "child.log")
+                summary = result if "error" in result else summarise(result, tokens, pairs, args.epochs)
+                log(f"  -> {summary}")
+                if name not in results or results[name].get("tokens_per_s", -1) < summary.get("tokens_per_s", 0):
+                    results[name] = summary
+            base = results.get(f"TRL {'DPOTrainer' if task == 'dpo' else 'RewardTrainer'} (defaults)", {})
+            for name, r in results.items():
+                if "error" in r:
+                    rows.append([size, name, r["error"], "", "", "", ""])
+                    continue
+                speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base.get("tokens_per_s") else "-"
+                memory = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base.get("peak_rss_mib") else "-"
+                rows.append([size, name, f"{r['tokens_per_s']:,.0f}", speed, f"{r['end_to_end_s']:.1f}", f"{r['peak_rss_mib']:,.0f}", memory])
+        title = "DPO (full fine-tuning)" if task == "dpo" else "Reward model (full fine-tuning)"
+        table = markdown_table(["model", "configuration", "tokens/s", "vs TRL", "end-to-end s", "peak RSS MiB", "RSS vs TRL"], rows)
+        tables.append(f"### {title}\n\n{table}")
+        print(f"{title}\n{table}\n")
+    info = machine_info()
+    vers = versions(["torch", "transformers", "peft"]) | ({"trl": versions(["trl"], trl_python).get("trl")} if trl_python else {})
+    header = (
+        f"Measured by `python bench/preference.py` on {info['cpu']} ({info['cores']} cores, {args.threads} thread(s) per run, "
+        f"load average {', '.join(f'{x:.1f}' for x in info['load_average'] or [])}); "
+        + ", ".join(f"{k} {v}" for k, v in vers.items())
+        + f". Demo pairs (300, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, "
+        + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epoch(s)")
+        + f", best of {args.repeats}, fp32, models: "
+        + ", ".join(f"{s} = Llama hidden {SIZES[s][0]} x {SIZES[s][1]} layers" for s in args.sizes.split(","))
+        + "."
+    )
+    replace_block(Path(args.doc), args.block, header + "\n\n" + "\n\n".join(tables))
+    log(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
