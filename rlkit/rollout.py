@@ -34,24 +34,51 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+@dataclass
+class Rollout:
+    """One sample: the prompt's ids, the generated ids (through the first EOS, if any), the text."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+
+
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Messages], sampling: SamplingConfig) -> list[str]:
-    """One completion per conversation, in order."""
+def generate_rollouts(
+    model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Messages], sampling: SamplingConfig, n: int = 1, seed: int | None = None
+) -> list[Rollout]:
+    """`n` samples per conversation (conversation-major order), with the token ids `eval` scores.
+
+    With `seed`, sampling restarts from that seed before each batch, so the same inputs and
+    batch size give the same samples whatever ran before. The EOS a sample ends with is kept
+    in `completion_ids` (it is a generated token) but not in `text`.
+    """
     model.eval()
     device = next(model.parameters()).device
-    completions: list[str] = []
-    for start in range(0, len(conversations), sampling.batch_size):
-        chunk = conversations[start : start + sampling.batch_size]
-        ids, mask = left_pad([encode_prompt(tokenizer, template, c) for c in chunk], tokenizer.pad_token_id)
+    expanded = [c for c in conversations for _ in range(n)]
+    rollouts: list[Rollout] = []
+    for start in range(0, len(expanded), sampling.batch_size):
+        chunk = expanded[start : start + sampling.batch_size]
+        prompts = [encode_prompt(tokenizer, template, c) for c in chunk]
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         sample = sampling.temperature > 0
+        if seed is not None:
+            torch.manual_seed(seed + start)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sampling.max_new_tokens,
             do_sample=sample, temperature=sampling.temperature if sample else None, top_p=sampling.top_p if sample else None,
             top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        for row in out[:, ids.shape[1]:]:
+        for prompt, row in zip(prompts, out[:, ids.shape[1]:]):
             tokens = row.tolist()
+            text_tokens = tokens
             if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-            completions.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return completions
+                end = tokens.index(tokenizer.eos_token_id)
+                tokens, text_tokens = tokens[: end + 1], tokens[:end]
+            rollouts.append(Rollout(prompt, tokens, tokenizer.decode(text_tokens, skip_special_tokens=True).strip()))
+    return rollouts
+
+
+def generate(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Messages], sampling: SamplingConfig) -> list[str]:
+    """One completion per conversation, in order."""
+    return [r.text for r in generate_rollouts(model, tokenizer, template, conversations, sampling)]

@@ -1,0 +1,10 @@
+"""`rlkit chat MODEL` (terminal) / `rlkit chat MODEL < prompts > out.jsonl` (piped)."""
+
+from rlkit.chat import ChatConfig, run_chat
+from rlkit.config import command_from_config
+
+HELP = """Chat with a model (full dir, adapter dir or .gguf) using its chat template.
+
+On a terminal: streamed multi-turn chat with /reset, /system TEXT, /save FILE, /exit. Piped: one prompt per line (text, or JSON with prompt/messages) in, one JSON line per completion out (greedy unless --temperature)."""
+
+command = command_from_config(ChatConfig, run_chat, HELP)

@@ -1,0 +1,55 @@
+"""Reading eval inputs into the shapes the questions need: pairs, prompts, completions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rlkit.data.formats import Messages, _as_messages
+from rlkit.data.load import load_records
+from rlkit.errors import InputError
+
+
+def read_records(path: str, columns: str | None, limit: int) -> list[dict[str, Any]]:
+    records = load_records([path], columns)
+    rows = [dict(r) for r in (records.select(range(min(limit, len(records)))) if limit else records)]
+    return rows
+
+
+def prompt_messages(record: dict[str, Any], where: str) -> Messages:
+    """The conversation to answer: `prompt` (string or messages), or `messages` without trailing replies."""
+    if record.get("prompt") is not None:
+        return _as_messages(record["prompt"], "user", where)
+    if record.get("messages") is not None:
+        messages = _as_messages(record["messages"], "user", where)
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if messages:
+            return messages
+    raise InputError(f"{where}: needs a 'prompt' (string or messages) or a 'messages' column ending in a user turn")
+
+
+def read_prompts(path: str, columns: str | None, limit: int) -> tuple[list[Any], list[Messages]]:
+    """(prompts as given, their conversations)."""
+    records = read_records(path, columns, limit)
+    given = [r.get("prompt") if r.get("prompt") is not None else r.get("messages") for r in records]
+    return given, [prompt_messages(r, f"{path} record {i + 1}") for i, r in enumerate(records)]
+
+
+def read_completions(path: str, columns: str | None, limit: int) -> tuple[list[Any], list[Messages], list[str]]:
+    """(prompts as given, their conversations, completions) of a prompt/completion file."""
+    records = read_records(path, columns, limit)
+    if records and "completion" not in records[0]:
+        raise InputError(f"{path}: no 'completion' column (found: {', '.join(records[0])}); expected `rlkit chat` output or prompt/completion JSONL")
+    given, prompts, completions = [], [], []
+    for i, record in enumerate(records):
+        where = f"{path} record {i + 1}"
+        completion = record.get("completion")
+        if isinstance(completion, list):  # a message list: the reply text
+            completion = "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+        if not isinstance(completion, str):
+            raise InputError(f"{where}: 'completion' must be a string, got {json.dumps(completion)[:40]}")
+        given.append(record.get("prompt") if record.get("prompt") is not None else record.get("messages"))
+        prompts.append(prompt_messages(record, where))
+        completions.append(completion)
+    return given, prompts, completions

@@ -1,0 +1,56 @@
+"""Generation quality: sample from a policy, score, and compare with a reference and a baseline.
+
+- score: the reward of each completion (mean and median);
+- length: generated tokens per completion (EOS included when the model produced it);
+- KL: the sequence-level KL estimate of PPO papers, mean over samples of
+  Σ_t [log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)] over the generated tokens, with both
+  log-probs at temperature 1. It is an unbiased estimate of KL(π || π_ref) only when the
+  samples come from π itself, i.e. with --temperature 1 and --top-p 1; greedy decoding
+  gives a "KL on the greedy completion", still useful to compare runs made the same way.
+- win rate: the baseline generates on the same prompts with the same settings; a win is a
+  higher score, a tie counts 1/2.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import torch
+
+from rlkit.data.collate import collate_rows
+from rlkit.data.tokenize import IGNORE
+from rlkit.rollout import Rollout
+from rlkit.training.logprobs import label_logprobs
+
+
+def score_summary(scores: list[float]) -> dict[str, float]:
+    return {"score_mean": statistics.fmean(scores), "score_median": float(statistics.median(scores)), "score_std": statistics.pstdev(scores)}
+
+
+def win_rate(policy: list[float], baseline: list[float]) -> float:
+    """Fraction of prompts where the policy's score beats the baseline's; ties count 1/2."""
+    wins = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy, baseline, strict=True)]
+    return statistics.fmean(wins)
+
+
+@torch.no_grad()
+def completion_logps(model: Any, rollouts: list[Rollout], pad_id: int, batch_size: int, context: Callable[[], Any]) -> list[float]:
+    """log π(completion | prompt) summed over each rollout's generated tokens."""
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    with context():
+        for start in range(0, len(rollouts), batch_size):
+            rows = []
+            for r in rollouts[start : start + batch_size]:
+                ids = r.prompt_ids + r.completion_ids
+                rows.append({"input_ids": ids, "labels": [IGNORE] * len(r.prompt_ids) + r.completion_ids, "position_ids": list(range(len(ids)))})
+            batch = collate_rows(rows, pad_id)
+            logps, _ = label_logprobs(model, batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device))
+            sums += logps.double().sum(dim=1).cpu().tolist()
+    return sums
+
+
+def kl_summary(per_sample: list[float]) -> dict[str, float]:
+    """Mean and median of the per-sample sums of log π − log π_ref."""
+    return {"kl_mean": statistics.fmean(per_sample), "kl_median": float(statistics.median(per_sample))}

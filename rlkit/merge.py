@@ -1,0 +1,159 @@
+"""`merge-lora`: fold a LoRA adapter into its base and write a plain transformers dir.
+
+Why verify: a merge that silently changes the model (a wrong base, a dtype that loses the
+small LoRA update, a head left out of `modules_to_save`) is only found much later, by a
+worse eval. So the adapter model and the merged model both score one probe input, and the
+merge is refused (exit 1, nothing written) when their logits differ by more than the
+tolerance, measured relative to the largest logit: max|Δ| <= tol x max(1, max|logit|).
+
+A quantized (bitsandbytes) base cannot take a merged update without rounding it away, so it
+is refused unless `--dequantize`, which dequantizes the base to --dtype first. A `.gguf` base
+is dequantized on load anyway (rlkit.models.load).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rlkit.config import arg, config_to_dict, opt
+from rlkit.console import info
+from rlkit.errors import InputError, RunError
+from rlkit.models.inference import DTYPES, adapter_config, adapter_score_labels
+from rlkit.models.load import ModelSource, load_tokenizer, resolve_source, strip_gguf_marker
+from rlkit.output import check_output, finalize, open_run_dir, write_config, write_model_card
+
+TASKS = {"CAUSAL_LM": "causal LM", "SEQ_CLS": "sequence classifier (reward model)"}
+# Default tolerance per dtype: fp32 merges are exact up to summation order; half precision
+# rounds W + BA to 8 (bf16) or 11 (fp16) mantissa bits.
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+PROBE = "The quick brown fox jumps over the lazy dog. Question: What is 2 + 2? Answer: 4."
+
+
+@dataclass
+class MergeConfig:
+    adapter: Optional[str] = arg("LoRA adapter dir (causal LM or reward model), e.g. `rlkit sft --lora` output.", metavar="ADAPTER")
+    output: Optional[str] = opt(None, "Output directory for the merged model (written under OUT.partial, renamed when complete).", flags=("-o", "--output"))
+    base: Optional[str] = opt(None, "Base model (HF dir, hub name or .gguf). Default: the base named in the adapter's adapter_config.json.")
+    dtype: str = opt("float32", "Dtype of the merged weights (the merge itself runs in it).", choices=tuple(DTYPES))
+    dequantize: bool = opt(False, "Allow a quantized (bitsandbytes) base: dequantize it to --dtype before merging (refused otherwise).")
+    tolerance: float = opt(0.0, "Largest allowed logit difference between adapter and merged model on the probe, as a fraction of max(1, largest absolute logit) (0: 1e-4 for float32, 1e-2 float16, 5e-2 bfloat16).")
+    overwrite: bool = opt(False, "Replace an existing output directory instead of refusing.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+
+
+def _check_adapter(adapter: str) -> dict[str, Any]:
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise InputError(f"{adapter}: not a LoRA adapter dir (no adapter_config.json); merge-lora takes `rlkit sft/dpo --lora` output")
+    config = adapter_config(adapter)
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise InputError(f"{adapter}: a {config.get('peft_type')} adapter; merge-lora merges LoRA adapters only")
+    task = config.get("task_type") or "CAUSAL_LM"
+    if task not in TASKS:
+        raise InputError(f"{adapter}: task_type {task!r} is not supported (causal LM or SEQ_CLS reward model)")
+    return config
+
+
+def _quantization(source: ModelSource) -> str | None:
+    """The quantization method named in the base's config.json (None for a plain or GGUF base)."""
+    config = Path(source.path) / "config.json"
+    if source.gguf_file or not config.is_file():
+        return None
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") or ("bitsandbytes" if quant else None)
+
+
+def _load_base(source: ModelSource, task: str, adapter: str, dtype: torch.dtype, pad_id: int | None, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **source.kwargs()}
+    try:
+        if task == "SEQ_CLS":
+            model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=adapter_score_labels(adapter), pad_token_id=pad_id, **kwargs)
+            model.config.pad_token_id = pad_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{source.name}: cannot load the base model ({str(err).splitlines()[0]})")
+    strip_gguf_marker(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model = model.dequantize()
+    return model
+
+
+@torch.no_grad()
+def _probe_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+def _lineage(adapter: str, base: str) -> tuple[str, dict[str, Any]]:
+    """Model-card section naming base and adapter, with the adapter's own card and metrics."""
+    section = f"## Lineage\n\n- **Base model:** `{base}`\n- **Adapter:** `{adapter}` (merged)\n\n"
+    metrics: dict[str, Any] = {}
+    metrics_file = Path(adapter) / "final_metrics.json"
+    if metrics_file.is_file():
+        try:
+            metrics = {f"adapter/{k}": v for k, v in json.loads(metrics_file.read_text()).items()}
+        except json.JSONDecodeError:
+            metrics = {}
+    card = Path(adapter) / "README.md"
+    if card.is_file() and "rlkit" in card.read_text():  # peft's empty template card says nothing
+        text = card.read_text()
+        if text.startswith("---"):  # drop the adapter's YAML front matter; this card has its own
+            text = text.split("---", 2)[-1]
+        body = "\n".join(("#" + line if line.startswith("#") else line) for line in text.strip().splitlines())
+        section += "### The adapter's model card\n\n" + body + "\n\n"
+    return section, metrics
+
+
+def run_merge(config: MergeConfig) -> Path:
+    """Load base + adapter, merge, verify on a probe, then write OUT (complete, or not at all)."""
+    if not config.adapter:
+        raise InputError("missing argument ADAPTER")
+    adapter_cfg = _check_adapter(config.adapter)
+    output = check_output(config.output, config.overwrite, resume=False)
+    task = adapter_cfg.get("task_type") or "CAUSAL_LM"
+    base_name = config.base or adapter_cfg.get("base_model_name_or_path")
+    if not base_name:
+        raise InputError(f"{config.adapter}: adapter_config.json names no base model; pass --base MODEL")
+    source = resolve_source(base_name)
+    if source.adapter_dir:
+        raise InputError(f"--base {base_name}: is itself an adapter dir; merge it first, then pass the merged dir as --base")
+    quant = _quantization(source)
+    if quant and not config.dequantize:
+        raise InputError(f"{base_name} is quantized ({quant}); merging into it would round the LoRA update away; pass --dequantize to merge into a {config.dtype} copy")
+    dtype = DTYPES[config.dtype]
+    tokenizer = load_tokenizer(ModelSource(source.name, source.path, source.gguf_file, adapter_dir=config.adapter), config.trust_remote_code)
+    info(f"merge: {config.adapter} ({TASKS[task]}) into {base_name}, {config.dtype}")
+
+    from peft import PeftModel
+
+    base = _load_base(source, task, config.adapter, dtype, tokenizer.pad_token_id, config.trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(base, config.adapter, is_trainable=False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"{config.adapter}: does not fit base {base_name} ({str(err).splitlines()[0]}); pass the right --base")
+    model.eval()
+    ids = torch.tensor([tokenizer(PROBE).input_ids])
+    before = _probe_logits(model, ids)
+    merged = model.merge_and_unload()
+    after = _probe_logits(merged, ids)
+    diff = float((before - after).abs().max())
+    scale = max(1.0, float(before.abs().max()))
+    tolerance = config.tolerance or DEFAULT_TOLERANCE[config.dtype]
+    info(f"merge check: max |Δlogit| = {diff:.3g} on a {ids.shape[1]}-token probe (tolerance {tolerance:g} x {scale:.3g} = {tolerance * scale:.3g})")
+    if not diff <= tolerance * scale:
+        raise RunError(f"merged logits differ from the adapter model's by {diff:.3g} > {tolerance * scale:.3g}; nothing written (try --dtype float32)")
+
+    run_dir = open_run_dir(output, resume=False)
+    merged.save_pretrained(str(run_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(run_dir))
+    write_config(run_dir, "merge-lora", config_to_dict(config))
+    section, adapter_metrics = _lineage(config.adapter, base_name)
+    metrics = {"merge/max_abs_logit_diff": diff, "merge/tolerance": tolerance * scale, **adapter_metrics}
+    write_model_card(run_dir, command="merge-lora", base_model=base_name, data=[config.adapter], metrics=metrics, extra=section)
+    return finalize(run_dir, output)

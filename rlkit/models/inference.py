@@ -1,0 +1,90 @@
+"""Models loaded to be used, not trained: chat, eval and merge-lora share this.
+
+Training loads a policy in float32 on CPU and lets accelerate place it; inference wants it on
+the fastest device, in eval mode, with no gradients, and needs to know what kind of model a
+directory holds (a causal LM or a one-score sequence classifier) before loading it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlkit.errors import InputError
+from rlkit.models.load import ModelSource, load_causal_lm, strip_gguf_marker
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def inference_dtype(name: str = "auto") -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it, float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def adapter_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read the adapter config ({err})")
+
+
+def is_reward_model(source: ModelSource) -> bool:
+    """True for a sequence-classification dir (or a SEQ_CLS adapter), which scores instead of generating."""
+    if source.adapter_dir:
+        return adapter_config(source.adapter_dir).get("task_type") == "SEQ_CLS"
+    config = Path(source.path) / "config.json"
+    if source.gguf_file or not config.is_file():
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_causal_lm_for_inference(source: ModelSource, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    model = load_causal_lm(source, dtype or inference_dtype())
+    return model.to(inference_device()).eval().requires_grad_(False)
+
+
+def adapter_score_labels(adapter_dir: str) -> int:
+    """How many scores the adapter's saved head gives (its `score` weight's rows); 1 when unknown."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return 1
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            if key.endswith("score.weight") or key.endswith("score.modules_to_save.weight"):
+                return int(handle.get_slice(key).get_shape()[0])
+    return 1
+
+
+def load_sequence_classifier(source: ModelSource, pad_token_id: int | None, dtype: torch.dtype, *, trainable_adapter: bool = False) -> torch.nn.Module:
+    """A reward model dir (or a SEQ_CLS adapter on its base), with the pad id its head needs."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "pad_token_id": pad_token_id}
+    if source.adapter_dir:
+        kwargs["num_labels"] = adapter_score_labels(source.adapter_dir)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs, **source.kwargs())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{source.name}: cannot load it as a sequence classifier ({str(err).splitlines()[0]})")
+    strip_gguf_marker(model)
+    model.config.pad_token_id = pad_token_id
+    if source.adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=trainable_adapter)
+    return model
