@@ -64,7 +64,11 @@ class TrainingRun:
         eval_data: Any,
         collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
         default_lr: float,
+        step_source: Any = None,
+        engine_config: TrainConfig | None = None,
     ) -> dict[str, Any]:
+        """`step_source`: an engine `StepSource` that makes each step's batches (then `train` is unused);
+        `engine_config`: the config the engine runs with when its steps are not the command's (PPO)."""
         acc = self.accelerator
         if acc.is_main_process:
             self.run_dir = open_run_dir(self.output, self.config.resume)
@@ -72,9 +76,9 @@ class TrainingRun:
         acc.wait_for_everyone()
         self.run_dir = Path(str(self.output) + ".partial")
         sink = MetricsSink(self.run_dir / METRICS_FILE, self.config.report_to, self.output.name, config_to_dict(self.config)) if acc.is_main_process else None
-        engine = Engine(self.config, acc, self.run_dir, collate, default_lr)
+        engine = Engine(engine_config or self.config, acc, self.run_dir, collate, default_lr)
         try:
-            metrics = engine.fit(model, objective, train, eval_data, sink)
+            metrics = engine.fit(model, objective, train, eval_data, sink, step_source)
         finally:
             if sink is not None:
                 sink.close()

@@ -1,0 +1,177 @@
+"""Rewards for sampled completions: a reward-model dir, or a Python function.
+
+`load_reward(spec, ...)` turns what the user passed to `--reward` into a `Reward`:
+
+- a `train-rm` output dir (or any sequence-classification model with one label, full or a
+  LoRA adapter with task_type SEQ_CLS): the conversation is rendered with the reward
+  model's OWN tokenizer and template (its saved chat template, else the policy's template),
+  tokenised exactly as `train-rm` tokenised pairs (prompt segment, then the completion's
+  segments with EOS, one leading BOS when the tokenizer wants one), and scored at the last
+  token. Re-rendering text rather than reusing the policy's token ids is what keeps the score
+  right when the two tokenizers or templates differ, and is identical when they do not.
+- `module:function`: a function `(prompts, completions) -> list[float]` for rule-based or
+  verifiable rewards (e.g. `rlkit.demo.task:reward`). Prompts are given as the plain text of the
+  user's prompt (the message content for a single-message prompt, else the rendered prompt).
+
+Both take `(conversations, completions)`: the prompt messages and the completion strings,
+and return a float tensor of scores [B]. Reusable by `eval`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from rlkit.data.formats import Messages
+from rlkit.data.pairs import completion_segments
+from rlkit.data.templates import ChatTemplate, prompt_text, resolve_template
+from rlkit.data.tokenize import IGNORE, finish_ids, wants_bos
+from rlkit.errors import InputError, RunError
+
+
+class Reward(Protocol):
+    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
+        """Scores [B] (float32, on CPU)."""
+
+
+def plain_prompt(tokenizer: Any, template: ChatTemplate | None, messages: Messages) -> str:
+    """The text a rule-based reward sees for a prompt."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    if template is None:
+        return "\n\n".join(m["content"] for m in messages)
+    return prompt_text(tokenizer, template, messages)
+
+
+class FunctionReward:
+    """`module:function` with the signature (prompts, completions) -> list[float]."""
+
+    def __init__(self, spec: str, prompt_renderer: Callable[[Messages], str]):
+        module_name, _, name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise InputError(f"--reward {spec}: cannot import {module_name!r} ({err})")
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            raise InputError(f"--reward {spec}: {module_name} has no function {name!r}")
+        self.spec, self.fn, self.render = spec, fn, prompt_renderer
+
+    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
+        prompts = [self.render(c) for c in conversations]
+        try:
+            scores = list(self.fn(prompts, completions))
+        except Exception as err:  # the user's code: report it as a run failure, not a traceback
+            raise RunError(f"--reward {self.spec} failed: {type(err).__name__}: {err}")
+        if len(scores) != len(completions):
+            raise RunError(f"--reward {self.spec} returned {len(scores)} scores for {len(completions)} completions")
+        return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+
+
+class ModelReward:
+    """A one-score sequence classifier, scoring text rendered with its own tokenizer and template."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, template: ChatTemplate, batch_size: int = 16, max_length: int = 4096):
+        self.model, self.tokenizer, self.template = model.eval().requires_grad_(False), tokenizer, template
+        self.batch_size, self.max_length = batch_size, max_length
+        self.bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
+
+    def encode(self, messages: Messages, completion: str) -> list[int]:
+        """Token ids exactly as `train-rm` built them for a (prompt, completion) pair."""
+        tok = self.tokenizer
+        segments = [(prompt_text(tok, self.template, messages), False)]
+        segments += completion_segments(tok, self.template, messages, [{"role": "assistant", "content": completion}], "reward")
+        pieces = tok([text for text, _ in segments], add_special_tokens=False).input_ids
+        prompt_ids, _ = finish_ids(list(pieces[0]), [IGNORE] * len(pieces[0]), self.bos_id)
+        ids = prompt_ids + [i for piece in pieces[1:] for i in piece]
+        return ids[-self.max_length:]
+
+    @torch.no_grad()
+    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        scores = []
+        rows = [self.encode(m, c) for m, c in zip(conversations, completions)]
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(chunk):  # right padding; the score is read at each row's last real token
+                ids[i, : len(row)], mask[i, : len(row)] = torch.as_tensor(row), 1
+            ids, mask = ids.to(device), mask.to(device)
+            hf = _hf(self.model)
+            hidden = getattr(hf, hf.base_model_prefix)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            last = mask.sum(1) - 1
+            h = hidden[torch.arange(len(chunk), device=device), last]
+            scores.append(hf.score(h).squeeze(-1).float().cpu())
+        return torch.cat(scores)
+
+
+def _hf(model: torch.nn.Module) -> Any:
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def is_model_dir(spec: str) -> bool:
+    path = Path(spec)
+    return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
+
+
+def load_sequence_classifier(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of a reward model dir: a full sequence classifier or a SEQ_CLS LoRA adapter."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    directory = Path(path)
+    try:
+        if (directory / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            adapter = json.loads((directory / "adapter_config.json").read_text())
+            if adapter.get("task_type") != "SEQ_CLS":
+                raise InputError(f"--reward {path}: a LoRA adapter of task {adapter.get('task_type')!r}, not a reward model (SEQ_CLS)")
+            base = adapter.get("base_model_name_or_path")
+            tok_dir = path if (directory / "tokenizer_config.json").is_file() else base
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--reward {path}: cannot load it as a sequence-classification reward model ({str(err).splitlines()[0]})")
+    if model.config.num_labels != 1:
+        raise InputError(f"--reward {path}: the model has {model.config.num_labels} labels; a reward model has one score")
+    if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
+        raise InputError(f"--reward {path}: {type(model).__name__} has no `score` head over a trunk")
+    return model, tokenizer
+
+
+def load_reward(
+    spec: str,
+    policy_tokenizer: Any,
+    policy_template: ChatTemplate,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    trust_remote_code: bool = False,
+) -> Reward:
+    """`--reward DIR` or `--reward module:function` -> a `Reward`."""
+    if is_model_dir(spec):
+        model, tokenizer = load_sequence_classifier(spec, dtype, trust_remote_code)
+        template = resolve_template(None, tokenizer) if getattr(tokenizer, "chat_template", None) else policy_template
+        return ModelReward(model.to(device), tokenizer, template, batch_size)
+    if ":" in spec and not Path(spec).exists():
+        return FunctionReward(spec, lambda messages: plain_prompt(policy_tokenizer, policy_template, messages))
+    raise InputError(f"--reward {spec}: neither a reward model dir (config.json / adapter_config.json) nor module:function")

@@ -1,0 +1,257 @@
+"""`rlkit ppo`: masking in the full step, ratio 1 at lr 0, resume of the value head, a CLI smoke run, efficacy.
+
+The pure functions (GAE, whitening, clipped losses, KL estimators, controllers) are tested in
+test_losses_ppo.py; these tests run them inside the real rollout and update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import DEMO_DATA, run_cli
+
+PROMPTS = DEMO_DATA / "prompts.jsonl"
+
+
+def letters(prompts: list[str], completions: list[str]) -> list[float]:
+    """Rule-based reward for the efficacy test: the share of ASCII letters/spaces in the completion.
+
+    A random tiny model emits many byte-fallback tokens (non-ASCII pieces), so the score starts
+    well below 1 and PPO can raise it by moving probability off a large part of the vocabulary.
+    """
+    return [sum(ch.isascii() and (ch.isalpha() or ch == " ") for ch in c) / max(len(c), 1) for c in completions]
+
+
+def _config(model_dir: Path, out: Path, **overrides):
+    from rlkit.ppo import PPOConfig
+
+    values = dict(
+        model=str(model_dir), data=[str(PROMPTS)], output=str(out), reward="test_ppo:letters", max_steps=2,
+        batch_size=4, max_new_tokens=6, ppo_epochs=2, sample_every=0, precision="fp32", log_every=100,
+    )
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_cli_smoke_two_steps(tiny_model_dir, tmp_path):
+    out = tmp_path / "ppo"
+    result = run_cli(
+        "ppo", str(tiny_model_dir), str(PROMPTS), "-o", str(out), "--reward", "rlkit.demo.task:reward",
+        "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "8", "--ppo-epochs", "1", "--sample-every", "1",
+        "--kl-estimator", "k3", "--target-kl", "1.0", "--missing-eos-penalty", "0.1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "ppo step 2" in result.stderr and "samples at PPO step" in result.stderr
+    assert (out / "value_head.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"step", "prompt", "response", "score"} <= set(samples[0])
+    summary = [m for m in _metrics(out) if "score/mean" in m]
+    assert len(summary) == 2
+    for key in ("score/std", "kl", "non_score_reward", "entropy", "ppo/approx_kl", "ppo/clipfrac", "ppo/value_clipfrac",
+                "ppo/value_loss", "explained_variance", "response_length", "time/generation_s", "time/training_s",
+                "ppo_tokens_per_s", "generation_tokens_per_s", "kl_coef"):
+        assert key in summary[-1], key
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert model is not None
+
+
+def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """A real rollout (with fixed sampled tokens) and the real update: post-EOS tokens are inert."""
+    from accelerate import Accelerator
+
+    from rlkit.data.templates import resolve_template
+    from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
+    from rlkit.ppo import PolicyValue, PPOLoop, PPOObjective, PPOReference, make_value_head
+    from rlkit.data.prompts import encode_prompt
+    from rlkit.rewards import FunctionReward
+
+    torch.manual_seed(0)
+    source = resolve_source(str(tiny_model_dir))
+    tok = load_tokenizer(source)
+    template = resolve_template(None, tok)
+    policy = load_causal_lm(source)
+    head = make_value_head(policy, [])
+    torch.nn.init.normal_(head.weight, std=0.1)
+    wrapper = PolicyValue(policy, head, None, 0.1)
+    ref_model = load_causal_lm(source).eval()
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a reference that differs, so the KL is not zero
+    config = _config(tiny_model_dir, tmp_path / "unused", batch_size=2, ppo_epochs=1)
+    conversations = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a color."}]]
+    encoded = [encode_prompt(tok, template, c) for c in conversations]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    fixed = torch.tensor([[40, 41, eos, 42, 43, 44], [45, 46, 47, 48, 49, 50]])
+
+    def fake_generate(input_ids, attention_mask, **kwargs):
+        return torch.cat([input_ids, fixed[: len(input_ids)]], dim=1)
+
+    monkeypatch.setattr(policy, "generate", fake_generate)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), run_dir=None)
+    reward = FunctionReward("test_ppo:letters", lambda m: m[-1]["content"])
+    objective = PPOObjective(config)
+    loop = PPOLoop(config, run, tok, template, conversations, encoded, reward, PPOReference("model", ref_model), objective, 1)
+    loop._prompt_indices = lambda step: [0, 1]
+    buffer = loop.rollout(0, wrapper)["tensors"]
+    mask = buffer["response_mask"]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
+    after = ~mask.bool()
+    assert torch.all(buffer["advantages"][after] == 0) and torch.all(buffer["returns"][after] == 0)
+    assert torch.all(buffer["advantages"][mask.bool()] != 0)
+
+    def loss_and_grads(batch):
+        wrapper.zero_grad(set_to_none=True)
+        out = objective.loss(wrapper, batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in wrapper.named_parameters() if p.grad is not None}
+        return out.loss.detach(), grads
+
+    batch = dict(buffer)
+    loss, grads = loss_and_grads(batch)
+    # garbage after EOS: other tokens, nan log-probs/values/advantages/returns there
+    changed = {k: v.clone() for k, v in buffer.items()}
+    changed["responses"][0, 3:] = torch.tensor([7, 8, 9])
+    width = changed["input_ids"].shape[1]
+    changed["input_ids"][0, width - 3 :] = torch.tensor([7, 8, 9])
+    for key in ("old_logprobs", "old_values", "advantages", "returns"):
+        changed[key][0, 3:] = float("nan")
+    loss2, grads2 = loss_and_grads(changed)
+    assert torch.equal(loss, loss2)
+    assert grads.keys() == grads2.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads2[name]), name
+
+
+def test_lr_zero_gives_ratio_one_and_no_clipping(tiny_model_dir, tmp_path):
+    from rlkit.ppo import run_ppo
+
+    out = tmp_path / "lr0"
+    run_ppo(_config(tiny_model_dir, out, lr=0.0, max_steps=1, ppo_epochs=2, temperature=0.7))
+    updates = [m for m in _metrics(out) if "ratio" in m]
+    assert len(updates) == 2
+    for m in updates:  # lr 0: the policy never moves, so every epoch sees ratio exactly 1
+        assert m["ratio"] == 1.0 and m["clipfrac"] == 0.0 and m["approx_kl"] == 0.0
+    assert updates[-1]["kl"] == 0.0  # a fresh adapter is the reference
+
+
+def test_resume_restores_value_head(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import rlkit.training.run as run_module
+    from rlkit.errors import RunError
+    from rlkit.ppo import run_ppo
+
+    common = dict(max_steps=2, ppo_epochs=1, save_every=1, lr=1e-2)
+    whole = tmp_path / "whole"
+    run_ppo(_config(tiny_model_dir, whole, **common))
+
+    out = tmp_path / "resumed"
+    real_finalize = run_module.finalize
+
+    def crash(*args, **kwargs):
+        raise RunError("simulated crash before the output was written")
+
+    monkeypatch.setattr(run_module, "finalize", crash)
+    with pytest.raises(RunError):
+        run_ppo(_config(tiny_model_dir, out, **common))
+    partial = tmp_path / "resumed.partial"
+    assert [p.name for p in (partial / "checkpoints").iterdir()] == ["step-0000001"]
+    # forget step 2: resume from the checkpoint taken after PPO step 1
+    (partial / "metrics.jsonl").write_text("".join(l + "\n" for l in (partial / "metrics.jsonl").read_text().splitlines()[:1]))
+    monkeypatch.setattr(run_module, "finalize", real_finalize)
+    run_ppo(_config(tiny_model_dir, out, resume=True, **common))
+
+    expected, got = load_file(str(whole / "value_head.safetensors")), load_file(str(out / "value_head.safetensors"))
+    assert torch.any(expected["weight"] != 0)  # the head was trained
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    last = lambda d: [m for m in _metrics(d) if "score/mean" in m][-1]
+    assert last(whole)["score/mean"] == last(out)["score/mean"]
+
+
+@pytest.mark.slow
+def test_efficacy_rule_based_reward_rises(tiny_model_dir, tmp_path):
+    from rlkit.ppo import run_ppo
+
+    out = tmp_path / "efficacy"
+    run_ppo(_config(tiny_model_dir, out, lora=False, lr=3e-3, max_steps=40, batch_size=8, max_new_tokens=8,
+                    ppo_epochs=4, kl_coef=0.01, temperature=1.0))
+    steps = [m for m in _metrics(out) if "score/mean" in m]
+    scores = [m["score/mean"] for m in steps]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 0.08, scores
+    assert all(math.isfinite(m["kl"]) for m in steps)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A one-score sequence classifier on the tiny trunk, saved as `train-rm` saves one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-rm")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_reward_model_dir_scores_like_the_hf_head(tiny_rm_dir, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlkit.data.templates import ChatTemplate
+    from rlkit.rewards import ModelReward, load_reward
+
+    reward = load_reward(str(tiny_rm_dir), tiny_tokenizer, ChatTemplate("tokenizer", tiny_tokenizer.chat_template))
+    assert isinstance(reward, ModelReward)
+    conversations = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a long river in Africa."}]]
+    completions = ["4 #done", "The Nile is a very long river. #done"]
+    scores = reward(conversations, completions)
+    hf = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    for i, (messages, completion) in enumerate(zip(conversations, completions)):
+        ids = torch.tensor([reward.encode(messages, completion)])
+        assert ids[0, -1] == tiny_tokenizer.eos_token_id  # the completion ends its turn as train-rm renders it
+        with torch.no_grad():
+            expected = hf(input_ids=ids).logits[0, 0]
+        assert torch.allclose(scores[i], expected, atol=1e-5)
+
+
+def test_reward_model_dir_with_rm_critic(tiny_model_dir, tiny_rm_dir, tmp_path):
+    from rlkit.ppo import run_ppo
+
+    out = tmp_path / "rm-critic"
+    run_ppo(_config(tiny_model_dir, out, reward=str(tiny_rm_dir), critic="rm", max_steps=1, ppo_epochs=1))
+    assert (out / "critic" / "config.json").is_file() and not (out / "value_head.safetensors").exists()
+    summary = [m for m in _metrics(out) if "score/mean" in m][-1]
+    assert math.isfinite(summary["score/mean"]) and math.isfinite(summary["ppo/value_loss"])
+
+
+def test_bad_input_is_refused_before_any_output(tiny_model_dir, tmp_path):
+    from conftest import write_jsonl
+    from rlkit.errors import InputError
+    from rlkit.ppo import run_ppo
+
+    out = tmp_path / "bad"
+    with pytest.raises(InputError, match="missing --reward"):
+        run_ppo(_config(tiny_model_dir, out, reward=None))
+    with pytest.raises(InputError, match="cannot import"):
+        run_ppo(_config(tiny_model_dir, out, reward="no_such_module:fn"))
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "hello"}] * 8)
+    with pytest.raises(InputError, match="no `prompt` or `messages` column"):
+        run_ppo(_config(tiny_model_dir, out, data=[str(texts)]))
+    assert not out.exists() and not (tmp_path / "bad.partial").exists()
