@@ -36,5 +36,10 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# Benchmarks (never part of the tests): SFT tokens/s and peak RSS, rlkit against TRL's SFTTrainer
+# (TRL goes into its own venv under .cache/bench; SmolLM2 rows need `make demo-model` first).
+bench: setup
+	$(PY) bench/bench_sft.py
+
 clean:
 	rm -rf $(DEMO_OUT) build dist *.egg-info

@@ -5,11 +5,13 @@
 
 Each configuration runs in its own process, one after another (never two at once), and
 records after every optimizer step the wall clock, the process CPU time and the real
-(non-padding) tokens of the step. The first --warmup steps are left out; what remains gives
-real tokens/s (training wall time, model loading and tokenization excluded), CPU-seconds per
-1k real tokens (all threads, user + system: it moves much less than wall time when other jobs
-share the cores), the process's peak RSS (getrusage, whole process: imports, model, data and
-training) and the loss of the last step.
+(non-padding) tokens of the step. The first --warmup steps are left out; the others give the
+median real tokens/s of a step (training wall time; model loading and tokenization are never
+timed), the median CPU-seconds per 1k real tokens (all threads, user + system), the process's
+peak RSS (getrusage, whole process: imports, model, data and training) and the loss of the
+last step. Runs use one torch thread by default (--threads): on a machine whose cores other
+jobs share, two OpenMP threads spin-wait for each other and a step costs 3-4x the CPU time
+and wall time it costs with one, which would drown any difference between the trainers.
 
 Both trainers get the same model directory, the same token ids and loss mask, the same
 per-device batch, max length, optimizer (torch AdamW, lr, linear schedule, no warmup, clipping
@@ -259,7 +261,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tiny-steps", type=int, default=20, help="measured steps per tiny-model run (default 20)")
     p.add_argument("--smollm2-steps", type=int, default=8, help="measured steps per SmolLM2 run (default 8)")
     p.add_argument("--warmup", type=int, default=1, help="steps run before measuring (default 1)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per configuration, in alternating order; their steps are pooled (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per configuration, in alternating order; their steps are pooled (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (OMP_NUM_THREADS); 0: the library default (default 1, see docs/benchmarks.md)")
     p.add_argument("--tiny-batch", type=int, default=8)
     p.add_argument("--tiny-max-length", type=int, default=512)
@@ -291,7 +293,7 @@ def fmt(x: Any, digits: int = 1) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        return f"{x:,.{digits}f}"
+        return f"{x:,.{digits if abs(x) >= 1 or x == 0 else max(digits, 3)}f}"
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
@@ -367,7 +369,7 @@ def main(argv: list[str]) -> int:
                 raise SystemExit(f"unknown model {name!r} (tiny, smollm2)")
             lr = 2e-4 if lora else 2e-5
             mode = f"LoRA (r {LORA['r']}, alpha {LORA['alpha']}, dropout {LORA['dropout']}, {LORA['targets']})" if lora else "full fine-tuning"
-            settings[label] = f"{mode}, per-device batch {batch}, max length {max_length}, lr {lr:g}"
+            settings[label] = f"{mode}, per-device batch {batch}, max length {max_length}, lr {'2e-4' if lora else '2e-5'}"
 
             tokens_dir = tmp / f"tokens-{name}"
             if trl_python:  # TRL trains on rlkit's tokenization: identical ids and loss masks
@@ -449,10 +451,10 @@ def write_doc(args: argparse.Namespace, table: str, settings: dict[str, str], no
     if trl_v != "?":
         v["trl"] = trl_v
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    cmd = "make bench" if not sys.argv[1:] else "python bench/bench_sft.py " + command_line(sys.argv[1:])
+    cmd = f"`python bench/bench_sft.py{' ' + command_line(sys.argv[1:]) if sys.argv[1:] else ''}`" + ("" if sys.argv[1:] else " (what `make bench` runs)")
     threads = f"{args.threads} torch thread{'s' if args.threads != 1 else ''} per run" if args.threads > 0 else f"torch's default threads ({machine['torch_threads']})"
     lines = [
-        f"Measured on {time.strftime('%Y-%m-%d')} with `{cmd}`, which took {total / 60:.0f} min.",
+        f"Measured on {time.strftime('%Y-%m-%d')} with {cmd}, which took {total / 60:.0f} min.",
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM, "
         f"{'GPU ' + machine['gpu'] if machine['gpu'] else 'no GPU'}; {threads}; "
@@ -460,7 +462,9 @@ def write_doc(args: argparse.Namespace, table: str, settings: dict[str, str], no
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + f", Python {machine['python']}.",
     ]
     for label, setting in settings.items():
-        lines.append(f"- {label}: {setting}; the same for both trainers; warmup {args.warmup} step, then {args.tiny_steps if label.startswith('tiny') else args.smollm2_steps} measured steps x {args.repeats} run(s).")
+        steps = args.tiny_steps if label.startswith("tiny") else args.smollm2_steps
+        runs = f"{args.repeats} runs" if args.repeats > 1 else "1 run"
+        lines.append(f"- {label}: {setting}; the same for both trainers; {args.warmup} warmup step(s), then {steps} measured steps; {runs} per configuration.")
     lines += ["", table]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]

@@ -197,42 +197,55 @@ def machine_info() -> dict[str, Any]:
 # ---- a separate environment for reference trainers --------------------------------------
 
 
-def ensure_venv_with(venv: Path, requirement: str, module: str, check: str = "") -> tuple[str | None, str]:
+def ensure_venv_with(venv: Path, requirement: str, module: str, check: str = "", same: Sequence[str] = ("torch", "transformers", "peft", "accelerate", "datasets")) -> tuple[str | None, str]:
     """A python that can import `module`, without touching this environment.
 
-    Reuses `venv` when it already imports `module`. Otherwise creates it, bridges this
-    interpreter's site-packages into it (a .pth file processed by `site.addsitedir`, so this
-    environment's editable installs and .pth files work there too), and installs
-    `requirement` with --no-deps: its dependencies must already be here (torch, transformers,
-    ...), so the reference trainer runs on exactly the same torch/transformers as rlkit.
+    Reuses `venv` when it already imports `module` and is bridged to this interpreter.
+    Otherwise (re)creates it, bridges this interpreter's site-packages into it (a .pth file
+    processed by `site.addsitedir`, so this environment's editable installs and .pth files
+    work there too), and installs `requirement` with --no-deps: its dependencies must already
+    be here (torch, transformers, ...). Refuses it unless the packages in `same` have the same
+    versions there as here, so the reference trainer runs on exactly rlkit's stack.
     Returns (python path or None, message).
     """
     py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     probe = f"import {module}{'; ' + check if check else ''}"
+    here = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
+    bridge = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in here) + "\n"
+    marker = "_rlkit_bench_bridge.pth"
 
     def works() -> tuple[bool, str]:
         if not py.exists():
             return False, f"{py} does not exist"
+        if not any(f.read_text() == bridge for f in venv.glob(f"lib*/python*/site-packages/{marker}")) and not (venv / "Lib" / "site-packages" / marker).is_file():
+            return False, f"{venv} is bridged to another environment"
         done = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
         lines = (done.stderr or "").strip().splitlines()
         return done.returncode == 0, (lines[-1] if lines else "")
 
+    def same_stack() -> str:
+        ours, theirs = versions(same), versions(same, str(py))
+        diff = [f"{k} {theirs.get(k)} (here {ours.get(k)})" for k in same if theirs.get(k) != ours.get(k)]
+        return ", ".join(diff)
+
     ok, why = works()
-    if ok:
-        return str(py), f"using {venv}"
-    log(f"setting up {venv} for {requirement} (a separate environment that shares this one's packages)")
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-        purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True).stdout.strip()
-        here = [p for p in site.getsitepackages() + [site.getusersitepackages()] if Path(p).is_dir()]
-        bridge = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in here) + "\n"
-        Path(purelib, "_rlkit_bench_bridge.pth").write_text(bridge)
-        subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", requirement], check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError as err:
-        detail = (err.stderr or "").strip().splitlines()
-        return None, f"could not install {requirement} into {venv}: {detail[-1] if detail else err}"
-    ok, why = works()
-    return (str(py), f"installed {requirement} into {venv}") if ok else (None, f"{requirement} installed into {venv} but `{probe}` fails: {why}")
+    if not ok:
+        log(f"setting up {venv} for {requirement} (a separate environment that shares this one's packages)")
+        try:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+            purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True).stdout.strip()
+            Path(purelib, marker).write_text(bridge)
+            subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", requirement], check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as err:
+            detail = (err.stderr or "").strip().splitlines()
+            return None, f"could not install {requirement} into {venv}: {detail[-1] if detail else err}"
+        ok, why = works()
+        if not ok:
+            return None, f"{requirement} installed into {venv} but `{probe}` fails: {why}"
+    diff = same_stack()
+    if diff:
+        return None, f"{venv} does not run on this environment's packages: {diff}"
+    return str(py), f"using {requirement.split('=')[0]} from {venv}"
 
 
 # ---- reporting ----------------------------------------------------------------------------
