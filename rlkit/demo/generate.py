@@ -7,6 +7,10 @@ uses it to show before/after on the real model.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no library progress bars between the tables
+
 import argparse
 import json
 import sys
