@@ -31,16 +31,16 @@ from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 
 from rlkit.config import arg, opt
-from rlkit.console import info, warn
+from rlkit.console import warn
 from rlkit.data.pairs import last_token_index
 from rlkit.dpo import implicit_reward_accuracy
 from rlkit.errors import InputError
 from rlkit.losses import bradley_terry_loss
-from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, strip_gguf_marker
+from rlkit.models.load import add_lora, load_causal_lm, strip_gguf_marker
 from rlkit.pair_training import PairTrainConfig, disable_dropout, load_pairs, pair_collate
 from rlkit.reference import model_device, to_device
 from rlkit.training.engine import StepOutput
-from rlkit.training.run import TrainingRun
+from rlkit.training.run import TrainingRun, prepare_for_training
 
 
 @dataclass
@@ -134,12 +134,7 @@ def load_reward_model(run: TrainingRun, tokenizer: Any) -> torch.nn.Module:
         for param in model.parameters():  # the score head copy may sit in the frozen base's bf16
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-    if c.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    info(f"reward model: {source.name} ({'LoRA + score head' if c.lora else 'full'}; {trainable:,} of {total:,} parameters trainable)")
-    return model
+    return prepare_for_training(model, c, f"reward model: {source.name} ({'LoRA + score head' if c.lora else 'full'}")
 
 
 def run_train_rm(config: RewardModelConfig) -> Path:

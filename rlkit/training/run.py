@@ -22,6 +22,19 @@ from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 
 
+def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str) -> torch.nn.Module:
+    """Last setup every trained model shares: optional checkpointing, and a line saying what trains.
+
+    `label` opens the line, e.g. "model: NAME (LoRA"; the parameter counts close it.
+    """
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    info(f"{label}; {trainable:,} of {total:,} parameters trainable)")
+    return model
+
+
 class TrainingRun:
     def __init__(self, command: str, config: TrainConfig, model_name: str | None, data: list[str]):
         self.command, self.config, self.data = command, config, data
@@ -49,12 +62,7 @@ class TrainingRun:
                 peft_config.base_model_name_or_path = self.source.name if self.source.gguf_file else peft_config.base_model_name_or_path
         elif self.source.adapter_dir:
             model = model.merge_and_unload()
-        if c.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        info(f"model: {self.source.name} ({'LoRA' if c.lora else 'full'}; {trainable:,} of {total:,} parameters trainable)")
-        return model
+        return prepare_for_training(model, c, f"model: {self.source.name} ({'LoRA' if c.lora else 'full'}")
 
     def train(
         self,
