@@ -20,7 +20,7 @@ from rlkit.console import console, is_main_process, quiet_libraries
 from rlkit.errors import RlkitError
 
 # (name, module in rlkit.commands): only commands that work are listed.
-COMMANDS = [("pack", "pack"), ("sft", "sft"), ("train-rm", "train_rm"), ("dpo", "dpo"), ("merge-lora", "merge_lora"), ("chat", "chat"), ("eval", "eval"), ("ppo", "ppo")]
+COMMANDS = [("pack", "pack"), ("sft", "sft"), ("train-rm", "train_rm"), ("dpo", "dpo"), ("kto", "kto"), ("merge-lora", "merge_lora"), ("chat", "chat"), ("eval", "eval"), ("ppo", "ppo")]
 
 app = typer.Typer(
     name="rlkit",

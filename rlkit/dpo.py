@@ -14,7 +14,6 @@ The Tulu 2.5 recipe, as flags (global batch 32 = 8 x 4 on one device):
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,42 +23,28 @@ from accelerate.utils import set_seed
 
 from rlkit.config import arg, opt
 from rlkit.console import info, warn
-from rlkit.data.prepare import PreparedData, tokenizer_fingerprint
+from rlkit.data.prepare import PreparedData
 from rlkit.errors import InputError
 from rlkit.losses import LENGTH_NORMALISED, PREFERENCE_LOSSES, REFERENCE_FREE, add_sft_term
-from rlkit.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_source
 from rlkit.pair_logps import pair_logps
-from rlkit.pair_training import PairTrainConfig, disable_dropout, load_pairs, pair_collate
-from rlkit.reference import (
-    AdapterReference,
-    DisabledAdapterReference,
-    ModelReference,
-    PrecomputedReference,
-    Reference,
-    attach_reference_logps,
-    compute_reference_logps,
-    model_device,
-    reference_key,
-    to_device,
-)
+from rlkit.pair_training import disable_dropout, load_pairs, pair_collate
+from rlkit.reference import Reference, ReferenceConfig, model_device, setup_reference, to_device
 from rlkit.training.engine import StepOutput
 from rlkit.training.run import TrainingRun
 
 
 @dataclass
-class DPOConfig(PairTrainConfig):
+class DPOConfig(ReferenceConfig):
     model: Optional[str] = arg(
         "Policy to start from: an HF dir, a hub name, a LoRA adapter dir (e.g. `rlkit sft --lora` output: the adapter "
         "is continued and its frozen start is the reference) or a .gguf file.",
         metavar="MODEL",
     )
-    ref: Optional[str] = opt(None, "Reference model (HF dir, hub name, adapter dir or .gguf). Default: MODEL as it starts; with a fresh LoRA adapter, the base with the adapter disabled.")
     loss: str = opt("sigmoid", "Preference loss: sigmoid (DPO; cDPO with --label-smoothing), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).", choices=tuple(PREFERENCE_LOSSES))
     beta: float = opt(0.1, "β: how strongly the policy is held to the reference (IPO's τ; SimPO's reward scale, 2-2.5 in its paper).")
     label_smoothing: float = opt(0.0, "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).")
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin γ (the paper's γ, not TRL's γ/β ratio).")
     sft_weight: float = opt(0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss.")
-    precompute_ref: bool = opt(True, "Compute the reference log-probs in one pass before training and cache them next to the data, so training holds no reference model (--no-precompute-ref: a reference forward every step).")
 
 
 def implicit_reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -120,42 +105,12 @@ def check_options(config: DPOConfig) -> None:
         warn(f"--loss {config.loss} uses no reference model; --ref is ignored")
 
 
-def _load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: TrainingRun) -> torch.nn.Module:
-    tokenizer = load_tokenizer(ref, run.config.trust_remote_code)
-    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
-        raise InputError(f"--ref {ref.name}: its tokenizer differs from {run.source.name}'s; the reference must share the policy's tokens")
-    model = load_causal_lm(ref, run.weights_dtype, run.config.trust_remote_code)
-    return model.eval().requires_grad_(False)
-
-
-def setup_reference(
+def setup_dpo_reference(
     config: DPOConfig, run: TrainingRun, policy: torch.nn.Module, data: PreparedData, tokenizer: Any, collate: Any
 ) -> tuple[Reference | None, PreparedData, str]:
-    """The reference strategy, the data (with reference columns when precomputed) and a description."""
     if config.loss in REFERENCE_FREE:
         return None, data, "none (reference-free loss)"
-    ref_source = resolve_source(config.ref) if config.ref else run.source
-    described = f"`{config.ref}`" if config.ref else f"the starting model `{run.source.name}`"
-    if config.precompute_ref:
-        loaded: dict[str, torch.nn.Module] = {}  # the --ref model, loaded on a cache miss only, once
-
-        def compute(dataset: Any) -> dict[str, list[float]]:
-            if "model" not in loaded:
-                loaded["model"] = policy if not config.ref else _load_reference_model(ref_source, tokenizer, run)
-            return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator)
-
-        key = reference_key(ref_source, run.weights_dtype, run.accelerator)
-        data = attach_reference_logps(data, key, compute, run.accelerator)
-        loaded.clear()  # training holds no reference model
-        return PrecomputedReference(), data, f"{described}, log-probs precomputed"
-    if config.ref:
-        return ModelReference(_load_reference_model(ref_source, tokenizer, run)), data, f"{described}, on the fly"
-    if config.lora and run.source.adapter_dir:
-        return AdapterReference(policy, run.source.adapter_dir), data, f"{described} (its adapter, frozen), on the fly"
-    if config.lora:
-        return DisabledAdapterReference(), data, f"{described} (the base, adapter disabled), on the fly"
-    warn("full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not")
-    return ModelReference(copy.deepcopy(policy)), data, f"{described} (a frozen copy), on the fly"
+    return setup_reference(config, run, policy, data, tokenizer, collate)
 
 
 def run_dpo(config: DPOConfig) -> Path:
@@ -169,7 +124,7 @@ def run_dpo(config: DPOConfig) -> Path:
     if not config.dropout:
         disable_dropout(policy)
     collate = pair_collate(config, tokenizer)
-    reference, data, described = setup_reference(config, run, policy, data, tokenizer, collate)
+    reference, data, described = setup_dpo_reference(config, run, policy, data, tokenizer, collate)
     info(f"reference: {described}")
     objective = DPOObjective(config, reference)
     default_lr = 5e-6 if config.lora else 5e-7

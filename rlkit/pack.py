@@ -1,7 +1,9 @@
 """`rlkit pack`: tokenize (and for SFT, pack) data once, for many training runs.
 
 Preference data (prompt/chosen/rejected) becomes tokenized pairs for dpo and train-rm by
-default (`--kind auto`); `--kind sft` packs its prompt + chosen for SFT instead.
+default (`--kind auto`); `--kind sft` packs its prompt + chosen for SFT instead, and `--kind
+unpaired` splits each pair into a desirable and an undesirable example for kto. Labelled
+completions (prompt/completion/label) become unpaired examples by default.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rlkit.console import console, warn
 from rlkit.data.pairs import SIDES, describe_pair_data
 from rlkit.data.prepare import DataOptions, build_data, save_prepared
 from rlkit.data.tokenize import IGNORE
+from rlkit.data.unpaired import describe_unpaired_data
 from rlkit.errors import InputError
 from rlkit.models.load import load_tokenizer, resolve_source
 from rlkit.output import check_output, finalize, open_run_dir
@@ -36,7 +39,12 @@ class PackConfig:
     eval_data: Optional[str] = opt(None, "Held-out data, tokenized into an 'eval' split.")
     eval_fraction: float = opt(0.0, "Hold out this fraction of DATA as the 'eval' split.")
     seed: int = opt(42, "Seed of the eval split.")
-    kind: str = opt("auto", "What to prepare: sft rows, preference pairs (for dpo/train-rm), or auto (pairs when DATA holds prompt/chosen/rejected).", choices=("auto", "sft", "pairs"))
+    kind: str = opt(
+        "auto",
+        "What to prepare: sft rows, preference pairs (dpo/train-rm), unpaired labelled examples (kto; pairs are split), "
+        "or auto (pairs for prompt/chosen/rejected, unpaired for prompt/completion/label, else sft).",
+        choices=("auto", "sft", "pairs", "unpaired"),
+    )
     show: int = opt(0, "Print N rendered examples, trainable tokens in colour and masked ones dimmed.")
     overwrite: bool = opt(False, "Replace an existing output dir.")
     trust_remote_code: bool = opt(False, "Allow the tokenizer's repository to run its own code.")
@@ -85,6 +93,16 @@ def show_pairs(rows: Any, tokenizer: Any, n: int) -> None:
             console.print(_styled(tokenizer, ids, labels))
 
 
+def show_unpaired(rows: Any, tokenizer: Any, n: int) -> None:
+    """The prompt, then the completion with its scored tokens in colour, and its label."""
+    for k in range(min(n, len(rows))):
+        row = rows[k]
+        prompt, ids, labels = row["prompt_input_ids"], row["completion_input_ids"], row["completion_labels"]
+        console.rule(f"example {k + 1} ({'desirable' if row['label'] else 'undesirable'}; prompt {len(prompt)} tokens)")
+        console.print(_styled(tokenizer, prompt, [IGNORE] * len(prompt)))
+        console.print(_styled(tokenizer, ids, labels))
+
+
 def summary_table(metadata: dict[str, Any]) -> Table:
     table = Table(title="rlkit pack", show_header=False)
     table.add_row("kind", metadata.get("kind", "sft"))
@@ -111,14 +129,13 @@ def run_pack(config: PackConfig) -> Path | None:
         eval_fraction=config.eval_fraction, seed=config.seed, kind=config.kind,
     )
     data = build_data(opts, tokenizer, config.tokenizer)
-    if config.show and data.metadata["kind"] == "pairs":
-        show_pairs(data.train, tokenizer, config.show)
-    elif config.show:
-        show_examples(data.train, tokenizer, config.show)
+    kind = data.metadata["kind"]
+    if config.show:
+        {"pairs": show_pairs, "unpaired": show_unpaired}.get(kind, show_examples)(data.train, tokenizer, config.show)
     console.print(summary_table(data.metadata))
-    if data.metadata["kind"] == "pairs":
-        for message in describe_pair_data(data.metadata)[1]:
-            warn(message)
+    describe = {"pairs": describe_pair_data, "unpaired": describe_unpaired_data}.get(kind)
+    for message in describe(data.metadata)[1] if describe else []:
+        warn(message)
     if output is None:
         return None
     staging = open_run_dir(output, resume=False)

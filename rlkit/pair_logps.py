@@ -32,9 +32,15 @@ class PairLogps:
         return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
 
 
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], num_sequences: int, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs [num_sequences] of the sequences laid out under `prefix`
+    (see `rlkit.data.pairs.collate_sequences`), and their completion token counts."""
+    logps, mask = label_logprobs(model, batch[f"{prefix}input_ids"], batch[f"{prefix}position_ids"], batch[f"{prefix}labels"])
+    return sequence_sums(logps, batch[f"{prefix}seq_index"][:, 1:].to(logps.device), mask, num_sequences)
+
+
 def pair_logps(model: torch.nn.Module, batch: dict[str, Any]) -> PairLogps:
     """log π(completion | prompt), summed over completion tokens, for chosen and rejected."""
-    logps, mask = label_logprobs(model, batch["input_ids"], batch["position_ids"], batch["labels"])
     pairs = int(batch["num_pairs"])
-    sums, counts = sequence_sums(logps, batch["seq_index"][:, 1:].to(logps.device), mask, 2 * pairs)
+    sums, counts = sequence_logps(model, batch, 2 * pairs)
     return PairLogps(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:])

@@ -43,7 +43,7 @@ from accelerate.utils import set_seed
 
 from rlkit.config import arg, opt
 from rlkit.console import console, info, warn
-from rlkit.data.formats import Messages, _as_messages
+from rlkit.data.formats import Messages, as_messages
 from rlkit.data.load import load_records
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import ChatTemplate, resolve_template
@@ -248,9 +248,9 @@ def load_prompts(config: PPOConfig) -> list[Messages]:
     for i, record in enumerate(records):
         where = f"{', '.join(config.data)} row {i + 1}"
         if "prompt" in columns:
-            messages = _as_messages(record["prompt"], "user", where)
+            messages = as_messages(record["prompt"], "user", where)
         elif "messages" in columns:
-            messages = _as_messages(record["messages"], "user", where)
+            messages = as_messages(record["messages"], "user", where)
             while messages and messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
         else:

@@ -21,13 +21,15 @@ own frozen model; full fine-tuning with no `--ref` needs a frozen copy of the st
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
 
 import datasets
 import torch
@@ -35,15 +37,49 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, gather_object
 
 from rlkit import __version__
-from rlkit.console import info
-from rlkit.data.prepare import PreparedData
-from rlkit.models.load import ModelSource
+from rlkit.config import opt
+from rlkit.console import info, warn
+from rlkit.data.prepare import PreparedData, tokenizer_fingerprint
+from rlkit.errors import InputError
+from rlkit.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_source
 from rlkit.pair_logps import pair_logps
+from rlkit.pair_training import PairTrainConfig
+
+if TYPE_CHECKING:
+    from rlkit.training.run import TrainingRun
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 REFERENCE_ADAPTER = "reference"
 
 Batch = dict[str, Any]
+Measure = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ReferenceConfig(PairTrainConfig):
+    """The options of every trainer held to a frozen reference (dpo, kto)."""
+
+    ref: Optional[str] = opt(None, "Reference model (HF dir, hub name, adapter dir or .gguf). Default: MODEL as it starts; with a fresh LoRA adapter, the base with the adapter disabled.")
+    precompute_ref: bool = opt(True, "Compute the reference log-probs in one pass before training and cache them next to the data, so training holds no reference model (--no-precompute-ref: a reference forward every step).")
+
+
+def _pair_measure(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = pair_logps(model, batch)
+    return out.chosen, out.rejected
+
+
+@dataclass(frozen=True)
+class LogpsSpec:
+    """What a reference measures on a batch: two [B] vectors of summed log-probs, and the
+    columns they are stored in when precomputed. DPO's are a pair's chosen and rejected
+    completions; KTO's are each example's completion and its mismatched (KL) completion."""
+
+    measure: Measure
+    columns: tuple[str, str]
+    unit: str = "pairs"  # what a dataset row is, in messages
+
+
+PAIR_LOGPS = LogpsSpec(_pair_measure, REF_COLUMNS)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -73,21 +109,27 @@ class Reference(Protocol):
 class PrecomputedReference:
     """Reads the columns the precompute pass attached to the data."""
 
+    def __init__(self, spec: LogpsSpec = PAIR_LOGPS):
+        self.columns = spec.columns
+
     def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored in float64; given back in the dtype the policy's own log-probs will have."""
         param = next(model.parameters())
         dtype = torch.promote_types(param.dtype, torch.float32)
-        return batch[REF_COLUMNS[0]].to(param.device, dtype), batch[REF_COLUMNS[1]].to(param.device, dtype)
+        first, second = self.columns
+        return batch[first].to(param.device, dtype), batch[second].to(param.device, dtype)
 
 
 class DisabledAdapterReference:
     """The base under a fresh LoRA adapter: the policy's own forward with the adapter off."""
 
+    def __init__(self, spec: LogpsSpec = PAIR_LOGPS):
+        self.measure = spec.measure
+
     def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         peft_model = extract_model_from_parallel(model)
         with torch.no_grad(), eval_mode(model), peft_model.disable_adapter():
-            out = pair_logps(model, batch)
-        return out.chosen, out.rejected
+            return self.measure(model, batch)
 
 
 class AdapterReference:
@@ -97,7 +139,8 @@ class AdapterReference:
     before the policy forward of the step, under no_grad, and always switches back.
     """
 
-    def __init__(self, peft_model: Any, adapter_dir: str):
+    def __init__(self, peft_model: Any, adapter_dir: str, spec: LogpsSpec = PAIR_LOGPS):
+        self.measure = spec.measure
         self.policy_adapter = peft_model.active_adapter
         peft_model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         peft_model.set_adapter(self.policy_adapter)
@@ -107,25 +150,24 @@ class AdapterReference:
         with torch.no_grad(), eval_mode(model):
             peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
             try:
-                out = pair_logps(model, batch)
+                return self.measure(model, batch)
             finally:
                 peft_model.set_adapter(self.policy_adapter)
-        return out.chosen, out.rejected
 
 
 class ModelReference:
     """A separate frozen model (`--ref DIR`, or a copy of the start for full fine-tuning)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, spec: LogpsSpec = PAIR_LOGPS):
         self.model = model.eval().requires_grad_(False)
+        self.measure = spec.measure
 
     def logps(self, policy: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         device = model_device(policy)
         if model_device(self.model) != device:
             self.model.to(device)
         with torch.no_grad():
-            out = pair_logps(self.model, to_device(batch, device))
-        return out.chosen, out.rejected
+            return self.measure(self.model, to_device(batch, device))
 
 
 # ---- precompute ----------------------------------------------------------------------------
@@ -154,6 +196,7 @@ def compute_reference_logps(
     collate: Callable[[Any], Batch],
     batch_size: int,
     accelerator: Accelerator,
+    spec: LogpsSpec = PAIR_LOGPS,
 ) -> dict[str, list[float]]:
     """One no-grad pass in eval mode; each process takes every world-th micro-batch."""
     model.to(accelerator.device)
@@ -164,14 +207,14 @@ def compute_reference_logps(
         for start in mine:
             batch = collate(dataset.select(range(start, min(start + batch_size, len(dataset)))))
             with accelerator.autocast():
-                out = pair_logps(model, to_device(batch, accelerator.device))
-            found.append((start, out.chosen.float().cpu().tolist(), out.rejected.float().cpu().tolist()))
+                first, second = spec.measure(model, to_device(batch, accelerator.device))
+            found.append((start, first.float().cpu().tolist(), second.float().cpu().tolist()))
     if accelerator.num_processes > 1:
         found = gather_object(found)
     found.sort(key=lambda item: item[0])
     return {
-        REF_COLUMNS[0]: [v for _, chosen, _ in found for v in chosen],
-        REF_COLUMNS[1]: [v for _, _, rejected in found for v in rejected],
+        spec.columns[0]: [v for _, first, _ in found for v in first],
+        spec.columns[1]: [v for _, _, second in found for v in second],
     }
 
 
@@ -179,16 +222,16 @@ def _splits(data: PreparedData) -> dict[str, datasets.Dataset]:
     return {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
 
 
-def _load_cached(path: Path | None, sizes: dict[str, int]) -> dict[str, dict[str, list[float]]] | None:
+def _load_cached(path: Path | None, sizes: dict[str, int], columns: tuple[str, str]) -> dict[str, dict[str, list[float]]] | None:
     if path is None or not (path / "dataset_dict.json").is_file():
         return None
     try:
         cached = datasets.load_from_disk(str(path))
     except (OSError, ValueError):
         return None
-    if set(cached) != set(sizes) or any(len(cached[name]) != n for name, n in sizes.items()):
+    if set(cached) != set(sizes) or any(len(cached[name]) != n or not set(columns) <= set(cached[name].column_names) for name, n in sizes.items()):
         return None
-    return {name: {c: cached[name][c] for c in REF_COLUMNS} for name in sizes}
+    return {name: {c: cached[name][c] for c in columns} for name in sizes}
 
 
 def _save_cached(path: Path, columns: dict[str, dict[str, list[float]]]) -> None:
@@ -206,6 +249,7 @@ def attach_reference_logps(
     key: str,
     compute: Callable[[datasets.Dataset], dict[str, list[float]]],
     accelerator: Accelerator,
+    spec: LogpsSpec = PAIR_LOGPS,
 ) -> PreparedData:
     """`data` with the reference columns added to every split, computed once and cached.
 
@@ -215,21 +259,72 @@ def attach_reference_logps(
     splits = _splits(data)
     sizes = {name: len(ds) for name, ds in splits.items()}
     cache = data.directory / "reference" / key if data.directory is not None else None
-    columns = _load_cached(cache, sizes)
-    if columns is not None:
+    columns = spec.columns
+    values = _load_cached(cache, sizes, columns)
+    if values is not None:
         info(f"reference log-probs: cached ({cache})")
     else:
         started = time.time()
-        columns = {name: compute(ds) for name, ds in splits.items()}
-        info(f"reference log-probs: {sum(sizes.values())} pairs in {time.time() - started:.1f}s")
+        values = {name: compute(ds) for name, ds in splits.items()}
+        info(f"reference log-probs: {sum(sizes.values())} {spec.unit} in {time.time() - started:.1f}s")
         if cache is not None and accelerator.is_main_process:
-            _save_cached(cache, columns)
+            _save_cached(cache, values)
         accelerator.wait_for_everyone()
     attached = {}
     for name, ds in splits.items():
-        for column in REF_COLUMNS:
+        for column in columns:
             if column in ds.column_names:
                 ds = ds.remove_columns(column)
-            ds = ds.add_column(column, columns[name][column])
+            ds = ds.add_column(column, values[name][column])
         attached[name] = ds
     return PreparedData(attached["train"], attached.get("eval"), data.metadata, data.directory)
+
+
+# ---- choosing the strategy -----------------------------------------------------------------
+
+
+def load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: "TrainingRun") -> torch.nn.Module:
+    tokenizer = load_tokenizer(ref, run.config.trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
+        raise InputError(f"--ref {ref.name}: its tokenizer differs from {run.source.name}'s; the reference must share the policy's tokens")
+    model = load_causal_lm(ref, run.weights_dtype, run.config.trust_remote_code)
+    return model.eval().requires_grad_(False)
+
+
+def setup_reference(
+    config: ReferenceConfig,
+    run: "TrainingRun",
+    policy: torch.nn.Module,
+    data: PreparedData,
+    tokenizer: Any,
+    collate: Callable[[Any], Batch],
+    spec: LogpsSpec = PAIR_LOGPS,
+    cache_tag: str = "",
+) -> tuple[Reference, PreparedData, str]:
+    """The reference strategy, the data (with reference columns when precomputed) and a description.
+
+    `cache_tag` names anything beyond the reference and the data that changes the
+    precomputed columns (KTO: how the mismatched pairs were drawn).
+    """
+    ref_source = resolve_source(config.ref) if config.ref else run.source
+    described = f"`{config.ref}`" if config.ref else f"the starting model `{run.source.name}`"
+    if config.precompute_ref:
+        loaded: dict[str, torch.nn.Module] = {}  # the --ref model, loaded on a cache miss only, once
+
+        def compute(dataset: Any) -> dict[str, list[float]]:
+            if "model" not in loaded:
+                loaded["model"] = policy if not config.ref else load_reference_model(ref_source, tokenizer, run)
+            return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator, spec)
+
+        key = reference_key(ref_source, run.weights_dtype, run.accelerator) + cache_tag
+        data = attach_reference_logps(data, key, compute, run.accelerator, spec)
+        loaded.clear()  # training holds no reference model
+        return PrecomputedReference(spec), data, f"{described}, log-probs precomputed"
+    if config.ref:
+        return ModelReference(load_reference_model(ref_source, tokenizer, run), spec), data, f"{described}, on the fly"
+    if config.lora and run.source.adapter_dir:
+        return AdapterReference(policy, run.source.adapter_dir, spec), data, f"{described} (its adapter, frozen), on the fly"
+    if config.lora:
+        return DisabledAdapterReference(spec), data, f"{described} (the base, adapter disabled), on the fly"
+    warn("full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not")
+    return ModelReference(copy.deepcopy(policy), spec), data, f"{described} (a frozen copy), on the fly"

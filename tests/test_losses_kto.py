@@ -1,11 +1,11 @@
-"""KTO loss, KL reference point, mismatched pairs and the weight hint."""
+"""KTO loss, KL reference point and the weight hint (mismatched pairs: tests/test_kto.py)."""
 
 import math
 
 import pytest
 import torch
 
-from rlkit.losses import desirable_weight_hint, kl_reference_point, kto_loss, mismatched_pairs
+from rlkit.losses import desirable_weight_hint, kl_reference_point, kto_loss
 
 
 def sig(x: float) -> float:
@@ -61,21 +61,6 @@ def test_kl_reference_point():
     assert neg.item() == 0.0  # mean(-1, -2) = -1.5, clamped
     assert not neg.requires_grad
     assert kl_reference_point(neg_policy, torch.tensor([-2.0, -2.0]), clamp=False).item() == pytest.approx(-1.5)
-
-
-@pytest.mark.parametrize("b", range(2, 10))
-def test_mismatched_pairs_is_a_derangement(b):
-    idx = mismatched_pairs(b)
-    assert idx.dtype == torch.long
-    assert all(idx[i].item() != i for i in range(b))
-    assert sorted(idx.tolist()) == list(range(b))  # every completion used exactly once
-    assert idx.tolist() == [(i + 1) % b for i in range(b)]
-
-
-@pytest.mark.parametrize("b", [0, 1])
-def test_mismatched_pairs_needs_two_examples(b):
-    with pytest.raises(ValueError, match="at least 2"):
-        mismatched_pairs(b)
 
 
 def test_weight_hint():

@@ -46,7 +46,7 @@ def detect_format(columns: list[str], source: str) -> Format:
     )
 
 
-def _as_messages(value: Any, role: str, where: str) -> Messages:
+def as_messages(value: Any, role: str, where: str) -> Messages:
     """A string becomes one message of `role`; a message list is checked and kept."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
@@ -90,21 +90,21 @@ def split_pair(record: dict[str, Any], where: str) -> tuple[Messages, Messages, 
             cut = _common_prefix_text(chosen, rejected)
             if cut == 0:
                 raise InputError(f"{where}: no 'prompt' column and chosen/rejected share no prompt prefix")
-            return _as_messages(chosen[:cut], "user", where), _as_messages(chosen[cut:], "assistant", where), _as_messages(rejected[cut:], "assistant", where)
-        chosen_m, rejected_m = _as_messages(chosen, "assistant", where), _as_messages(rejected, "assistant", where)
+            return as_messages(chosen[:cut], "user", where), as_messages(chosen[cut:], "assistant", where), as_messages(rejected[cut:], "assistant", where)
+        chosen_m, rejected_m = as_messages(chosen, "assistant", where), as_messages(rejected, "assistant", where)
         cut = _common_prefix_messages(chosen_m, rejected_m)
         if cut == 0:
             raise InputError(f"{where}: no 'prompt' column and chosen/rejected share no leading messages")
         return chosen_m[:cut], chosen_m[cut:], rejected_m[cut:]
-    return _as_messages(prompt, "user", where), _as_messages(chosen, "assistant", where), _as_messages(rejected, "assistant", where)
+    return as_messages(prompt, "user", where), as_messages(chosen, "assistant", where), as_messages(rejected, "assistant", where)
 
 
 def to_conversation(record: dict[str, Any], fmt: Format, where: str) -> Messages:
     """One SFT example as messages (TEXT records are not conversations; see `tokenize`)."""
     if fmt is Format.MESSAGES:
-        return _as_messages(record["messages"], "user", where)
+        return as_messages(record["messages"], "user", where)
     if fmt in (Format.PROMPT_COMPLETION, Format.UNPAIRED):
-        return _as_messages(record["prompt"], "user", where) + _as_messages(record["completion"], "assistant", where)
+        return as_messages(record["prompt"], "user", where) + as_messages(record["completion"], "assistant", where)
     if fmt is Format.PREFERENCE:
         prompt, chosen, _ = split_pair(record, where)
         return prompt + chosen

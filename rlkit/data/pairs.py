@@ -99,6 +99,42 @@ def _render_pair(record: dict[str, Any], tokenizer: Any, template: ChatTemplate,
     ]
 
 
+Rendered = list[list[tuple[str, bool]]]  # [prompt segments, completion segments, ...] of one record
+
+
+def encode_rendered(rendered: list[Rendered], tokenizer: Any) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
+    """Per record: the prompt's ids (single-BOS rule of SFT) and each completion's (ids, labels).
+
+    All segments of all records go through the tokenizer in one call (fast tokenizers batch it).
+    """
+    flat = [text for parts in rendered for segs in parts for text, _ in segs]
+    encoded = iter(tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+    bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
+    out = []
+    for parts in rendered:
+        pieces = [[(next(encoded), trainable) for _, trainable in segs] for segs in parts]
+        prompt_ids = [i for piece, _ in pieces[0] for i in piece]
+        prompt_ids, _ = finish_ids(prompt_ids, [IGNORE] * len(prompt_ids), bos_id)
+        completions = [
+            ([i for piece, _ in segs for i in piece], [i if trainable else IGNORE for piece, trainable in segs for i in piece])
+            for segs in pieces[1:]
+        ]
+        out.append((prompt_ids, completions))
+    return out
+
+
+def fit_completion(prompt_ids: list[int], ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    """The completion cut to the room its prompt leaves in `max_length`, and whether it was cut."""
+    room = max(max_length - len(prompt_ids), 0)
+    if len(ids) > room:
+        return ids[:room], labels[:room], True
+    return ids, labels, False
+
+
+def has_label(labels: list[int]) -> bool:
+    return any(label != IGNORE for label in labels)
+
+
 def tokenize_pairs(
     records: Iterable[dict[str, Any]],
     tokenizer: Any,
@@ -109,35 +145,22 @@ def tokenize_pairs(
     """Tokenise preference records; returns rows of PAIR_COLUMNS (+ `margin` when given) and counts."""
     records = list(records)
     rendered = [_render_pair(r, tokenizer, template, f"{source} record {i + 1}") for i, r in enumerate(records)]
-    flat = [text for parts in rendered for segs in parts for text, _ in segs]
-    encoded = iter(tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
-    bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
     stats, rows = PairStats(), []
-    for number, (record, parts) in enumerate(zip(records, rendered), 1):
-        pieces = [[(next(encoded), trainable) for _, trainable in segs] for segs in parts]
-        prompt_ids = [i for piece, _ in pieces[0] for i in piece]
-        prompt_ids, _ = finish_ids(prompt_ids, [IGNORE] * len(prompt_ids), bos_id)
-        room = max_length - len(prompt_ids)
-        completions, cut = {}, False
-        for side, segs in zip(SIDES, pieces[1:]):
-            ids = [i for piece, _ in segs for i in piece]
-            labels = [i if trainable else IGNORE for piece, trainable in segs for i in piece]
-            if len(ids) > room:
-                ids, labels, cut = ids[: max(room, 0)], labels[: max(room, 0)], True
-            completions[side] = (ids, labels)
-        if room <= 0 or any(all(label == IGNORE for label in labels) for _, labels in completions.values()):
+    for number, (record, (prompt_ids, encoded)) in enumerate(zip(records, encode_rendered(rendered, tokenizer)), 1):
+        completions = [fit_completion(prompt_ids, ids, labels, max_length) for ids, labels in encoded]
+        if not all(has_label(labels) for _, labels, _ in completions):  # the prompt alone fills max_length
             stats.dropped += 1
             if len(stats.dropped_records) < 10:
                 stats.dropped_records.append(number)
             continue
         row: dict[str, Any] = {"prompt_input_ids": prompt_ids}
-        for side, (ids, labels) in completions.items():
+        for side, (ids, labels, _) in zip(SIDES, completions):
             row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labels
             stats.tokens += len(prompt_ids) + len(ids)
             stats.completion_tokens += sum(1 for label in labels if label != IGNORE)
         if record.get("margin") is not None:
             row["margin"] = float(record["margin"])
-        stats.truncated += cut
+        stats.truncated += any(cut for _, _, cut in completions)
         stats.pairs += 1
         rows.append(row)
     if any("margin" in row for row in rows) and not all("margin" in row for row in rows):
@@ -154,32 +177,28 @@ def pair_sequences(rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int
     The prompt carries no label, and neither does the first token of any sequence: in a
     padding-free row it would otherwise be "predicted" from the previous sequence's end.
     """
-    sequences = []
-    for side in SIDES:
-        for row in rows:
-            prompt = list(row["prompt_input_ids"])
-            ids = prompt + list(row[f"{side}_input_ids"])
-            labels = [IGNORE] * len(prompt) + list(row[f"{side}_labels"])
-            labels[0] = IGNORE
-            sequences.append((ids, labels))
-    return sequences
+    return [prompted_sequence(row["prompt_input_ids"], row[f"{side}_input_ids"], row[f"{side}_labels"]) for side in SIDES for row in rows]
 
 
-def collate_pairs(
-    rows: Iterable[dict[str, Any]],
+def prompted_sequence(prompt_ids: list[int], ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + completion, the labels on the completion only."""
+    labels = [IGNORE] * len(prompt_ids) + list(labels)
+    labels[0] = IGNORE
+    return list(prompt_ids) + list(ids), labels
+
+
+def collate_sequences(
+    sequences: list[tuple[list[int], list[int]]],
     pad_id: int,
     padding_free: bool = True,
     capacity: int | None = None,
 ) -> dict[str, Any]:
-    """Tensors for one micro-batch of pairs (see the module docstring for the layouts).
+    """input_ids, labels, position_ids and seq_index [rows, width] of `sequences`, and num_tokens.
 
-    Returns input_ids, labels, position_ids and seq_index [rows, width]; num_pairs;
-    num_tokens (real tokens, for tokens/s); and the optional per-pair columns as [B] tensors.
-    `capacity` caps a padding-free row (None or 0: the longest sequence's length); a sequence
-    longer than it gets a row of its own.
+    Padding-free, the sequences are laid end to end, best-fit, in rows of at most `capacity`
+    tokens (None or 0: the longest sequence's length; a longer sequence gets a row of its
+    own); padded, one sequence per row. seq_index k marks sequence k's tokens, -1 padding.
     """
-    rows = list(rows)
-    sequences = pair_sequences(rows)
     lengths = [len(ids) for ids, _ in sequences]
     if padding_free:
         bins = best_fit_decreasing(lengths, max(capacity or 0, max(lengths)))
@@ -202,18 +221,32 @@ def collate_pairs(
             seq_index[r, at : at + n] = k
             at += n
         position_ids[r, at:] = torch.arange(width - at)  # padding: a block of its own
-    batch: dict[str, Any] = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "seq_index": seq_index,
-        "num_pairs": len(rows),
-        "num_tokens": sum(lengths),
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_index": seq_index, "num_tokens": sum(lengths)}
+
+
+def per_row_columns(rows: list[dict[str, Any]], columns: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The optional per-example columns present in `rows`, as float64 [B] tensors."""
+    return {
+        column: torch.tensor([float(row[column]) for row in rows], dtype=torch.float64)
+        for column in columns
+        if rows and column in rows[0] and rows[0][column] is not None
     }
-    for column in OPTIONAL_COLUMNS:
-        if rows and column in rows[0] and rows[0][column] is not None:
-            batch[column] = torch.tensor([float(row[column]) for row in rows], dtype=torch.float64)
-    return batch
+
+
+def collate_pairs(
+    rows: Iterable[dict[str, Any]],
+    pad_id: int,
+    padding_free: bool = True,
+    capacity: int | None = None,
+) -> dict[str, Any]:
+    """Tensors for one micro-batch of pairs (see the module docstring for the layouts).
+
+    Returns input_ids, labels, position_ids and seq_index [rows, width]; num_pairs;
+    num_tokens (real tokens, for tokens/s); and the optional per-pair columns as [B] tensors.
+    """
+    rows = list(rows)
+    batch = collate_sequences(pair_sequences(rows), pad_id, padding_free, capacity)
+    return {**batch, "num_pairs": len(rows), **per_row_columns(rows, OPTIONAL_COLUMNS)}
 
 
 def sequence_sums(values: torch.Tensor, seq_index: torch.Tensor, mask: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:

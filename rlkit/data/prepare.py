@@ -4,9 +4,10 @@
 data packed on the fly are the same bytes. On-the-fly results are cached under a key made of
 everything that changes them, so a second run on the same data starts at once.
 
-Two kinds of prepared data share it: "sft" rows (tokenized, labelled, optionally packed) and
+Three kinds of prepared data share it: "sft" rows (tokenized, labelled, optionally packed),
 "pairs" (tokenized preference pairs for dpo and train-rm, see `rlkit.data.pairs`; they are
-laid end to end per micro-batch at collate time, since batches are drawn at random).
+laid end to end per micro-batch at collate time, since batches are drawn at random) and
+"unpaired" (labelled completions for kto, see `rlkit.data.unpaired`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from rlkit.data.packing import fill_ratio, pack_examples, unpacked_rows
 from rlkit.data.pairs import PairStats, tokenize_pairs
 from rlkit.data.templates import ChatTemplate, resolve_template
 from rlkit.data.tokenize import TokenStats, tokenize_sft
+from rlkit.data.unpaired import UnpairedStats, split_pair_data, tokenize_unpaired
 from rlkit.errors import InputError
 
 METADATA = "rlkit_pack.json"
-KINDS = ("sft", "pairs")
+KINDS = ("sft", "pairs", "unpaired")
 
 
 @dataclass
@@ -48,7 +50,7 @@ class DataOptions:
     eval_data: str | None = None
     eval_fraction: float = 0.0
     seed: int = 42
-    kind: str = "sft"  # "sft", "pairs", or (rlkit pack only) "auto": pairs for preference data
+    kind: str = "sft"  # "sft", "pairs", "unpaired", or (rlkit pack only) "auto": decided by the data's layout
 
 
 @dataclass
@@ -186,16 +188,66 @@ def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, load
     return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
 
 
+def _unpaired_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str) -> tuple[list[dict], UnpairedStats]:
+    rows, stats = tokenize_unpaired(records, fmt, tokenizer, template, opts.max_length, source)
+    if not rows:
+        raise InputError(
+            f"{source}: every example was dropped: each prompt alone fills --max-length {opts.max_length} tokens; "
+            "raise --max-length or shorten the prompts"
+        )
+    return rows, stats
+
+
+def build_unpaired_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
+    """Labelled completions (or pairs split into them) for KTO, train and eval, plus metadata."""
+    records, fmt, source = loaded or _load(opts)
+    template = resolve_template(opts.template, tokenizer, tokenizer_name)
+    train_records, eval_records = _split(records, opts.eval_fraction, opts.seed)
+    eval_source = "eval split"
+    if opts.eval_data:
+        eval_records, eval_source = load_records([opts.eval_data], opts.columns), opts.eval_data
+    train_rows, stats = _unpaired_rows(train_records, fmt, tokenizer, template, opts, source)
+    eval_rows: list[dict] = []
+    eval_stats = UnpairedStats()
+    if eval_records is not None:
+        eval_fmt = detect_format(eval_records.column_names, eval_source)
+        eval_rows, eval_stats = _unpaired_rows(eval_records, eval_fmt, tokenizer, template, opts, eval_source)
+    metadata = {
+        "rlkit_version": __version__,
+        "kind": "unpaired",
+        "format": fmt.value,
+        "sources": opts.sources,
+        "columns": opts.columns,
+        "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "template": {"name": template.name, "source": template.source},
+        "max_length": opts.max_length,
+        "packing": False,
+        "counts": {
+            **stats.as_dict(), "eval_examples": len(eval_rows), "eval_desirable": eval_stats.desirable,
+            "eval_undesirable": eval_stats.undesirable, "eval_dropped": eval_stats.dropped,
+        },
+        "dropped": [
+            {"source": name, "examples": st.dropped, "records": st.dropped_records}
+            for name, st in ((source, stats), (eval_source, eval_stats)) if st.dropped
+        ],
+    }
+    to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
+    return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
+
+
+_AUTO_KIND = {Format.PREFERENCE: "pairs", Format.UNPAIRED: "unpaired"}
+_BUILDERS = {"sft": build_sft_data, "pairs": build_pair_data, "unpaired": build_unpaired_data}
+
+
 def build_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
-    """SFT rows or preference pairs, per `opts.kind` ("auto": pairs when the data are pairs)."""
+    """SFT rows, preference pairs or unpaired examples, per `opts.kind` ("auto": by the data's layout)."""
     loaded = _load(opts)
     kind = opts.kind
     if kind == "auto":
-        kind = "pairs" if loaded[1] is Format.PREFERENCE else "sft"
+        kind = _AUTO_KIND.get(loaded[1], "sft")
     if kind not in KINDS:
-        raise InputError(f"--kind {kind!r}: expected auto, {' or '.join(KINDS)}")
-    build = build_pair_data if kind == "pairs" else build_sft_data
-    return build(replace(opts, kind=kind), tokenizer, tokenizer_name, loaded)
+        raise InputError(f"--kind {kind!r}: expected auto, {', '.join(KINDS)}")
+    return _BUILDERS[kind](replace(opts, kind=kind), tokenizer, tokenizer_name, loaded)
 
 
 def save_prepared(data: PreparedData, directory: Path) -> None:
@@ -204,7 +256,7 @@ def save_prepared(data: PreparedData, directory: Path) -> None:
     (directory / METADATA).write_text(json.dumps(data.metadata, indent=2) + "\n")
 
 
-_KIND_WORDS = {"sft": "SFT rows", "pairs": "preference pairs"}
+_KIND_WORDS = {"sft": "SFT rows", "pairs": "preference pairs", "unpaired": "unpaired (labelled) examples"}
 
 
 def load_packed(directory: str, tokenizer: Any, model_name: str, kind: str | None = None) -> PreparedData:
@@ -271,3 +323,17 @@ def prepare_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> 
 def prepare_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
     """Tokenized preference pairs from raw data (cached) or a `rlkit pack` dir of pairs."""
     return prepare_data(replace(opts, kind="pairs", packing=False, completion_only=True), tokenizer, tokenizer_name)
+
+
+def prepare_unpaired_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str) -> PreparedData:
+    """Labelled completions for KTO from raw data (cached), or a `rlkit pack` dir of them or of pairs.
+
+    A dir of packed pairs is split here, row by row, so one `rlkit pack` serves dpo and kto.
+    """
+    if len(opts.sources) == 1 and is_packed_dir(opts.sources[0]):
+        found = json.loads((Path(opts.sources[0]) / METADATA).read_text()).get("kind")
+        if found == "pairs":
+            pairs = load_packed(opts.sources[0], tokenizer, tokenizer_name, kind="pairs")
+            train, eval_split, metadata = split_pair_data(pairs.train, pairs.eval, pairs.metadata)
+            return PreparedData(train, eval_split, metadata, pairs.directory)
+    return prepare_data(replace(opts, kind="unpaired", packing=False, completion_only=True), tokenizer, tokenizer_name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rlkit.data.formats import Messages, _as_messages
+from rlkit.data.formats import Messages, as_messages
 from rlkit.data.load import load_records
 from rlkit.errors import InputError
 
@@ -19,9 +19,9 @@ def read_records(path: str, columns: str | None, limit: int) -> list[dict[str, A
 def prompt_messages(record: dict[str, Any], where: str) -> Messages:
     """The conversation to answer: `prompt` (string or messages), or `messages` without trailing replies."""
     if record.get("prompt") is not None:
-        return _as_messages(record["prompt"], "user", where)
+        return as_messages(record["prompt"], "user", where)
     if record.get("messages") is not None:
-        messages = _as_messages(record["messages"], "user", where)
+        messages = as_messages(record["messages"], "user", where)
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if messages:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlkit.losses.kto import desirable_weight_hint, kl_reference_point, kto_loss, mismatched_pairs
+from rlkit.losses.kto import desirable_weight_hint, kl_reference_point, kto_loss
 from rlkit.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -68,7 +68,6 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
-    "mismatched_pairs",
     "per_token_rewards",
     "robust_loss",
     "sigmoid_loss",

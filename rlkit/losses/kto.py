@@ -44,7 +44,7 @@ def kl_reference_point(policy_kl_logps: Tensor, reference_kl_logps: Tensor, clam
     """Estimate the KTO reference point z0 = KL(π‖π_ref) from mismatched pairs (Ethayarajh et al. 2024).
 
     Why mismatched: log-probs of completions y_j under unrelated prompts x_i
-    (see ``mismatched_pairs``) give a batch-level, gradient-free estimate of the
+    (see ``rlkit.data.unpaired.mismatched_partners``) give a batch-level, gradient-free estimate of the
     policy's drift that is not tied to any one example's reward. The mean is
     detached (no gradient flows through z0) and clamped at 0 (a KL cannot be
     negative; the sampled estimate can).
@@ -55,22 +55,6 @@ def kl_reference_point(policy_kl_logps: Tensor, reference_kl_logps: Tensor, clam
     """
     z0 = (policy_kl_logps - reference_kl_logps).mean().detach()
     return z0.clamp(min=0) if clamp else z0
-
-
-def mismatched_pairs(batch_size: int) -> Tensor:
-    """Index j = (i + 1) % B of the completion paired with prompt i for the KL estimate.
-
-    Why: the paper estimates z0 from (x_i, y_j) pairs with j ≠ i taken from the
-    same microbatch; a cyclic shift by one (as TRL does) is the simplest
-    derangement, so no prompt is ever paired with its own completion. That needs
-    at least two examples per microbatch.
-    """
-    if batch_size < 2:
-        raise ValueError(
-            f"KTO needs a per-device batch size of at least 2 to build mismatched "
-            f"(prompt, completion) pairs for the KL reference point; got {batch_size}"
-        )
-    return (torch.arange(batch_size) + 1) % batch_size
 
 
 def desirable_weight_hint(

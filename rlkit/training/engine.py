@@ -36,18 +36,53 @@ Batch = dict[str, Any]
 
 @dataclass
 class StepOutput:
-    """`loss` and every metric are sums over the micro-batch's units, not means."""
+    """`loss` and every metric are sums over the micro-batch's units, not means.
+
+    A metric that averages over a subset of the units instead (KTO's rewards of desirable
+    examples only) gives its own count in `counts` under the same name; the engine then
+    divides the step's summed metric by the step's summed count, and logs nothing for a
+    step where that count is zero.
+    """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective(Protocol):
+    """What a trainer gives the engine. It may also define `derived_metrics(means) -> dict`,
+    metrics computed from a step's (or an evaluation's) averaged ones, e.g. a margin."""
+
     def weight(self, batch: Batch) -> float:
         """Number of loss units in the micro-batch (known before the forward pass)."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> StepOutput:
         """Summed loss (and metric sums) of the micro-batch."""
+
+
+_COUNT = "count::"
+
+
+def _accumulate(sums: dict[str, float], out: StepOutput) -> None:
+    for key, value in out.metrics.items():
+        sums[key] = sums.get(key, 0.0) + float(value)
+    for key, value in out.counts.items():
+        sums[_COUNT + key] = sums.get(_COUNT + key, 0.0) + float(value)
+
+
+def _means(sums: dict[str, float], units: float, objective: Objective) -> dict[str, float]:
+    """Summed metrics to means: per unit, or per their own count (see StepOutput)."""
+    means = {}
+    for key, value in sums.items():
+        if key.startswith(_COUNT):
+            continue
+        count = sums.get(_COUNT + key, None)
+        if count is None:
+            means[key] = value / max(units, 1e-12)
+        elif count > 0:
+            means[key] = value / count
+    derive = getattr(objective, "derived_metrics", None)
+    return {**means, **(derive(means) if derive else {})}
 
 
 class StepSource(Protocol):
@@ -213,12 +248,11 @@ class Engine:
                 if real:
                     sums["weight"] += float(objective.weight(batch))
                     sums["loss"] += float(out.loss)
-                    for key, value in out.metrics.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
+                    _accumulate(sums, out)
         model.train()
         sums = self._reduce(sums)
-        weight = max(sums.pop("weight"), 1e-12)
-        return {f"eval/{k}": v / weight for k, v in sums.items()}
+        weight = sums.pop("weight")
+        return {f"eval/{k}": v for k, v in _means(sums, weight, objective).items()}
 
     def fit(
         self,
@@ -277,8 +311,7 @@ class Engine:
                             acc.backward(out.loss * acc.num_processes * c.grad_accum / max(units, 1e-12))
                         sums["loss"] += float(out.loss.detach())
                         sums["tokens"] += float(batch.get("num_tokens", batch["input_ids"].numel()))
-                        for key, value in out.metrics.items():
-                            sums[key] = sums.get(key, 0.0) + float(value)
+                        _accumulate(sums, out)
                     grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
                     sums = self._reduce(sums)
                     grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed does not report it
@@ -303,7 +336,7 @@ class Engine:
                         "grad_norm": grad_norm,
                         "tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
                         "epoch": round(self.state.step / steps_per_epoch, 4),
-                        **{k: v / max(units, 1e-12) for k, v in sums.items() if k != "tokens"},
+                        **_means({k: v for k, v in sums.items() if k != "tokens"}, units, objective),
                         "step_time_s": elapsed,
                     }
                     if source is not None:
