@@ -185,6 +185,14 @@ def source_identity(source: ModelSource) -> dict[str, Any]:
     return {"name": source.name, "gguf": source.gguf_file, "adapter": source.adapter_dir, "files": files}
 
 
+def same_weights(a: ModelSource, b: ModelSource) -> bool:
+    """Whether two sources are the same files on disk (however their paths were written)."""
+    ia, ib = source_identity(a), source_identity(b)
+    if ia["files"] or ib["files"]:
+        return (ia["files"], Path(ia["gguf"] or "").name) == (ib["files"], Path(ib["gguf"] or "").name)
+    return ia["name"] == ib["name"]
+
+
 def reference_key(source: ModelSource, dtype: torch.dtype, accelerator: Accelerator) -> str:
     payload = [__version__, source_identity(source), str(dtype), accelerator.mixed_precision]
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
@@ -307,20 +315,22 @@ def setup_reference(
     precomputed columns (KTO: how the mismatched pairs were drawn).
     """
     ref_source = resolve_source(config.ref) if config.ref else run.source
+    # `--ref` naming MODEL itself (iterated KTO/DPO: the previous round is both) is the starting model
+    ref_is_start = same_weights(ref_source, run.source)
     described = f"`{config.ref}`" if config.ref else f"the starting model `{run.source.name}`"
     if config.precompute_ref:
         loaded: dict[str, torch.nn.Module] = {}  # the --ref model, loaded on a cache miss only, once
 
         def compute(dataset: Any) -> dict[str, list[float]]:
             if "model" not in loaded:
-                loaded["model"] = policy if not config.ref else load_reference_model(ref_source, tokenizer, run)
+                loaded["model"] = policy if ref_is_start else load_reference_model(ref_source, tokenizer, run)
             return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator, spec)
 
         key = reference_key(ref_source, run.weights_dtype, run.accelerator) + cache_tag
         data = attach_reference_logps(data, key, compute, run.accelerator, spec)
         loaded.clear()  # training holds no reference model
         return PrecomputedReference(spec), data, f"{described}, log-probs precomputed"
-    if config.ref:
+    if config.ref and not (ref_is_start and config.lora):
         return ModelReference(load_reference_model(ref_source, tokenizer, run), spec), data, f"{described}, on the fly"
     if config.lora and run.source.adapter_dir:
         return AdapterReference(policy, run.source.adapter_dir, spec), data, f"{described} (its adapter, frozen), on the fly"
