@@ -24,7 +24,7 @@ COMMANDS = [("pack", "pack"), ("sft", "sft"), ("train-rm", "train_rm"), ("dpo", 
 
 app = typer.Typer(
     name="rlkit",
-    help="Preference-tuning for language models: pack, sft, and more. Each command reads and writes standard Hugging Face dirs.",
+    help="Preference-tuning for language models: pack, sft, train-rm, dpo, kto, ppo, merge-lora, chat, eval. Each command reads and writes standard Hugging Face dirs.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
