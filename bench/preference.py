@@ -1,7 +1,8 @@
-"""DPO and reward-model throughput and memory: rlkit (defaults and toggles) against TRL.
+"""DPO, KTO and reward-model throughput and memory: rlkit (defaults and toggles) against TRL.
 
     python bench/preference.py [--sizes tiny,small] [--epochs 1] [--repeats 2] [--doc docs/dpo.md]
     python bench/preference.py --sizes medium --tasks dpo --max-steps 8 --repeats 1 --block preference-memory
+    python bench/preference.py --tasks kto --doc docs/kto.md --block kto
 
 Every configuration trains the same model (full fine-tuning, fp32, CPU unless a GPU is there)
 on the same pairs (the demo's pairs.jsonl, chatml), with the same batch and max length, in
@@ -9,6 +10,14 @@ its own child process (`bench/common.py`). rlkit runs with its defaults (padding
 precomputed reference log-probs), then with each toggled, so the gain of each shows; TRL's
 DPOTrainer and RewardTrainer run with their defaults (padded batches, a reference model copy
 consulted every step) in a separate environment that shares this one's torch/transformers.
+
+KTO (`--tasks kto`) trains on the demo's 300 labelled completions (unpaired.jsonl; TRL gets the
+same records as conversational prompt/completion/label rows), batch 8 examples, against TRL's
+KTOTrainer with its defaults (reference model copy, `loss_type="kto"`, so it also runs the
+mismatched-completion KL forward, with gradient checkpointing on) and once more with gradient
+checkpointing off (rlkit's default). Its tokens/s counts each example's own prompt+completion
+tokens only: the no-grad forward over the mismatched (KL) completions that both trainers run
+every step is work done but not counted, for both alike.
 
 Columns: tokens/s is real (non-padding) prompt+completion tokens of both sides per second of
 training steps (first step left out); end-to-end is the child's wall time from before data
@@ -32,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, ensure_venv_with, log, machine_info, markdown_table, replace_block, run_child, versions, write_result  # noqa: E402
 
 DATA = REPO / "rlkit" / "demo" / "data" / "pairs.jsonl"
+UNPAIRED = REPO / "rlkit" / "demo" / "data" / "unpaired.jsonl"
 SIZES = {"tiny": (64, 2), "small": (256, 4), "medium": (512, 8)}  # hidden, layers (vocab 600: the test tokenizer)
 BATCH, MAX_LENGTH, LR = 8, 256, 1e-4
 RLKIT_DPO = {
@@ -41,6 +51,14 @@ RLKIT_DPO = {
     "rlkit, both off": ["--no-padding-free", "--no-precompute-ref"],
 }
 RLKIT_RM = {"rlkit (defaults)": [], "rlkit --no-padding-free": ["--no-padding-free"]}
+RLKIT = {"dpo": RLKIT_DPO, "kto": RLKIT_DPO, "rm": RLKIT_RM}
+# TRL rows per task: (name, flags); the first is the baseline of the "vs TRL" columns
+TRL = {
+    "dpo": [("TRL DPOTrainer (defaults)", [])],
+    "kto": [("TRL KTOTrainer (defaults)", []), ("TRL KTOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"])],
+    "rm": [("TRL RewardTrainer (defaults)", [])],
+}
+TITLES = {"dpo": "DPO (full fine-tuning)", "kto": "KTO (full fine-tuning)", "rm": "Reward model (full fine-tuning)"}
 
 
 def make_model(directory: Path, size: str) -> Path:
@@ -55,16 +73,27 @@ def make_model(directory: Path, size: str) -> Path:
     return directory
 
 
-def epoch_tokens(model: Path) -> tuple[int, int]:
-    """(real tokens of one pass over the pairs, pairs): the numerator for every trainer."""
+def epoch_tokens(model: Path, task: str = "dpo") -> tuple[int, int]:
+    """(real tokens of one pass over the data, pairs or examples): the numerator for every trainer.
+
+    For KTO: each example's prompt + its own completion, not the mismatched (KL) completions."""
     from transformers import AutoTokenizer
 
-    from rlkit.data.pairs import tokenize_pairs
     from rlkit.data.templates import resolve_template
 
     tokenizer = AutoTokenizer.from_pretrained(model)
+    template = resolve_template(None, tokenizer)
+    if task == "kto":
+        from rlkit.data.formats import Format
+        from rlkit.data.unpaired import tokenize_unpaired
+
+        records = [json.loads(line) for line in UNPAIRED.read_text().splitlines()]
+        _, unpaired = tokenize_unpaired(records, Format.UNPAIRED, tokenizer, template, MAX_LENGTH)
+        return unpaired.tokens, unpaired.examples
+    from rlkit.data.pairs import tokenize_pairs
+
     records = [json.loads(line) for line in DATA.read_text().splitlines()]
-    _, stats = tokenize_pairs(records, tokenizer, resolve_template(None, tokenizer), MAX_LENGTH)
+    _, stats = tokenize_pairs(records, tokenizer, template, MAX_LENGTH)
     return stats.tokens, stats.pairs
 
 
@@ -76,7 +105,7 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
 
     quiet_libraries()
     out = Path(tempfile.mkdtemp()) / "out"
-    common = dict(model=args.model, data=[str(DATA)], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
+    common = dict(model=args.model, data=[str(UNPAIRED if args.task == "kto" else DATA)], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
                   epochs=args.epochs, max_steps=args.max_steps or None, precision="fp32", log_every=10_000)
     flags = json.loads(args.flags)
     toggles = {"padding_free": "--no-padding-free" not in flags}
@@ -85,6 +114,10 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
         from rlkit.dpo import DPOConfig, run_dpo
 
         run_dpo(DPOConfig(**common, **toggles, precompute_ref="--no-precompute-ref" not in flags))
+    elif args.task == "kto":
+        from rlkit.kto import KTOConfig, run_kto
+
+        run_kto(KTOConfig(**common, **toggles, precompute_ref="--no-precompute-ref" not in flags))
     else:
         from rlkit.reward_model import RewardModelConfig, run_train_rm
 
@@ -99,12 +132,20 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-    records = [json.loads(line) for line in DATA.read_text().splitlines()]
-    conversational = [
-        {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
-        for r in records
-    ]
+    if args.task == "kto":  # TRL's unpaired format, conversational: the same records rlkit reads
+        records = [json.loads(line) for line in UNPAIRED.read_text().splitlines()]
+        conversational = [
+            {"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": r["completion"]}],
+             "label": bool(r["label"])}
+            for r in records
+        ]
+    else:
+        records = [json.loads(line) for line in DATA.read_text().splitlines()]
+        conversational = [
+            {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            for r in records
+        ]
     dataset = datasets.Dataset.from_list(conversational)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     walls: list[float] = []
@@ -125,6 +166,20 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
 
         model = AutoModelForCausalLM.from_pretrained(args.model)
         trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1), train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+    elif args.task == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        extra = {"gradient_checkpointing": False} if "no-gradient-checkpointing" in json.loads(args.flags) else {}
+        config = KTOConfig(**common, **extra)  # beta 0.1, weights 1/1, loss_type "kto", no precompute: its defaults
+        trainer = KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+        rows = trainer.train_dataset
+        trl_tokens = sum(len(p) + len(c) for p, c in zip(rows["prompt_ids"], rows["completion_ids"]))
+        settings = {k: getattr(config, k) for k in ("loss_type", "beta", "desirable_weight", "undesirable_weight", "max_length",
+                                                      "precompute_ref_log_probs", "gradient_checkpointing", "bf16", "train_sampling_strategy")}
+        trainer.train()
+        return {"step_walls": walls, "end_to_end_s": time.perf_counter() - started, "trl_tokens": trl_tokens, "trl_examples": len(rows),
+                "trl_settings": settings, "calculate_kl": bool(trainer.calculate_KL), "ref_model": trainer.ref_model is not None}
     else:
         from trl import RewardConfig, RewardTrainer
 
@@ -150,12 +205,14 @@ def summarise(result: dict[str, Any], tokens: int, pairs: int, epochs: int) -> d
     walls = result["step_walls"]
     measured = walls[1:] if len(walls) > 1 else walls
     per_step = tokens / pairs * BATCH  # the mean real tokens of a step of BATCH pairs
-    return {
+    summary = {
         "tokens_per_s": per_step * len(measured) / max(sum(measured), 1e-9),
         "end_to_end_s": result["end_to_end_s"],
         "peak_rss_mib": result["peak_rss_mib"],
         "steps": len(walls),
     }
+    # TRL's own tokenisation of the same records, to check that the numerator fits it too
+    return summary | {k: result[k] for k in ("trl_tokens", "trl_examples", "trl_settings", "calculate_kl", "ref_model") if k in result}
 
 
 def main() -> None:
@@ -188,10 +245,11 @@ def main() -> None:
         rows = []
         for size in args.sizes.split(","):
             model = make_model(work / f"model-{size}", size)
-            tokens, pairs = epoch_tokens(model)
-            configs = [("rlkit", name, flags) for name, flags in (RLKIT_DPO if task == "dpo" else RLKIT_RM).items()]
+            tokens, pairs = epoch_tokens(model, task)
+            log(f"{task} {size}: {tokens:,} real tokens in {pairs} {'examples' if task == 'kto' else 'pairs'} (the numerator)")
+            configs = [("rlkit", name, flags) for name, flags in RLKIT[task].items()]
             if trl_python:
-                configs.append(("trl", f"TRL {'DPOTrainer' if task == 'dpo' else 'RewardTrainer'} (defaults)", []))
+                configs += [("trl", name, flags) for name, flags in TRL[task]]
             results: dict[str, Any] = {}
             for trainer, name, flags in [c for _ in range(args.repeats) for c in configs]:
                 python = sys.executable if trainer == "rlkit" else trl_python
@@ -205,7 +263,7 @@ def main() -> None:
                 log(f"  -> {summary}")
                 if name not in results or results[name].get("tokens_per_s", -1) < summary.get("tokens_per_s", 0):
                     results[name] = summary
-            base = results.get(f"TRL {'DPOTrainer' if task == 'dpo' else 'RewardTrainer'} (defaults)", {})
+            base = results.get(TRL[task][0][0], {})
             for name, r in results.items():
                 if "error" in r:
                     rows.append([size, name, r["error"], "", "", "", ""])
@@ -213,7 +271,7 @@ def main() -> None:
                 speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base.get("tokens_per_s") else "-"
                 memory = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base.get("peak_rss_mib") else "-"
                 rows.append([size, name, f"{r['tokens_per_s']:,.0f}", speed, f"{r['end_to_end_s']:.1f}", f"{r['peak_rss_mib']:,.0f}", memory])
-        title = "DPO (full fine-tuning)" if task == "dpo" else "Reward model (full fine-tuning)"
+        title = TITLES[task]
         table = markdown_table(["model", "configuration", "tokens/s", "vs TRL", "end-to-end s", "peak RSS MiB", "RSS vs TRL"], rows)
         tables.append(f"### {title}\n\n{table}")
         print(f"{title}\n{table}\n")
@@ -223,7 +281,8 @@ def main() -> None:
         f"Measured by `python bench/preference.py` on {info['cpu']} ({info['cores']} cores, {args.threads} thread(s) per run, "
         f"load average {', '.join(f'{x:.1f}' for x in info['load_average'] or [])}); "
         + ", ".join(f"{k} {v}" for k, v in vers.items())
-        + f". Demo pairs (300, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, "
+        + (f". Demo labelled completions (unpaired.jsonl, 300 examples, chatml), batch {BATCH} examples, max length {MAX_LENGTH}, "
+           if args.tasks == "kto" else f". Demo pairs (300, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, ")
         + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epoch(s)")
         + f", best of {args.repeats}, fp32, models: "
         + ", ".join(f"{s} = Llama hidden {SIZES[s][0]} x {SIZES[s][1]} layers" for s in args.sizes.split(","))
