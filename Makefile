@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_MODEL := .cache/demo/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_OUT   ?= demo-out
 
-.PHONY: setup demo demo-model test test-slow bench clean
+.PHONY: setup demo demo-model test test-slow bench bench-ppo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test-slow: setup
 # (TRL goes into its own venv under .cache/bench; SmolLM2 rows need `make demo-model` first).
 bench: setup
 	$(PY) bench/bench_sft.py
+
+# PPO steps/s, generation tokens/s and peak RSS, rlkit against TRL's PPOTrainer (trl 1.12, in its own
+# venv under .cache/bench); tiny Llama, and SmolLM2 when `make demo-model` has fetched it (else skipped). ~35 min.
+bench-ppo: setup
+	$(PY) bench/ppo.py --models tiny,smollm2 --with-shared
 
 clean:
 	rm -rf $(DEMO_OUT) build dist *.egg-info

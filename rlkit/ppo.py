@@ -470,10 +470,12 @@ class PPOLoop:
         kl_coef = float(wrapper.kl_coef)
         kl = kl_penalty(logprobs, ref_logprobs, c.kl_estimator)
         rewards, non_score = per_token_rewards(scores, kl, response_mask, kl_coef)
+        # whitening statistics over the whole rollout of every process, as one process would have them
+        across = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
         if c.whiten_rewards:
-            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False, reduce=across)
         advantages, returns = gae(rewards, values, response_mask, c.gamma, c.lam)
-        advantages = masked_whiten(advantages, response_mask)
+        advantages = masked_whiten(advantages, response_mask, reduce=across)
         seq_kl = torch.where(response_mask.bool(), kl, 0).sum(1)
         mean_kl = float(acc.reduce(seq_kl.mean().detach(), reduction="mean")) if acc.num_processes > 1 else float(seq_kl.mean())
         self.kl_ctl.value = kl_coef

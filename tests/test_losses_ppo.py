@@ -179,3 +179,47 @@ def test_explained_variance():
     # residuals (0.5, -0.5, 0.5, -0.5): var 0.25 vs var(R) = 1.25 -> 1 - 0.2
     values = torch.tensor([[0.5, 2.5, 2.5, 4.5, 0.0]])
     assert explained_variance(values, returns, mask).item() == pytest.approx(0.8)
+
+
+def _simulated_processes(parts, fn):
+    """Run fn(part, reduce) in one thread per part, with `reduce` a sum over the threads (an all-reduce)."""
+    import threading
+
+    barrier, slots, results = threading.Barrier(len(parts)), [None] * len(parts), [None] * len(parts)
+
+    def worker(rank):
+        def reduce(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()  # everyone has read the slots before the next call overwrites them
+            return total
+
+        results[rank] = fn(parts[rank], reduce)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_whitening_across_processes_matches_one_process_with_the_whole_rollout():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5) * 3 + 2
+    x[0] += 10  # the rows of the two "processes" have very different means
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    x[1, 4] = float("nan")  # garbage after EOS stays out of the statistics
+    parts = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+    for shift_mean in (True, False):
+        whole = masked_whiten(x, mask, shift_mean=shift_mean)
+        split = _simulated_processes(parts, lambda p, reduce: masked_whiten(p[0], p[1], shift_mean=shift_mean, reduce=reduce))
+        assert torch.allclose(torch.cat(split), whole, atol=1e-6)
+        # without the reduction each process whitens with its own statistics: not the same advantages
+        local = torch.cat([masked_whiten(p[0], p[1], shift_mean=shift_mean) for p in parts])
+        assert (local - whole).abs().max() > 0.1
+    var = _simulated_processes(parts, lambda p, reduce: masked_var(p[0], p[1], reduce=reduce))
+    assert var[0].item() == pytest.approx(masked_var(x, mask).item()) and var[1].item() == pytest.approx(var[0].item())

@@ -255,3 +255,52 @@ def test_bad_input_is_refused_before_any_output(tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match="no `prompt` or `messages` column"):
         run_ppo(_config(tiny_model_dir, out, data=[str(texts)]))
     assert not out.exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_efficacy_ppo_with_a_trained_reward_model_raises_its_held_out_score(tiny_model_dir, tmp_path):
+    """The demo task end to end: SFT briefly, train a reward model on the demo pairs, PPO against it.
+
+    Measured on the held-out prompts (never in prompts.jsonl) with the same sampling seed before
+    and after, at temperature 1 (what PPO samples at): the reward model's mean score must rise by
+    more than 1.0 (it rises by ~2, from ~0.3; the score's std over prompts is ~2, so the standard
+    error of a 64-prompt mean is ~0.3). With lr 0 the two evaluations are identical, so the test
+    fails if PPO did nothing. The demo task's own checker (`rlkit.demo.task:reward`) is printed,
+    not asserted: this ~100k-parameter reward model is easy to exploit (PPO learns to end every
+    line with `#done`, the feature it keys on, without the rest of the format), so the checker's
+    score does not rise with it -- reward hacking in miniature.
+    """
+    data = DEMO_DATA
+    sft, rm, ppo = tmp_path / "sft", tmp_path / "rm", tmp_path / "ppo"
+    steps = [
+        ("sft", str(tiny_model_dir), str(data / "sft.jsonl"), "-o", str(sft), "--full", "--lr", "3e-3", "--max-steps", "60",
+         "--batch-size", "4", "--max-length", "256"),
+        ("train-rm", str(tiny_model_dir), str(data / "pairs.jsonl"), "-o", str(rm), "--eval-data", str(data / "pairs_eval.jsonl"),
+         "--lr", "3e-3", "--epochs", "1", "--batch-size", "8"),
+    ]
+    for args in steps:
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+    rm_accuracy = json.loads((rm / "final_metrics.json").read_text())["eval/accuracy"]
+    assert rm_accuracy > 0.9, rm_accuracy
+
+    def evaluate(policy: Path, reward: str) -> float:
+        result = run_cli("eval", str(policy), "--prompts", str(data / "eval_prompts.jsonl"), "--reward", reward,
+                         "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "7")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["score_mean"]
+
+    before = {"rm": evaluate(sft, str(rm)), "task": evaluate(sft, "rlkit.demo.task:reward")}
+    result = run_cli("ppo", str(sft), str(data / "prompts.jsonl"), "-o", str(ppo), "--reward", str(rm), "--full", "--lr", "3e-4",
+                     "--kl-coef", "0.1", "--max-steps", "15", "--batch-size", "16", "--max-new-tokens", "24", "--ppo-epochs", "4",
+                     "--sample-every", "0")
+    assert result.returncode == 0, result.stderr
+    after = {"rm": evaluate(ppo, str(rm)), "task": evaluate(ppo, "rlkit.demo.task:reward")}
+    curve = [m["score/mean"] for m in _metrics(ppo) if "score/mean" in m]
+    kls = [m["kl"] for m in _metrics(ppo) if "score/mean" in m]
+    print(f"reward model held-out accuracy {rm_accuracy:.3f}")
+    print(f"held-out RM score (T=1): before PPO {before['rm']:.3f}, after {after['rm']:.3f}")
+    print(f"held-out demo-task reward (T=1, not asserted): before {before['task']:.3f}, after {after['task']:.3f}")
+    print(f"training RM score per PPO step: {[round(s, 2) for s in curve]}; KL {[round(k, 2) for k in kls]}")
+    assert after["rm"] > before["rm"] + 1.0, (before, after)
+    assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.5, curve
+    assert all(math.isfinite(k) for k in kls)

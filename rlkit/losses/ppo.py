@@ -13,7 +13,7 @@ Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -30,24 +30,45 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of the masked entries of ``x``; ``unbiased`` applies Bessel's n/(n-1) when n > 1."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.bool().sum()
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Variance of the masked entries of ``x``; ``unbiased`` applies Bessel's n/(n-1) when n > 1.
+
+    ``reduce`` (optional) sums a tensor over processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``):
+    then the mean and variance are those of the masked entries of *every* process's ``x``, so a
+    rollout split over N processes gets the statistics of the whole rollout, as one process would.
+    """
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+        n = mask.bool().sum()
+    else:
+        m = mask.bool()
+        sums = reduce(torch.stack([torch.where(m, x, 0).sum(), m.sum().to(x.dtype)]))
+        total, n = sums[0], sums[1]
+        mean = total / n.clamp(min=1)
+        var = reduce(torch.where(m, (x - mean) ** 2, 0).sum()) / n.clamp(min=1)
     if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalise masked entries to unit (unbiased) variance, and zero mean if ``shift_mean``.
 
     Why: whitening advantages over the batch keeps the policy-gradient scale
     stable as reward magnitudes drift (Huang et al. 2024). ``shift_mean=False``
     is used for rewards, whose sign carries meaning. Masked entries are set to 0.
+    ``reduce`` sums over processes (see ``masked_var``): the statistics are the
+    whole rollout's, so N processes whiten exactly as one process with the same
+    global rollout would, rather than each subtracting its own baseline.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.bool()
+        sums = reduce(torch.stack([torch.where(m, x, 0).sum(), m.sum().to(x.dtype)]))
+        mean = sums[0] / sums[1].clamp(min=1)
+        var = masked_var(x, mask, reduce=reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
