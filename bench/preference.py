@@ -49,22 +49,43 @@ RLKIT_DPO = {
     "rlkit --no-padding-free": ["--no-padding-free"],
     "rlkit --no-precompute-ref": ["--no-precompute-ref"],
     "rlkit, both off": ["--no-padding-free", "--no-precompute-ref"],
+    "rlkit --gradient-checkpointing": ["--gradient-checkpointing"],  # TRL's default; rlkit's is off
 }
 RLKIT_RM = {"rlkit (defaults)": [], "rlkit --no-padding-free": ["--no-padding-free"]}
 RLKIT = {"dpo": RLKIT_DPO, "kto": RLKIT_DPO, "rm": RLKIT_RM}
 # TRL rows per task: (name, flags); the first is the baseline of the "vs TRL" columns
 TRL = {
-    "dpo": [("TRL DPOTrainer (defaults)", [])],
+    "dpo": [("TRL DPOTrainer (defaults)", []), ("TRL DPOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"])],
     "kto": [("TRL KTOTrainer (defaults)", []), ("TRL KTOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"])],
     "rm": [("TRL RewardTrainer (defaults)", [])],
 }
 TITLES = {"dpo": "DPO (full fine-tuning)", "kto": "KTO (full fine-tuning)", "rm": "Reward model (full fine-tuning)"}
 
 
+SMOLLM2_GGUF = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def describe_size(size: str) -> str:
+    if size == "smollm2":
+        return "smollm2 = SmolLM2-135M-Instruct (vocab 49,152; dequantised from the demo .gguf to an fp32 HF dir)"
+    return f"{size} = Llama hidden {SIZES[size][0]} x {SIZES[size][1]} layers"
+
+
 def make_model(directory: Path, size: str) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import build_model, build_tokenizer
 
+    if size == "smollm2" and not (directory / "config.json").is_file():
+        # both trainers read the same HF dir: the demo .gguf, dequantised once (`make demo-model` fetches it)
+        from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
+        import torch
+
+        source = resolve_source(str(SMOLLM2_GGUF))
+        model = load_causal_lm(source, torch.float32, False)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(directory)
+        load_tokenizer(source, False).save_pretrained(directory)
     if not (directory / "config.json").is_file():
         tokenizer = build_tokenizer()
         hidden, layers = SIZES[size]
@@ -73,7 +94,7 @@ def make_model(directory: Path, size: str) -> Path:
     return directory
 
 
-def epoch_tokens(model: Path, task: str = "dpo") -> tuple[int, int]:
+def epoch_tokens(model: Path, task: str = "dpo", data: Path | None = None) -> tuple[int, int]:
     """(real tokens of one pass over the data, pairs or examples): the numerator for every trainer.
 
     For KTO: each example's prompt + its own completion, not the mismatched (KL) completions."""
@@ -87,12 +108,12 @@ def epoch_tokens(model: Path, task: str = "dpo") -> tuple[int, int]:
         from rlkit.data.formats import Format
         from rlkit.data.unpaired import tokenize_unpaired
 
-        records = [json.loads(line) for line in UNPAIRED.read_text().splitlines()]
+        records = [json.loads(line) for line in (data or UNPAIRED).read_text().splitlines()]
         _, unpaired = tokenize_unpaired(records, Format.UNPAIRED, tokenizer, template, MAX_LENGTH)
         return unpaired.tokens, unpaired.examples
     from rlkit.data.pairs import tokenize_pairs
 
-    records = [json.loads(line) for line in DATA.read_text().splitlines()]
+    records = [json.loads(line) for line in (data or DATA).read_text().splitlines()]
     _, stats = tokenize_pairs(records, tokenizer, template, MAX_LENGTH)
     return stats.tokens, stats.pairs
 
@@ -105,10 +126,10 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
 
     quiet_libraries()
     out = Path(tempfile.mkdtemp()) / "out"
-    common = dict(model=args.model, data=[str(UNPAIRED if args.task == "kto" else DATA)], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
+    common = dict(model=args.model, data=[args.data], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
                   epochs=args.epochs, max_steps=args.max_steps or None, precision="fp32", log_every=10_000)
     flags = json.loads(args.flags)
-    toggles = {"padding_free": "--no-padding-free" not in flags}
+    toggles = {"padding_free": "--no-padding-free" not in flags, "gradient_checkpointing": "--gradient-checkpointing" in flags}
     started = time.perf_counter()
     if args.task == "dpo":
         from rlkit.dpo import DPOConfig, run_dpo
@@ -133,14 +154,14 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     if args.task == "kto":  # TRL's unpaired format, conversational: the same records rlkit reads
-        records = [json.loads(line) for line in UNPAIRED.read_text().splitlines()]
+        records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
         conversational = [
             {"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": r["completion"]}],
              "label": bool(r["label"])}
             for r in records
         ]
     else:
-        records = [json.loads(line) for line in DATA.read_text().splitlines()]
+        records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
         conversational = [
             {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]}
@@ -165,7 +186,8 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
         from trl import DPOConfig, DPOTrainer
 
         model = AutoModelForCausalLM.from_pretrained(args.model)
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1), train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+        extra = {"gradient_checkpointing": False} if "no-gradient-checkpointing" in json.loads(args.flags) else {}
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common, **extra, beta=0.1), train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
     elif args.task == "kto":
         from trl import KTOConfig, KTOTrainer
 
@@ -227,7 +249,10 @@ def main() -> None:
     parser.add_argument("--doc", default=str(REPO / "docs" / "dpo.md"))
     parser.add_argument("--block", default="preference", help="name of the marked block of --doc to replace")
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--records", type=int, default=0, help="train on the first N records of the data only (0: all); e.g. for SmolLM2 on CPU")
+    parser.add_argument("--defaults-only", action="store_true", help="only rlkit's and TRL's default configurations (no toggles)")
     # child-only
+    parser.add_argument("--data"),
     parser.add_argument("--trainer"), parser.add_argument("--task"), parser.add_argument("--model"), parser.add_argument("--result"), parser.add_argument("--flags", default="[]")
     args = parser.parse_args()
     if args.mode == "child":
@@ -245,17 +270,24 @@ def main() -> None:
         rows = []
         for size in args.sizes.split(","):
             model = make_model(work / f"model-{size}", size)
-            tokens, pairs = epoch_tokens(model, task)
+            data = UNPAIRED if task == "kto" else DATA
+            if args.records:
+                subset = work / f"{data.stem}-{args.records}.jsonl"
+                subset.write_text("".join(data.read_text().splitlines(keepends=True)[: args.records]))
+                data = subset
+            tokens, pairs = epoch_tokens(model, task, data)
             log(f"{task} {size}: {tokens:,} real tokens in {pairs} {'examples' if task == 'kto' else 'pairs'} (the numerator)")
             configs = [("rlkit", name, flags) for name, flags in RLKIT[task].items()]
             if trl_python:
                 configs += [("trl", name, flags) for name, flags in TRL[task]]
+            if args.defaults_only:
+                configs = [c for c in configs if "(defaults)" in c[1] or "gradient checkpointing" in c[1] or "gradient-checkpointing" in c[1]]
             results: dict[str, Any] = {}
             for trainer, name, flags in [c for _ in range(args.repeats) for c in configs]:
                 python = sys.executable if trainer == "rlkit" else trl_python
                 # a fresh cache per rlkit run: the reference pass and tokenising are part of what is timed
                 run_env = {**env, "RLKIT_CACHE_DIR": str(work / "cache" / f"{task}-{size}-{len(results)}-{time.time_ns()}")}
-                cmd = [python, __file__, "child", "--trainer", trainer, "--task", task, "--model", str(model), "--result", str(work / "result.json"),
+                cmd = [python, __file__, "child", "--trainer", trainer, "--task", task, "--model", str(model), "--data", str(data), "--result", str(work / "result.json"),
                        "--flags", json.dumps(flags), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps)]
                 log(f"{task} {size}: {name}")
                 result = run_child(cmd, work / "result.json", env=run_env, log_path=work / "child.log")
@@ -281,11 +313,11 @@ def main() -> None:
         f"Measured by `python bench/preference.py` on {info['cpu']} ({info['cores']} cores, {args.threads} thread(s) per run, "
         f"load average {', '.join(f'{x:.1f}' for x in info['load_average'] or [])}); "
         + ", ".join(f"{k} {v}" for k, v in vers.items())
-        + (f". Demo labelled completions (unpaired.jsonl, 300 examples, chatml), batch {BATCH} examples, max length {MAX_LENGTH}, "
-           if args.tasks == "kto" else f". Demo pairs (300, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, ")
+        + (f". Demo labelled completions (unpaired.jsonl, {args.records or 300} examples, chatml), batch {BATCH} examples, max length {MAX_LENGTH}, "
+           if args.tasks == "kto" else f". Demo pairs ({args.records or 300}, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, ")
         + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epoch(s)")
         + f", best of {args.repeats}, fp32, models: "
-        + ", ".join(f"{s} = Llama hidden {SIZES[s][0]} x {SIZES[s][1]} layers" for s in args.sizes.split(","))
+        + ", ".join(describe_size(s) for s in args.sizes.split(","))
         + "."
     )
     replace_block(Path(args.doc), args.block, header + "\n\n" + "\n\n".join(tables))
