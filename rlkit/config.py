@@ -127,6 +127,8 @@ def resolve_config(cls: type[T], cli_values: dict[str, Any], config_file: Option
     merged: dict[str, Any] = {}
     if config_file is not None:
         for key, value in load_yaml_config(config_file).items():
+            if key == "command":  # written by rlkit into OUT/rlkit_config.yaml, so a run's config can be re-used as is
+                continue
             if key not in fields:
                 known = ", ".join(sorted(fields))
                 raise InputError(f"--config {config_file}: unknown option {key!r} (known: {known})")

@@ -158,7 +158,8 @@ def simpo_loss(
     per-token log-prob, so SimPO uses exactly that (length-normalised, pass
     mean log-probs) as the implicit reward -- no reference model -- and asks for
     a target margin γ between chosen and rejected. ``gamma`` is the paper's
-    plain γ (TRL instead takes ``gamma_beta_ratio`` = γ/β). Reference log-probs
+    plain γ (as TRL's CPOConfig ``simpo_gamma``; the SimPO authors' scripts take
+    ``gamma_beta_ratio`` = γ/β instead). Reference log-probs
     are accepted (may be None) and ignored; rewards are β·π, detached.
     ``label_smoothing`` is unused.
     """
