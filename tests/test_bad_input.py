@@ -174,6 +174,13 @@ def test_resolve_config_accepts_dashed_yaml_keys_and_coerces_types(tmp_path):
     assert resolved.data == ["d.jsonl"]
 
 
+def test_a_runs_own_rlkit_config_yaml_is_accepted(tmp_path):
+    """OUT/rlkit_config.yaml starts with `command:`; feeding it back as --config re-runs the same options."""
+    config = _yaml(tmp_path, "command: toy\nlr: 0.5\nsteps: 4\ndata: [d.jsonl]\n")
+    resolved = resolve_config(Toy, _flags(), config)
+    assert (resolved.lr, resolved.steps, resolved.data) == (0.5, 4, ["d.jsonl"])
+
+
 def test_resolve_config_unknown_key_is_an_input_error(tmp_path):
     config = _yaml(tmp_path, "lr: 0.1\nlearning_rate: 0.1\n")
     with pytest.raises(InputError) as err:
