@@ -294,11 +294,16 @@ def describe_pair_data(metadata: dict[str, Any]) -> tuple[str, list[str]]:
         f"{counts['truncated']} truncated, {counts['dropped']} dropped"
         + (f"; eval: {counts['eval_pairs']} pairs" if counts.get("eval_pairs") else "")
     )
+    return line, dropped_warnings(metadata, "pairs", "pair")
+
+
+def dropped_warnings(metadata: dict[str, Any], unit: str, noun: str) -> list[str]:
+    """One warning per source that lost rows (`unit` is the metadata key, `noun` the word)."""
     warnings = []
     for lost in metadata.get("dropped", []):
-        where = ", ".join(map(str, lost["records"])) + (", ..." if lost["pairs"] > len(lost["records"]) else "")
+        where = ", ".join(map(str, lost["records"])) + (", ..." if lost[unit] > len(lost["records"]) else "")
         warnings.append(
-            f"{lost['source']}: dropped {lost['pairs']} pair(s) whose prompt alone fills --max-length "
+            f"{lost['source']}: dropped {lost[unit]} {noun}(s) whose prompt alone fills --max-length "
             f"{metadata['max_length']} tokens (record {where}); raise --max-length to keep them"
         )
-    return line, warnings
+    return warnings

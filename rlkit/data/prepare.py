@@ -19,7 +19,7 @@ import random
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 
@@ -154,23 +154,27 @@ def _pair_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template:
     return rows, stats
 
 
-def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
-    """Load, template and tokenize preference pairs (train and eval); returns rows plus metadata."""
+def _build_completion_data(
+    opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None, kind: str, tokenize: Callable[..., tuple[list[dict], Any]],
+    empty_stats: Any, eval_counts: Callable[[list[dict], Any], dict[str, int]], unit: str,
+) -> PreparedData:
+    """Load, template and tokenize prompt + completion(s) data, train and eval, plus metadata:
+    what pairs (dpo, train-rm) and unpaired examples (kto) share; `unit` names a row in messages."""
     records, fmt, source = loaded or _load(opts)
     template = resolve_template(opts.template, tokenizer, tokenizer_name)
     train_records, eval_records = _split(records, opts.eval_fraction, opts.seed)
     eval_source = "eval split"
     if opts.eval_data:
         eval_records, eval_source = load_records([opts.eval_data], opts.columns), opts.eval_data
-    train_rows, stats = _pair_rows(train_records, fmt, tokenizer, template, opts, source)
+    train_rows, stats = tokenize(train_records, fmt, tokenizer, template, opts, source)
     eval_rows: list[dict] = []
-    eval_stats = PairStats()
+    eval_stats = empty_stats
     if eval_records is not None:
         eval_fmt = detect_format(eval_records.column_names, eval_source)
-        eval_rows, eval_stats = _pair_rows(eval_records, eval_fmt, tokenizer, template, opts, eval_source)
+        eval_rows, eval_stats = tokenize(eval_records, eval_fmt, tokenizer, template, opts, eval_source)
     metadata = {
         "rlkit_version": __version__,
-        "kind": "pairs",
+        "kind": kind,
         "format": fmt.value,
         "sources": opts.sources,
         "columns": opts.columns,
@@ -178,14 +182,22 @@ def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, load
         "template": {"name": template.name, "source": template.source},
         "max_length": opts.max_length,
         "packing": False,
-        "counts": {**stats.as_dict(), "eval_pairs": len(eval_rows), "eval_dropped": eval_stats.dropped},
+        "counts": {**stats.as_dict(), **eval_counts(eval_rows, eval_stats)},
         "dropped": [
-            {"source": name, "pairs": st.dropped, "records": st.dropped_records}
+            {"source": name, unit: st.dropped, "records": st.dropped_records}
             for name, st in ((source, stats), (eval_source, eval_stats)) if st.dropped
         ],
     }
     to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
     return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
+
+
+def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
+    """Load, template and tokenize preference pairs (train and eval); returns rows plus metadata."""
+    return _build_completion_data(
+        opts, tokenizer, tokenizer_name, loaded, "pairs", _pair_rows, PairStats(),
+        lambda rows, st: {"eval_pairs": len(rows), "eval_dropped": st.dropped}, "pairs",
+    )
 
 
 def _unpaired_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str) -> tuple[list[dict], UnpairedStats]:
@@ -200,39 +212,11 @@ def _unpaired_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, templ
 
 def build_unpaired_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
     """Labelled completions (or pairs split into them) for KTO, train and eval, plus metadata."""
-    records, fmt, source = loaded or _load(opts)
-    template = resolve_template(opts.template, tokenizer, tokenizer_name)
-    train_records, eval_records = _split(records, opts.eval_fraction, opts.seed)
-    eval_source = "eval split"
-    if opts.eval_data:
-        eval_records, eval_source = load_records([opts.eval_data], opts.columns), opts.eval_data
-    train_rows, stats = _unpaired_rows(train_records, fmt, tokenizer, template, opts, source)
-    eval_rows: list[dict] = []
-    eval_stats = UnpairedStats()
-    if eval_records is not None:
-        eval_fmt = detect_format(eval_records.column_names, eval_source)
-        eval_rows, eval_stats = _unpaired_rows(eval_records, eval_fmt, tokenizer, template, opts, eval_source)
-    metadata = {
-        "rlkit_version": __version__,
-        "kind": "unpaired",
-        "format": fmt.value,
-        "sources": opts.sources,
-        "columns": opts.columns,
-        "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer_fingerprint(tokenizer)},
-        "template": {"name": template.name, "source": template.source},
-        "max_length": opts.max_length,
-        "packing": False,
-        "counts": {
-            **stats.as_dict(), "eval_examples": len(eval_rows), "eval_desirable": eval_stats.desirable,
-            "eval_undesirable": eval_stats.undesirable, "eval_dropped": eval_stats.dropped,
-        },
-        "dropped": [
-            {"source": name, "examples": st.dropped, "records": st.dropped_records}
-            for name, st in ((source, stats), (eval_source, eval_stats)) if st.dropped
-        ],
-    }
-    to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
-    return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
+    return _build_completion_data(
+        opts, tokenizer, tokenizer_name, loaded, "unpaired", _unpaired_rows, UnpairedStats(),
+        lambda rows, st: {"eval_examples": len(rows), "eval_desirable": st.desirable, "eval_undesirable": st.undesirable, "eval_dropped": st.dropped},
+        "examples",
+    )
 
 
 _AUTO_KIND = {Format.PREFERENCE: "pairs", Format.UNPAIRED: "unpaired"}

@@ -20,6 +20,7 @@ from rlkit.data.pairs import (
     IGNORE,
     collate_sequences,
     completion_segments,
+    dropped_warnings,
     encode_rendered,
     fit_completion,
     has_label,
@@ -153,14 +154,7 @@ def describe_unpaired_data(metadata: dict[str, Any]) -> tuple[str, list[str]]:
         + f"), {counts['tokens']:,} tokens, {counts['truncated']} truncated, {counts['dropped']} dropped"
         + (f"; eval: {counts['eval_examples']} examples" if counts.get("eval_examples") else "")
     )
-    warnings = []
-    for lost in metadata.get("dropped", []):
-        where = ", ".join(map(str, lost["records"])) + (", ..." if lost["examples"] > len(lost["records"]) else "")
-        warnings.append(
-            f"{lost['source']}: dropped {lost['examples']} example(s) whose prompt alone fills --max-length "
-            f"{metadata['max_length']} tokens (record {where}); raise --max-length to keep them"
-        )
-    return line, warnings
+    return line, dropped_warnings(metadata, "examples", "example")
 
 
 # ---- the mismatched (KL) completions and batches ------------------------------------------
