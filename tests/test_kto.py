@@ -279,3 +279,16 @@ def test_kto_after_sft_lifts_held_out_preference_accuracy(sft_model, tmp_path):
     print(f"KTO implicit-reward accuracy on held-out pairs: before {before:.3f}, after {after:.3f}")
     assert before == 0.5  # policy == reference: every implicit reward is 0, every pair a tie
     assert after > 0.9
+
+
+def test_examples_whose_prompt_fills_max_length_are_dropped_and_named(tiny_tokenizer, tmp_path):
+    from rlkit.data.unpaired import describe_unpaired_data
+
+    records = _records(UNPAIRED, 6)
+    records[2] = {**records[2], "prompt": "word " * 400}
+    write_jsonl(tmp_path / "long.jsonl", records)
+    data = build_data(DataOptions(sources=[str(tmp_path / "long.jsonl")], kind="unpaired", max_length=128), tiny_tokenizer, "tiny")
+    assert data.metadata["counts"]["examples"] == 5 and data.metadata["counts"]["dropped"] == 1
+    line, warnings = describe_unpaired_data(data.metadata)
+    assert "5 examples" in line
+    assert warnings == [f"{tmp_path / 'long.jsonl'}: dropped 1 example(s) whose prompt alone fills --max-length 128 tokens (record 3); raise --max-length to keep them"]
