@@ -57,9 +57,12 @@ class TrainingRun:
         model = load_causal_lm(self.source, self.weights_dtype, c.trust_remote_code)
         if c.lora:
             model = add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets)
-            # The adapter must name a base that `rlkit`/peft can load again (the .gguf file itself).
-            for peft_config in model.peft_config.values():
-                peft_config.base_model_name_or_path = self.source.name if self.source.gguf_file else peft_config.base_model_name_or_path
+            # The adapter must name a base that `rlkit`/peft can load again (the .gguf file itself;
+            # for a continued adapter, its .gguf base, not the adapter dir it was continued from).
+            if self.source.gguf_file:
+                gguf = str(Path(self.source.path) / self.source.gguf_file) if self.source.adapter_dir else self.source.name
+                for peft_config in model.peft_config.values():
+                    peft_config.base_model_name_or_path = gguf
         elif self.source.adapter_dir:
             model = model.merge_and_unload()
         return prepare_for_training(model, c, f"model: {self.source.name} ({'LoRA' if c.lora else 'full'}")
