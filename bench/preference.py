@@ -76,16 +76,9 @@ def make_model(directory: Path, size: str) -> Path:
     from conftest import build_model, build_tokenizer
 
     if size == "smollm2" and not (directory / "config.json").is_file():
-        # both trainers read the same HF dir: the demo .gguf, dequantised once (`make demo-model` fetches it)
-        from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
-        import torch
+        from bench_sft import convert_gguf  # both trainers read the same HF dir (`make demo-model` fetches the .gguf)
 
-        source = resolve_source(str(SMOLLM2_GGUF))
-        model = load_causal_lm(source, torch.float32, False)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(directory)
-        load_tokenizer(source, False).save_pretrained(directory)
+        convert_gguf(SMOLLM2_GGUF, directory)
     if not (directory / "config.json").is_file():
         tokenizer = build_tokenizer()
         hidden, layers = SIZES[size]
