@@ -12,7 +12,9 @@ output; with sampling, --seed makes it reproducible. On a terminal the default i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,31 @@ class _Stop(Exception):
     pass
 
 
+class _CtrlC:
+    """Ctrl-C during a reply as a stopping criterion: the SIGINT handler only sets a flag and
+    `generate` ends after the current token, returning normally. A KeyboardInterrupt raised at
+    an arbitrary point inside `generate` (a torch op, the streamer's write) can be lost or leave
+    it half-way; a flag cannot."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.requested, dtype=torch.bool, device=input_ids.device)
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[None]:
+        try:
+            previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "requested", True))
+        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _streamer(tokenizer: Any, out: TextIO) -> Any:
     """A TextStreamer that writes each piece to `out` as soon as it is decoded."""
     from transformers import TextStreamer
@@ -178,19 +205,27 @@ class ChatSession:
         """Generate, streaming to `out`; Ctrl-C stops the reply and keeps what was said."""
         self.history.append({"role": "user", "content": text})
         ids = torch.tensor([encode_prompt(self.tokenizer, self.template, self.messages())], device=next(self.model.parameters()).device)
+        from transformers import StoppingCriteriaList
+
         streamer = _streamer(self.tokenizer, self.out)
         sample = self.temperature > 0
+        ctrl_c = _CtrlC()
         try:
-            out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.config.max_new_tokens, streamer=streamer,
-                do_sample=sample, temperature=self.temperature if sample else None, top_p=self.config.top_p if sample else None,
-                top_k=None, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            )
+            with ctrl_c.catching():
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.config.max_new_tokens, streamer=streamer,
+                    do_sample=sample, temperature=self.temperature if sample else None, top_p=self.config.top_p if sample else None,
+                    top_k=None, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([ctrl_c]),
+                )
             generated = out[0, ids.shape[1]:].tolist()
             if self.tokenizer.eos_token_id in generated:
                 generated = generated[: generated.index(self.tokenizer.eos_token_id)]
             answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+            stopped = ctrl_c.requested
         except KeyboardInterrupt:
+            stopped = True
+        if stopped:  # keep what the user saw
             answer = streamer.shown.strip()
             self.out.write("\n")
             console.print("[dim](stopped)[/dim]")
