@@ -1,17 +1,154 @@
-"""Per-token log-probabilities of the labelled tokens, computing logits only where needed.
+"""Per-token log-probabilities of the labelled tokens, without materialising the logits.
 
 Labels are aligned with input_ids (the HF convention); the logits at position t score the
-token at t+1, so the shift happens here, once. Passing `logits_to_keep` with the positions that
-have a label skips the vocabulary projection (the largest matmul of a small model) on prompt
-and padding positions, and keeps the full [batch, length, vocab] logits out of memory.
+token at t+1, so the shift happens here, once.
+
+Memory is the reason for the rest. A [tokens, vocab] fp32 logit matrix is the largest
+activation of a small model with a real vocabulary (SmolLM2: 49,152 x 4 bytes = 192 KiB per
+token, more than all of its 30 layers' saved activations for that token), and a plain
+cross-entropy keeps it alive three times over (logits, log-softmax, their gradient). So:
+
+1. `logits_to_keep` (one index list for the whole batch) skips the decoder's last hidden
+   states at columns where no row has a label;
+2. the model's output layer is swapped, for the duration of the forward, for `_LabelLogpHead`,
+   which takes only the labelled positions of each row and returns their log-probs instead of
+   logits. The swap keeps the call going through the model's own forward, so DDP/FSDP
+   wrappers see a normal forward;
+3. `_ChunkedTokenLogps` projects onto the vocabulary a chunk of positions at a time and keeps
+   only each position's log-sum-exp for the backward pass, which recomputes a chunk's logits
+   when it needs them. When the output layer is frozen (LoRA) the gradient with respect to the
+   hidden state is computed in the forward instead ([tokens, hidden], small), so nothing is
+   recomputed.
+
+Models whose output layer is not a plain `nn.Linear`, or that post-process logits (soft-capping,
+logit scaling), take the plain path: logits at the kept columns, then cross-entropy.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from rlkit.data.tokenize import IGNORE
+
+CHUNK_TOKENS = 1024
+"""Positions projected onto the vocabulary at once: 1024 x 49,152 fp32 logits are 192 MiB."""
+
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ + b)[y] for N positions, one chunk of positions at a time.
+
+    d logp_i / d logits_i = onehot(y_i) - softmax_i, so the backward needs softmax_i again: it is
+    rebuilt from the saved log-sum-exp (`exp(logits - lse)`) rather than stored.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n, acc = hidden.size(0), torch.promote_types(hidden.dtype, torch.float32)  # bf16 up to fp32; fp64 stays
+        logps = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        frozen_head = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not (bias is not None and ctx.needs_input_grad[2])
+        grad_direction = torch.empty_like(hidden) if frozen_head else None
+        for start in range(0, n, chunk):
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(h, weight, bias).to(acc)
+            lse[start : start + chunk] = chunk_lse = torch.logsumexp(logits, dim=-1)
+            logps[start : start + chunk] = logits.gather(1, y[:, None]).squeeze(1) - chunk_lse
+            if grad_direction is not None:  # d logp_i / d h_i = W[y_i] - softmax_i W
+                probs = logits.sub_(chunk_lse[:, None]).exp_().to(weight.dtype)
+                grad_direction[start : start + chunk] = weight[y] - probs @ weight
+        ctx.chunk, ctx.has_bias = chunk, bias is not None
+        if grad_direction is not None:
+            ctx.save_for_backward(grad_direction)
+        else:
+            ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, lse)
+        ctx.frozen_head = grad_direction is not None
+        return logps
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.frozen_head:
+            (grad_direction,) = ctx.saved_tensors
+            return grad_direction * grad_logps[:, None].to(grad_direction.dtype), None, None, None, None
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if want_weight else None
+        grad_bias = torch.zeros(weight.size(0), dtype=lse.dtype, device=weight.device) if want_bias else None
+        chunk, acc = ctx.chunk, lse.dtype
+        for start in range(0, hidden.size(0), chunk):
+            h, y, g = hidden[start : start + chunk], targets[start : start + chunk], grad_logps[start : start + chunk].to(acc)
+            # d loss / d logits = g * (onehot(y) - softmax)
+            grad_logits = F.linear(h, weight, bias).to(acc).sub_(lse[start : start + chunk, None]).exp_().mul_(-g[:, None])
+            grad_logits[torch.arange(y.numel(), device=y.device), y] += g
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = grad_logits.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h.to(acc))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """[N] log-probs (fp32, or fp64 for an fp64 model) of `targets` [N] under `head` applied to `hidden` [N, H], chunked."""
+    return _ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)
+
+
+class _LabelLogpHead(torch.nn.Module):
+    """Stands in for the output layer during one forward: [B, K, H] -> [B, K, 1] log-probs of
+    the targets [B, K] (0 where a target is IGNORE), computed at labelled positions only."""
+
+    def __init__(self, head: torch.nn.Linear, targets: torch.Tensor):
+        super().__init__()
+        self.head, self.targets = head, targets
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        labelled = self.targets != IGNORE
+        out = torch.zeros(self.targets.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        out[labelled] = token_logps(hidden[labelled], self.head, self.targets[labelled])
+        return out.unsqueeze(-1)
+
+
+def _output_layer_slot(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
+    """(parent, attribute, layer) of the model's output layer, or None where the fused path does not apply."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
+        inner = inner.module
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not torch.nn.Linear:
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return None
+    for module in inner.modules():
+        for name, child in module.named_children():
+            if child is head:
+                return module, name, head
+    return None
+
+
+@contextmanager
+def _label_logp_head(model: torch.nn.Module, targets: torch.Tensor) -> Iterator[bool]:
+    slot = _output_layer_slot(model)
+    if slot is None:
+        yield False
+        return
+    parent, name, head = slot
+    setattr(parent, name, _LabelLogpHead(head, targets))
+    try:
+        yield True
+    finally:
+        setattr(parent, name, head)
 
 
 def label_logprobs(
@@ -28,12 +165,16 @@ def label_logprobs(
     targets = labels[:, 1:]
     mask = targets != IGNORE
     keep = mask.any(dim=0).nonzero().squeeze(1)
-    out = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False)
-    logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
     kept_targets = targets[:, keep]
-    token_logps = -F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).view(kept_targets.shape)
-    logps = torch.zeros(targets.shape, dtype=token_logps.dtype, device=token_logps.device)
-    logps[:, keep] = token_logps
+    with _label_logp_head(model, kept_targets) as fused:
+        out = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False)
+    if fused:
+        kept_logps = out.logits.squeeze(-1)
+    else:
+        logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
+        kept_logps = -F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(kept_targets.shape)
+    logps = torch.zeros(targets.shape, dtype=kept_logps.dtype, device=kept_logps.device)
+    logps[:, keep] = kept_logps
     return logps * mask, mask

@@ -1,0 +1,102 @@
+"""The chunked log-prob head gives the values and gradients of a plain log-softmax,
+`label_logprobs` gives the same result through it as through full logits, and the allocator
+tuning stands aside when the user configured malloc."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlkit.data.tokenize import IGNORE
+from rlkit.training import logprobs
+from rlkit.training.logprobs import label_logprobs, token_logps
+
+from conftest import build_model
+
+
+def _plain(hidden, head, targets):
+    return torch.log_softmax(head(hidden).double(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_logps_and_gradients_equal_a_plain_log_softmax(frozen_head, bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=bias).double().requires_grad_(not frozen_head)
+    hidden = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    upstream = torch.randn(11, dtype=torch.float64)
+
+    expected = _plain(hidden, head, targets)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [hidden, *[p for p in head.parameters() if p.requires_grad]])
+    got = token_logps(hidden, head, targets, chunk=4)  # 3 chunks, the last one short
+    got_grads = torch.autograd.grad((got * upstream).sum(), [hidden, *[p for p in head.parameters() if p.requires_grad]])
+
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert len(got_grads) == len(expected_grads)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+def test_chunked_logps_pass_gradcheck():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(4, 7).double()
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (5,))
+    assert torch.autograd.gradcheck(lambda h, w, b: logprobs._ChunkedTokenLogps.apply(h, w, b, targets, 2), (hidden, head.weight, head.bias))
+
+
+def _batch():
+    torch.manual_seed(2)
+    input_ids = torch.randint(3, 600, (3, 20))
+    position_ids = torch.arange(20).repeat(3, 1)
+    position_ids[1, 9:] = torch.arange(11)  # a packed row: two sequences
+    labels = input_ids.clone()
+    labels[:, :6] = IGNORE
+    labels[1, 9:13] = IGNORE
+    labels[2, 15:] = IGNORE
+    return input_ids, position_ids, labels
+
+
+def test_label_logprobs_fused_equal_full_logits(monkeypatch):
+    model = build_model(600).double()
+    input_ids, position_ids, labels = _batch()
+    fused, fused_mask = label_logprobs(model, input_ids, position_ids, labels)
+    fused.sum().backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    monkeypatch.setattr(logprobs, "_output_layer_slot", lambda model: None)  # the plain path
+    plain, plain_mask = label_logprobs(model, input_ids, position_ids, labels)
+    plain.sum().backward()
+
+    assert fused_mask.tolist() == plain_mask.tolist()
+    torch.testing.assert_close(fused, plain, atol=1e-10, rtol=0)
+    for fused_grad, p in zip(fused_grads, model.parameters()):
+        torch.testing.assert_close(fused_grad, p.grad, atol=1e-10, rtol=0)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # the output layer is back
+
+
+def test_models_that_post_process_logits_take_the_plain_path():
+    model = build_model(600)
+    assert logprobs._output_layer_slot(model) is not None
+    model.config.final_logit_softcapping = 30.0
+    assert logprobs._output_layer_slot(model) is None
+
+
+def test_allocator_tuning_respects_the_users_settings(monkeypatch):
+    import sys
+
+    from rlkit.training.allocator import return_large_frees_to_os
+
+    monkeypatch.setenv("RLKIT_MALLOC_TUNING", "0")
+    assert return_large_frees_to_os() is False
+    monkeypatch.delenv("RLKIT_MALLOC_TUNING")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_large_frees_to_os() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if sys.platform.startswith("linux"):
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            assert return_large_frees_to_os() is True
