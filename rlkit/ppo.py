@@ -59,6 +59,7 @@ from rlkit.losses.ppo import (
     kl_penalty,
     masked_mean,
     masked_whiten,
+    standardise_scores,
     per_token_rewards,
 )
 from rlkit.models.load import load_causal_lm, resolve_source
@@ -90,7 +91,7 @@ class PPOConfig(TrainConfig):
     temperature: float = opt(1.0, "Sampling temperature (log-probs are computed at the same temperature).")
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
     missing_eos_penalty: float = opt(0.0, "Subtract this from the score of a completion that ends without EOS (0: no penalty).")
-    score_norm: str = opt("none", "Normalise scores before the KL shaping: none, or batch (standardise over the rollout).", choices=("none", "batch"))
+    score_norm: str = opt("none", "Normalise scores before the KL shaping: none, or batch (standardise over the rollout of all processes).", choices=("none", "batch"))
     score_clip: float = opt(0.0, "Clip (normalised) scores to [-C, C] (0: no clipping).")
     whiten_rewards: bool = opt(False, "Whiten the per-token rewards (scale only, mean kept) before GAE.")
     kl_coef: float = opt(0.05, "KL penalty coefficient beta (the initial one with --target-kl).")
@@ -460,8 +461,10 @@ class PPOLoop:
         scores = raw_scores.clone()
         if c.missing_eos_penalty:
             scores = torch.where(has_eos, scores, scores - c.missing_eos_penalty)
-        if c.score_norm == "batch" and len(scores) > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        # statistics over the whole rollout of every process, as one process would have them
+        across = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+        if c.score_norm == "batch" and len(scores) * acc.num_processes > 1:
+            scores = standardise_scores(scores, reduce=across)
         if c.score_clip > 0:
             scores = scores.clamp(-c.score_clip, c.score_clip)
         t_score = time.time() - t2
@@ -470,8 +473,6 @@ class PPOLoop:
         kl_coef = float(wrapper.kl_coef)
         kl = kl_penalty(logprobs, ref_logprobs, c.kl_estimator)
         rewards, non_score = per_token_rewards(scores, kl, response_mask, kl_coef)
-        # whitening statistics over the whole rollout of every process, as one process would have them
-        across = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
         if c.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False, reduce=across)
         advantages, returns = gae(rewards, values, response_mask, c.gamma, c.lam)

@@ -1,6 +1,5 @@
-"""The chunked log-prob head gives the values and gradients of a plain log-softmax,
-`label_logprobs` gives the same result through it as through full logits, and the allocator
-tuning stands aside when the user configured malloc."""
+"""The chunked log-prob head gives the values and gradients of a plain log-softmax, and
+`label_logprobs` gives the same result through it as through full logits."""
 
 from __future__ import annotations
 
@@ -77,26 +76,27 @@ def test_label_logprobs_fused_equal_full_logits(monkeypatch):
     assert type(model.get_output_embeddings()) is torch.nn.Linear  # the output layer is back
 
 
+def test_label_logprobs_fused_under_bf16_autocast_match_the_autocast_output_layer(monkeypatch):
+    model = build_model(600)
+    input_ids, position_ids, labels = _batch()
+    results = []
+    for slot in (logprobs._output_layer_slot, lambda model: None):
+        monkeypatch.setattr(logprobs, "_output_layer_slot", slot)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _ = label_logprobs(model, input_ids, position_ids, labels)
+        logps.sum().backward()
+        results.append((logps.detach(), model.lm_head.weight.grad.clone(), model.model.embed_tokens.weight.grad.clone()))
+    (fused, *fused_grads), (plain, *plain_grads) = results
+    assert fused.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+    for f, p in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(f, p, atol=1e-3, rtol=1e-3)
+
+
 def test_models_that_post_process_logits_take_the_plain_path():
     model = build_model(600)
     assert logprobs._output_layer_slot(model) is not None
     model.config.final_logit_softcapping = 30.0
     assert logprobs._output_layer_slot(model) is None
 
-
-def test_allocator_tuning_respects_the_users_settings(monkeypatch):
-    import sys
-
-    from rlkit.training.allocator import return_large_frees_to_os
-
-    monkeypatch.setenv("RLKIT_MALLOC_TUNING", "0")
-    assert return_large_frees_to_os() is False
-    monkeypatch.delenv("RLKIT_MALLOC_TUNING")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert return_large_frees_to_os() is False
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    if sys.platform.startswith("linux"):
-        import platform
-
-        if platform.libc_ver()[0] == "glibc":
-            assert return_large_frees_to_os() is True

@@ -17,6 +17,7 @@ from rlkit.losses import (
     masked_mean,
     masked_var,
     masked_whiten,
+    standardise_scores,
     per_token_rewards,
 )
 
@@ -223,3 +224,12 @@ def test_whitening_across_processes_matches_one_process_with_the_whole_rollout()
         assert (local - whole).abs().max() > 0.1
     var = _simulated_processes(parts, lambda p, reduce: masked_var(p[0], p[1], reduce=reduce))
     assert var[0].item() == pytest.approx(masked_var(x, mask).item()) and var[1].item() == pytest.approx(var[0].item())
+
+
+def test_score_standardisation_across_processes_matches_one_process():
+    scores = torch.tensor([0.5, 1.5, 2.5, 9.0, 11.0, 13.0])
+    whole = standardise_scores(scores)
+    assert torch.allclose(whole, (scores - scores.mean()) / scores.std(), atol=1e-6)
+    split = _simulated_processes([scores[:3], scores[3:]], lambda p, reduce: standardise_scores(p, reduce=reduce))
+    assert torch.allclose(torch.cat(split), whole, atol=1e-6)
+    assert not torch.allclose(torch.cat([standardise_scores(scores[:3]), standardise_scores(scores[3:])]), whole, atol=0.1)

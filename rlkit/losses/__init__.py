@@ -18,6 +18,7 @@ from rlkit.losses.ppo import (
     masked_var,
     masked_whiten,
     per_token_rewards,
+    standardise_scores,
 )
 from rlkit.losses.preference import (
     add_sft_term,
@@ -72,4 +73,5 @@ __all__ = [
     "robust_loss",
     "sigmoid_loss",
     "simpo_loss",
+    "standardise_scores",
 ]

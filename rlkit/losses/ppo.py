@@ -75,6 +75,16 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(mask.bool(), whitened, 0)
 
 
+def standardise_scores(scores: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Sequence scores [B] to zero mean and unit (unbiased) variance over the rollout.
+
+    Why: reward models have arbitrary offsets and scales, and the KL penalty is added to the
+    score, so an unnormalised score decides how much the KL counts (Huang et al. 2024, reward
+    normalisation). ``reduce`` as in ``masked_whiten``: the rollout of every process.
+    """
+    return masked_whiten(scores, torch.ones_like(scores), reduce=reduce)
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k3"] = "k1") -> Tensor:
     """Per-token estimate of KL(π‖π_ref) from tokens sampled from π, [B, T].
 

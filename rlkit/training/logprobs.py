@@ -44,30 +44,36 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h Wᵀ + b)[y] for N positions, one chunk of positions at a time.
 
     d logp_i / d logits_i = onehot(y_i) - softmax_i, so the backward needs softmax_i again: it is
-    rebuilt from the saved log-sum-exp (`exp(logits - lse)`) rather than stored.
+    rebuilt from the saved log-sum-exp (`exp(logits - lse)`) rather than stored. The projection
+    runs in the autocast dtype when autocast is on (as the model's own output layer would), in
+    the forward and in the recomputation alike, so both see the same logits.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        n, acc = hidden.size(0), torch.promote_types(hidden.dtype, torch.float32)  # bf16 up to fp32; fp64 stays
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        acc = torch.promote_types(compute, torch.float32)  # bf16 logits are reduced in fp32; fp64 stays
+        w, b = weight.to(compute), (bias.to(compute) if bias is not None else None)
+        n = hidden.size(0)
         logps = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         frozen_head = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not (bias is not None and ctx.needs_input_grad[2])
         grad_direction = torch.empty_like(hidden) if frozen_head else None
-        for start in range(0, n, chunk):
-            h, y = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h, weight, bias).to(acc)
-            lse[start : start + chunk] = chunk_lse = torch.logsumexp(logits, dim=-1)
-            logps[start : start + chunk] = logits.gather(1, y[:, None]).squeeze(1) - chunk_lse
-            if grad_direction is not None:  # d logp_i / d h_i = W[y_i] - softmax_i W
-                probs = logits.sub_(chunk_lse[:, None]).exp_().to(weight.dtype)
-                grad_direction[start : start + chunk] = weight[y] - probs @ weight
-        ctx.chunk, ctx.has_bias = chunk, bias is not None
-        if grad_direction is not None:
+        with torch.autocast(device, enabled=False):
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                logits = F.linear(hidden[rows].to(compute), w, b).to(acc)
+                lse[rows] = chunk_lse = torch.logsumexp(logits, dim=-1)
+                logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - chunk_lse
+                if grad_direction is not None:  # d logp_i / d h_i = W[y_i] - softmax_i W
+                    probs = logits.sub_(chunk_lse[:, None]).exp_().to(compute)
+                    grad_direction[rows] = w[targets[rows]] - probs @ w
+        ctx.chunk, ctx.compute, ctx.has_bias, ctx.frozen_head = chunk, compute, bias is not None, frozen_head
+        if frozen_head:
             ctx.save_for_backward(grad_direction)
         else:
             ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), targets, lse)
-        ctx.frozen_head = grad_direction is not None
         return logps
 
     @staticmethod
@@ -76,26 +82,32 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             (grad_direction,) = ctx.saved_tensors
             return grad_direction * grad_logps[:, None].to(grad_direction.dtype), None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
+        compute, acc = ctx.compute, lse.dtype
+        w, b = weight.to(compute), (bias.to(compute) if ctx.has_bias else None)
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if want_weight else None
-        grad_bias = torch.zeros(weight.size(0), dtype=lse.dtype, device=weight.device) if want_bias else None
-        chunk, acc = ctx.chunk, lse.dtype
-        for start in range(0, hidden.size(0), chunk):
-            h, y, g = hidden[start : start + chunk], targets[start : start + chunk], grad_logps[start : start + chunk].to(acc)
-            # d loss / d logits = g * (onehot(y) - softmax)
-            grad_logits = F.linear(h, weight, bias).to(acc).sub_(lse[start : start + chunk, None]).exp_().mul_(-g[:, None])
-            grad_logits[torch.arange(y.numel(), device=y.device), y] += g
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = grad_logits.to(weight.dtype) @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), h.to(acc))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(weight.size(0), dtype=acc, device=weight.device) if want_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                h, y, g = hidden[rows].to(compute), targets[rows], grad_logps[rows].to(acc)
+                # d loss / d logits = g * (onehot(y) - softmax)
+                grad_logits = F.linear(h, w, b).to(acc).sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+                grad_logits[torch.arange(y.numel(), device=y.device), y] += g
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad_logits.to(compute) @ w
+                if grad_weight is not None:
+                    grad_weight += grad_logits.to(compute).t() @ h
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
+            None,
+        )
 
 
 def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:

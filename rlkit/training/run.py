@@ -17,7 +17,6 @@ from rlkit.console import info
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
 from rlkit.plots import plot_training_curves
 from rlkit.output import METRICS_FILE, check_output, finalize, open_run_dir, write_config, write_model_card
-from rlkit.training.allocator import return_large_frees_to_os
 from rlkit.training.engine import Engine, Objective, make_accelerator
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
@@ -39,7 +38,6 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str
 class TrainingRun:
     def __init__(self, command: str, config: TrainConfig, model_name: str | None, data: list[str]):
         self.command, self.config, self.data = command, config, data
-        return_large_frees_to_os()
         self.output = check_output(config.output, config.overwrite, config.resume)
         self.accelerator = make_accelerator(config)
         self.source = resolve_source(model_name or "")
