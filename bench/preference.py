@@ -22,7 +22,8 @@ every step is work done but not counted, for both alike.
 Columns: tokens/s is real (non-padding) prompt+completion tokens of both sides per second of
 training steps (first step left out); end-to-end is the child's wall time from before data
 preparation to the trained model (tokenising, reference pass, training, and for rlkit saving);
-peak RSS is the child's. Each configuration runs `--repeats` times, interleaved, and the best
+peak RSS is the child's, the highest over the repeats (glibc's heap makes it vary by a few
+hundred MiB between identical runs). Each configuration runs `--repeats` times, interleaved, and the best
 tokens/s is kept: on a shared CPU the slowest runs measure the neighbours, not the trainer.
 """
 
@@ -286,8 +287,11 @@ def main() -> None:
                 result = run_child(cmd, work / "result.json", env=run_env, log_path=work / "child.log")
                 summary = result if "error" in result else summarise(result, tokens, pairs, args.epochs)
                 log(f"  -> {summary}")
+                highest_rss = max(summary.get("peak_rss_mib", 0), results.get(name, {}).get("peak_rss_mib", 0))
                 if name not in results or results[name].get("tokens_per_s", -1) < summary.get("tokens_per_s", 0):
                     results[name] = summary
+                if highest_rss:
+                    results[name]["peak_rss_mib"] = highest_rss  # memory: the worst run, not the fastest one's
             base = results.get(TRL[task][0][0], {})
             for name, r in results.items():
                 if "error" in r:
@@ -309,7 +313,7 @@ def main() -> None:
         + (f". Demo labelled completions (unpaired.jsonl, {args.records or 300} examples, chatml), batch {BATCH} examples, max length {MAX_LENGTH}, "
            if args.tasks == "kto" else f". Demo pairs ({args.records or 300}, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, ")
         + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epoch(s)")
-        + f", best of {args.repeats}, fp32, models: "
+        + f", tokens/s the best of {args.repeats} runs, peak RSS the highest, fp32, models: "
         + ", ".join(describe_size(s) for s in args.sizes.split(","))
         + "."
     )
