@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from rlkit.models.lean_blocks import use_lean_blocks
@@ -20,6 +21,12 @@ def _batch(vocab=600):
 def _loss(model, ids, positions):
     logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+
+
+@pytest.fixture(autouse=True)
+def _lean_blocks_on(monkeypatch):
+    """Off by default on CPU (see the module docstring); these tests are about what it does when on."""
+    monkeypatch.setenv("RLKIT_LEAN_BLOCKS", "1")
 
 
 def test_lean_blocks_give_the_stock_values_and_gradients():
@@ -78,12 +85,22 @@ def test_lean_blocks_save_two_hidden_and_one_intermediate_vector_less_per_token_
     assert saved >= 0.95 * expected, (saved, expected)
 
 
+def test_off_by_default_without_an_accelerator(monkeypatch):
+    from rlkit.models import lean_blocks
+
+    monkeypatch.delenv("RLKIT_LEAN_BLOCKS")
+    monkeypatch.setattr(lean_blocks, "_accelerator_present", lambda: False)
+    assert use_lean_blocks(build_model(600)) == 0
+    monkeypatch.setattr(lean_blocks, "_accelerator_present", lambda: True)
+    assert use_lean_blocks(build_model(600)) == 2 * 3 + 1
+
+
 def test_unknown_modules_and_the_switch_leave_the_model_alone(monkeypatch):
     model = build_model(600)
     monkeypatch.setenv("RLKIT_LEAN_BLOCKS", "0")
     assert use_lean_blocks(model) == 0
     assert all("forward" not in vars(m) for m in model.modules())
-    monkeypatch.delenv("RLKIT_LEAN_BLOCKS")
+    monkeypatch.setenv("RLKIT_LEAN_BLOCKS", "1")
     model.config.hidden_act = "gelu"
     from transformers.activations import ACT2FN
 
