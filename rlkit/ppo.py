@@ -487,19 +487,24 @@ class PPOLoop:
         lengths = response_mask.sum(1).float()
         n_tokens = float(lengths.sum())
         rollout_s = time.time() - t0
+        # the summary of the whole rollout, every process's sequences and tokens (equal-sized shares)
+        everyone = acc.gather if acc.num_processes > 1 else (lambda t: t)
+        all_scores, all_shaped, all_non_score = everyone(raw_scores), everyone(scores), everyone(non_score)
+        token_sums = torch.stack([torch.where(response_mask.bool(), t, 0).sum() for t in (entropy, values)] + [response_mask.sum().to(entropy.dtype)])
+        entropy_sum, value_sum, n_all_tokens = (across(token_sums) if across else token_sums).tolist()
         self.pending = {
-            "score/mean": float(raw_scores.mean()),
-            "score/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
-            "score/shaped_mean": float(scores.mean()),
+            "score/mean": float(all_scores.mean()),
+            "score/std": float(all_scores.std()) if len(all_scores) > 1 else 0.0,
+            "score/shaped_mean": float(all_shaped.mean()),
             "kl": mean_kl,
             "kl_coef": kl_coef,
-            "non_score_reward": float(non_score.mean()),
-            "rlhf_reward": float(scores.mean() + non_score.mean()),
-            "entropy": float(masked_mean(entropy, response_mask)),
-            "explained_variance": float(explained_variance(values, returns, response_mask)),
-            "value/mean": float(masked_mean(values, response_mask)),
-            "response_length": float(lengths.mean()),
-            "eos_rate": float(has_eos.float().mean()),
+            "non_score_reward": float(all_non_score.mean()),
+            "rlhf_reward": float(all_shaped.mean() + all_non_score.mean()),
+            "entropy": entropy_sum / max(n_all_tokens, 1.0),
+            "explained_variance": float(explained_variance(values, returns, response_mask, reduce=across)),
+            "value/mean": value_sum / max(n_all_tokens, 1.0),
+            "response_length": n_all_tokens / len(all_scores),
+            "eos_rate": float(everyone(has_eos.float()).mean()),
             "response_tokens": n_tokens,
             "time/generation_s": t_gen,
             "time/forward_s": t_fwd,

@@ -233,3 +233,17 @@ def test_score_standardisation_across_processes_matches_one_process():
     split = _simulated_processes([scores[:3], scores[3:]], lambda p, reduce: standardise_scores(p, reduce=reduce))
     assert torch.allclose(torch.cat(split), whole, atol=1e-6)
     assert not torch.allclose(torch.cat([standardise_scores(scores[:3]), standardise_scores(scores[3:])]), whole, atol=0.1)
+
+
+def test_explained_variance_across_processes_matches_one_process():
+    torch.manual_seed(1)
+    returns, values = torch.randn(6, 4), torch.randn(6, 4)
+    returns[:3] += 5  # one process's returns sit far from the other's
+    mask = torch.ones(6, 4, dtype=torch.long)
+    mask[2, 2:] = 0
+    whole = explained_variance(values, returns, mask)
+    split = _simulated_processes(
+        [(values[:3], returns[:3], mask[:3]), (values[3:], returns[3:], mask[3:])],
+        lambda p, reduce: explained_variance(p[0], p[1], p[2], reduce=reduce),
+    )
+    assert split[0].item() == pytest.approx(whole.item()) and split[1].item() == pytest.approx(whole.item())

@@ -304,3 +304,45 @@ def test_efficacy_ppo_with_a_trained_reward_model_raises_its_held_out_score(tiny
     assert after["rm"] > before["rm"] + 1.0, (before, after)
     assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 0.5, curve
     assert all(math.isfinite(k) for k in kls)
+
+
+def recorded_lengths(prompts: list[str], completions: list[str]) -> list[float]:
+    """Reward = completion length, each call's scores appended to $RLKIT_TEST_SCORES.<rank>."""
+    import os
+
+    scores = [float(len(c)) for c in completions]
+    with open(f"{os.environ['RLKIT_TEST_SCORES']}.{os.environ.get('RANK', '0')}", "a") as f:
+        f.write(json.dumps(scores) + "\n")
+    return scores
+
+
+def test_two_processes_summarise_the_whole_rollout(tiny_model_dir, tmp_path):
+    """With 2 processes the logged rollout summary is over both processes' sequences, not rank 0's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scores_file = tmp_path / "scores"
+    out = tmp_path / "two"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "rlkit", "ppo", str(tiny_model_dir), str(PROMPTS), "-o", str(out), "--reward", "test_ppo:recorded_lengths",
+         "--max-steps", "1", "--batch-size", "3", "--max-new-tokens", "8", "--ppo-epochs", "1", "--sample-every", "0",
+         "--temperature", "1.5", "--score-norm", "batch"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RLKIT_TEST_SCORES": str(scores_file), "PYTHONPATH": str(Path(__file__).parent)},
+    )
+    assert result.returncode == 0, result.stderr
+    per_rank = [json.loads((tmp_path / f"scores.{rank}").read_text().splitlines()[0]) for rank in (0, 1)]
+    assert all(len(scores) == 3 for scores in per_rank)
+    everything = per_rank[0] + per_rank[1]
+    assert sum(per_rank[0]) != sum(per_rank[1])  # otherwise rank 0's summary would pass too
+    summary = [m for m in _metrics(out) if "score/mean" in m][0]
+    assert summary["score/mean"] == pytest.approx(sum(everything) / 6)
+    assert summary["score/std"] == pytest.approx(torch.tensor(everything).std().item(), rel=1e-5)
+    # standardised over all 6 scores: the shaped mean is ~0 whatever each process's own mean is
+    assert abs(summary["score/shaped_mean"]) < 1e-5

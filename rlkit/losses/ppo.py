@@ -197,14 +197,15 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(p * torch.where(p > 0, logp, 0)).sum(dim=-1)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """1 - Var(R - V) / Var(R) over masked tokens; nan if the returns are constant.
 
     Why: a diagnostic for the value head -- 1 is perfect, 0 is no better than
-    predicting the mean return, negative is worse than that.
+    predicting the mean return, negative is worse than that. ``reduce`` as in
+    ``masked_var``: the variances of every process's tokens.
     """
-    var_returns = masked_var(returns.detach(), mask, unbiased=False)
-    var_resid = masked_var((returns - values).detach(), mask, unbiased=False)
+    var_returns = masked_var(returns.detach(), mask, unbiased=False, reduce=reduce)
+    var_resid = masked_var((returns - values).detach(), mask, unbiased=False, reduce=reduce)
     if var_returns == 0:
         return torch.full_like(var_returns, float("nan"))
     return 1 - var_resid / var_returns
