@@ -19,15 +19,15 @@
 #             Adam (0.9, 0.999, 1e-8), no weight decay
 # The same in rlkit flags (one device, batch 8 x grad-accum 4 = 32; with N processes divide
 # --grad-accum by N: `accelerate launch --config_file examples/accelerate/<zero3|fsdp>.yaml -m rlkit dpo ...`):
-#   python -c "import datasets; datasets.load_dataset('HuggingFaceH4/ultrafeedback_binarized', split='train_prefs').to_json('ultrafeedback.jsonl')"
-#   rlkit dpo allenai/tulu-2-13b ultrafeedback.jsonl -o runs/tulu-2.5-dpo --full --template tulu \
+#   rlkit dpo allenai/tulu-2-13b HuggingFaceH4/ultrafeedback_binarized:train_prefs -o runs/tulu-2.5-dpo --full --template tulu \
 #       --beta 0.1 --lr 5e-7 --batch-size 8 --grad-accum 4 --scheduler linear --warmup-ratio 0.1 \
 #       --epochs 3 --adam-beta1 0.9 --adam-beta2 0.999 --adam-epsilon 1e-8 --max-length 2048 \
 #       --gradient-checkpointing --precision bf16
 # i.e. with this file:
-#   make -f examples/tulu-2.5-dpo.mk MODEL=allenai/tulu-2-13b DATA=ultrafeedback.jsonl EVAL_DATA= \
+#   make -f examples/tulu-2.5-dpo.mk MODEL=allenai/tulu-2-13b DATA=HuggingFaceH4/ultrafeedback_binarized:train_prefs \
+#       EVAL_DATA=HuggingFaceH4/ultrafeedback_binarized:test_prefs \
 #       STEPS=0 LR=5e-7 MAX_LENGTH=2048 EXTRA="--gradient-checkpointing --precision bf16" OUT=runs/tulu-2.5-dpo
-# (rlkit reads a dataset name as its 'train' split, hence the conversion of train_prefs above.)
+# (NAME:SPLIT picks a split; a dataset name alone means its 'train' split.)
 # The message-list layout needs no --columns: rlkit takes the prompt from the shared first turn.
 #
 # Demo scale (the defaults): the demo model, the demo pairs rewritten in the ultrafeedback_binarized

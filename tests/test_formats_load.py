@@ -329,3 +329,24 @@ def test_build_sft_data_holds_out_an_eval_split(tmp_path, tiny_tokenizer):
     assert data.metadata["format"] == "prompt/completion"
     decode = lambda ds: {tiny_tokenizer.decode(r["input_ids"]) for r in ds}  # noqa: E731
     assert not decode(data.train) & decode(data.eval)
+
+
+def test_a_split_is_named_after_a_colon(tmp_path, monkeypatch):
+    records = {"train_prefs": [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3, "test_prefs": [{"prompt": "x", "chosen": "y", "rejected": "z"}] * 2}
+    saved = tmp_path / "prefs"
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in records.items()}).save_to_disk(str(saved))
+    assert load_records([f"{saved}:test_prefs"])["prompt"] == ["x", "x"]
+    assert len(load_records([f"{saved}:train_prefs"])) == 3
+    with pytest.raises(InputError, match=r"no 'train' split \(splits: train_prefs, test_prefs\); name one as .*:SPLIT"):
+        load_records([str(saved)])
+    with pytest.raises(InputError, match="no 'dev' split"):
+        load_records([f"{saved}:dev"])
+    jsonl = write_jsonl(tmp_path / "d.jsonl", records["test_prefs"])
+    with pytest.raises(InputError, match="a file has no splits"):
+        load_records([f"{jsonl}:train"])
+    # a dataset name: the split (or a slice) goes to datasets.load_dataset; none means train
+    seen = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: seen.append((name, split)) or datasets.Dataset.from_list(records["test_prefs"]))
+    load_records(["org/ultrafeedback:train_prefs[:100]"])
+    load_records(["org/ultrafeedback"])
+    assert seen == [("org/ultrafeedback", "train_prefs[:100]"), ("org/ultrafeedback", "train")]

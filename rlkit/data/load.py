@@ -1,5 +1,9 @@
 """Load records from files, `save_to_disk` dirs or dataset names, with errors a user can act on.
 
+A `save_to_disk` dir or a dataset name may name its split after a colon
+(`HuggingFaceH4/ultrafeedback_binarized:train_prefs`, `data/prefs:test`, and for names a
+`datasets` slice such as `NAME:train[:1000]`); without one, the `train` split is read.
+
 JSONL is parsed here rather than by `datasets` so a malformed line is reported with its file
 and line number instead of an Arrow traceback.
 """
@@ -7,6 +11,7 @@ and line number instead of an Arrow traceback.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +74,19 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
+SOURCE_WITH_SPLIT = re.compile(r"^(?P<base>.+?):(?P<split>[A-Za-z_][\w.-]*(\[[^\]]*\])?)$")
+
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """`NAME:SPLIT` -> (NAME, SPLIT); a source that exists as given, or has no such suffix, has no split."""
+    match = SOURCE_WITH_SPLIT.match(source)
+    if match is None or Path(source).exists():
+        return source, None
+    return match["base"], match["split"]
+
+
 def _load_one(source: str) -> datasets.Dataset:
+    source, split = split_source(source)
     path = Path(source)
     if path.is_dir():
         try:
@@ -77,11 +94,17 @@ def _load_one(source: str) -> datasets.Dataset:
         except (FileNotFoundError, ValueError) as err:
             raise InputError(f"{path}: a directory but not a `datasets` save_to_disk dir ({err})")
         if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise InputError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(loaded)})")
-            loaded = loaded["train"]
+            wanted = split or "train"
+            if wanted not in loaded:
+                hint = "" if split else f"; name one as {path}:SPLIT"
+                raise InputError(f"{path}: no {wanted!r} split (splits: {', '.join(loaded)}){hint}")
+            loaded = loaded[wanted]
+        elif split:
+            raise InputError(f"{path}:{split}: the dir holds a single dataset, not splits; drop ':{split}'")
         return loaded
     if path.is_file():
+        if split:
+            raise InputError(f"{path}:{split}: a file has no splits; drop ':{split}'")
         if path.stat().st_size == 0:
             raise InputError(f"{path}: the file is empty")
         suffix = path.suffix.lower()
@@ -109,8 +132,8 @@ def _load_one(source: str) -> datasets.Dataset:
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/")):
         raise InputError(f"{source}: no such file")
     try:
-        return datasets.load_dataset(source, split="train")
-    except Exception as err:  # the hub may be unreachable, or the name unknown
+        return datasets.load_dataset(source, split=split or "train")
+    except Exception as err:  # the hub may be unreachable, or the name or split unknown
         raise InputError(f"{source}: no such file, and `datasets` could not load it as a dataset name ({str(err).splitlines()[0]})")
 
 
