@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -457,7 +456,7 @@ class PPOLoop:
         for row, m in zip(responses.tolist(), response_mask.sum(1).tolist()):
             kept = [t for t in row[:m] if t != tok.eos_token_id]
             completions.append(tok.decode(kept, skip_special_tokens=True).strip())
-        raw_scores = self.reward(conversations, completions).to(device).float()
+        raw_scores = torch.as_tensor(self.reward(conversations, completions), dtype=torch.float32).to(device)
         scores = raw_scores.clone()
         if c.missing_eos_penalty:
             scores = torch.where(has_eos, scores, scores - c.missing_eos_penalty)

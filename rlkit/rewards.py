@@ -14,13 +14,16 @@
   user's prompt (the message content for a single-message prompt, else the rendered prompt).
 
 Both take `(conversations, completions)`: the prompt messages and the completion strings,
-and return a float tensor of scores [B]. Reusable by `eval`.
+and return scores [B]. `eval` scores functions with the same `FunctionReward`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -34,42 +37,59 @@ from rlkit.errors import InputError, RunError
 
 
 class Reward(Protocol):
-    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
-        """Scores [B] (float32, on CPU)."""
+    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor | list[float]:
+        """Scores [B]: a float tensor on CPU (a model) or a list of floats (a function)."""
 
 
-def plain_prompt(tokenizer: Any, template: ChatTemplate | None, messages: Messages) -> str:
-    """The text a rule-based reward sees for a prompt."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    if template is None:
-        return "\n\n".join(m["content"] for m in messages)
-    return prompt_text(tokenizer, template, messages)
+def prompt_string(prompt: Messages, tokenizer: Any = None, template: ChatTemplate | None = None) -> str:
+    """The text a rule-based reward sees for a prompt: the content of a one-message prompt (what a
+    verifiable checker like `rlkit.demo.task:reward` wants), else the prompt rendered with the
+    policy's template (contents joined by blank lines when there is none). `ppo` and `eval` share
+    this rule, so a function scores a completion the same way in training and in evaluation."""
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    if tokenizer is None or template is None:
+        return "\n\n".join(m["content"] for m in prompt)
+    return prompt_text(tokenizer, template, prompt)
 
 
 class FunctionReward:
-    """`module:function` with the signature (prompts, completions) -> list[float]."""
+    """`module:function(prompts: list[str], completions: list[str]) -> list[float]`.
 
-    def __init__(self, spec: str, prompt_renderer: Callable[[Messages], str]):
-        module_name, _, name = spec.partition(":")
+    The module is imported with the working directory on the path (a reward.py next to the
+    data, as users expect); its failures, wrong lengths, non-numbers and non-finite scores are
+    run errors naming the function.
+    """
+
+    def __init__(self, spec: str, render: Callable[[Messages], str] = prompt_string):
+        module_name, _, function_name = spec.partition(":")
+        if not module_name or not function_name:
+            raise InputError(f"--reward {spec!r}: expected a reward model dir or module:function")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise InputError(f"--reward {spec}: cannot import {module_name!r} ({err})")
-        fn = getattr(module, name, None)
-        if not callable(fn):
-            raise InputError(f"--reward {spec}: {module_name} has no function {name!r}")
-        self.spec, self.fn, self.render = spec, fn, prompt_renderer
+        except Exception as err:  # the user's module may fail in any way on import
+            raise InputError(f"--reward {spec}: cannot import {module_name!r} ({type(err).__name__}: {err}); is it on PYTHONPATH?")
+        function = getattr(module, function_name, None)
+        if not callable(function):
+            raise InputError(f"--reward {spec}: {module_name} has no function {function_name!r}")
+        self.name, self.function, self.render = spec, function, render
 
-    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
-        prompts = [self.render(c) for c in conversations]
+    def __call__(self, conversations: list[Messages], completions: list[str]) -> list[float]:
         try:
-            scores = list(self.fn(prompts, completions))
+            scores = list(self.function([self.render(c) for c in conversations], list(completions)))
         except Exception as err:  # the user's code: report it as a run failure, not a traceback
-            raise RunError(f"--reward {self.spec} failed: {type(err).__name__}: {err}")
+            raise RunError(f"--reward {self.name} failed: {type(err).__name__}: {err}")
         if len(scores) != len(completions):
-            raise RunError(f"--reward {self.spec} returned {len(scores)} scores for {len(completions)} completions")
-        return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+            raise RunError(f"--reward {self.name} returned {len(scores)} scores for {len(completions)} completions")
+        try:
+            values = [float(v) for v in scores]
+        except (TypeError, ValueError):
+            raise RunError(f"--reward {self.name} returned non-numbers (e.g. {scores[0]!r}); it must return floats")
+        if not all(math.isfinite(v) for v in values):
+            raise RunError(f"--reward {self.name} returned NaN or infinite scores")
+        return values
 
 
 class ModelReward:
@@ -173,5 +193,5 @@ def load_reward(
         template = resolve_template(None, tokenizer) if getattr(tokenizer, "chat_template", None) else policy_template
         return ModelReward(model.to(device), tokenizer, template, batch_size)
     if ":" in spec and not Path(spec).exists():
-        return FunctionReward(spec, lambda messages: plain_prompt(policy_tokenizer, policy_template, messages))
+        return FunctionReward(spec, lambda messages: prompt_string(messages, policy_tokenizer, policy_template))
     raise InputError(f"--reward {spec}: neither a reward model dir (config.json / adapter_config.json) nor module:function")

@@ -6,16 +6,13 @@ template and the completion after it, tokenised by the same code as its training
 train-rm's own `RewardScorer`. A function gets plain strings: the content of a one-message
 prompt (what a verifiable checker like `rlkit.demo.task:reward` wants), else the prompt
 rendered with the policy's template (contents joined by blank lines when there is no policy,
-as with --completions). This is the rule PPO's rewards use (`rlkit.rewards.plain_prompt`),
-so a function scores a completion the same way during training and in eval.
+as with --completions). This is the rule PPO's rewards use (`rlkit.rewards.prompt_string`,
+with the same `FunctionReward`), so a function scores a completion the same way during
+training and in eval.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
-import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,19 +21,11 @@ import torch
 from rlkit.console import info
 from rlkit.data.formats import Messages
 from rlkit.data.pairs import tokenize_pairs
-from rlkit.data.templates import ChatTemplate, prompt_text, resolve_template
-from rlkit.errors import InputError, RunError
+from rlkit.data.templates import ChatTemplate, resolve_template
+from rlkit.errors import InputError
 from rlkit.models.inference import inference_device, is_reward_model, load_sequence_classifier
 from rlkit.models.load import load_tokenizer, resolve_source
-
-
-def prompt_string(prompt: Messages, tokenizer: Any = None, template: ChatTemplate | None = None) -> str:
-    """The text a rule-based reward sees for a prompt (see the module docstring)."""
-    if len(prompt) == 1:
-        return prompt[0]["content"]
-    if tokenizer is None or template is None:
-        return "\n\n".join(m["content"] for m in prompt)
-    return prompt_text(tokenizer, template, prompt)
+from rlkit.rewards import FunctionReward, prompt_string
 
 
 class RewardModelScorer:
@@ -82,42 +71,6 @@ class RewardModelScorer:
         return self.score_sequences([list(r["prompt_input_ids"]) + list(r["chosen_input_ids"]) for r in rows])
 
 
-class FunctionScorer:
-    """`module:function(prompts: list[str], completions: list[str]) -> list[float]`."""
-
-    def __init__(self, spec: str, render: Callable[[Messages], str] = prompt_string):
-        self.render = render
-        module_name, _, function_name = spec.partition(":")
-        if not module_name or not function_name:
-            raise InputError(f"--reward {spec!r}: expected a reward model dir or module:function")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # a reward.py next to the data, as users expect
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as err:  # the user's module may fail in any way on import
-            raise InputError(f"--reward {spec}: cannot import {module_name!r} ({type(err).__name__}: {err}); is it on PYTHONPATH?")
-        self.function: Callable[..., Any] | None = getattr(module, function_name, None)
-        if not callable(self.function):
-            raise InputError(f"--reward {spec}: {module_name} has no function {function_name!r}")
-        self.name = spec
-
-    def __call__(self, prompts: list[Messages], completions: list[str]) -> list[float]:
-        assert self.function is not None
-        try:
-            scores = list(self.function([self.render(p) for p in prompts], list(completions)))
-        except Exception as err:
-            raise RunError(f"--reward {self.name} failed: {type(err).__name__}: {err}")
-        if len(scores) != len(completions):
-            raise RunError(f"--reward {self.name} returned {len(scores)} scores for {len(completions)} completions")
-        try:
-            values = [float(s) for s in scores]
-        except (TypeError, ValueError):
-            raise RunError(f"--reward {self.name} returned non-numbers (e.g. {scores[0]!r}); it must return floats")
-        if not all(math.isfinite(v) for v in values):
-            raise RunError(f"--reward {self.name} returned NaN or infinite scores")
-        return values
-
-
 def load_reward(
     spec: str, template: str | None, max_length: int, batch_size: int, dtype: torch.dtype, policy: tuple[Any, ChatTemplate] | None = None
 ) -> Callable[[list[Messages], list[str]], list[float]]:
@@ -125,9 +78,9 @@ def load_reward(
     if Path(spec).exists() or spec.endswith(".gguf"):
         scorer: Any = RewardModelScorer(spec, template, max_length, batch_size, dtype)
     elif policy is not None:
-        scorer = FunctionScorer(spec, lambda messages: prompt_string(messages, *policy))
+        scorer = FunctionReward(spec, lambda messages: prompt_string(messages, *policy))
     else:
-        scorer = FunctionScorer(spec)
+        scorer = FunctionReward(spec)
     info(f"reward: {spec}")
     return scorer
 
