@@ -253,3 +253,13 @@ def test_a_full_policy_without_ref_is_a_usage_error(tmp_path, tiny_model_dir):
     with pytest.raises(InputError, match="pass --ref REF") as err:
         run_eval(EvalConfig(model=str(tiny_model_dir), pairs=str(pairs)))
     assert err.value.exit_code == 2
+
+
+def test_a_gguf_base_is_named_by_its_file(tmp_path):
+    """The eval report names a .gguf base as the file the user passed, not its folder."""
+    from rlkit.models.load import resolve_source
+
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_source(str(gguf)).weights == str(gguf)
+    assert resolve_source(str(tmp_path)).weights == str(tmp_path)

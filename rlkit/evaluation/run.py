@@ -48,7 +48,7 @@ def _reference(config: EvalConfig, source: ModelSource, policy: Any, tokenizer: 
             raise InputError(f"--ref {config.ref}: its tokenizer differs from {config.model}'s; the reference must share the policy's tokens")
         return load_causal_lm_for_inference(ref_source, dtype), contextlib.nullcontext, config.ref
     if source.adapter_dir:
-        return policy, policy.disable_adapter, f"{source.path} (the base, adapter disabled)"
+        return policy, policy.disable_adapter, f"{source.weights} (the base, adapter disabled)"
     if required:
         raise InputError(f"{config.model} is a full model; pass --ref REF (the model it was trained from) to compute its implicit reward")
     return None

@@ -31,6 +31,11 @@ class ModelSource:
     def kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
+    @property
+    def weights(self) -> str:
+        """The base weights as a user names them: the .gguf file itself, else the dir or hub name."""
+        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
 
 def resolve_source(name: str) -> ModelSource:
     path = Path(name)
