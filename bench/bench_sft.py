@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO,
     StepClock,
+    bench_model,
     command_line,
     ensure_venv_with,
     log,
@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     pool,
     replace_block,
     run_child,
+    run_plain,
     versions,
     write_result,
 )
@@ -283,12 +284,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_plain(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-    """A setup step (not measured); its output goes to `log_path`."""
-    with open(log_path, "w") as out:
-        return subprocess.run(cmd, env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
-
-
 def fmt(x: Any, digits: int = 1) -> str:
     if x is None:
         return "-"
@@ -344,29 +339,18 @@ def main(argv: list[str]) -> int:
     settings: dict[str, str] = {}
     try:
         for name in models:
+            model_dir, skipped = bench_model(
+                name, child=this, tmp=tmp, smollm2_dir=args.smollm2_dir or work / "SmolLM2-135M-Instruct", gguf=args.gguf,
+                data_dir=args.data.parent, env=env, logs=logs,
+            )
+            if model_dir is None:
+                log(skipped)
+                notes.append(skipped)
+                continue
             if name == "tiny":
-                model_dir = tmp / "tiny-llama"
-                run_plain(this + ["--child", "build-tiny", "--spec", json.dumps({"out": str(model_dir), "data_dir": str(args.data.parent)})], env, logs / "build-tiny.log")
-                if not (model_dir / "config.json").is_file():
-                    notes.append(f"tiny model skipped: building it failed (see {logs / 'build-tiny.log'})")
-                    continue
                 label, lora, batch, max_length, steps = "tiny Llama", args.tiny_lora, args.tiny_batch, args.tiny_max_length, args.tiny_steps
-            elif name == "smollm2":
-                model_dir = (args.smollm2_dir or work / "SmolLM2-135M-Instruct").resolve()
-                if not (model_dir / "config.json").is_file():
-                    if not args.gguf.is_file():
-                        message = f"SmolLM2 skipped: {args.gguf} is missing (`make demo-model` fetches it; or pass --gguf FILE / --smollm2-dir DIR)"
-                        log(message)
-                        notes.append(message)
-                        continue
-                    log(f"converting {args.gguf} to a plain HF dir {model_dir} (once)")
-                    run_plain(this + ["--child", "convert", "--spec", json.dumps({"gguf": str(args.gguf.resolve()), "out": str(model_dir)})], env, logs / "convert.log")
-                    if not (model_dir / "config.json").is_file():
-                        notes.append(f"SmolLM2 skipped: converting {args.gguf} failed (see {logs / 'convert.log'})")
-                        continue
-                label, lora, batch, max_length, steps = "SmolLM2-135M-Instruct", not args.smollm2_full, args.smollm2_batch, args.smollm2_max_length, args.smollm2_steps
             else:
-                raise SystemExit(f"unknown model {name!r} (tiny, smollm2)")
+                label, lora, batch, max_length, steps = "SmolLM2-135M-Instruct", not args.smollm2_full, args.smollm2_batch, args.smollm2_max_length, args.smollm2_steps
             lr = 2e-4 if lora else 2e-5
             mode = f"LoRA (r {LORA['r']}, alpha {LORA['alpha']}, dropout {LORA['dropout']}, {LORA['targets']})" if lora else "full fine-tuning"
             settings[label] = f"{mode}, per-device batch {batch}, max length {max_length}, lr {'2e-4' if lora else '2e-5'}"

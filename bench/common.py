@@ -274,3 +274,33 @@ def replace_block(path: Path, name: str, content: str) -> None:
 
 def command_line(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+# ---- the benchmarked models -----------------------------------------------------------------
+
+
+def run_plain(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> int:
+    """A setup step (not measured); its output goes to `log_path`."""
+    with open(log_path, "w") as out:
+        return subprocess.run(list(cmd), env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def bench_model(name: str, *, child: Sequence[str], tmp: Path, smollm2_dir: Path, gguf: Path, data_dir: Path, env: dict[str, str], logs: Path) -> tuple[Path | None, str]:
+    """(model dir, "") for `tiny` (built fresh in `tmp`) or `smollm2` (converted once from the
+    demo .gguf into `smollm2_dir`), or (None, why it is skipped). `child` is the calling bench's
+    own command line, whose `--child build-tiny` / `--child convert` do the work in a subprocess."""
+    if name == "tiny":
+        model_dir = tmp / "tiny-llama"
+        run_plain([*child, "--child", "build-tiny", "--spec", json.dumps({"out": str(model_dir), "data_dir": str(data_dir)})], env, logs / "build-tiny.log")
+        failed = f"tiny model skipped: building it failed (see {logs / 'build-tiny.log'})"
+    elif name == "smollm2":
+        model_dir = smollm2_dir.resolve()
+        if not (model_dir / "config.json").is_file():
+            if not gguf.is_file():
+                return None, f"SmolLM2 skipped: {gguf} is missing (`make demo-model` fetches it)"
+            log(f"converting {gguf} to a plain HF dir {model_dir} (once)")
+            run_plain([*child, "--child", "convert", "--spec", json.dumps({"gguf": str(gguf.resolve()), "out": str(model_dir)})], env, logs / "convert.log")
+        failed = f"SmolLM2 skipped: converting {gguf} failed (see {logs / 'convert.log'})"
+    else:
+        raise SystemExit(f"unknown model {name!r} (tiny, smollm2)")
+    return (model_dir, "") if (model_dir / "config.json").is_file() else (None, failed)

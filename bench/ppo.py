@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO,
+    bench_model,
     command_line,
     ensure_venv_with,
     log,
@@ -56,6 +56,7 @@ from common import (  # noqa: E402
     peak_rss_mib,
     replace_block,
     run_child,
+    run_plain,
     versions,
 )
 
@@ -410,11 +411,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_plain(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-    with open(log_path, "w") as out:
-        return subprocess.run(cmd, env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.child:
@@ -449,23 +445,11 @@ def main(argv: list[str]) -> int:
     run_loads: list[float] = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            if name == "tiny":
-                model_dir = tmp / "tiny-llama"
-                run_plain(this + ["--child", "build-tiny", "--spec", json.dumps({"out": str(model_dir), "data_dir": str(args.prompts.parent)})], env, logs / "build-tiny.log")
-                label, lora, steps = "tiny Llama", False, args.steps
-            elif name == "smollm2":
-                model_dir = work / "SmolLM2-135M-Instruct"
-                if not (model_dir / "config.json").is_file():
-                    if not args.gguf.is_file():
-                        notes.append(f"SmolLM2 skipped: {args.gguf} is missing (`make demo-model` fetches it)")
-                        continue
-                    run_plain(this + ["--child", "convert", "--spec", json.dumps({"gguf": str(args.gguf.resolve()), "out": str(model_dir)})], env, logs / "convert.log")
-                label, lora, steps = "SmolLM2-135M-Instruct", not args.smollm2_full, args.smollm2_steps
-            else:
-                raise SystemExit(f"unknown model {name!r} (tiny, smollm2)")
-            if not (model_dir / "config.json").is_file():
-                notes.append(f"{label} skipped: could not build/convert it (see {logs})")
+            model_dir, skipped = bench_model(name, child=this, tmp=tmp, smollm2_dir=work / "SmolLM2-135M-Instruct", gguf=args.gguf, data_dir=args.prompts.parent, env=env, logs=logs)
+            if model_dir is None:
+                notes.append(skipped)
                 continue
+            label, lora, steps = ("tiny Llama", False, args.steps) if name == "tiny" else ("SmolLM2-135M-Instruct", not args.smollm2_full, args.smollm2_steps)
             rm_dir = tmp / f"rm-{name}"
             run_plain(this + ["--child", "build-rm", "--spec", json.dumps({"policy": str(model_dir), "out": str(rm_dir)})], env, logs / f"build-rm-{name}.log")
             lr = 1.4e-5 if lora else 3e-6
