@@ -59,6 +59,7 @@ from common import (  # noqa: E402
     replace_block,
     run_child,
     run_plain,
+    trl_run_args,
     versions,
     write_result,
 )
@@ -217,16 +218,7 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         weight_decay=0.0,
         max_grad_norm=1.0,
         optim="adamw_torch",  # torch.optim.AdamW, as rlkit
-        gradient_checkpointing=False,  # TRL's default is True; rlkit's is off
-        bf16=False,  # TRL's default is True; rlkit trains in fp32 without a bf16 GPU
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
-        seed=spec["seed"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **trl_run_args(spec["seed"]),
     )
     trainer = CountingSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config, callbacks=[Timer()])
     trainer.train()

@@ -304,3 +304,14 @@ def bench_model(name: str, *, child: Sequence[str], tmp: Path, smollm2_dir: Path
     else:
         raise SystemExit(f"unknown model {name!r} (tiny, smollm2)")
     return (model_dir, "") if (model_dir / "config.json").is_file() else (None, failed)
+
+
+def trl_run_args(seed: int) -> dict[str, Any]:
+    """TrainingArguments fields every TRL run here shares: fp32 like rlkit (TRL defaults to bf16
+    and gradient checkpointing), no saving, no reporting, no progress bars, data in-process."""
+    import torch
+
+    return dict(
+        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), seed=seed,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )

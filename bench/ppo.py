@@ -57,6 +57,7 @@ from common import (  # noqa: E402
     replace_block,
     run_child,
     run_plain,
+    trl_run_args,
     versions,
 )
 
@@ -260,16 +261,7 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         kl_coef=spec["kl_coef"],
         kl_estimator="k1",
         num_sample_generations=0,
-        gradient_checkpointing=False,  # TRL's default is True; rlkit's is off
-        bf16=False,  # TRL's default is True
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
-        seed=spec["seed"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **trl_run_args(spec["seed"]),
     )
     trainer = PPOTrainer(
         args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward_model,
