@@ -52,7 +52,6 @@ from rlkit.losses.ppo import (
     FixedKLController,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_penalty,
@@ -66,6 +65,7 @@ from rlkit.pair_training import disable_dropout
 from rlkit.rewards import Reward, is_model_dir, load_reward, load_sequence_classifier
 from rlkit.rollout import left_pad
 from rlkit.training.engine import StepOutput
+from rlkit.training.logprobs import response_logprobs
 from rlkit.training.options import TrainConfig
 from rlkit.training.run import TrainingRun
 
@@ -114,9 +114,10 @@ class PPOConfig(TrainConfig):
 class PolicyValue(torch.nn.Module):
     """The trained module: the policy, and the value function (a head on its trunk, or a critic).
 
-    `forward` returns, for the last R positions of right-extended rows (the response), the
-    logits that scored each response token and the value of the state before it, [B, R, V] and
-    [B, R]. `kl_coef` is a buffer so checkpoints carry the (adaptive) KL coefficient.
+    `forward` returns, for the response that ends every row (the last R columns of left-padded
+    prompt + response rows), each token's log-prob at the sampling temperature, the entropy of
+    its distribution (no gradient) and the value of the state before it, all [B, R].
+    `kl_coef` is a buffer so checkpoints carry the (adaptive) KL coefficient.
     """
 
     def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Module | None, critic: torch.nn.Module | None, kl_coef: float):
@@ -124,23 +125,21 @@ class PolicyValue(torch.nn.Module):
         self.policy, self.value_head, self.critic = policy, value_head, critic
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        r = response_length
-        out = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            logits_to_keep=r + 1, output_hidden_states=self.critic is None,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = responses.shape[1]
+        logps, entropy, out = response_logprobs(
+            self.policy, input_ids, attention_mask, responses, temperature, output_hidden_states=self.critic is None
         )
-        logits = out.logits[:, :-1]
         if self.critic is None:
             hidden = out.hidden_states[-1][:, -(r + 1) : -1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
             hf = _hf(self.critic)
             trunk = getattr(hf, hf.base_model_prefix)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
             values = hf.score(hidden[:, -(r + 1) : -1]).squeeze(-1)
-        return logits, values.float()
+        return logps, entropy, values.float()
 
     def save_pretrained(self, directory: str, **kwargs: Any) -> None:
         """The policy (adapter or full model) as a standard dir, the value function beside it."""
@@ -210,11 +209,10 @@ class PPOReference:
             yield self.model
 
     @torch.no_grad()
-    def logits(self, policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    def logprobs(self, policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[B, R] reference log-probs of the responses that end the rows, at the sampling temperature."""
         with self._active(policy) as model:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, logits_to_keep=response_length + 1)
-        return out.logits[:, :-1]
+            return response_logprobs(model, input_ids, attention_mask, responses, temperature)[0]
 
 
 def build_reference(config: PPOConfig, run: TrainingRun, policy: torch.nn.Module) -> PPOReference:
@@ -264,15 +262,6 @@ def load_prompts(config: PPOConfig) -> list[Messages]:
 # ---- the objective -------------------------------------------------------------------------
 
 
-def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs of `tokens`, the float logits at the sampling temperature), [B, R] and [B, R, V]."""
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return logps, logits
-
-
 class PPOObjective:
     """Clipped policy loss + vf_coef x clipped value loss on one micro-batch of a rollout.
 
@@ -290,12 +279,11 @@ class PPOObjective:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         c, mask = self.c, batch["response_mask"]
-        logits, values = model(batch["input_ids"], batch["attention_mask"], batch["responses"].shape[1])
-        logprobs, logits = response_logprobs(logits, batch["responses"], c.temperature)
+        logprobs, entropies, values = model(batch["input_ids"], batch["attention_mask"], batch["responses"], c.temperature)
         pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, c.cliprange)
         vf_loss, vf_clipfrac = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, c.cliprange_value)
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+            entropy = masked_mean(entropies, mask)
             ratio = masked_mean(torch.exp(torch.where(mask.bool(), logprobs.detach() - batch["old_logprobs"], 0)), mask)
         n = mask.sum().to(pg_loss.dtype)
         metrics = {
@@ -439,14 +427,11 @@ class PPOLoop:
         for start in range(0, len(indices), c.batch_size):
             sl = slice(start, start + c.batch_size)
             with acc.autocast():
-                logits, v = wrapper(input_ids[sl], attention_mask[sl], width)
-                ref_logits = self.reference.logits(policy, input_ids[sl], attention_mask[sl], width)
-            lp, scaled = response_logprobs(logits, responses[sl], c.temperature)
+                lp, ent, v = wrapper(input_ids[sl], attention_mask[sl], responses[sl], c.temperature)
+                ref_logprobs.append(self.reference.logprobs(policy, input_ids[sl], attention_mask[sl], responses[sl], c.temperature))
             logprobs.append(lp)
-            entropies.append(entropy_from_logits(scaled))
+            entropies.append(ent)
             values.append(v)
-            ref_logprobs.append(response_logprobs(ref_logits, responses[sl], c.temperature)[0])
-            del logits, scaled, ref_logits
         logprobs, values, ref_logprobs, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropies)
         t_fwd = time.time() - t1
 
