@@ -142,7 +142,7 @@ def ppo_argv(spec: dict[str, Any], critic: str) -> list[str]:
         "--max-steps", str(spec["steps"]), "--batch-size", str(spec["batch"]), "--grad-accum", str(spec["grad_accum"]),
         "--mini-batches", str(spec["mini_batches"]), "--ppo-epochs", str(spec["ppo_epochs"]),
         "--max-new-tokens", str(spec["max_new_tokens"]), "--temperature", str(spec["temperature"]), "--lr", str(spec["lr"]),
-        "--kl-coef", str(spec["kl_coef"]), "--max-grad-norm", "0", "--seed", str(spec["seed"]), "--precision", "fp32",
+        "--kl-coef", str(spec["kl_coef"]), "--max-grad-norm", "0", "--seed", str(spec["seed"]), "--precision", spec["precision"],
         "--sample-every", "0", "--log-every", "1000", "--max-length", "2048",
     ]
     if spec["lora"]:
@@ -182,9 +182,25 @@ def child_rlkit(spec: dict[str, Any], result_path: str, critic: str) -> None:
     finish(result_path, clock, spec["warmup"], {"command": "rlkit " + command_line(argv)})
 
 
+def frozen_dtype(spec: dict[str, Any]) -> Any:
+    """Where the frozen weights live, as rlkit keeps them: a LoRA base (and the reward model
+    scoring it) in bf16 under bf16 precision; everything else in fp32 (autocast computes in bf16)."""
+    import torch
+
+    return torch.bfloat16 if spec["precision"] == "bf16" and spec["lora"] else torch.float32
+
+
+def summary_name(precision: str) -> str:
+    return "summary.json" if precision == "fp32" else f"summary-{precision}.json"
+
+
 def child_trl(spec: dict[str, Any], result_path: str) -> None:
     """TRL's PPOTrainer with the same models, prompts, rollout size, lengths, epochs and hyper-parameters."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if spec["precision"] == "bf16":
+        # what `accelerate launch --mixed_precision bf16` sets: TRL's PPOTrainer makes its own
+        # Accelerator without a precision, so `bf16=True` alone would leave it in fp32
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -235,8 +251,9 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
 
     ids = encoded_prompts(spec["model"], spec["prompts"])
     train = datasets.Dataset.from_dict({"input_ids": ids})
-    policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(spec["rm"], num_labels=1, dtype=torch.float32)
+    frozen = frozen_dtype(spec)
+    policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=frozen)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(spec["rm"], num_labels=1, dtype=frozen)
     value_model = AutoModelForSequenceClassification.from_pretrained(spec["rm"], num_labels=1, dtype=torch.float32)
     peft_config = None
     if spec["lora"]:
@@ -261,7 +278,7 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         kl_coef=spec["kl_coef"],
         kl_estimator="k1",
         num_sample_generations=0,
-        **trl_run_args(spec["seed"]),
+        **{**trl_run_args(spec["seed"]), "bf16": spec["precision"] == "bf16"},
     )
     trainer = PPOTrainer(
         args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward_model,
@@ -282,7 +299,7 @@ def child_generate(spec: dict[str, Any], result_path: str) -> None:
     torch.manual_seed(spec["seed"])
     tok = load_tokenizer(resolve_source(spec["model"]))
     ids = encoded_prompts(spec["model"], spec["prompts"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=frozen_dtype(spec)).eval()
     if spec["lora"]:  # the same unmerged adapter layers rlkit's policy generates through
         from peft import LoraConfig, get_peft_model
 
@@ -296,7 +313,7 @@ def child_generate(spec: dict[str, Any], result_path: str) -> None:
         prompt_ids, mask = left_pad(chosen, tok.pad_token_id)
         t0 = time.perf_counter()
         sampled = response = 0
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
             for start in range(0, rollout, spec["batch"]):
                 batch_ids, batch_mask = prompt_ids[start : start + spec["batch"]], mask[start : start + spec["batch"]]
                 out = model.generate(
@@ -380,6 +397,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--smollm2-steps", type=int, default=2, help="measured PPO steps per SmolLM2 run (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="PPO steps run before measuring (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration, alternating order; the median is reported (default 3)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default), or bf16 for both trainers: rlkit --precision bf16, TRL bf16=True under accelerate's bf16 autocast, "
+                        "LoRA bases and the reward model stored in bf16 on both sides; its table goes to the bench:ppo-bf16 block")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS); 0: library default (default 1)")
     p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch and per generation chunk (default 8)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per update (default 2)")
@@ -409,7 +429,7 @@ def main(argv: list[str]) -> int:
         child_main(args.child, args.spec, args.result)
         return 0
     if args.report_only:
-        return report(json.loads((args.work.resolve() / "ppo" / "summary.json").read_text()), None if args.no_doc else args.doc)
+        return report(json.loads((args.work.resolve() / "ppo" / summary_name(args.precision)).read_text()), None if args.no_doc else args.doc)
     started = time.time()
     load_before = os.getloadavg()
     work = args.work.resolve()
@@ -450,18 +470,20 @@ def main(argv: list[str]) -> int:
                 f"policy {'LoRA (r 16, alpha 32, dropout 0.05, all-linear)' if lora else 'full fine-tuning'}; value model initialised from the reward model, trained in full; "
                 f"rollout {rollout} prompts (batch {args.batch} x grad-accum {args.grad_accum} x mini-batches {args.mini_batches}), generated in chunks of {args.batch}; "
                 f"{args.max_new_tokens} new tokens max, temperature {args.temperature}; {args.ppo_epochs} PPO epochs; lr {lr:g}, KL coef {args.kl_coef} (k1); "
-                f"{args.warmup} warmup + {steps} measured PPO steps per run, {args.repeats} runs per configuration"
+                f"{args.warmup} warmup + {steps} measured PPO steps per run, {args.repeats} runs per configuration; "
+                + ("fp32" if args.precision == "fp32" else "bf16 autocast on both sides, the LoRA base and the reward model stored in bf16, the value model in fp32")
             )
             runs: dict[str, list[dict[str, Any]]] = {}
             for repeat in range(args.repeats):
                 order = list(reversed(trainers)) if repeat % 2 else list(trainers)
                 for trainer in order:
-                    key = f"{name}-{trainer}-{repeat + 1}"
+                    key = f"{name}-{trainer}-{args.precision}-{repeat + 1}"
                     spec = {
                         "model": str(model_dir), "rm": str(rm_dir), "prompts": str(args.prompts.resolve()), "out": str(tmp / "out" / key),
                         "steps": steps + args.warmup, "warmup": args.warmup, "batch": args.batch, "grad_accum": args.grad_accum,
                         "mini_batches": args.mini_batches, "ppo_epochs": args.ppo_epochs, "max_new_tokens": args.max_new_tokens,
                         "temperature": args.temperature, "lr": lr, "kl_coef": args.kl_coef, "seed": args.seed, "lora": lora,
+                        "precision": args.precision,
                     }
                     python = trl_python if trainer == "trl" else sys.executable
                     run_loads.append(os.getloadavg()[0])
@@ -486,10 +508,10 @@ def main(argv: list[str]) -> int:
     meta = {
         "command": command_line(["python", "bench/ppo.py", *argv]), "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - started) / 60,
         "load_before": list(load_before), "load_after": list(os.getloadavg()), "run_loads": run_loads, "threads": args.threads,
-        "trl": versions(["trl"], trl_python).get("trl") if trl_python else None,
+        "trl": versions(["trl"], trl_python).get("trl") if trl_python else None, "precision": args.precision,
     }
     summary = {"table": table, "settings": settings, "notes": notes, "meta": meta}
-    (results_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (results_dir / summary_name(args.precision)).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return report(summary, None if args.no_doc else args.doc)
 
 
@@ -535,8 +557,9 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     header += [f"- {n}" for n in summary["notes"]]
     block = "\n".join(header) + "\n\n" + t1 + "\n\n" + t2
     if doc is not None:
-        replace_block(doc, "ppo", block)
-        log(f"wrote the bench:ppo block of {doc}")
+        name = "ppo" if meta.get("precision", "fp32") == "fp32" else f"ppo-{meta['precision']}"
+        replace_block(doc, name, block)
+        log(f"wrote the bench:{name} block of {doc}")
     return 0
 
 

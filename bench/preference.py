@@ -120,7 +120,7 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
     quiet_libraries()
     out = Path(tempfile.mkdtemp()) / "out"
     common = dict(model=args.model, data=[args.data], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
-                  epochs=args.epochs, max_steps=args.max_steps or None, precision="fp32", log_every=10_000)
+                  epochs=args.epochs, max_steps=args.max_steps or None, precision=args.precision, log_every=10_000)
     flags = json.loads(args.flags)
     toggles = {"padding_free": "--no-padding-free" not in flags, "gradient_checkpointing": "--gradient-checkpointing" in flags}
     started = time.perf_counter()
@@ -172,7 +172,7 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
             walls.append(time.perf_counter() - self.t0)
 
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, learning_rate=LR, num_train_epochs=args.epochs,
-                  max_length=MAX_LENGTH, report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True, bf16=False,
+                  max_length=MAX_LENGTH, report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True, bf16=args.precision == "bf16",
                   max_steps=args.max_steps or -1)
     started = time.perf_counter()
     if args.task == "dpo":
@@ -242,6 +242,8 @@ def main() -> None:
     parser.add_argument("--doc", default=str(REPO / "docs" / "dpo.md"))
     parser.add_argument("--block", default="preference", help="name of the marked block of --doc to replace")
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="both trainers: rlkit --precision, TRL bf16=True/False (full fine-tuning: fp32 weights, bf16 autocast)")
     parser.add_argument("--records", type=int, default=0, help="train on the first N records of the data only (0: all); e.g. for SmolLM2 on CPU")
     parser.add_argument("--defaults-only", action="store_true", help="only rlkit's and TRL's default configurations (no toggles)")
     # child-only
@@ -281,7 +283,7 @@ def main() -> None:
                 # a fresh cache per rlkit run: the reference pass and tokenising are part of what is timed
                 run_env = {**env, "RLKIT_CACHE_DIR": str(work / "cache" / f"{task}-{size}-{len(results)}-{time.time_ns()}")}
                 cmd = [python, __file__, "child", "--trainer", trainer, "--task", task, "--model", str(model), "--data", str(data), "--result", str(work / "result.json"),
-                       "--flags", json.dumps(flags), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps)]
+                       "--flags", json.dumps(flags), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps), "--precision", args.precision]
                 log(f"{task} {size}: {name}")
                 result = run_child(cmd, work / "result.json", env=run_env, log_path=work / "child.log")
                 summary = result if "error" in result else summarise(result, tokens, pairs, args.epochs)
@@ -312,7 +314,9 @@ def main() -> None:
         + (f". Demo labelled completions (unpaired.jsonl, {args.records or 300} examples, chatml), batch {BATCH} examples, max length {MAX_LENGTH}, "
            if args.tasks == "kto" else f". Demo pairs ({args.records or 300}, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, ")
         + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epoch(s)")
-        + f", tokens/s the best of {args.repeats} runs, peak RSS the highest, fp32, models: "
+        + f", tokens/s the best of {args.repeats} runs, peak RSS the highest, "
+        + ("fp32" if args.precision == "fp32" else "bf16 autocast over fp32 weights on both sides")
+        + ", models: "
         + ", ".join(describe_size(s) for s in args.sizes.split(","))
         + "."
     )

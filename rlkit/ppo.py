@@ -61,6 +61,7 @@ from rlkit.losses.ppo import (
     per_token_rewards,
 )
 from rlkit.models.load import load_causal_lm, resolve_source
+from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.pair_training import disable_dropout
 from rlkit.rewards import Reward, is_model_dir, load_reward, load_sequence_classifier
 from rlkit.rollout import left_pad
@@ -405,15 +406,16 @@ class PPOLoop:
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         sample = c.temperature > 0
         responses = []
-        for start in range(0, len(indices), c.batch_size):
-            ids, mask = prompt_ids[start : start + c.batch_size], prompt_mask[start : start + c.batch_size]
-            with acc.autocast():
-                out = policy.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=c.max_new_tokens, do_sample=sample,
-                    temperature=c.temperature if sample else None, top_p=c.top_p if sample else None, top_k=None,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
-                )
-            responses.append(out[:, ids.shape[1]:])
+        with lora_merged_for_generation(policy) as generator:  # the adapter's weights folded in: base-model decoding speed
+            for start in range(0, len(indices), c.batch_size):
+                ids, mask = prompt_ids[start : start + c.batch_size], prompt_mask[start : start + c.batch_size]
+                with acc.autocast():
+                    out = generator.generate(
+                        input_ids=ids, attention_mask=mask, max_new_tokens=c.max_new_tokens, do_sample=sample,
+                        temperature=c.temperature if sample else None, top_p=c.top_p if sample else None, top_k=None,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
+                    )
+                responses.append(out[:, ids.shape[1]:])
         width = max(r.shape[1] for r in responses)
         responses = torch.cat([F.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses])
         t_gen = time.time() - t0

@@ -85,11 +85,30 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32, trus
     except (OSError, ValueError) as err:
         raise InputError(f"{source.name}: cannot load a causal LM ({str(err).splitlines()[0]})")
     strip_gguf_marker(model)
+    contiguous_output_layer_input(model)
     if source.adapter_dir:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
     return model
+
+
+def _contiguous_first_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_output_layer_input(model: torch.nn.Module) -> None:
+    """Hand the output layer a contiguous input.
+
+    transformers gives it a strided slice of the hidden states (`hidden[:, -k:]`: the last
+    position when generation starts, or `logits_to_keep`), and on CPU a linear layer whose
+    weight does not require grad (a LoRA base, a reference, a model loaded for chat or eval)
+    takes a slow path for a strided input: 1.2 s instead of 7 ms for SmolLM2's bf16 output
+    layer at the prefill of 8 prompts, 2x slower in fp32. A contiguous copy of [B, k, H] is cheap.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        head.register_forward_pre_hook(_contiguous_first_input)
 
 
 def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: str, task_type: str = "CAUSAL_LM") -> torch.nn.Module:

@@ -18,7 +18,7 @@ from rlkit.models.lean_blocks import use_lean_blocks
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
 from rlkit.plots import plot_training_curves
 from rlkit.output import METRICS_FILE, check_output, finalize, open_run_dir, write_config, write_model_card
-from rlkit.training.engine import Engine, Objective, make_accelerator
+from rlkit.training.engine import Engine, Objective, make_accelerator, precision_hint
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 
@@ -35,6 +35,9 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     info(f"{label}; {trainable:,} of {total:,} parameters trainable)")
+    hint = precision_hint(config)
+    if hint:
+        info(hint)
     return model
 
 
