@@ -42,8 +42,11 @@ def _plain_lora_layers(model: torch.nn.Module) -> list[Any] | None:
         active = [a for a in module.active_adapters if a in module.lora_A]
         if not active:
             continue
+        base = module.get_base_layer()
         plain = (
-            isinstance(module.get_base_layer(), torch.nn.Linear)
+            isinstance(base, torch.nn.Linear)
+            and tuple(base.weight.shape) == (base.out_features, base.in_features)  # not sharded (FSDP, ZeRO-3)
+            and all(module.lora_B[a].weight.shape[0] == base.out_features and module.lora_A[a].weight.shape[1] == base.in_features for a in active)
             and not module.merged
             and not any(module.use_dora.get(a, False) for a in active)
             and not any(getattr(module, "lora_bias", {}).get(a, False) for a in active)
