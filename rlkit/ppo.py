@@ -66,7 +66,7 @@ from rlkit.pair_training import disable_dropout
 from rlkit.rewards import Reward, is_model_dir, load_reward, load_sequence_classifier
 from rlkit.rollout import left_pad
 from rlkit.training.engine import StepOutput
-from rlkit.training.logprobs import response_logprobs
+from rlkit.training.logprobs import positions_from_mask, response_logprobs
 from rlkit.training.options import TrainConfig
 from rlkit.training.run import TrainingRun
 
@@ -137,8 +137,7 @@ class PolicyValue(torch.nn.Module):
         else:
             hf = _hf(self.critic)
             trunk = getattr(hf, hf.base_model_prefix)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
             values = hf.score(hidden[:, -(r + 1) : -1]).squeeze(-1)
         return logps, entropy, values.float()
 

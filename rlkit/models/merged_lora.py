@@ -22,9 +22,10 @@ from typing import Any, Iterator
 import torch
 
 
-def _plain_lora_layers(model: torch.nn.Module) -> list[Any] | None:
-    """The LoRA layers to merge, or None when some layer is not a plain unmerged LoRA Linear, or
-    the adapter also trains whole modules (switching the adapter off would switch those back)."""
+def _plain_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any, list[str]]] | None:
+    """(parent, attribute, LoRA layer, its active adapters) for every LoRA layer to merge, or None
+    when some layer is not a plain unmerged LoRA Linear, or the adapter also trains whole modules
+    (switching the adapter off would switch those back)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -34,26 +35,27 @@ def _plain_lora_layers(model: torch.nn.Module) -> list[Any] | None:
         from peft.utils.other import ModulesToSaveWrapper as Auxiliary
 
     layers = []
-    for module in model.modules():
-        if isinstance(module, Auxiliary) or (isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLayer)):
-            return None
-        if not isinstance(module, LoraLayer):
-            continue
-        active = [a for a in module.active_adapters if a in module.lora_A]
-        if not active:
-            continue
-        base = module.get_base_layer()
-        plain = (
-            isinstance(base, torch.nn.Linear)
-            and tuple(base.weight.shape) == (base.out_features, base.in_features)  # not sharded (FSDP, ZeRO-3)
-            and all(module.lora_B[a].weight.shape[0] == base.out_features and module.lora_A[a].weight.shape[1] == base.in_features for a in active)
-            and not module.merged
-            and not any(module.use_dora.get(a, False) for a in active)
-            and not any(getattr(module, "lora_bias", {}).get(a, False) for a in active)
-        )
-        if not plain:
-            return None
-        layers.append(module)
+    for parent in model.modules():
+        for name, module in parent.named_children():
+            if isinstance(module, Auxiliary) or (isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLayer)):
+                return None
+            if not isinstance(module, LoraLayer):
+                continue
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if not active:
+                continue
+            base = module.get_base_layer()
+            plain = (
+                isinstance(base, torch.nn.Linear)
+                and tuple(base.weight.shape) == (base.out_features, base.in_features)  # not sharded (FSDP, ZeRO-3)
+                and all(module.lora_B[a].weight.shape[0] == base.out_features and module.lora_A[a].weight.shape[1] == base.in_features for a in active)
+                and not module.merged
+                and not any(module.use_dora.get(a, False) for a in active)
+                and not any(getattr(module, "lora_bias", {}).get(a, False) for a in active)
+            )
+            if not plain:
+                return None
+            layers.append((parent, name, module, active))
     return layers
 
 
@@ -72,21 +74,17 @@ def lora_merged_for_generation(model: torch.nn.Module) -> Iterator[torch.nn.Modu
     if not layers:
         yield model
         return
-    wanted = {id(layer) for layer in layers}
-    swaps = []  # (parent, attribute, lora layer, base projection, its own weight tensor)
+    originals = []  # (base projection, its own weight tensor)
     with torch.no_grad():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if id(child) not in wanted:
-                    continue
-                base = child.get_base_layer()
-                delta = sum(child.get_delta_weight(a).float() for a in child.active_adapters if a in child.lora_A)
-                swaps.append((parent, name, child, base, base.weight.data))
-                base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
-                setattr(parent, name, base)
+        for parent, name, layer, active in layers:
+            base = layer.get_base_layer()
+            delta = sum(layer.get_delta_weight(a).float() for a in active)
+            originals.append((base, base.weight.data))
+            base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+            setattr(parent, name, base)
     try:
         yield model
     finally:
-        for parent, name, layer, base, weight in swaps:
+        for (parent, name, layer, _), (base, weight) in zip(layers, originals):
             base.weight.data = weight
             setattr(parent, name, layer)

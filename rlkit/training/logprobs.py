@@ -227,6 +227,11 @@ def label_logprobs(
     return logps * mask, mask
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (padding gets 0 too)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -245,7 +250,7 @@ def response_logprobs(
     """
     width = responses.shape[1]
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = positions_from_mask(attention_mask)
     with _output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale)) as fused:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     logits_to_keep=width + 1, **forward_kwargs)
