@@ -145,6 +145,8 @@ def ppo_argv(spec: dict[str, Any], critic: str) -> list[str]:
         "--kl-coef", str(spec["kl_coef"]), "--max-grad-norm", "0", "--seed", str(spec["seed"]), "--precision", spec["precision"],
         "--sample-every", "0", "--log-every", "1000", "--max-length", "2048",
     ]
+    if spec.get("gradient_checkpointing"):
+        argv += ["--gradient-checkpointing"]
     if spec["lora"]:
         argv += ["--lora", "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"]), "--lora-targets", LORA["targets"]]
     else:
@@ -190,8 +192,13 @@ def frozen_dtype(spec: dict[str, Any]) -> Any:
     return torch.bfloat16 if spec["precision"] == "bf16" and spec["lora"] else torch.float32
 
 
-def summary_name(precision: str) -> str:
-    return "summary.json" if precision == "fp32" else f"summary-{precision}.json"
+def variant(precision: str, gradient_checkpointing: bool) -> str:
+    """'' for the main configuration, else e.g. '-bf16', '-gc', '-bf16-gc': summary file and doc block suffix."""
+    return ("" if precision == "fp32" else f"-{precision}") + ("-gc" if gradient_checkpointing else "")
+
+
+def summary_name(precision: str, gradient_checkpointing: bool = False) -> str:
+    return f"summary{variant(precision, gradient_checkpointing)}.json"
 
 
 def child_trl(spec: dict[str, Any], result_path: str) -> None:
@@ -278,7 +285,7 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         kl_coef=spec["kl_coef"],
         kl_estimator="k1",
         num_sample_generations=0,
-        **{**trl_run_args(spec["seed"]), "bf16": spec["precision"] == "bf16"},
+        **{**trl_run_args(spec["seed"]), "bf16": spec["precision"] == "bf16", "gradient_checkpointing": bool(spec.get("gradient_checkpointing"))},
     )
     trainer = PPOTrainer(
         args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward_model,
@@ -400,6 +407,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32 (default), or bf16 for both trainers: rlkit --precision bf16, TRL bf16=True under accelerate's bf16 autocast, "
                         "LoRA bases and the reward model stored in bf16 on both sides; its table goes to the bench:ppo-bf16 block")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="ask both trainers for gradient checkpointing (rlkit --gradient-checkpointing, TRL gradient_checkpointing=True); "
+                        "its table goes to the bench:ppo-gc (or ppo-bf16-gc) block")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS); 0: library default (default 1)")
     p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch and per generation chunk (default 8)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per update (default 2)")
@@ -429,7 +439,7 @@ def main(argv: list[str]) -> int:
         child_main(args.child, args.spec, args.result)
         return 0
     if args.report_only:
-        return report(json.loads((args.work.resolve() / "ppo" / summary_name(args.precision)).read_text()), None if args.no_doc else args.doc)
+        return report(json.loads((args.work.resolve() / "ppo" / summary_name(args.precision, args.gradient_checkpointing)).read_text()), None if args.no_doc else args.doc)
     started = time.time()
     load_before = os.getloadavg()
     work = args.work.resolve()
@@ -472,18 +482,19 @@ def main(argv: list[str]) -> int:
                 f"{args.max_new_tokens} new tokens max, temperature {args.temperature}; {args.ppo_epochs} PPO epochs; lr {lr:g}, KL coef {args.kl_coef} (k1); "
                 f"{args.warmup} warmup + {steps} measured PPO steps per run, {args.repeats} runs per configuration; "
                 + ("fp32" if args.precision == "fp32" else "bf16 autocast on both sides, the LoRA base and the reward model stored in bf16, the value model in fp32")
+                + ("; gradient checkpointing asked of both (rlkit `--gradient-checkpointing`, TRL `gradient_checkpointing=True`)" if args.gradient_checkpointing else "")
             )
             runs: dict[str, list[dict[str, Any]]] = {}
             for repeat in range(args.repeats):
                 order = list(reversed(trainers)) if repeat % 2 else list(trainers)
                 for trainer in order:
-                    key = f"{name}-{trainer}-{args.precision}-{repeat + 1}"
+                    key = f"{name}-{trainer}-{args.precision}{'-gc' if args.gradient_checkpointing else ''}-{repeat + 1}"
                     spec = {
                         "model": str(model_dir), "rm": str(rm_dir), "prompts": str(args.prompts.resolve()), "out": str(tmp / "out" / key),
                         "steps": steps + args.warmup, "warmup": args.warmup, "batch": args.batch, "grad_accum": args.grad_accum,
                         "mini_batches": args.mini_batches, "ppo_epochs": args.ppo_epochs, "max_new_tokens": args.max_new_tokens,
                         "temperature": args.temperature, "lr": lr, "kl_coef": args.kl_coef, "seed": args.seed, "lora": lora,
-                        "precision": args.precision,
+                        "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
                     }
                     python = trl_python if trainer == "trl" else sys.executable
                     run_loads.append(os.getloadavg()[0])
@@ -509,9 +520,10 @@ def main(argv: list[str]) -> int:
         "command": command_line(["python", "bench/ppo.py", *argv]), "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - started) / 60,
         "load_before": list(load_before), "load_after": list(os.getloadavg()), "run_loads": run_loads, "threads": args.threads,
         "trl": versions(["trl"], trl_python).get("trl") if trl_python else None, "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }
     summary = {"table": table, "settings": settings, "notes": notes, "meta": meta}
-    (results_dir / summary_name(args.precision)).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (results_dir / summary_name(args.precision, args.gradient_checkpointing)).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return report(summary, None if args.no_doc else args.doc)
 
 
@@ -557,7 +569,7 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     header += [f"- {n}" for n in summary["notes"]]
     block = "\n".join(header) + "\n\n" + t1 + "\n\n" + t2
     if doc is not None:
-        name = "ppo" if meta.get("precision", "fp32") == "fp32" else f"ppo-{meta['precision']}"
+        name = "ppo" + variant(meta.get("precision", "fp32"), bool(meta.get("gradient_checkpointing")))
         replace_block(doc, name, block)
         log(f"wrote the bench:{name} block of {doc}")
     return 0

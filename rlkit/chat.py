@@ -28,7 +28,7 @@ from rlkit.data.formats import Messages
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import ChatTemplate, resolve_template
 from rlkit.errors import InputError
-from rlkit.models.inference import inference_dtype, is_reward_model, load_causal_lm_for_inference
+from rlkit.models.inference import dtype_hint, inference_dtype, is_reward_model, load_causal_lm_for_inference
 from rlkit.models.load import load_tokenizer, resolve_source
 from rlkit.rollout import SamplingConfig, generate_rollouts
 
@@ -277,6 +277,9 @@ def run_chat(config: ChatConfig) -> None:
     tokenizer = load_tokenizer(source)
     template = resolve_template(config.template, tokenizer, config.model)
     model = load_causal_lm_for_inference(source, inference_dtype(config.dtype))
+    hint = dtype_hint(config.dtype)
+    if hint:
+        info(hint)
     if interactive:
         run_interactive(config, model, tokenizer, template)
     else:

@@ -122,3 +122,27 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_model_dir, tmp_path):
     assert run_cli("sft", *args, "-o", str(accumulated), "--batch-size", "2", "--grad-accum", "2").returncode == 0
     for x, y in zip(_metrics(big), _metrics(accumulated)):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x, y)
+
+
+def test_backward_runs_outside_autocast(tiny_model_dir, tmp_path):
+    """Autocast keeps a low-precision copy of every weight it cast until its context exits; a
+    backward inside it (with gradient checkpointing, where nothing else holds those copies)
+    carries them on top of the full gradients, at the run's memory peak. In a fresh process:
+    accelerate's state is a per-process singleton, and this run needs bf16."""
+    script = tmp_path / "watch.py"
+    script.write_text(f"""
+import json, torch
+from rlkit.sft import SFTConfig, SFTObjective, run_sft
+seen, loss = [], SFTObjective.loss
+def watched(self, model, batch):
+    out = loss(self, model, batch)
+    out.loss.register_hook(lambda grad: seen.append(torch.is_autocast_enabled("cpu")))
+    return out
+SFTObjective.loss = watched
+run_sft(SFTConfig(model={str(tiny_model_dir)!r}, data=[{str(SFT_DATA)!r}], output={str(tmp_path / "out")!r}, max_steps=2,
+                  batch_size=2, max_length=128, precision="bf16", lora=False, gradient_checkpointing=True, log_every=1000))
+print(json.dumps(seen))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, False]

@@ -89,9 +89,9 @@ def test_off_by_default_without_an_accelerator(monkeypatch):
     from rlkit.models import lean_blocks
 
     monkeypatch.delenv("RLKIT_LEAN_BLOCKS")
-    monkeypatch.setattr(lean_blocks, "_accelerator_present", lambda: False)
+    monkeypatch.setattr(lean_blocks, "accelerator_available", lambda: False)
     assert use_lean_blocks(build_model(600)) == 0
-    monkeypatch.setattr(lean_blocks, "_accelerator_present", lambda: True)
+    monkeypatch.setattr(lean_blocks, "accelerator_available", lambda: True)
     assert use_lean_blocks(build_model(600)) == 2 * 3 + 1
 
 

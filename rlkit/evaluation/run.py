@@ -26,7 +26,7 @@ from rlkit.evaluation.pairs import implicit_reward_metrics, reward_model_scores,
 from rlkit.evaluation.report import print_report, write_report_dir
 from rlkit.evaluation.rewards import load_reward
 from rlkit.evaluation.sft import sft_metrics, sft_rows
-from rlkit.models.inference import inference_device, inference_dtype, is_reward_model, load_causal_lm_for_inference, load_sequence_classifier
+from rlkit.models.inference import dtype_hint, inference_device, inference_dtype, is_reward_model, load_causal_lm_for_inference, load_sequence_classifier
 from rlkit.models.load import ModelSource, load_tokenizer, resolve_source
 from rlkit.rollout import SamplingConfig, generate_rollouts
 
@@ -170,6 +170,9 @@ def eval_sft(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> Res
 def run_eval(config: EvalConfig) -> None:
     mode = question(config)
     dtype = inference_dtype(config.dtype)
+    hint = dtype_hint(config.dtype)
+    if hint:
+        info(hint)
     if mode == "completions":
         metrics, examples, distributions = eval_completions(config, dtype)
     else:

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rlkit.hardware import accelerator_available
+
 # Classes whose forward is, line for line, LlamaRMSNorm.forward / LlamaMLP.forward (a test checks it
 # against the installed transformers).
 RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
@@ -95,15 +97,9 @@ def _is_silu(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.SiLU) or type(module).__name__ in ("SiLUActivation", "SiLU")
 
 
-def _accelerator_present() -> bool:
-    """Whether training runs on an accelerator (rlkit.training.engine.make_accelerator's rule)."""
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-
-
 def use_lean_blocks(model: torch.nn.Module) -> int:
     """Give the known RMSNorm and SwiGLU modules of `model` their lean forward; returns how many."""
-    if os.environ.get("RLKIT_LEAN_BLOCKS", "1" if _accelerator_present() else "0") == "0":
+    if os.environ.get("RLKIT_LEAN_BLOCKS", "1" if accelerator_available() else "0") == "0":
         return 0
     changed = 0
     for module in model.modules():
