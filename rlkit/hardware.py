@@ -22,3 +22,13 @@ def cpu_computes_bf16() -> bool:
         return bool(probe()) if probe is not None else False
     except RuntimeError:
         return False
+
+
+def cpu_bf16_hint(flag: str, measured: str) -> str | None:
+    """The one line training and inference print when they run in fp32 on a CPU that computes
+    bf16 natively (`flag`: the option that switches, `measured`: what it gained here). Not a
+    switch made for the user: bf16 changes the numbers, and on very small models autocast's
+    casts cost more than they save."""
+    if accelerator_available() or not cpu_computes_bf16():
+        return None
+    return f'this CPU computes bf16 natively (AMX): {flag} {measured} on such a CPU (docs/guide.md, "Precision on CPU")'

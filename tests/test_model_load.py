@@ -22,19 +22,18 @@ def test_the_output_layer_gets_a_contiguous_input(tiny_model_dir):
 def test_bf16_hints_only_for_auto_on_a_bf16_cpu(monkeypatch):
     """Training (`--precision auto`) and inference (`--dtype auto`) stay fp32 on CPU, and say
     once when the CPU would run bf16 much faster; never when the user chose, or on a GPU."""
+    from rlkit import hardware
     from rlkit.models import inference
     from rlkit.training import engine
     from rlkit.training.options import TrainConfig
 
-    for module in (inference, engine):
-        monkeypatch.setattr(module, "accelerator_available", lambda: False)
-        monkeypatch.setattr(module, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "accelerator_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_computes_bf16", lambda: True)
     assert "--dtype bfloat16" in inference.dtype_hint("auto")
     assert "--precision bf16" in engine.precision_hint(TrainConfig(precision="auto"))
     assert inference.dtype_hint("float32") is None and engine.precision_hint(TrainConfig(precision="fp32")) is None
-    for module in (inference, engine):
-        monkeypatch.setattr(module, "cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_computes_bf16", lambda: False)
     assert inference.dtype_hint("auto") is None and engine.precision_hint(TrainConfig(precision="auto")) is None
-    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda: True)
-    monkeypatch.setattr(inference, "accelerator_available", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "accelerator_available", lambda: True)
     assert inference.dtype_hint("auto") is None

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from rlkit.errors import InputError
-from rlkit.hardware import accelerator_available, cpu_computes_bf16
+from rlkit.hardware import cpu_bf16_hint
 from rlkit.models.load import ModelSource, load_causal_lm, strip_gguf_marker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,11 +34,9 @@ def inference_dtype(name: str = "auto") -> torch.dtype:
 
 
 def dtype_hint(name: str) -> str | None:
-    """A line for CPU inference left at float32 where bfloat16 would be much faster. Not the
-    default there: bf16 changes the numbers, and `auto` should mean the same on every CPU."""
-    if name == "auto" and not accelerator_available() and cpu_computes_bf16():
-        return 'this CPU computes bf16 natively (AMX): --dtype bfloat16 generated with SmolLM2-135M 1.5x faster on such a CPU (docs/guide.md, "Precision on CPU")'
-    return None
+    """A line for inference left at `--dtype auto` (float32) on a bf16-capable CPU; `auto` means
+    the same on every CPU."""
+    return cpu_bf16_hint("--dtype bfloat16", "generated with SmolLM2-135M 1.5x faster") if name == "auto" else None
 
 
 def adapter_config(directory: str | Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 
 from rlkit.errors import InputError, RunError
-from rlkit.hardware import accelerator_available, cpu_computes_bf16
+from rlkit.hardware import accelerator_available, cpu_bf16_hint
 from rlkit.training.metrics import MetricsSink, ProgressDisplay
 from rlkit.training.options import TrainConfig
 from rlkit.training.schedule import lr_multiplier, warmup_steps_for
@@ -120,11 +120,8 @@ class TrainerState:
 
 
 def precision_hint(config: TrainConfig) -> str | None:
-    """A line for CPU runs left at fp32 where bf16 would be much faster. Not the default there:
-    bf16 changes the numbers, and on very small models autocast's casts cost more than they save."""
-    if config.precision == "auto" and not accelerator_available() and cpu_computes_bf16():
-        return 'this CPU computes bf16 natively (AMX): --precision bf16 trained SmolLM2-135M 1.4-1.6x faster on such a CPU (docs/guide.md, "Precision on CPU")'
-    return None
+    """A line for training runs left at `--precision auto` (fp32) on a bf16-capable CPU."""
+    return cpu_bf16_hint("--precision bf16", "trained SmolLM2-135M 1.4-1.6x faster") if config.precision == "auto" else None
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
