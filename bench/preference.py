@@ -7,7 +7,8 @@
 Every configuration trains the same model (full fine-tuning, fp32, CPU unless a GPU is there)
 on the same pairs (the demo's pairs.jsonl, chatml), with the same batch and max length, in
 its own child process (`bench/common.py`). rlkit runs with its defaults (padding-free rows,
-precomputed reference log-probs), then with each toggled, so the gain of each shows; TRL's
+precomputed reference log-probs; for DPO also gradient checkpointing, as TRL), then with each
+toggled, so the gain of each shows, and once with RLKIT_MALLOC_TRIM=0; TRL's
 DPOTrainer and RewardTrainer run with their defaults (padded batches, a reference model copy
 consulted every step) in a separate environment that shares this one's torch/transformers.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -45,14 +47,23 @@ UNPAIRED = REPO / "rlkit" / "demo" / "data" / "unpaired.jsonl"
 SIZES = {"tiny": (64, 2), "small": (256, 4), "medium": (512, 8)}  # hidden, layers (vocab 600: the test tokenizer)
 BATCH, MAX_LENGTH, LR = 8, 256, 1e-4
 RLKIT_DPO = {
+    "rlkit (defaults)": [],  # gradient checkpointing on, as in TRL
+    "rlkit --no-padding-free": ["--no-padding-free"],
+    "rlkit --no-precompute-ref": ["--no-precompute-ref"],
+    "rlkit, both off": ["--no-padding-free", "--no-precompute-ref"],
+    "rlkit --no-gradient-checkpointing": ["--no-gradient-checkpointing"],
+    # freed heap pages left to glibc, as every other trainer does: what the engine's trim gains
+    "rlkit (defaults), RLKIT_MALLOC_TRIM=0": ["RLKIT_MALLOC_TRIM=0"],
+}
+RLKIT_KTO = {
     "rlkit (defaults)": [],
     "rlkit --no-padding-free": ["--no-padding-free"],
     "rlkit --no-precompute-ref": ["--no-precompute-ref"],
     "rlkit, both off": ["--no-padding-free", "--no-precompute-ref"],
-    "rlkit --gradient-checkpointing": ["--gradient-checkpointing"],  # TRL's default; rlkit's is off
+    "rlkit --gradient-checkpointing": ["--gradient-checkpointing"],  # TRL's default; rlkit kto's is off
 }
 RLKIT_RM = {"rlkit (defaults)": [], "rlkit --no-padding-free": ["--no-padding-free"]}
-RLKIT = {"dpo": RLKIT_DPO, "kto": RLKIT_DPO, "rm": RLKIT_RM}
+RLKIT = {"dpo": RLKIT_DPO, "kto": RLKIT_KTO, "rm": RLKIT_RM}
 # TRL rows per task: (name, flags); the first is the baseline of the "vs TRL" columns
 TRL = {
     "dpo": [("TRL DPOTrainer (defaults)", []), ("TRL DPOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"])],
@@ -122,7 +133,12 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
     common = dict(model=args.model, data=[args.data], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
                   epochs=args.epochs, max_steps=args.max_steps or None, precision=args.precision, log_every=10_000)
     flags = json.loads(args.flags)
-    toggles = {"padding_free": "--no-padding-free" not in flags, "gradient_checkpointing": "--gradient-checkpointing" in flags}
+    if "RLKIT_MALLOC_TRIM=0" in flags:
+        os.environ["RLKIT_MALLOC_TRIM"] = "0"
+    toggles: dict[str, Any] = {"padding_free": "--no-padding-free" not in flags}
+    for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+        if flag in flags:  # otherwise each command's own default
+            toggles["gradient_checkpointing"] = flag == "--gradient-checkpointing"
     started = time.perf_counter()
     if args.task == "dpo":
         from rlkit.dpo import DPOConfig, run_dpo

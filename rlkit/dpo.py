@@ -45,6 +45,11 @@ class DPOConfig(ReferenceConfig):
     label_smoothing: float = opt(0.0, "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).")
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin γ (the paper's γ, as TRL's CPOConfig simpo_gamma; not the SimPO scripts' gamma_beta_ratio).")
     sft_weight: float = opt(0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss.")
+    gradient_checkpointing: bool = opt(
+        True,
+        "Recompute activations in the backward pass to save memory. On by default for dpo, as in TRL: every step carries "
+        "both sides of each pair. On a GPU --no-gradient-checkpointing buys speed back where memory allows.",
+    )
 
 
 def implicit_reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:

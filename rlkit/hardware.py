@@ -5,6 +5,12 @@ Kept apart from the engine so that inference commands can ask without importing 
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import sys
+from typing import Any, Callable
+
 import torch
 
 
@@ -32,3 +38,31 @@ def cpu_bf16_hint(flag: str, measured: str) -> str | None:
     if accelerator_available() or not cpu_computes_bf16():
         return None
     return f'this CPU computes bf16 natively (AMX): {flag} {measured} on such a CPU (docs/guide.md, "Precision on CPU")'
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], Any] | None:
+    """glibc's malloc_trim, or None where there is none (macOS, Windows, musl) or the user turned
+    it off with RLKIT_MALLOC_TRIM=0."""
+    if not sys.platform.startswith("linux") or os.environ.get("RLKIT_MALLOC_TRIM", "1") == "0":
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_host_memory(device: torch.device) -> None:
+    """Hand the pages of freed tensors back to the OS when training runs on the CPU.
+
+    glibc keeps what a freed tensor occupied in its heap for the next allocation, but a step's
+    tensors rarely fit back into the holes the last phase left (bf16 weight copies, activations,
+    gradients all differ in size), so a process's resident memory climbs well above what is live:
+    for SmolLM2-135M DPO in bf16 with checkpointing, ~0.25 GiB of a 3.2 GiB peak. Trimming where a
+    phase's tensors have just died (after each forward, after a PPO rollout) costs page faults
+    when the next phase touches the pages again (~0.6 GiB a step there, within the step time's
+    noise); on a GPU the host heap holds little, so it is skipped. RLKIT_MALLOC_TRIM=0 turns it off.
+    """
+    trim = _malloc_trim() if device.type == "cpu" else None
+    if trim is not None:
+        trim(0)

@@ -146,3 +146,22 @@ print(json.dumps(seen))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, False]
+
+
+def test_freed_host_memory_is_released_after_each_forward(tiny_model_dir, tmp_path):
+    """On the CPU the engine trims glibc's heap where the forward's tensors have just died, before
+    the backward allocates the gradients: once per micro-batch."""
+    script = tmp_path / "watch.py"
+    script.write_text(f"""
+import json
+import rlkit.training.engine as engine
+from rlkit.sft import SFTConfig, run_sft
+seen = []
+engine.release_freed_host_memory = lambda device: seen.append(device.type)
+run_sft(SFTConfig(model={str(tiny_model_dir)!r}, data=[{str(SFT_DATA)!r}], output={str(tmp_path / "out")!r}, max_steps=2,
+                  batch_size=1, grad_accum=2, max_length=128, lora=False, log_every=1000))
+print(json.dumps(seen))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["cpu"] * 4  # 2 steps x 2 micro-batches
