@@ -46,22 +46,19 @@ DATA = REPO / "rlkit" / "demo" / "data" / "pairs.jsonl"
 UNPAIRED = REPO / "rlkit" / "demo" / "data" / "unpaired.jsonl"
 SIZES = {"tiny": (64, 2), "small": (256, 4), "medium": (512, 8)}  # hidden, layers (vocab 600: the test tokenizer)
 BATCH, MAX_LENGTH, LR = 8, 256, 1e-4
-RLKIT_DPO = {
-    "rlkit (defaults)": [],  # gradient checkpointing on, as in TRL
-    "rlkit --no-padding-free": ["--no-padding-free"],
-    "rlkit --no-precompute-ref": ["--no-precompute-ref"],
-    "rlkit, both off": ["--no-padding-free", "--no-precompute-ref"],
-    "rlkit --no-gradient-checkpointing": ["--no-gradient-checkpointing"],
-    # freed heap pages left to glibc, as every other trainer does: what the engine's trim gains
-    "rlkit (defaults), RLKIT_MALLOC_TRIM=0": ["RLKIT_MALLOC_TRIM=0"],
-}
-RLKIT_KTO = {
+_RLKIT_PREFERENCE = {
     "rlkit (defaults)": [],
     "rlkit --no-padding-free": ["--no-padding-free"],
     "rlkit --no-precompute-ref": ["--no-precompute-ref"],
     "rlkit, both off": ["--no-padding-free", "--no-precompute-ref"],
-    "rlkit --gradient-checkpointing": ["--gradient-checkpointing"],  # TRL's default; rlkit kto's is off
 }
+RLKIT_DPO = {  # dpo's defaults checkpoint activations, as TRL's
+    **_RLKIT_PREFERENCE,
+    "rlkit --no-gradient-checkpointing": ["--no-gradient-checkpointing"],
+    # freed heap pages left to glibc, as every other trainer does: what the engine's trim gains
+    "rlkit (defaults), RLKIT_MALLOC_TRIM=0": ["RLKIT_MALLOC_TRIM=0"],
+}
+RLKIT_KTO = {**_RLKIT_PREFERENCE, "rlkit --gradient-checkpointing": ["--gradient-checkpointing"]}  # TRL's default; kto's is off
 RLKIT_RM = {"rlkit (defaults)": [], "rlkit --no-padding-free": ["--no-padding-free"]}
 RLKIT = {"dpo": RLKIT_DPO, "kto": RLKIT_KTO, "rm": RLKIT_RM}
 # TRL rows per task: (name, flags); the first is the baseline of the "vs TRL" columns
