@@ -126,7 +126,8 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
     from rlkit.console import quiet_libraries
 
     quiet_libraries()
-    out = Path(tempfile.mkdtemp()) / "out"
+    scratch = tempfile.TemporaryDirectory(prefix="rlkit-bench-pref-")  # the saved model is ~0.5 GB per SmolLM2 run
+    out = Path(scratch.name) / "out"
     common = dict(model=args.model, data=[args.data], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
                   epochs=args.epochs, max_steps=args.max_steps or None, precision=args.precision, log_every=10_000)
     flags = json.loads(args.flags)
@@ -152,6 +153,7 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
     total = time.perf_counter() - started
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "step_time_s" in s]
+    scratch.cleanup()
     return {"step_walls": [s["step_time_s"] for s in steps], "end_to_end_s": total}
 
 
@@ -184,7 +186,8 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
         def on_step_end(self, *_: Any, **__: Any) -> None:
             walls.append(time.perf_counter() - self.t0)
 
-    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, learning_rate=LR, num_train_epochs=args.epochs,
+    scratch = tempfile.TemporaryDirectory(prefix="rlkit-bench-pref-trl-")  # collected with the process
+    common = dict(output_dir=scratch.name, per_device_train_batch_size=BATCH, learning_rate=LR, num_train_epochs=args.epochs,
                   max_length=MAX_LENGTH, report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True, bf16=args.precision == "bf16",
                   max_steps=args.max_steps or -1)
     started = time.perf_counter()
