@@ -14,7 +14,8 @@ import torch
 
 from rlkit.config import config_to_dict
 from rlkit.console import info
-from rlkit.models.lean_blocks import use_lean_blocks
+from rlkit.models.attention import use_fp32_attention_backward
+from rlkit.models.lean_blocks import lora_inputs_uncast_under_autocast, use_lean_blocks
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
 from rlkit.plots import plot_training_curves
 from rlkit.output import METRICS_FILE, check_output, finalize, open_run_dir, write_config, write_model_card
@@ -24,12 +25,15 @@ from rlkit.training.options import TrainConfig
 
 
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str) -> torch.nn.Module:
-    """Last setup every trained model shares: lean norm/MLP backward passes (rlkit.models.lean_blocks),
+    """Last setup every trained model shares: lean norm/MLP backward passes and LoRA inputs saved once
+    (rlkit.models.lean_blocks), the fp32 attention backward on CPU (rlkit.models.attention),
     optional checkpointing, and a line saying what trains.
 
     `label` opens the line, e.g. "model: NAME (LoRA"; the parameter counts close it.
     """
     use_lean_blocks(model)
+    lora_inputs_uncast_under_autocast(model)
+    use_fp32_attention_backward(model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
