@@ -60,6 +60,7 @@ from rlkit.losses.ppo import (
     standardise_scores,
     per_token_rewards,
 )
+from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.load import load_causal_lm, resolve_source
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.pair_training import disable_dropout
@@ -212,7 +213,7 @@ class PPOReference:
     def logprobs(self, policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
         """[B, R] reference log-probs of the responses that end the rows, at the sampling temperature."""
         with self._active(policy) as model:
-            return response_logprobs(model, input_ids, attention_mask, responses, temperature)[0]
+            return response_logprobs(model, input_ids, attention_mask, responses, temperature, want_entropy=False)[0]
 
 
 def build_reference(config: PPOConfig, run: TrainingRun, policy: torch.nn.Module) -> PPOReference:
@@ -583,6 +584,7 @@ def run_ppo(config: PPOConfig) -> Path:
         critic, _ = load_sequence_classifier(config.reward, torch.float32, config.trust_remote_code)
         critic.requires_grad_(True)
         disable_dropout(critic)
+        use_fp32_attention_backward(critic)
         info(f"critic: initialised from {config.reward} (trained in full)")
     else:
         value_head = make_value_head(policy, [run.source.adapter_dir, run.source.path])

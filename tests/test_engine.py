@@ -148,9 +148,10 @@ print(json.dumps(seen))
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, False]
 
 
-def test_freed_host_memory_is_released_after_each_forward(tiny_model_dir, tmp_path):
-    """On the CPU the engine trims glibc's heap where the forward's tensors have just died, before
-    the backward allocates the gradients: once per micro-batch."""
+def test_freed_host_memory_is_released_after_each_forward_and_between_micro_batches(tiny_model_dir, tmp_path):
+    """On the CPU the engine trims glibc's heap where a phase's tensors have just died: after each
+    micro-batch's forward (before the backward allocates the gradients), and after a backward that
+    another micro-batch's forward follows."""
     script = tmp_path / "watch.py"
     script.write_text(f"""
 import json
@@ -164,4 +165,4 @@ print(json.dumps(seen))
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["cpu"] * 4  # 2 steps x 2 micro-batches
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["cpu"] * 6  # 2 steps x (2 forwards + 1 backward between them)

@@ -25,7 +25,7 @@ def _loss(model, ids, positions):
 
 @pytest.fixture(autouse=True)
 def _lean_blocks_on(monkeypatch):
-    """Off by default on CPU (see the module docstring); these tests are about what it does when on."""
+    """On by default; set here so that a developer's RLKIT_LEAN_BLOCKS=0 does not skew these tests."""
     monkeypatch.setenv("RLKIT_LEAN_BLOCKS", "1")
 
 
@@ -85,13 +85,8 @@ def test_lean_blocks_save_two_hidden_and_one_intermediate_vector_less_per_token_
     assert saved >= 0.95 * expected, (saved, expected)
 
 
-def test_off_by_default_without_an_accelerator(monkeypatch):
-    from rlkit.models import lean_blocks
-
+def test_on_by_default(monkeypatch):
     monkeypatch.delenv("RLKIT_LEAN_BLOCKS")
-    monkeypatch.setattr(lean_blocks, "accelerator_available", lambda: False)
-    assert use_lean_blocks(build_model(600)) == 0
-    monkeypatch.setattr(lean_blocks, "accelerator_available", lambda: True)
     assert use_lean_blocks(build_model(600)) == 2 * 3 + 1
 
 
@@ -121,3 +116,33 @@ def test_the_known_classes_still_compute_what_the_lean_forwards_assume():
             arch = name.removesuffix("RMSNorm").removesuffix("MLP").lower()
             cls = getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)
             assert inspect.getsource(cls.forward) == inspect.getsource(reference), name
+
+
+def test_lora_inputs_are_not_cast_twice_under_autocast():
+    """bf16 base + fp32 adapter under bf16 autocast: the same values bit for bit, one saved copy per input."""
+    from rlkit.models.lean_blocks import lora_inputs_uncast_under_autocast
+    from rlkit.models.load import add_lora
+
+    base = build_model(600).to(torch.bfloat16)
+    stock = add_lora(base, 4, 8, 0.0, "all-linear")
+    for p in stock.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)  # lora_B starts at zero: give the adapter a gradient path
+    lean = copy.deepcopy(stock)
+    assert lora_inputs_uncast_under_autocast(lean) == 2 * 7  # q k v o gate up down, 2 layers
+    ids, positions = _batch()
+
+    def run(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model, ids, positions)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (stock_loss, stock_grads), (lean_loss, lean_grads) = run(stock), run(lean)
+    assert torch.equal(lean_loss, stock_loss)
+    for name, grad in stock_grads.items():
+        assert torch.equal(lean_grads[name], grad), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _saved_bytes(lean, ids, positions) < _saved_bytes(stock, ids, positions)
+    with torch.no_grad():  # outside autocast peft's cast still applies: bf16 input, fp32 adapter
+        assert torch.equal(lean(input_ids=ids, position_ids=positions).logits, stock(input_ids=ids, position_ids=positions).logits)

@@ -75,9 +75,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 lse[rows] = chunk_lse = torch.logsumexp(logits, dim=-1)
                 logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - chunk_lse
                 if want_entropy or grad_direction is not None:
-                    probs = logits.sub_(chunk_lse[:, None]).exp_()
+                    logp = logits.sub_(chunk_lse[:, None])
                     if want_entropy:
-                        entropy[rows] = torch.special.entr(probs).sum(-1)
+                        entropy[rows] = _entropy_to_probs_(logp)
+                        probs = logp
+                    else:
+                        probs = logp.exp_()
                     if grad_direction is not None:  # d logp_i / d h_i = scale (W[y_i] - softmax_i W)
                         grad_direction[rows] = (w[targets[rows]] - probs.to(compute) @ w) * scale
         ctx.chunk, ctx.scale, ctx.compute, ctx.has_bias, ctx.frozen_head = chunk, scale, compute, bias is not None, frozen_head
@@ -127,6 +130,21 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         )
 
 
+def _entropy_to_probs_(logp: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """-sum(p log p) of each row of log-probs [N, V], turning `logp` into the probabilities in place.
+
+    A few rows at a time, so the only extra memory is [rows, V]; the sum is a batched dot
+    product, several times cheaper on a CPU than torch.special.entr's element-wise kernel.
+    """
+    entropy = torch.empty(logp.size(0), dtype=logp.dtype, device=logp.device)
+    for start in range(0, logp.size(0), rows):
+        lp = logp[start : start + rows]
+        p = lp.exp()
+        entropy[start : start + rows] = -(p.unsqueeze(1) @ lp.unsqueeze(2)).flatten()
+        lp.copy_(p)
+    return entropy
+
+
 def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
     """[N] log-probs (fp32, or fp64 for an fp64 model) of `targets` [N] under `head` applied to `hidden` [N, H], chunked."""
     return _ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)[0]
@@ -171,16 +189,18 @@ class _ResponseLogpHead(torch.nn.Module):
     [B, R+1, H] -> [B, R, 2], each response token's log-prob at the sampling temperature and
     the entropy of the distribution it was drawn from."""
 
-    def __init__(self, head: torch.nn.Linear, responses: torch.Tensor, scale: float):
+    def __init__(self, head: torch.nn.Linear, responses: torch.Tensor, scale: float, want_entropy: bool = True):
         super().__init__()
-        self.head, self.responses, self.scale = head, responses, scale
+        self.head, self.responses, self.scale, self.want_entropy = head, responses, scale, want_entropy
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows, width = self.responses.shape
         # a contiguous [B*R, H] copy: a strided [B, R, H] slice makes CPU matmuls copy the
         # weight once per row (54x slower in bf16 on a 49k vocabulary)
         h = hidden[:, :-1].reshape(rows * width, -1)
-        logps, entropy = _ChunkedTokenLogps.apply(h, self.head.weight, self.head.bias, self.responses.reshape(-1), CHUNK_TOKENS, self.scale, True)
+        logps, entropy = _ChunkedTokenLogps.apply(h, self.head.weight, self.head.bias, self.responses.reshape(-1), CHUNK_TOKENS, self.scale, self.want_entropy)
+        if not self.want_entropy:
+            entropy = torch.zeros_like(logps)
         return torch.stack((logps.view(rows, width), entropy.view(rows, width)), dim=-1)
 
 
@@ -238,6 +258,7 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     responses: torch.Tensor,
     temperature: float = 1.0,
+    want_entropy: bool = True,
     **forward_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(log-probs [B, R], entropies [B, R], the model's output) of the R tokens that end every row.
@@ -245,13 +266,14 @@ def response_logprobs(
     Rows are laid out as a rollout makes them: a left-padded prompt, then the response
     (`responses` [B, R], the last R columns of `input_ids`); position ids follow the attention
     mask. Tokens are scored at the temperature they were sampled with (0, greedy, scores at
-    1). Entropies carry no gradient: they are for logging. Only the response positions reach
+    1). Entropies carry no gradient: they are for logging (zeros without `want_entropy`,
+    which spares a reference its softmax). Only the response positions reach
     the vocabulary projection, a chunk at a time, and no [B, R, vocab] logits are kept.
     """
     width = responses.shape[1]
     scale = 1.0 / temperature if temperature > 0 else 1.0
     position_ids = positions_from_mask(attention_mask)
-    with _output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale)) as fused:
+    with _output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)) as fused:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                     logits_to_keep=width + 1, **forward_kwargs)
     if fused:
