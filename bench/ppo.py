@@ -72,16 +72,30 @@ LABELS = {"rlkit": "rlkit (`--critic rm`)", "rlkit-shared": "rlkit (`--critic sh
 # ---- models ----------------------------------------------------------------------------------
 
 
-def build_reward_model(policy_dir: Path, out: Path, seed: int = 1) -> None:
-    """A random-init one-score Llama sequence classifier (hidden 64, 2 layers) that uses the policy's
-    tokenizer (TRL scores the policy's token ids directly, so the two must share a vocabulary)."""
+def build_reward_model(policy_dir: Path, out: Path, seed: int = 1, kind: str = "small") -> None:
+    """A one-score sequence classifier that uses the policy's tokenizer (TRL scores the policy's
+    token ids directly, so the two must share a vocabulary).
+
+    kind "small": a random-init Llama (hidden 64, 2 layers), so that scoring and the value model
+    cost next to nothing on either side. kind "policy": the policy's own weights with a fresh
+    score head, the model `rlkit train-rm` starts from: a reward model the policy's size, as in
+    StackLLaMA, which also makes TRL's value model (initialised from it, trained in full) the
+    policy's size.
+    """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(seed)
+    if kind == "policy":
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tok.pad_token_id
+        torch.nn.init.normal_(model.score.weight, std=0.5 / model.config.hidden_size**0.5)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False, num_labels=1,
@@ -192,13 +206,13 @@ def frozen_dtype(spec: dict[str, Any]) -> Any:
     return torch.bfloat16 if spec["precision"] == "bf16" and spec["lora"] else torch.float32
 
 
-def variant(precision: str, gradient_checkpointing: bool) -> str:
-    """'' for the main configuration, else e.g. '-bf16', '-gc', '-bf16-gc': summary file and doc block suffix."""
-    return ("" if precision == "fp32" else f"-{precision}") + ("-gc" if gradient_checkpointing else "")
+def variant(precision: str, gradient_checkpointing: bool, reward_model: str = "small") -> str:
+    """'' for the main configuration, else e.g. '-bf16', '-gc', '-bf16-gc', '-bf16-policy-rm': summary file and doc block suffix."""
+    return ("" if precision == "fp32" else f"-{precision}") + ("-gc" if gradient_checkpointing else "") + ("-policy-rm" if reward_model == "policy" else "")
 
 
-def summary_name(precision: str, gradient_checkpointing: bool = False) -> str:
-    return f"summary{variant(precision, gradient_checkpointing)}.json"
+def summary_name(precision: str, gradient_checkpointing: bool = False, reward_model: str = "small") -> str:
+    return f"summary{variant(precision, gradient_checkpointing, reward_model)}.json"
 
 
 def child_trl(spec: dict[str, Any], result_path: str) -> None:
@@ -349,7 +363,7 @@ def child_main(kind: str, spec_json: str, result_path: str) -> None:
 
         build_tiny(Path(spec["out"]), Path(spec["data_dir"]))
     elif kind == "build-rm":
-        build_reward_model(Path(spec["policy"]), Path(spec["out"]))
+        build_reward_model(Path(spec["policy"]), Path(spec["out"]), kind=spec.get("kind", "small"))
     elif kind == "convert":
         from bench_sft import convert_gguf
 
@@ -410,6 +424,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="ask both trainers for gradient checkpointing (rlkit --gradient-checkpointing, TRL gradient_checkpointing=True); "
                         "its table goes to the bench:ppo-gc (or ppo-bf16-gc) block")
+    p.add_argument("--reward-model", choices=("small", "policy"), default="small",
+                   help="small (default): a random 2-layer, 64-wide classifier, so scoring and TRL's value model cost little; "
+                        "policy: the policy's own weights with a fresh score head (what train-rm starts from), a reward and value "
+                        "model the policy's size as in StackLLaMA; its table goes to the bench:ppo[-bf16]-policy-rm block")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS); 0: library default (default 1)")
     p.add_argument("--batch", type=int, default=8, help="prompts per micro-batch and per generation chunk (default 8)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per update (default 2)")
@@ -439,7 +457,8 @@ def main(argv: list[str]) -> int:
         child_main(args.child, args.spec, args.result)
         return 0
     if args.report_only:
-        return report(json.loads((args.work.resolve() / "ppo" / summary_name(args.precision, args.gradient_checkpointing)).read_text()), None if args.no_doc else args.doc)
+        summary_file = args.work.resolve() / "ppo" / summary_name(args.precision, args.gradient_checkpointing, args.reward_model)
+        return report(json.loads(summary_file.read_text()), None if args.no_doc else args.doc)
     started = time.time()
     load_before = os.getloadavg()
     work = args.work.resolve()
@@ -473,11 +492,15 @@ def main(argv: list[str]) -> int:
                 continue
             label, lora, steps = ("tiny Llama", False, args.steps) if name == "tiny" else ("SmolLM2-135M-Instruct", not args.smollm2_full, args.smollm2_steps)
             rm_dir = tmp / f"rm-{name}"
-            run_plain(this + ["--child", "build-rm", "--spec", json.dumps({"policy": str(model_dir), "out": str(rm_dir)})], env, logs / f"build-rm-{name}.log")
+            rm_spec = {"policy": str(model_dir), "out": str(rm_dir), "kind": args.reward_model}
+            run_plain(this + ["--child", "build-rm", "--spec", json.dumps(rm_spec)], env, logs / f"build-rm-{name}.log")
             lr = 1.4e-5 if lora else 3e-6
             rollout = args.batch * args.grad_accum * args.mini_batches
             settings[label] = (
-                f"policy {'LoRA (r 16, alpha 32, dropout 0.05, all-linear)' if lora else 'full fine-tuning'}; value model initialised from the reward model, trained in full; "
+                f"policy {'LoRA (r 16, alpha 32, dropout 0.05, all-linear)' if lora else 'full fine-tuning'}; "
+                + ("reward model: the policy's weights with a fresh score head (the policy's size); " if args.reward_model == "policy"
+                   else "reward model: a random 2-layer, 64-wide Llama classifier; ")
+                + "value model initialised from the reward model, trained in full (TRL; rlkit `--critic rm`); "
                 f"rollout {rollout} prompts (batch {args.batch} x grad-accum {args.grad_accum} x mini-batches {args.mini_batches}), generated in chunks of {args.batch}; "
                 f"{args.max_new_tokens} new tokens max, temperature {args.temperature}; {args.ppo_epochs} PPO epochs; lr {lr:g}, KL coef {args.kl_coef} (k1); "
                 f"{args.warmup} warmup + {steps} measured PPO steps per run, {args.repeats} runs per configuration; "
@@ -488,7 +511,7 @@ def main(argv: list[str]) -> int:
             for repeat in range(args.repeats):
                 order = list(reversed(trainers)) if repeat % 2 else list(trainers)
                 for trainer in order:
-                    key = f"{name}-{trainer}-{args.precision}{'-gc' if args.gradient_checkpointing else ''}-{repeat + 1}"
+                    key = f"{name}-{trainer}{variant(args.precision, args.gradient_checkpointing, args.reward_model) or '-fp32'}-{repeat + 1}"
                     spec = {
                         "model": str(model_dir), "rm": str(rm_dir), "prompts": str(args.prompts.resolve()), "out": str(tmp / "out" / key),
                         "steps": steps + args.warmup, "warmup": args.warmup, "batch": args.batch, "grad_accum": args.grad_accum,
@@ -520,10 +543,10 @@ def main(argv: list[str]) -> int:
         "command": command_line(["python", "bench/ppo.py", *argv]), "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - started) / 60,
         "load_before": list(load_before), "load_after": list(os.getloadavg()), "run_loads": run_loads, "threads": args.threads,
         "trl": versions(["trl"], trl_python).get("trl") if trl_python else None, "precision": args.precision,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": args.gradient_checkpointing, "reward_model": args.reward_model,
     }
     summary = {"table": table, "settings": settings, "notes": notes, "meta": meta}
-    (results_dir / summary_name(args.precision, args.gradient_checkpointing)).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (results_dir / summary_name(args.precision, args.gradient_checkpointing, args.reward_model)).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return report(summary, None if args.no_doc else args.doc)
 
 
@@ -569,7 +592,7 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     header += [f"- {n}" for n in summary["notes"]]
     block = "\n".join(header) + "\n\n" + t1 + "\n\n" + t2
     if doc is not None:
-        name = "ppo" + variant(meta.get("precision", "fp32"), bool(meta.get("gradient_checkpointing")))
+        name = "ppo" + variant(meta.get("precision", "fp32"), bool(meta.get("gradient_checkpointing")), meta.get("reward_model", "small"))
         replace_block(doc, name, block)
         log(f"wrote the bench:{name} block of {doc}")
     return 0
