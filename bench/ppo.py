@@ -556,12 +556,17 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     trl_v = meta.get("trl")
     main_rows, gen_rows = [], []
     for label, rows in table.items():
+        trl_row = dict(rows).get("trl")
         for trainer, r in rows:
             name = LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else "")
             spread = f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}"
             if trainer != "generate":
+                # the targets: response tokens/s (the tokens PPO trains on) and peak RSS, against TRL's
+                vs_trl = f"{r['response_tokens_per_s'] / trl_row['response_tokens_per_s']:.2f}x" if trl_row else "-"
+                rss_vs_trl = f"{r['peak_rss_mib'] / trl_row['peak_rss_mib']:.2f}x" if trl_row else "-"
                 main_rows.append([label, name, fmt(r["step_s"]), spread, fmt(r["cpu_s"]), fmt(r["rollout_s"]), fmt(r["generation_s"]), fmt(r["update_s"]),
-                                  fmt(r["generated_tokens_per_s"], 0), fmt(r["response_tokens_per_step"], 0), fmt(r["peak_rss_mib"], 0)])
+                                  fmt(r["generated_tokens_per_s"], 0), fmt(r["response_tokens_per_step"], 0), fmt(r["response_tokens_per_s"], 1), vs_trl,
+                                  fmt(r["peak_rss_mib"], 0), rss_vs_trl])
         plain = dict((t, r) for t, r in rows).get("generate")
         for trainer, r in rows:
             name = LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else "")
@@ -573,7 +578,7 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
                 gen_rows.append([label, name, "whole rollout (generation + no-grad forwards + scoring)", fmt(r["rollout_s"]), fmt(r["sampled_tokens_per_step"], 0),
                                  fmt(r["sampled_tokens_per_step"] / max(r["rollout_s"], 1e-9), 0), rvs])
     t1 = markdown_table(["model", "trainer", "s / PPO step", "range over runs", "CPU-s / PPO step", "rollout s", "of which generation s", "update s",
-                         "generated tok/s", "response tok / step", "peak RSS (MiB)"], main_rows)
+                         "generated tok/s", "response tok / step", "response tok/s", "vs TRL", "peak RSS (MiB)", "RSS vs TRL"], main_rows)
     t2 = markdown_table(["model", "who", "what is timed", "s / step", "sampled tok / step", "tok/s", "vs plain generate"], gen_rows)
     print(f"{t1}\n\n{t2}")
     info = machine_info()
