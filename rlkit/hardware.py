@@ -59,7 +59,8 @@ def release_freed_host_memory(device: torch.device) -> None:
     tensors rarely fit back into the holes the last phase left (bf16 weight copies, activations,
     gradients all differ in size), so a process's resident memory climbs well above what is live:
     for SmolLM2-135M DPO in bf16 with checkpointing, ~0.25 GiB of a 3.2 GiB peak. Trimming where a
-    phase's tensors have just died (after each forward, after a PPO rollout) costs page faults
+    phase's tensors have just died (after each forward, between micro-batches, after a PPO
+    rollout: rlkit.training.engine) costs page faults
     when the next phase touches the pages again (~0.6 GiB a step there, within the step time's
     noise); on a GPU the host heap holds little, so it is skipped. RLKIT_MALLOC_TRIM=0 turns it off.
     """

@@ -7,9 +7,11 @@ and 6 ms in fp32, forward included 23 ms against 9 ms. In a SmolLM2 LoRA PPO upd
 the same kernel on fp32 copies of q, k and v and rounds the output back; without a gradient
 (rollouts, reference log-probs, generation) and on accelerators it is the stock `sdpa` path.
 
-The values are those the stock bf16 kernel approximates (it accumulates in fp32 too); the cost
-is memory: the fp32 copies it keeps for the backward, 2 bytes more per element of q, k, v and
-the output than the bf16 kernel keeps (SmolLM2, 680 tokens: ~90 MiB over 30 layers).
+The values are those the stock bf16 kernel approximates (it accumulates in fp32 too). Keeping
+the fp32 copies for the backward would cost memory (SmolLM2, 680 tokens: ~90 MiB more over 30
+layers), so only q, k and v are kept, as they came (k and v before their grouped-query
+expansion), and the backward recomputes the attention from them: ~3 ms a layer there, and less
+kept than the stock bf16 kernel keeps (expanded k and v, and the output).
 
 Registered with transformers' attention and mask interfaces as `rlkit_sdpa`, so the model's own
 forward, masks and KV-cache handling stay the stock `sdpa` ones.
