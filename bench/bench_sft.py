@@ -92,16 +92,38 @@ def build_tiny(path: Path, data_dir: Path) -> None:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(corpus, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", additional_special_tokens=SPECIALS[3:])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIALS[3:],
+    )
     tokenizer.chat_template = shipped_template("chatml")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, attn_implementation="sdpa",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        attn_implementation="sdpa",
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -145,11 +167,39 @@ def child_rlkit(spec: dict[str, Any], result_path: str) -> None:
 
     engine.Engine.fit, metrics.MetricsSink.log = timed_fit, timed_log
     argv = [
-        "sft", spec["model"], spec["data"], "-o", spec["out"], "--overwrite",
-        "--max-steps", str(spec["steps"]), "--batch-size", str(spec["batch"]), "--max-length", str(spec["max_length"]),
-        "--packing" if spec["packing"] else "--no-packing", "--seed", str(spec["seed"]), "--precision", "fp32",
+        "sft",
+        spec["model"],
+        spec["data"],
+        "-o",
+        spec["out"],
+        "--overwrite",
+        "--max-steps",
+        str(spec["steps"]),
+        "--batch-size",
+        str(spec["batch"]),
+        "--max-length",
+        str(spec["max_length"]),
+        "--packing" if spec["packing"] else "--no-packing",
+        "--seed",
+        str(spec["seed"]),
+        "--precision",
+        "fp32",
     ]
-    argv += ["--lora", "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"]), "--lora-targets", LORA["targets"]] if spec["lora"] else ["--full"]
+    argv += (
+        [
+            "--lora",
+            "--lora-r",
+            str(LORA["r"]),
+            "--lora-alpha",
+            str(LORA["alpha"]),
+            "--lora-dropout",
+            str(LORA["dropout"]),
+            "--lora-targets",
+            LORA["targets"],
+        ]
+        if spec["lora"]
+        else ["--full"]
+    )
     sys.argv = ["rlkit", *argv]
     from rlkit.cli import main
 
@@ -158,7 +208,10 @@ def child_rlkit(spec: dict[str, Any], result_path: str) -> None:
     except SystemExit as done:
         if done.code not in (0, None):
             raise
-    write_result(result_path, {**clock.summary(), "command": "rlkit " + command_line(argv), "torch_threads": torch.get_num_threads()})
+    write_result(
+        result_path,
+        {**clock.summary(), "command": "rlkit " + command_line(argv), "torch_threads": torch.get_num_threads()},
+    )
 
 
 def child_trl(spec: dict[str, Any], result_path: str) -> None:
@@ -203,7 +256,13 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
     if spec["lora"]:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"], task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["targets"],
+            task_type="CAUSAL_LM",
+        )
     args = SFTConfig(
         output_dir=spec["out"],
         max_steps=spec["steps"],
@@ -220,9 +279,20 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         optim="adamw_torch",  # torch.optim.AdamW, as rlkit
         **trl_run_args(spec["seed"]),
     )
-    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config, callbacks=[Timer()])
+    trainer = CountingSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[Timer()],
+    )
     trainer.train()
-    info = {"padding_free": bool(trainer.padding_free), "rows": len(trainer.train_dataset), "torch_threads": torch.get_num_threads()}
+    info = {
+        "padding_free": bool(trainer.padding_free),
+        "rows": len(trainer.train_dataset),
+        "torch_threads": torch.get_num_threads(),
+    }
     write_result(result_path, {**clock.summary(), **info})
 
 
@@ -244,18 +314,40 @@ def child_main(kind: str, spec_json: str, result_path: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2 (default: both)")
     p.add_argument("--trainers", default="rlkit,trl", help="comma-separated: rlkit, trl (default: both)")
     p.add_argument("--packing", default="padded,packed", help="comma-separated: padded, packed (default: both)")
-    p.add_argument("--gguf", type=Path, default=DEFAULT_GGUF, help="SmolLM2-135M-Instruct .gguf file (`make demo-model` fetches it)")
-    p.add_argument("--smollm2-dir", type=Path, default=None, help="plain HF dir of SmolLM2 (default: converted once from --gguf into WORK/SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--gguf",
+        type=Path,
+        default=DEFAULT_GGUF,
+        help="SmolLM2-135M-Instruct .gguf file (`make demo-model` fetches it)",
+    )
+    p.add_argument(
+        "--smollm2-dir",
+        type=Path,
+        default=None,
+        help="plain HF dir of SmolLM2 (default: converted once from --gguf into WORK/SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SFT data (messages JSONL)")
     p.add_argument("--tiny-steps", type=int, default=20, help="measured steps per tiny-model run (default 20)")
     p.add_argument("--smollm2-steps", type=int, default=8, help="measured steps per SmolLM2 run (default 8)")
     p.add_argument("--warmup", type=int, default=1, help="steps run before measuring (default 1)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per configuration, in alternating order; their steps are pooled (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (OMP_NUM_THREADS); 0: the library default (default 1, see docs/benchmarks.md)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs per configuration, in alternating order; their steps are pooled (default 2)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per run (OMP_NUM_THREADS); 0: the library default (default 1, see docs/benchmarks.md)",
+    )
     p.add_argument("--tiny-batch", type=int, default=8)
     p.add_argument("--tiny-max-length", type=int, default=512)
     p.add_argument("--tiny-lora", action="store_true", help="LoRA on the tiny model (default: full fine-tuning)")
@@ -265,10 +357,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache and results dir (default .cache/bench)")
     p.add_argument("--trl-python", default=None, help="a python that imports trl (default: the --trl-venv one)")
-    p.add_argument("--trl-venv", type=Path, default=None, help="separate venv for TRL, created on first use (default WORK/trl-venv)")
-    p.add_argument("--trl-requirement", default=TRL_REQUIREMENT, help=f"what to pip install there (default {TRL_REQUIREMENT})")
+    p.add_argument(
+        "--trl-venv",
+        type=Path,
+        default=None,
+        help="separate venv for TRL, created on first use (default WORK/trl-venv)",
+    )
+    p.add_argument(
+        "--trl-requirement", default=TRL_REQUIREMENT, help=f"what to pip install there (default {TRL_REQUIREMENT})"
+    )
     p.add_argument("--timeout", type=float, default=1200, help="seconds before a run is given up (default 1200)")
-    p.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md", help="markdown page whose SFT block is rewritten")
+    p.add_argument(
+        "--doc", type=Path, default=REPO / "docs" / "benchmarks.md", help="markdown page whose SFT block is rewritten"
+    )
     p.add_argument("--no-doc", action="store_true", help="print the table only")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -289,7 +390,7 @@ def run_order(trainers: list[str], packings: list[bool], repeat: int) -> list[tu
     rlkit | ...), so a load that drifts during the run does not always favour the same one."""
     order, flip = [], repeat % 2 == 1
     for packing in packings:
-        for trainer in (reversed(trainers) if flip else trainers):
+        for trainer in reversed(trainers) if flip else trainers:
             order.append((trainer, packing))
         flip = not flip
     return order
@@ -317,7 +418,9 @@ def main(argv: list[str]) -> int:
         if args.trl_python:
             trl_python = args.trl_python
         else:
-            trl_python, message = ensure_venv_with(args.trl_venv or work / "trl-venv", args.trl_requirement, "trl", "from trl import SFTConfig, SFTTrainer")
+            trl_python, message = ensure_venv_with(
+                args.trl_venv or work / "trl-venv", args.trl_requirement, "trl", "from trl import SFTConfig, SFTTrainer"
+            )
             log(message)
             if trl_python is None:
                 notes.append(f"TRL rows skipped: {message}")
@@ -332,24 +435,61 @@ def main(argv: list[str]) -> int:
     try:
         for name in models:
             model_dir, skipped = bench_model(
-                name, child=this, tmp=tmp, smollm2_dir=args.smollm2_dir or work / "SmolLM2-135M-Instruct", gguf=args.gguf,
-                data_dir=args.data.parent, env=env, logs=logs,
+                name,
+                child=this,
+                tmp=tmp,
+                smollm2_dir=args.smollm2_dir or work / "SmolLM2-135M-Instruct",
+                gguf=args.gguf,
+                data_dir=args.data.parent,
+                env=env,
+                logs=logs,
             )
             if model_dir is None:
                 log(skipped)
                 notes.append(skipped)
                 continue
             if name == "tiny":
-                label, lora, batch, max_length, steps = "tiny Llama", args.tiny_lora, args.tiny_batch, args.tiny_max_length, args.tiny_steps
+                label, lora, batch, max_length, steps = (
+                    "tiny Llama",
+                    args.tiny_lora,
+                    args.tiny_batch,
+                    args.tiny_max_length,
+                    args.tiny_steps,
+                )
             else:
-                label, lora, batch, max_length, steps = "SmolLM2-135M-Instruct", not args.smollm2_full, args.smollm2_batch, args.smollm2_max_length, args.smollm2_steps
+                label, lora, batch, max_length, steps = (
+                    "SmolLM2-135M-Instruct",
+                    not args.smollm2_full,
+                    args.smollm2_batch,
+                    args.smollm2_max_length,
+                    args.smollm2_steps,
+                )
             lr = 2e-4 if lora else 2e-5
-            mode = f"LoRA (r {LORA['r']}, alpha {LORA['alpha']}, dropout {LORA['dropout']}, {LORA['targets']})" if lora else "full fine-tuning"
-            settings[label] = f"{mode}, per-device batch {batch}, max length {max_length}, lr {'2e-4' if lora else '2e-5'}"
+            mode = (
+                f"LoRA (r {LORA['r']}, alpha {LORA['alpha']}, dropout {LORA['dropout']}, {LORA['targets']})"
+                if lora
+                else "full fine-tuning"
+            )
+            settings[label] = (
+                f"{mode}, per-device batch {batch}, max length {max_length}, lr {'2e-4' if lora else '2e-5'}"
+            )
 
             tokens_dir = tmp / f"tokens-{name}"
             if trl_python:  # TRL trains on rlkit's tokenization: identical ids and loss masks
-                pack = [sys.executable, "-m", "rlkit", "pack", str(args.data), "--tokenizer", str(model_dir), "-o", str(tokens_dir), "--no-packing", "--max-length", str(max_length)]
+                pack = [
+                    sys.executable,
+                    "-m",
+                    "rlkit",
+                    "pack",
+                    str(args.data),
+                    "--tokenizer",
+                    str(model_dir),
+                    "-o",
+                    str(tokens_dir),
+                    "--no-packing",
+                    "--max-length",
+                    str(max_length),
+                ]
                 if run_plain(pack, env, logs / f"pack-{name}.log") != 0:
                     notes.append(f"TRL rows of {label} skipped: `rlkit pack` failed (see {logs / f'pack-{name}.log'})")
 
@@ -358,16 +498,34 @@ def main(argv: list[str]) -> int:
                 for trainer, packing in run_order(trainers, packings, repeat):
                     if trainer == "trl" and (trl_python is None or not (tokens_dir / "rlkit_pack.json").is_file()):
                         continue
-                    key = f"{name}-{trainer}-{'packed' if packing else 'padded'}" + (f"-{repeat + 1}" if args.repeats > 1 else "")
+                    key = f"{name}-{trainer}-{'packed' if packing else 'padded'}" + (
+                        f"-{repeat + 1}" if args.repeats > 1 else ""
+                    )
                     spec = {
-                        "model": str(model_dir), "data": str(args.data.resolve()), "tokens": str(tokens_dir), "out": str(tmp / "out" / key),
-                        "batch": batch, "max_length": max_length, "packing": packing, "lora": lora, "seed": args.seed,
-                        "steps": steps + args.warmup, "warmup": args.warmup, "lr": lr, "threads": args.threads,
+                        "model": str(model_dir),
+                        "data": str(args.data.resolve()),
+                        "tokens": str(tokens_dir),
+                        "out": str(tmp / "out" / key),
+                        "batch": batch,
+                        "max_length": max_length,
+                        "packing": packing,
+                        "lora": lora,
+                        "seed": args.seed,
+                        "steps": steps + args.warmup,
+                        "warmup": args.warmup,
+                        "lr": lr,
+                        "threads": args.threads,
                     }
                     python = sys.executable if trainer == "rlkit" else trl_python
                     log(f"{key}: {args.warmup} warmup + {steps} measured steps ...")
                     result_path = work / "sft" / f"{key}.json"
-                    result = run_child([python, this[1], "--child", trainer, "--spec", json.dumps(spec), "--result", str(result_path)], result_path, run_env, args.timeout, logs / f"{key}.log")
+                    result = run_child(
+                        [python, this[1], "--child", trainer, "--spec", json.dumps(spec), "--result", str(result_path)],
+                        result_path,
+                        run_env,
+                        args.timeout,
+                        logs / f"{key}.log",
+                    )
                     for leftover in (tmp / "out" / key, tmp / "out" / f"{key}.partial"):
                         shutil.rmtree(leftover, ignore_errors=True)
                     result.update({"key": key, "spec": spec})
@@ -376,7 +534,9 @@ def main(argv: list[str]) -> int:
                         log(f"{key}: FAILED {result['error']} (log: {logs / (key + '.log')})")
                     else:
                         one = pool([result])
-                        log(f"{key}: {one['tokens_per_s']:.1f} tok/s, {one['cpu_s_per_1k_tokens']:.2f} CPU-s/1k tok, peak RSS {one['peak_rss_mib']:.0f} MiB, loss {one['final_loss']}")
+                        log(
+                            f"{key}: {one['tokens_per_s']:.1f} tok/s, {one['cpu_s_per_1k_tokens']:.2f} CPU-s/1k tok, peak RSS {one['peak_rss_mib']:.0f} MiB, loss {one['final_loss']}"
+                        )
                     runs.setdefault((trainer, packing), []).append(result)
             for packing in packings:
                 for trainer in trainers:
@@ -392,7 +552,17 @@ def main(argv: list[str]) -> int:
 
     total = time.time() - started
     trl_v = trl_version(trl_python)
-    columns = ["model", "trainer", "packing", "real tokens/s", "CPU-s per 1k tokens", "peak RSS (MiB)", "steps measured", "tokens/step", "final loss"]
+    columns = [
+        "model",
+        "trainer",
+        "packing",
+        "real tokens/s",
+        "CPU-s per 1k tokens",
+        "peak RSS (MiB)",
+        "steps measured",
+        "tokens/step",
+        "final loss",
+    ]
     table_rows = []
     for r in rows:
         trainer = "rlkit" if r["trainer"] == "rlkit" else f"TRL {trl_v}"
@@ -400,15 +570,26 @@ def main(argv: list[str]) -> int:
         if "error" in r:
             table_rows.append([r["model"], trainer, how, "failed: " + r["error"][:80], "-", "-", "-", "-", "-"])
             continue
-        table_rows.append([
-            r["model"], trainer, how, fmt(r["tokens_per_s"]), fmt(r["cpu_s_per_1k_tokens"], 2), fmt(r["peak_rss_mib"], 0),
-            r["steps_measured"], fmt(r["tokens_per_step"], 0), fmt(r["final_loss"], 4) if r.get("final_loss") is not None else "-",
-        ])
+        table_rows.append(
+            [
+                r["model"],
+                trainer,
+                how,
+                fmt(r["tokens_per_s"]),
+                fmt(r["cpu_s_per_1k_tokens"], 2),
+                fmt(r["peak_rss_mib"], 0),
+                r["steps_measured"],
+                fmt(r["tokens_per_step"], 0),
+                fmt(r["final_loss"], 4) if r.get("final_loss") is not None else "-",
+            ]
+        )
     table = markdown_table(columns, table_rows)
     print(table)
     for note in notes:
         print(f"- {note}")
-    (work / "sft" / "summary.json").write_text(json.dumps({"rows": rows, "settings": settings, "notes": notes, "total_s": total}, indent=1) + "\n")
+    (work / "sft" / "summary.json").write_text(
+        json.dumps({"rows": rows, "settings": settings, "notes": notes, "total_s": total}, indent=1) + "\n"
+    )
     log(f"done in {total / 60:.1f} min")
 
     if not args.no_doc and rows:
@@ -421,14 +602,28 @@ def trl_version(python: str | None) -> str:
     return (versions(["trl"], python).get("trl") or "?") if python else "?"
 
 
-def write_doc(args: argparse.Namespace, table: str, settings: dict[str, str], notes: list[str], load_before: Any, total: float, trl_v: str) -> None:
+def write_doc(
+    args: argparse.Namespace,
+    table: str,
+    settings: dict[str, str],
+    notes: list[str],
+    load_before: Any,
+    total: float,
+    trl_v: str,
+) -> None:
     machine = machine_info()
     v = versions(["rlkit", "torch", "transformers", "peft", "accelerate", "datasets"])
     if trl_v != "?":
         v["trl"] = trl_v
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    cmd = f"`python bench/bench_sft.py{' ' + command_line(sys.argv[1:]) if sys.argv[1:] else ''}`" + ("" if sys.argv[1:] else " (what `make bench` runs)")
-    threads = f"{args.threads} torch thread{'s' if args.threads != 1 else ''} per run" if args.threads > 0 else f"torch's default threads ({machine['torch_threads']})"
+    cmd = f"`python bench/bench_sft.py{' ' + command_line(sys.argv[1:]) if sys.argv[1:] else ''}`" + (
+        "" if sys.argv[1:] else " (what `make bench` runs)"
+    )
+    threads = (
+        f"{args.threads} torch thread{'s' if args.threads != 1 else ''} per run"
+        if args.threads > 0
+        else f"torch's default threads ({machine['torch_threads']})"
+    )
     lines = [
         f"Measured on {time.strftime('%Y-%m-%d')} with {cmd}, which took {total / 60:.0f} min.",
         "",
@@ -440,7 +635,9 @@ def write_doc(args: argparse.Namespace, table: str, settings: dict[str, str], no
     for label, setting in settings.items():
         steps = args.tiny_steps if label.startswith("tiny") else args.smollm2_steps
         runs = f"{args.repeats} runs" if args.repeats > 1 else "1 run"
-        lines.append(f"- {label}: {setting}; the same for both trainers; {args.warmup} warmup step(s), then {steps} measured steps; {runs} per configuration.")
+        lines.append(
+            f"- {label}: {setting}; the same for both trainers; {args.warmup} warmup step(s), then {steps} measured steps; {runs} per configuration."
+        )
     lines += ["", table]
     if notes:
         lines += [""] + [f"- {n}" for n in notes]

@@ -24,9 +24,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,9 @@ def log(message: str) -> None:
 def peak_rss_mib() -> float:
     """Peak resident set size of this process (and of any children it waited for), in MiB."""
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
     return peak / scale
 
 
@@ -119,14 +122,22 @@ def write_result(path: str | Path, result: dict[str, Any]) -> None:
 # ---- running children (in the orchestrator) ---------------------------------------------
 
 
-def run_child(cmd: Sequence[str], result_path: Path, env: dict[str, str] | None = None, timeout: float | None = None, log_path: Path | None = None) -> dict[str, Any]:
+def run_child(
+    cmd: Sequence[str],
+    result_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    log_path: Path | None = None,
+) -> dict[str, Any]:
     """Run one configuration in its own process; its JSON result, or {'error': ...}."""
     result_path.unlink(missing_ok=True)
     started = time.time()
     full_env = {**os.environ, **(env or {})}
     with open(log_path or os.devnull, "w") as out:
         try:
-            proc = subprocess.run(list(cmd), env=full_env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+            proc = subprocess.run(
+                list(cmd), env=full_env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO
+            )
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -153,7 +164,9 @@ def versions(packages: Sequence[str], python: str | None = None) -> dict[str, st
         "print(json.dumps(out))\n"
     )
     try:
-        done = subprocess.run([python or sys.executable, "-c", code, *packages], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [python or sys.executable, "-c", code, *packages], capture_output=True, text=True, timeout=120
+        )
         return json.loads(done.stdout)
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return {}
@@ -197,7 +210,13 @@ def machine_info() -> dict[str, Any]:
 # ---- a separate environment for reference trainers --------------------------------------
 
 
-def ensure_venv_with(venv: Path, requirement: str, module: str, check: str = "", same: Sequence[str] = ("torch", "transformers", "peft", "accelerate", "datasets")) -> tuple[str | None, str]:
+def ensure_venv_with(
+    venv: Path,
+    requirement: str,
+    module: str,
+    check: str = "",
+    same: Sequence[str] = ("torch", "transformers", "peft", "accelerate", "datasets"),
+) -> tuple[str | None, str]:
     """A python that can import `module`, without touching this environment.
 
     Reuses `venv` when it already imports `module` and is bridged to this interpreter.
@@ -217,7 +236,10 @@ def ensure_venv_with(venv: Path, requirement: str, module: str, check: str = "",
     def works() -> tuple[bool, str]:
         if not py.exists():
             return False, f"{py} does not exist"
-        if not any(f.read_text() == bridge for f in venv.glob(f"lib*/python*/site-packages/{marker}")) and not (venv / "Lib" / "site-packages" / marker).is_file():
+        if (
+            not any(f.read_text() == bridge for f in venv.glob(f"lib*/python*/site-packages/{marker}"))
+            and not (venv / "Lib" / "site-packages" / marker).is_file()
+        ):
             return False, f"{venv} is bridged to another environment"
         done = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
         lines = (done.stderr or "").strip().splitlines()
@@ -233,9 +255,19 @@ def ensure_venv_with(venv: Path, requirement: str, module: str, check: str = "",
         log(f"setting up {venv} for {requirement} (a separate environment that shares this one's packages)")
         try:
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
-            purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True).stdout.strip()
+            purelib = subprocess.run(
+                [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             Path(purelib, marker).write_text(bridge)
-            subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", requirement], check=True, capture_output=True, text=True)
+            subprocess.run(
+                [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", requirement],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         except subprocess.CalledProcessError as err:
             detail = (err.stderr or "").strip().splitlines()
             return None, f"could not install {requirement} into {venv}: {detail[-1] if detail else err}"
@@ -282,16 +314,32 @@ def command_line(argv: Sequence[str]) -> str:
 def run_plain(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> int:
     """A setup step (not measured); its output goes to `log_path`."""
     with open(log_path, "w") as out:
-        return subprocess.run(list(cmd), env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(
+            list(cmd), env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
 
 
-def bench_model(name: str, *, child: Sequence[str], tmp: Path, smollm2_dir: Path, gguf: Path, data_dir: Path, env: dict[str, str], logs: Path) -> tuple[Path | None, str]:
+def bench_model(
+    name: str,
+    *,
+    child: Sequence[str],
+    tmp: Path,
+    smollm2_dir: Path,
+    gguf: Path,
+    data_dir: Path,
+    env: dict[str, str],
+    logs: Path,
+) -> tuple[Path | None, str]:
     """(model dir, "") for `tiny` (built fresh in `tmp`) or `smollm2` (converted once from the
     demo .gguf into `smollm2_dir`), or (None, why it is skipped). `child` is the calling bench's
     own command line, whose `--child build-tiny` / `--child convert` do the work in a subprocess."""
     if name == "tiny":
         model_dir = tmp / "tiny-llama"
-        run_plain([*child, "--child", "build-tiny", "--spec", json.dumps({"out": str(model_dir), "data_dir": str(data_dir)})], env, logs / "build-tiny.log")
+        run_plain(
+            [*child, "--child", "build-tiny", "--spec", json.dumps({"out": str(model_dir), "data_dir": str(data_dir)})],
+            env,
+            logs / "build-tiny.log",
+        )
         failed = f"tiny model skipped: building it failed (see {logs / 'build-tiny.log'})"
     elif name == "smollm2":
         model_dir = smollm2_dir.resolve()
@@ -299,7 +347,17 @@ def bench_model(name: str, *, child: Sequence[str], tmp: Path, smollm2_dir: Path
             if not gguf.is_file():
                 return None, f"SmolLM2 skipped: {gguf} is missing (`make demo-model` fetches it)"
             log(f"converting {gguf} to a plain HF dir {model_dir} (once)")
-            run_plain([*child, "--child", "convert", "--spec", json.dumps({"gguf": str(gguf.resolve()), "out": str(model_dir)})], env, logs / "convert.log")
+            run_plain(
+                [
+                    *child,
+                    "--child",
+                    "convert",
+                    "--spec",
+                    json.dumps({"gguf": str(gguf.resolve()), "out": str(model_dir)}),
+                ],
+                env,
+                logs / "convert.log",
+            )
         failed = f"SmolLM2 skipped: converting {gguf} failed (see {logs / 'convert.log'})"
     else:
         raise SystemExit(f"unknown model {name!r} (tiny, smollm2)")
@@ -312,6 +370,14 @@ def trl_run_args(seed: int) -> dict[str, Any]:
     import torch
 
     return dict(
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(), seed=seed,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )

@@ -40,7 +40,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ensure_venv_with, log, machine_info, markdown_table, replace_block, run_child, versions, write_result  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    ensure_venv_with,
+    log,
+    machine_info,
+    markdown_table,
+    replace_block,
+    run_child,
+    versions,
+    write_result,
+)
 
 DATA = REPO / "rlkit" / "demo" / "data" / "pairs.jsonl"
 UNPAIRED = REPO / "rlkit" / "demo" / "data" / "unpaired.jsonl"
@@ -58,13 +68,22 @@ RLKIT_DPO = {  # dpo's defaults checkpoint activations, as TRL's
     # freed heap pages left to glibc, as every other trainer does: what the engine's trim gains
     "rlkit (defaults), RLKIT_MALLOC_TRIM=0": ["RLKIT_MALLOC_TRIM=0"],
 }
-RLKIT_KTO = {**_RLKIT_PREFERENCE, "rlkit --gradient-checkpointing": ["--gradient-checkpointing"]}  # TRL's default; kto's is off
+RLKIT_KTO = {
+    **_RLKIT_PREFERENCE,
+    "rlkit --gradient-checkpointing": ["--gradient-checkpointing"],
+}  # TRL's default; kto's is off
 RLKIT_RM = {"rlkit (defaults)": [], "rlkit --no-padding-free": ["--no-padding-free"]}
 RLKIT = {"dpo": RLKIT_DPO, "kto": RLKIT_KTO, "rm": RLKIT_RM}
 # TRL rows per task: (name, flags); the first is the baseline of the "vs TRL" columns
 TRL = {
-    "dpo": [("TRL DPOTrainer (defaults)", []), ("TRL DPOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"])],
-    "kto": [("TRL KTOTrainer (defaults)", []), ("TRL KTOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"])],
+    "dpo": [
+        ("TRL DPOTrainer (defaults)", []),
+        ("TRL DPOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"]),
+    ],
+    "kto": [
+        ("TRL KTOTrainer (defaults)", []),
+        ("TRL KTOTrainer, no gradient checkpointing", ["no-gradient-checkpointing"]),
+    ],
     "rm": [("TRL RewardTrainer (defaults)", [])],
 }
 TITLES = {"dpo": "DPO (full fine-tuning)", "kto": "KTO (full fine-tuning)", "rm": "Reward model (full fine-tuning)"}
@@ -128,8 +147,19 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
     quiet_libraries()
     scratch = tempfile.TemporaryDirectory(prefix="rlkit-bench-pref-")  # the saved model is ~0.5 GB per SmolLM2 run
     out = Path(scratch.name) / "out"
-    common = dict(model=args.model, data=[args.data], output=str(out), lora=False, lr=LR, batch_size=BATCH, max_length=MAX_LENGTH,
-                  epochs=args.epochs, max_steps=args.max_steps or None, precision=args.precision, log_every=10_000)
+    common = dict(
+        model=args.model,
+        data=[args.data],
+        output=str(out),
+        lora=False,
+        lr=LR,
+        batch_size=BATCH,
+        max_length=MAX_LENGTH,
+        epochs=args.epochs,
+        max_steps=args.max_steps or None,
+        precision=args.precision,
+        log_every=10_000,
+    )
     flags = json.loads(args.flags)
     if "RLKIT_MALLOC_TRIM=0" in flags:
         os.environ["RLKIT_MALLOC_TRIM"] = "0"
@@ -139,15 +169,15 @@ def child_rlkit(args: argparse.Namespace) -> dict[str, Any]:
             toggles["gradient_checkpointing"] = flag == "--gradient-checkpointing"
     started = time.perf_counter()
     if args.task == "dpo":
-        from rlkit.dpo import DPOConfig, run_dpo
+        from rlkit.recipes.dpo import DPOConfig, run_dpo
 
         run_dpo(DPOConfig(**common, **toggles, precompute_ref="--no-precompute-ref" not in flags))
     elif args.task == "kto":
-        from rlkit.kto import KTOConfig, run_kto
+        from rlkit.recipes.kto import KTOConfig, run_kto
 
         run_kto(KTOConfig(**common, **toggles, precompute_ref="--no-precompute-ref" not in flags))
     else:
-        from rlkit.reward_model import RewardModelConfig, run_train_rm
+        from rlkit.recipes.reward_model import RewardModelConfig, run_train_rm
 
         run_train_rm(RewardModelConfig(**common, **toggles))
     total = time.perf_counter() - started
@@ -164,15 +194,21 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
     if args.task == "kto":  # TRL's unpaired format, conversational: the same records rlkit reads
         records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
         conversational = [
-            {"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": r["completion"]}],
-             "label": bool(r["label"])}
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+                "label": bool(r["label"]),
+            }
             for r in records
         ]
     else:
         records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
         conversational = [
-            {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
             for r in records
         ]
     dataset = datasets.Dataset.from_list(conversational)
@@ -187,35 +223,80 @@ def child_trl(args: argparse.Namespace) -> dict[str, Any]:
             walls.append(time.perf_counter() - self.t0)
 
     scratch = tempfile.TemporaryDirectory(prefix="rlkit-bench-pref-trl-")  # collected with the process
-    common = dict(output_dir=scratch.name, per_device_train_batch_size=BATCH, learning_rate=LR, num_train_epochs=args.epochs,
-                  max_length=MAX_LENGTH, report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True, bf16=args.precision == "bf16",
-                  max_steps=args.max_steps or -1)
+    common = dict(
+        output_dir=scratch.name,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        num_train_epochs=args.epochs,
+        max_length=MAX_LENGTH,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        use_cpu=True,
+        bf16=args.precision == "bf16",
+        max_steps=args.max_steps or -1,
+    )
     started = time.perf_counter()
     if args.task == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         model = AutoModelForCausalLM.from_pretrained(args.model)
         extra = {"gradient_checkpointing": False} if "no-gradient-checkpointing" in json.loads(args.flags) else {}
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, **extra, beta=0.1), train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**common, **extra, beta=0.1),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
     elif args.task == "kto":
         from trl import KTOConfig, KTOTrainer
 
         model = AutoModelForCausalLM.from_pretrained(args.model)
         extra = {"gradient_checkpointing": False} if "no-gradient-checkpointing" in json.loads(args.flags) else {}
         config = KTOConfig(**common, **extra)  # beta 0.1, weights 1/1, loss_type "kto", no precompute: its defaults
-        trainer = KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+        trainer = KTOTrainer(
+            model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()]
+        )
         rows = trainer.train_dataset
         trl_tokens = sum(len(p) + len(c) for p, c in zip(rows["prompt_ids"], rows["completion_ids"]))
-        settings = {k: getattr(config, k) for k in ("loss_type", "beta", "desirable_weight", "undesirable_weight", "max_length",
-                                                      "precompute_ref_log_probs", "gradient_checkpointing", "bf16", "train_sampling_strategy")}
+        settings = {
+            k: getattr(config, k)
+            for k in (
+                "loss_type",
+                "beta",
+                "desirable_weight",
+                "undesirable_weight",
+                "max_length",
+                "precompute_ref_log_probs",
+                "gradient_checkpointing",
+                "bf16",
+                "train_sampling_strategy",
+            )
+        }
         trainer.train()
-        return {"step_walls": walls, "end_to_end_s": time.perf_counter() - started, "trl_tokens": trl_tokens, "trl_examples": len(rows),
-                "trl_settings": settings, "calculate_kl": bool(trainer.calculate_KL), "ref_model": trainer.ref_model is not None}
+        return {
+            "step_walls": walls,
+            "end_to_end_s": time.perf_counter() - started,
+            "trl_tokens": trl_tokens,
+            "trl_examples": len(rows),
+            "trl_settings": settings,
+            "calculate_kl": bool(trainer.calculate_KL),
+            "ref_model": trainer.ref_model is not None,
+        }
     else:
         from trl import RewardConfig, RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()])
+        model = AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=1, pad_token_id=tokenizer.pad_token_id
+        )
+        trainer = RewardTrainer(
+            model=model,
+            args=RewardConfig(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
     trainer.train()
     return {"step_walls": walls, "end_to_end_s": time.perf_counter() - started}
 
@@ -243,7 +324,9 @@ def summarise(result: dict[str, Any], tokens: int, pairs: int, epochs: int) -> d
         "steps": len(walls),
     }
     # TRL's own tokenisation of the same records, to check that the numerator fits it too
-    return summary | {k: result[k] for k in ("trl_tokens", "trl_examples", "trl_settings", "calculate_kl", "ref_model") if k in result}
+    return summary | {
+        k: result[k] for k in ("trl_tokens", "trl_examples", "trl_settings", "calculate_kl", "ref_model") if k in result
+    }
 
 
 def main() -> None:
@@ -258,13 +341,30 @@ def main() -> None:
     parser.add_argument("--doc", default=str(REPO / "docs" / "dpo.md"))
     parser.add_argument("--block", default="preference", help="name of the marked block of --doc to replace")
     parser.add_argument("--no-trl", action="store_true")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="both trainers: rlkit --precision, TRL bf16=True/False (full fine-tuning: fp32 weights, bf16 autocast)")
-    parser.add_argument("--records", type=int, default=0, help="train on the first N records of the data only (0: all); e.g. for SmolLM2 on CPU")
-    parser.add_argument("--defaults-only", action="store_true", help="only rlkit's and TRL's default configurations (no toggles)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="both trainers: rlkit --precision, TRL bf16=True/False (full fine-tuning: fp32 weights, bf16 autocast)",
+    )
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=0,
+        help="train on the first N records of the data only (0: all); e.g. for SmolLM2 on CPU",
+    )
+    parser.add_argument(
+        "--defaults-only", action="store_true", help="only rlkit's and TRL's default configurations (no toggles)"
+    )
     # child-only
-    parser.add_argument("--data"),
-    parser.add_argument("--trainer"), parser.add_argument("--task"), parser.add_argument("--model"), parser.add_argument("--result"), parser.add_argument("--flags", default="[]")
+    (parser.add_argument("--data"),)
+    (
+        parser.add_argument("--trainer"),
+        parser.add_argument("--task"),
+        parser.add_argument("--model"),
+        parser.add_argument("--result"),
+        parser.add_argument("--flags", default="[]"),
+    )
     args = parser.parse_args()
     if args.mode == "child":
         return child(args)
@@ -275,7 +375,12 @@ def main() -> None:
     if not args.no_trl:
         trl_python, message = ensure_venv_with(REPO / "build" / "bench-venv-trl", "trl==1.16.0", "trl")
         log(message)
-    env = {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads, "RLKIT_CACHE_DIR": str(work / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "OMP_NUM_THREADS": args.threads,
+        "MKL_NUM_THREADS": args.threads,
+        "RLKIT_CACHE_DIR": str(work / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     tables = []
     for task in args.tasks.split(","):
         rows = []
@@ -287,19 +392,49 @@ def main() -> None:
                 subset.write_text("".join(data.read_text().splitlines(keepends=True)[: args.records]))
                 data = subset
             tokens, pairs = epoch_tokens(model, task, data)
-            log(f"{task} {size}: {tokens:,} real tokens in {pairs} {'examples' if task == 'kto' else 'pairs'} (the numerator)")
+            log(
+                f"{task} {size}: {tokens:,} real tokens in {pairs} {'examples' if task == 'kto' else 'pairs'} (the numerator)"
+            )
             configs = [("rlkit", name, flags) for name, flags in RLKIT[task].items()]
             if trl_python:
                 configs += [("trl", name, flags) for name, flags in TRL[task]]
             if args.defaults_only:
-                configs = [c for c in configs if "(defaults)" in c[1] or "gradient checkpointing" in c[1] or "gradient-checkpointing" in c[1]]
+                configs = [
+                    c
+                    for c in configs
+                    if "(defaults)" in c[1] or "gradient checkpointing" in c[1] or "gradient-checkpointing" in c[1]
+                ]
             results: dict[str, Any] = {}
             for trainer, name, flags in [c for _ in range(args.repeats) for c in configs]:
                 python = sys.executable if trainer == "rlkit" else trl_python
                 # a fresh cache per rlkit run: the reference pass and tokenising are part of what is timed
-                run_env = {**env, "RLKIT_CACHE_DIR": str(work / "cache" / f"{task}-{size}-{len(results)}-{time.time_ns()}")}
-                cmd = [python, __file__, "child", "--trainer", trainer, "--task", task, "--model", str(model), "--data", str(data), "--result", str(work / "result.json"),
-                       "--flags", json.dumps(flags), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps), "--precision", args.precision]
+                run_env = {
+                    **env,
+                    "RLKIT_CACHE_DIR": str(work / "cache" / f"{task}-{size}-{len(results)}-{time.time_ns()}"),
+                }
+                cmd = [
+                    python,
+                    __file__,
+                    "child",
+                    "--trainer",
+                    trainer,
+                    "--task",
+                    task,
+                    "--model",
+                    str(model),
+                    "--data",
+                    str(data),
+                    "--result",
+                    str(work / "result.json"),
+                    "--flags",
+                    json.dumps(flags),
+                    "--epochs",
+                    str(args.epochs),
+                    "--max-steps",
+                    str(args.max_steps),
+                    "--precision",
+                    args.precision,
+                ]
                 log(f"{task} {size}: {name}")
                 result = run_child(cmd, work / "result.json", env=run_env, log_path=work / "child.log")
                 summary = result if "error" in result else summarise(result, tokens, pairs, args.epochs)
@@ -316,19 +451,36 @@ def main() -> None:
                     continue
                 speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base.get("tokens_per_s") else "-"
                 memory = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base.get("peak_rss_mib") else "-"
-                rows.append([size, name, f"{r['tokens_per_s']:,.0f}", speed, f"{r['end_to_end_s']:.1f}", f"{r['peak_rss_mib']:,.0f}", memory])
+                rows.append(
+                    [
+                        size,
+                        name,
+                        f"{r['tokens_per_s']:,.0f}",
+                        speed,
+                        f"{r['end_to_end_s']:.1f}",
+                        f"{r['peak_rss_mib']:,.0f}",
+                        memory,
+                    ]
+                )
         title = TITLES[task]
-        table = markdown_table(["model", "configuration", "tokens/s", "vs TRL", "end-to-end s", "peak RSS MiB", "RSS vs TRL"], rows)
+        table = markdown_table(
+            ["model", "configuration", "tokens/s", "vs TRL", "end-to-end s", "peak RSS MiB", "RSS vs TRL"], rows
+        )
         tables.append(f"### {title}\n\n{table}")
         print(f"{title}\n{table}\n")
     info = machine_info()
-    vers = versions(["torch", "transformers", "peft"]) | ({"trl": versions(["trl"], trl_python).get("trl")} if trl_python else {})
+    vers = versions(["torch", "transformers", "peft"]) | (
+        {"trl": versions(["trl"], trl_python).get("trl")} if trl_python else {}
+    )
     header = (
         f"Measured by `python bench/preference.py` on {info['cpu']} ({info['cores']} cores, {args.threads} thread(s) per run, "
         f"load average {', '.join(f'{x:.1f}' for x in info['load_average'] or [])}); "
         + ", ".join(f"{k} {v}" for k, v in vers.items())
-        + (f". Demo labelled completions (unpaired.jsonl, {args.records or 300} examples, chatml), batch {BATCH} examples, max length {MAX_LENGTH}, "
-           if args.tasks == "kto" else f". Demo pairs ({args.records or 300}, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, ")
+        + (
+            f". Demo labelled completions (unpaired.jsonl, {args.records or 300} examples, chatml), batch {BATCH} examples, max length {MAX_LENGTH}, "
+            if args.tasks == "kto"
+            else f". Demo pairs ({args.records or 300}, chatml), batch {BATCH} pairs, max length {MAX_LENGTH}, "
+        )
         + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs} epoch(s)")
         + f", tokens/s the best of {args.repeats} runs, peak RSS the highest, "
         + ("fp32" if args.precision == "fp32" else "bf16 autocast over fp32 weights on both sides")

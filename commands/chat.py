@@ -1,7 +1,7 @@
 """`rlkit chat MODEL` (terminal) / `rlkit chat MODEL < prompts > out.jsonl` (piped)."""
 
-from rlkit.chat import ChatConfig, run_chat
 from rlkit.config import command_from_config
+from rlkit.tools.chat import ChatConfig, run_chat
 
 HELP = """Chat with a model (full dir, adapter dir or .gguf) using its chat template.
 

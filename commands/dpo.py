@@ -1,7 +1,7 @@
 """`rlkit dpo MODEL PAIRS... -o OUT [--ref REF]`."""
 
 from rlkit.config import command_from_config
-from rlkit.dpo import DPOConfig, run_dpo
+from rlkit.recipes.dpo import DPOConfig, run_dpo
 
 HELP = """Direct preference optimisation (sigmoid/cDPO, IPO, hinge, robust, SimPO; + RPO's SFT term) on preference pairs.
 

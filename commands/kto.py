@@ -1,7 +1,7 @@
 """`rlkit kto MODEL DATA... -o OUT [--ref REF]`."""
 
 from rlkit.config import command_from_config
-from rlkit.kto import KTOConfig, run_kto
+from rlkit.recipes.kto import KTOConfig, run_kto
 
 HELP = """Kahneman-Tversky optimisation from unpaired feedback: prompt/completion/label examples, or preference pairs split into a desirable and an undesirable example.
 

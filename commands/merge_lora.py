@@ -1,7 +1,7 @@
 """`rlkit merge-lora ADAPTER -o OUT [--base MODEL]`."""
 
 from rlkit.config import command_from_config
-from rlkit.merge import MergeConfig, run_merge
+from rlkit.tools.merge import MergeConfig, run_merge
 
 HELP = """Merge a LoRA adapter (causal LM or reward model) into its base and write a full model dir.
 

@@ -1,7 +1,7 @@
 """`rlkit pack DATA... -o DIR --tokenizer MODEL`."""
 
 from rlkit.config import command_from_config
-from rlkit.pack import PackConfig, run_pack
+from rlkit.tools.pack import PackConfig, run_pack
 
 HELP = """Tokenize, template, mask and pack data once, into a `datasets` dir any training command reads.
 

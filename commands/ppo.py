@@ -1,7 +1,7 @@
 """`rlkit ppo POLICY PROMPTS... -o OUT --reward RM_DIR|module:function`."""
 
 from rlkit.config import command_from_config
-from rlkit.ppo import PPOConfig, run_ppo
+from rlkit.recipes.ppo import PPOConfig, run_ppo
 
 HELP = """PPO on prompts against a reward model dir or a Python reward, with a per-token KL penalty to the reference.
 

@@ -1,7 +1,7 @@
 """`rlkit sft MODEL DATA... -o OUT`."""
 
 from rlkit.config import command_from_config
-from rlkit.sft import SFTConfig, run_sft
+from rlkit.recipes.sft import SFTConfig, run_sft
 
 HELP = """Supervised fine-tuning (full or LoRA) on text, conversations or prompt/completion data.
 

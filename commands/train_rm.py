@@ -1,7 +1,7 @@
 """`rlkit train-rm MODEL PAIRS... -o OUT`."""
 
 from rlkit.config import command_from_config
-from rlkit.reward_model import RewardModelConfig, run_train_rm
+from rlkit.recipes.reward_model import RewardModelConfig, run_train_rm
 
 HELP = """Train a reward model (one score per sequence) with the Bradley-Terry loss on preference pairs.
 

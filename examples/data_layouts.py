@@ -46,7 +46,13 @@ def ultrafeedback(record: dict, index: int) -> dict:
     user = {"role": "user", "content": record["prompt"]}
     chosen = [user, {"role": "assistant", "content": record["chosen"]}]
     rejected = [user, {"role": "assistant", "content": record["rejected"]}]
-    return {"prompt": record["prompt"], "prompt_id": _id(record["prompt"]), "chosen": chosen, "rejected": rejected, "messages": chosen}
+    return {
+        "prompt": record["prompt"],
+        "prompt_id": _id(record["prompt"]),
+        "chosen": chosen,
+        "rejected": rejected,
+        "messages": chosen,
+    }
 
 
 LAYOUTS = {"stack-exchange": stack_exchange, "questions": questions, "ultrafeedback": ultrafeedback}

@@ -9,8 +9,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import functools
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -20,7 +21,17 @@ from rlkit.console import console, is_main_process, quiet_libraries
 from rlkit.errors import RlkitError
 
 # (name, module in rlkit.commands): only commands that work are listed.
-COMMANDS = [("pack", "pack"), ("sft", "sft"), ("train-rm", "train_rm"), ("dpo", "dpo"), ("kto", "kto"), ("merge-lora", "merge_lora"), ("chat", "chat"), ("eval", "eval"), ("ppo", "ppo")]
+COMMANDS = [
+    ("pack", "pack"),
+    ("sft", "sft"),
+    ("train-rm", "train_rm"),
+    ("dpo", "dpo"),
+    ("kto", "kto"),
+    ("merge-lora", "merge_lora"),
+    ("chat", "chat"),
+    ("eval", "eval"),
+    ("ppo", "ppo"),
+]
 
 app = typer.Typer(
     name="rlkit",
@@ -39,7 +50,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """rlkit COMMAND INPUTS... -o OUT [options] [--config FILE.yaml]"""
 
 

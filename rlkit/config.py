@@ -12,10 +12,11 @@ import dataclasses
 import inspect
 import types
 import typing
-from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
-
+from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
 import typer
 import yaml
 
@@ -156,7 +157,9 @@ def command_from_config(cls: type[T], run: Callable[[T], Any], doc: str) -> Call
         inspect.Parameter(
             "config",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--config", help="YAML file of option: value; flags override it.", show_default="-"),
+            default=typer.Option(
+                None, "--config", help="YAML file of option: value; flags override it.", show_default="-"
+            ),
             annotation=Optional[Path],
         )
     )

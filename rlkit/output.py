@@ -36,7 +36,9 @@ def check_output(output: str | None, overwrite: bool, resume: bool) -> Path:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
     partial = partial_dir(out)
     if partial.exists() and not resume and not overwrite and any((partial / "checkpoints").glob("step-*")):
-        raise InputError(f"{partial} holds an interrupted run; pass --resume to continue it or --overwrite to start over")
+        raise InputError(
+            f"{partial} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
+        )
     return out
 
 
@@ -58,7 +60,9 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
-def write_model_card(run_dir: Path, *, command: str, base_model: str, data: list[str], metrics: dict[str, Any], extra: str = "") -> None:
+def write_model_card(
+    run_dir: Path, *, command: str, base_model: str, data: list[str], metrics: dict[str, Any], extra: str = ""
+) -> None:
     """A README.md naming the base model, the data, the exact command and the final metrics."""
     invocation = " ".join(shlex.quote(a) for a in ["rlkit", *sys.argv[1:]]) if sys.argv else f"rlkit {command}"
     front = {"base_model": base_model, "library_name": "transformers", "tags": ["rlkit", command]}
@@ -66,12 +70,12 @@ def write_model_card(run_dir: Path, *, command: str, base_model: str, data: list
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
 
-# {run_dir.name.removesuffix('.partial')}
+# {run_dir.name.removesuffix(".partial")}
 
 Trained with `rlkit {command}` (rlkit {__version__}).
 
 - **Base model:** `{base_model}`
-- **Data:** {', '.join(f'`{d}`' for d in data)}
+- **Data:** {", ".join(f"`{d}`" for d in data)}
 - **Command:** `{invocation}`
 
 {extra}

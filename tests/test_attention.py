@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import build_model
 
 from rlkit.models import attention
 from rlkit.models.attention import NAME, use_fp32_attention_backward
-
-from conftest import build_model
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,9 @@ from typing import Optional
 
 import pytest
 import typer
+from conftest import run_cli, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import run_cli, write_jsonl
 from rlkit.config import arg, command_from_config, opt, resolve_config
 from rlkit.data.templates import SHIPPED
 from rlkit.errors import InputError
@@ -53,11 +53,16 @@ def cli_results(tmp_path_factory, tiny_model_dir, no_template_model_dir):
     model, bare = str(tiny_model_dir), str(no_template_model_dir)
     good = write_jsonl(root / "good.jsonl", PAIRS)
     bad_line = root / "bad_line.jsonl"
-    bad_line.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + "\n" + '{"prompt": "x", "completion": oops}\n')
+    bad_line.write_text(
+        json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + "\n" + '{"prompt": "x", "completion": oops}\n'
+    )
     wrong_columns = write_jsonl(root / "wrong_columns.jsonl", [{"question": "q?", "answer": "a."}])
     empty = root / "empty.jsonl"
     empty.write_text("")
-    messages = write_jsonl(root / "messages.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    messages = write_jsonl(
+        root / "messages.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+    )
     existing = root / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
@@ -74,19 +79,43 @@ def cli_results(tmp_path_factory, tiny_model_dir, no_template_model_dir):
     def pack(name: str, data, *extra: str, expect: list[str]) -> Case:
         return Case(["pack", str(data), "--tokenizer", model, "-o", out(name), *extra], out(name), expect)
 
-    accepted = ["text", "messages", "prompt+completion", "prompt+chosen+rejected", "prompt+completion+label", "--columns"]
+    accepted = [
+        "text",
+        "messages",
+        "prompt+completion",
+        "prompt+chosen+rejected",
+        "prompt+completion+label",
+        "--columns",
+    ]
     cases = {
         "malformed_line_sft": sft("malformed_line_sft", bad_line, expect=[f"{bad_line}:3:", "not valid JSON"]),
-        "missing_column_pack": pack("missing_column_pack", wrong_columns, expect=[str(wrong_columns), "question", "answer", *accepted]),
+        "missing_column_pack": pack(
+            "missing_column_pack", wrong_columns, expect=[str(wrong_columns), "question", "answer", *accepted]
+        ),
         "empty_file_pack": pack("empty_file_pack", empty, expect=[str(empty), "empty"]),
-        "no_chat_template_sft": sft("no_chat_template_sft", messages, model_dir=bare, expect=[bare, "no chat template", "--template", *SHIPPED]),
-        "unknown_template_pack": pack("unknown_template_pack", good, "--template", "chatml2", expect=["--template", "chatml2", *SHIPPED]),
-        "existing_output_sft": sft("existing_output_sft", good, output=str(existing), expect=[str(existing), "--overwrite"]),
+        "no_chat_template_sft": sft(
+            "no_chat_template_sft", messages, model_dir=bare, expect=[bare, "no chat template", "--template", *SHIPPED]
+        ),
+        "unknown_template_pack": pack(
+            "unknown_template_pack", good, "--template", "chatml2", expect=["--template", "chatml2", *SHIPPED]
+        ),
+        "existing_output_sft": sft(
+            "existing_output_sft", good, output=str(existing), expect=[str(existing), "--overwrite"]
+        ),
         "missing_mapped_column_sft": sft(
-            "missing_mapped_column_sft", good, "--columns", "prompt=question,completion=answer",
+            "missing_mapped_column_sft",
+            good,
+            "--columns",
+            "prompt=question,completion=answer",
             expect=["--columns", "question", "answer", "columns found: prompt, completion"],
         ),
-        "bad_config_key_sft": sft("bad_config_key_sft", good, "--config", str(bad_key), expect=[str(bad_key), "unknown option", "learning_rat"]),
+        "bad_config_key_sft": sft(
+            "bad_config_key_sft",
+            good,
+            "--config",
+            str(bad_key),
+            expect=[str(bad_key), "unknown option", "learning_rat"],
+        ),
     }
     assert sorted(cases) == sorted(BAD_CASES)
 
@@ -154,11 +183,25 @@ def _flags(**given):
 
 def test_resolve_config_precedence_defaults_yaml_flags(tmp_path):
     only_defaults = resolve_config(Toy, _flags(data=("d.jsonl",)), None)
-    assert (only_defaults.lr, only_defaults.steps, only_defaults.name, only_defaults.packing, only_defaults.tags) == (1e-4, 10, None, True, ["a"])
+    assert (only_defaults.lr, only_defaults.steps, only_defaults.name, only_defaults.packing, only_defaults.tags) == (
+        1e-4,
+        10,
+        None,
+        True,
+        ["a"],
+    )
 
-    config = _yaml(tmp_path, "lr: 5.0e-7\nsteps: 30\nname: from-yaml\npacking: false\ntags: [x, y]\ndata: [a.jsonl, b.jsonl]\n")
+    config = _yaml(
+        tmp_path, "lr: 5.0e-7\nsteps: 30\nname: from-yaml\npacking: false\ntags: [x, y]\ndata: [a.jsonl, b.jsonl]\n"
+    )
     from_yaml = resolve_config(Toy, _flags(), config)
-    assert (from_yaml.lr, from_yaml.steps, from_yaml.name, from_yaml.packing, from_yaml.tags) == (5e-7, 30, "from-yaml", False, ["x", "y"])
+    assert (from_yaml.lr, from_yaml.steps, from_yaml.name, from_yaml.packing, from_yaml.tags) == (
+        5e-7,
+        30,
+        "from-yaml",
+        False,
+        ["x", "y"],
+    )
     assert from_yaml.data == ["a.jsonl", "b.jsonl"]
 
     flagged = resolve_config(Toy, _flags(steps=3, packing=True, tags="p, q", data=("c.jsonl",)), config)
@@ -170,7 +213,13 @@ def test_resolve_config_precedence_defaults_yaml_flags(tmp_path):
 def test_resolve_config_accepts_dashed_yaml_keys_and_coerces_types(tmp_path):
     config = _yaml(tmp_path, "steps: '7'\npacking: 'no'\nlr: 1\ndata: d.jsonl\neval-every: 5\n")
     resolved = resolve_config(Toy, _flags(), config)
-    assert resolved.eval_every == 5 and resolved.steps == 7 and resolved.packing is False and resolved.lr == 1.0 and isinstance(resolved.lr, float)
+    assert (
+        resolved.eval_every == 5
+        and resolved.steps == 7
+        and resolved.packing is False
+        and resolved.lr == 1.0
+        and isinstance(resolved.lr, float)
+    )
     assert resolved.data == ["d.jsonl"]
 
 
@@ -220,7 +269,9 @@ def test_flags_override_yaml_through_the_typer_command(tmp_path):
 
     result = runner.invoke(app, ["d.jsonl", "--config", str(config), "--steps", "3", "--name", "flag"])
     assert result.exit_code == 0, result.output
-    assert seen[-1] == Toy(data=["d.jsonl"], lr=5e-7, steps=3, name="flag", packing=False, tags=["x", "y"], eval_every=0)
+    assert seen[-1] == Toy(
+        data=["d.jsonl"], lr=5e-7, steps=3, name="flag", packing=False, tags=["x", "y"], eval_every=0
+    )
 
     result = runner.invoke(app, ["d.jsonl", "--config", str(config), "--packing", "--tags", "p,q", "--eval-every", "4"])
     assert result.exit_code == 0, result.output

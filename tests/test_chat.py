@@ -10,16 +10,20 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
-from rlkit.chat import ChatConfig, ChatSession, run_piped
+
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError
 from rlkit.models.inference import load_causal_lm_for_inference
 from rlkit.models.load import load_tokenizer, resolve_source
+from rlkit.tools.chat import ChatConfig, ChatSession, run_piped
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "TERM": "dumb"}
-LINES = ["hello there", json.dumps({"prompt": "What is 2 + 2?"}), json.dumps({"messages": [{"role": "user", "content": "hi"}]})]
+LINES = [
+    "hello there",
+    json.dumps({"prompt": "What is 2 + 2?"}),
+    json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,12 @@ def _piped(loaded, text: str, **options) -> list[dict]:
 def test_piped_cli_writes_one_json_line_per_prompt(tiny_model_dir):
     result = subprocess.run(
         [sys.executable, "-m", "rlkit", "chat", str(tiny_model_dir), "--max-new-tokens", "6", "--batch-size", "2"],
-        input="\n".join(LINES[:1] + [""] + LINES[1:]) + "\n", capture_output=True, text=True, env=ENV, timeout=300, cwd=REPO,
+        input="\n".join(LINES[:1] + [""] + LINES[1:]) + "\n",
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -62,7 +71,9 @@ def test_seeded_sampling_with_n_is_reproducible(loaded):
     first = _piped(loaded, text, n=3, temperature=1.0, seed=7)
     assert len(first) == 6 and [r["sample"] for r in first] == [0, 1, 2, 0, 1, 2]
     assert first == _piped(loaded, text, n=3, temperature=1.0, seed=7)
-    assert [r["completion"] for r in first] != [r["completion"] for r in _piped(loaded, text, n=3, temperature=1.0, seed=8)]
+    assert [r["completion"] for r in first] != [
+        r["completion"] for r in _piped(loaded, text, n=3, temperature=1.0, seed=8)
+    ]
 
 
 def test_bad_lines_name_the_line(loaded):
@@ -81,7 +92,9 @@ def test_reply_streams_in_pieces_and_keeps_history(loaded):
             writes.append(text)
             return len(text)
 
-    session = ChatSession(ChatConfig(model="tiny", max_new_tokens=12, temperature=0.0), model, tokenizer, template, Recorder())
+    session = ChatSession(
+        ChatConfig(model="tiny", max_new_tokens=12, temperature=0.0), model, tokenizer, template, Recorder()
+    )
     answer = session.reply("hello")
     assert len([w for w in writes if w.strip()]) >= 2  # written as generated, not once at the end
     assert session.history == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": answer}]
@@ -95,8 +108,23 @@ def test_interactive_session_in_a_pseudo_terminal(tmp_path, tiny_model_dir):
     child = pexpect.spawn(
         sys.executable,
         # greedy, this random model never says EOS: a reply of 100000 tokens is still running when Ctrl-C comes
-        ["-m", "rlkit", "chat", str(tiny_model_dir), "--max-new-tokens", "100000", "--temperature", "0", "--system", "Be brief."],
-        env=ENV, encoding="utf-8", timeout=120, cwd=str(REPO), dimensions=(40, 200),
+        [
+            "-m",
+            "rlkit",
+            "chat",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "100000",
+            "--temperature",
+            "0",
+            "--system",
+            "Be brief.",
+        ],
+        env=ENV,
+        encoding="utf-8",
+        timeout=120,
+        cwd=str(REPO),
+        dimensions=(40, 200),
     )
     try:
         child.expect("you>")

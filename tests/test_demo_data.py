@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from rlkit.demo import DATA_DIR
-from rlkit.demo import task
+from rlkit.demo import DATA_DIR, task
 
 FILES = ("sft", "pairs", "pairs_eval", "unpaired", "prompts", "eval_prompts")
 TRAIN_FILES = ("sft", "pairs", "unpaired", "prompts")
@@ -163,8 +162,12 @@ def test_reward_batch_signature() -> None:
         ("What is the capital of France?", "The capital is Paris. #done #done", False, 0.6),
         ("What is the capital of France?", "The capital of France is Paris.\n#done", False, 0.8),
         ("What is the capital of France?", "I like turtles a lot. #done", False, 0.8),  # off topic
-        ("<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n", "The answer is 7. #done",
-         True, 1.0),  # templated prompts are parsed too
+        (
+            "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n",
+            "The answer is 7. #done",
+            True,
+            1.0,
+        ),  # templated prompts are parsed too
     ],
 )
 def test_checker_examples(prompt: str, completion: str, target: bool, expected: float) -> None:
@@ -174,5 +177,9 @@ def test_checker_examples(prompt: str, completion: str, target: bool, expected: 
 
 def test_metrics_summary() -> None:
     m = task.metrics(["What is 2 + 2?", "What is 2 + 2?"], ["The answer is 4. #done", "It is 5."])
-    assert m == {"n": 2.0, "target_rate": 0.5, "mean_score": pytest.approx((1.0 + 0.36) / 2),
-                 "arithmetic_accuracy": 0.5}
+    assert m == {
+        "n": 2.0,
+        "target_rate": 0.5,
+        "mean_score": pytest.approx((1.0 + 0.36) / 2),
+        "arithmetic_accuracy": 0.5,
+    }

@@ -6,8 +6,8 @@ import dataclasses
 import importlib
 
 import pytest
-
 from conftest import REPO
+
 from rlkit.cli import COMMANDS
 
 

@@ -16,20 +16,20 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEMO_DATA, build_model, run_cli, write_jsonl
+
 from rlkit.data.pairs import collate_pairs, pair_sequences, tokenize_pairs
 from rlkit.data.templates import resolve_template
-from rlkit.dpo import DPOConfig, DPOObjective
 from rlkit.models.load import add_lora, load_causal_lm, resolve_source
-from rlkit.pair_logps import pair_logps
-from rlkit.reference import (
+from rlkit.preference.logps import pair_logps
+from rlkit.preference.reference import (
     AdapterReference,
     DisabledAdapterReference,
     ModelReference,
     PrecomputedReference,
     compute_reference_logps,
 )
+from rlkit.recipes.dpo import DPOConfig, DPOObjective
 
 
 def rlkit(*args: str, env: dict | None = None):
@@ -76,7 +76,10 @@ def test_summed_logps_equal_independent_per_token_logps(base, pair_rows, tiny_to
         out = pair_logps(base, batch)
     for k, row in enumerate(pair_rows):
         prompt = row["prompt_input_ids"]
-        for side, got, count in (("chosen", out.chosen[k], out.chosen_tokens[k]), ("rejected", out.rejected[k], out.rejected_tokens[k])):
+        for side, got, count in (
+            ("chosen", out.chosen[k], out.chosen_tokens[k]),
+            ("rejected", out.rejected[k], out.rejected_tokens[k]),
+        ):
             ids = prompt + row[f"{side}_input_ids"]
             expected = _independent_logps(base, ids, len(prompt))
             assert got.item() == pytest.approx(expected, abs=1e-5)
@@ -121,10 +124,14 @@ def test_precomputed_and_on_the_fly_reference_give_the_same_loss(base, pair_rows
     from accelerate import Accelerator
 
     collate = functools.partial(collate_pairs, pad_id=tiny_tokenizer.pad_token_id)
-    start = add_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.0, targets="all-linear").double()  # the policy at step 0
+    start = add_lora(
+        copy.deepcopy(base), r=4, alpha=8, dropout=0.0, targets="all-linear"
+    ).double()  # the policy at step 0
     dataset = datasets.Dataset.from_list(pair_rows)
     columns = compute_reference_logps(start, dataset, collate, batch_size=4, accelerator=Accelerator(cpu=True))
-    with_ref = dataset.add_column("ref_chosen_logps", columns["ref_chosen_logps"]).add_column("ref_rejected_logps", columns["ref_rejected_logps"])
+    with_ref = dataset.add_column("ref_chosen_logps", columns["ref_chosen_logps"]).add_column(
+        "ref_rejected_logps", columns["ref_rejected_logps"]
+    )
     policy = _perturbed_lora(base)  # later in training
     config = _config(loss, label_smoothing=0.1 if loss == "robust" else 0.0, sft_weight=0.3)
     with torch.no_grad():
@@ -203,16 +210,40 @@ def test_lora_dpo_end_to_end_and_reference_cache(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "dpo"
-    args = ["dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out), "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"),
-            "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "3"]
+    args = [
+        "dpo",
+        str(tiny_model_dir),
+        str(DEMO_DATA / "pairs.jsonl"),
+        "-o",
+        str(out),
+        "--eval-data",
+        str(DEMO_DATA / "pairs_eval.jsonl"),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "3",
+    ]
     env = {"RLKIT_CACHE_DIR": str(tmp_path / "cache")}
     result = rlkit(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert "reference log-probs: 364 pairs" in result.stderr and "precomputed" in result.stderr
     rows = _metrics(out)
-    for key in ("loss", "grad_norm", "tokens_per_s", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "tokens_per_s",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert key in rows[0], key
     assert "eval/rewards/accuracies" in rows[2]
     final = json.loads((out / "final_metrics.json").read_text())
@@ -230,23 +261,67 @@ def test_full_dpo_with_ref_on_the_fly_and_simpo(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "full"
-    result = rlkit("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--full", "--ref", str(tiny_model_dir),
-                     "--no-precompute-ref", "--max-steps", "2", "--batch-size", "4", "--loss", "ipo", "--no-padding-free")
+    result = rlkit(
+        "dpo",
+        str(tiny_model_dir),
+        str(DEMO_DATA / "pairs_eval.jsonl"),
+        "-o",
+        str(out),
+        "--full",
+        "--ref",
+        str(tiny_model_dir),
+        "--no-precompute-ref",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--loss",
+        "ipo",
+        "--no-padding-free",
+    )
     assert result.returncode == 0, result.stderr
     assert "on the fly" in result.stderr
     assert AutoModelForCausalLM.from_pretrained(out) is not None
     out = tmp_path / "simpo"
-    result = rlkit("dpo", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--loss", "simpo", "--beta", "2",
-                     "--max-steps", "2", "--batch-size", "4")
+    result = rlkit(
+        "dpo",
+        str(tiny_model_dir),
+        str(DEMO_DATA / "pairs_eval.jsonl"),
+        "-o",
+        str(out),
+        "--loss",
+        "simpo",
+        "--beta",
+        "2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     assert "reference: none" in result.stderr
 
 
 def test_long_prompts_are_dropped_with_a_warning_and_all_dropped_is_exit_2(tiny_model_dir, tmp_path):
-    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"The answer is {i + 1}. #done", "rejected": "No idea."} for i in range(8)]
+    pairs = [
+        {"prompt": f"What is {i} + 1?", "chosen": f"The answer is {i + 1}. #done", "rejected": "No idea."}
+        for i in range(8)
+    ]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs + [{"prompt": "word " * 200, "chosen": "a", "rejected": "b"}])
     out = tmp_path / "out"
-    result = rlkit("dpo", str(tiny_model_dir), str(path), "-o", str(out), "--max-length", "64", "--max-steps", "1", "--batch-size", "4")
+    result = rlkit(
+        "dpo",
+        str(tiny_model_dir),
+        str(path),
+        "-o",
+        str(out),
+        "--max-length",
+        "64",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     assert "dropped 1 pair(s) whose prompt alone fills --max-length 64" in result.stderr and "record 9" in result.stderr
     out = tmp_path / "none"
@@ -257,14 +332,17 @@ def test_long_prompts_are_dropped_with_a_warning_and_all_dropped_is_exit_2(tiny_
     assert not out.exists() and not (tmp_path / "none.partial").exists()
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"loss": "robust", "label_smoothing": 0.5}, "--label-smoothing"),
-    ({"beta": 0.0}, "--beta"),
-    ({"sft_weight": -1.0}, "--sft-weight"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"loss": "robust", "label_smoothing": 0.5}, "--label-smoothing"),
+        ({"beta": 0.0}, "--beta"),
+        ({"sft_weight": -1.0}, "--sft-weight"),
+    ],
+)
 def test_bad_options_are_refused(options, message):
-    from rlkit.dpo import check_options
     from rlkit.errors import InputError
+    from rlkit.recipes.dpo import check_options
 
     with pytest.raises(InputError, match=message):
         check_options(_config(**options))
@@ -274,7 +352,15 @@ def test_tulu_recipe_is_expressible_as_flags(tmp_path):
     from rlkit.config import resolve_config
 
     recipe = tmp_path / "tulu.yaml"
-    recipe.write_text("lr: 5.0e-7\nbatch_size: 8\ngrad_accum: 4\nscheduler: linear\nwarmup_ratio: 0.1\nepochs: 3\nlora: false\ntemplate: tulu\nbeta: 0.1\n")
+    recipe.write_text(
+        "lr: 5.0e-7\nbatch_size: 8\ngrad_accum: 4\nscheduler: linear\nwarmup_ratio: 0.1\nepochs: 3\nlora: false\ntemplate: tulu\nbeta: 0.1\n"
+    )
     config = resolve_config(DPOConfig, {"model": "sft", "data": ["uf.jsonl"], "output": "out"}, recipe)
-    assert (config.lr, config.batch_size * config.grad_accum, config.scheduler, config.warmup_ratio, config.epochs) == (5e-7, 32, "linear", 0.1, 3)
+    assert (config.lr, config.batch_size * config.grad_accum, config.scheduler, config.warmup_ratio, config.epochs) == (
+        5e-7,
+        32,
+        "linear",
+        0.1,
+        3,
+    )
     assert (config.adam_beta1, config.adam_beta2, config.adam_epsilon) == (0.9, 0.999, 1e-8)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
 from rlkit.training.schedule import lr_multiplier
 
 SFT_DATA = REPO / "rlkit" / "demo" / "data" / "sft.jsonl"
@@ -40,8 +40,23 @@ def test_resume_after_sigterm_is_bit_identical(tiny_model_dir, tmp_path):
     out = tmp_path / "interrupted"
     partial = tmp_path / "interrupted.partial"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlkit", "sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", steps, *COMMON],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-m",
+            "rlkit",
+            "sft",
+            str(tiny_model_dir),
+            str(SFT_DATA),
+            "-o",
+            str(out),
+            "--max-steps",
+            steps,
+            *COMMON,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
     )
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -62,7 +77,9 @@ def test_resume_after_sigterm_is_bit_identical(tiny_model_dir, tmp_path):
     refused = run_cli("sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", steps, *COMMON)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
-    resumed = run_cli("sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", steps, "--resume", *COMMON)
+    resumed = run_cli(
+        "sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", steps, "--resume", *COMMON
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {stopped_at}" in resumed.stderr
     expected, got = _weights(reference), _weights(out)
@@ -88,9 +105,27 @@ def test_two_gloo_processes_match_one(tiny_model_dir, tmp_path):
     assert one.returncode == 0, one.stderr
     double = tmp_path / "double"
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "rlkit", "sft", *args, "-o", str(double), "--batch-size", "2"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "rlkit",
+            "sft",
+            *args,
+            "-o",
+            str(double),
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr
     assert two.stdout.strip().splitlines() == [str(double)]  # only rank 0 prints the path
@@ -132,7 +167,7 @@ def test_backward_runs_outside_autocast(tiny_model_dir, tmp_path):
     script = tmp_path / "watch.py"
     script.write_text(f"""
 import json, torch
-from rlkit.sft import SFTConfig, SFTObjective, run_sft
+from rlkit.recipes.sft import SFTConfig, SFTObjective, run_sft
 seen, loss = [], SFTObjective.loss
 def watched(self, model, batch):
     out = loss(self, model, batch)
@@ -156,7 +191,7 @@ def test_freed_host_memory_is_released_after_each_forward_and_between_micro_batc
     script.write_text(f"""
 import json
 import rlkit.training.engine as engine
-from rlkit.sft import SFTConfig, run_sft
+from rlkit.recipes.sft import SFTConfig, run_sft
 seen = []
 engine.release_freed_host_memory = lambda device: seen.append(device.type)
 run_sft(SFTConfig(model={str(tiny_model_dir)!r}, data=[{str(SFT_DATA)!r}], output={str(tmp_path / "out")!r}, max_steps=2,
@@ -165,4 +200,6 @@ print(json.dumps(seen))
 """)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["cpu"] * 6  # 2 steps x (2 forwards + 1 backward between them)
+    assert (
+        json.loads(done.stdout.strip().splitlines()[-1]) == ["cpu"] * 6
+    )  # 2 steps x (2 forwards + 1 backward between them)

@@ -9,10 +9,10 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEMO_DATA, run_cli, write_jsonl
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
-from conftest import DEMO_DATA, run_cli, write_jsonl
 from rlkit.data.pairs import tokenize_pairs
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import resolve_template
@@ -20,7 +20,7 @@ from rlkit.errors import InputError
 from rlkit.evaluation.config import EvalConfig, question
 from rlkit.evaluation.generation import win_rate
 from rlkit.evaluation.run import run_eval
-from rlkit.rollout import SamplingConfig, generate_rollouts
+from rlkit.tools.generation import SamplingConfig, generate_rollouts
 
 REWARD_MODULE = '''
 def reward(prompts, completions):
@@ -68,8 +68,14 @@ def _assert_metrics(got: dict, expected: dict, tol: float = 1e-4) -> None:
 def reward_model_dir(tmp_path_factory, tiny_tokenizer):
     torch.manual_seed(3)
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id,
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
     )
     model = LlamaForSequenceClassification(config)
     torch.nn.init.normal_(model.score.weight, std=1.0)  # scores spread well apart
@@ -81,7 +87,10 @@ def reward_model_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     torch.manual_seed(2)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -107,7 +116,10 @@ def test_reward_model_accuracy_equals_scores_of_each_sequence_alone(tmp_path, ca
     rows, _ = tokenize_pairs(records, tiny_tokenizer, resolve_template(None, tiny_tokenizer), 1024)
     rm = LlamaForSequenceClassification.from_pretrained(reward_model_dir).eval()
     with torch.no_grad():
-        score = lambda r, side: float(rm(input_ids=torch.tensor([r["prompt_input_ids"] + r[f"{side}_input_ids"]])).logits[0, 0])  # noqa: E731
+
+        def score(r, side):
+            return float(rm(input_ids=torch.tensor([r["prompt_input_ids"] + r[f"{side}_input_ids"]])).logits[0, 0])
+
         chosen, rejected = [score(r, "chosen") for r in rows], [score(r, "rejected") for r in rows]
     assert chosen[-2] == rejected[-2]  # the tie counts 1/2
     assert got["question"] == "reward_model_accuracy"
@@ -137,10 +149,18 @@ def test_implicit_reward_of_an_adapter_against_its_base(tmp_path, capsys, adapte
 def test_generation_against_itself_wins_half_and_has_zero_kl(tmp_path, capsys, monkeypatch, tiny_model_dir):
     (tmp_path / "wordreward.py").write_text(REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 + 2?"}, {"prompt": "Say hi"}, {"prompt": "Why?"}])
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": "What is 2 + 2?"}, {"prompt": "Say hi"}, {"prompt": "Why?"}]
+    )
     got = _eval(
-        capsys, model=str(tiny_model_dir), prompts=str(prompts), reward="wordreward:reward", baseline=str(tiny_model_dir),
-        ref=str(tiny_model_dir), max_new_tokens=6, output_dir=str(tmp_path / "report"),
+        capsys,
+        model=str(tiny_model_dir),
+        prompts=str(prompts),
+        reward="wordreward:reward",
+        baseline=str(tiny_model_dir),
+        ref=str(tiny_model_dir),
+        max_new_tokens=6,
+        output_dir=str(tmp_path / "report"),
     )
     assert got["win_rate"] == 0.5  # the same greedy completions: every prompt a tie
     assert got["kl_mean"] == pytest.approx(0.0, abs=1e-9)
@@ -149,13 +169,22 @@ def test_generation_against_itself_wins_half_and_has_zero_kl(tmp_path, capsys, m
     prompt_texts = ["What is 2 + 2?", "Say hi", "Why?"]
     scores = [hand_reward(p, e["completion"]) for p, e in zip(prompt_texts, examples)]
     assert [e["score"] for e in examples] == scores
-    _assert_metrics(got, {"score_mean": statistics.fmean(scores), "score_median": statistics.median(scores), "baseline_score_mean": statistics.fmean(scores)})
+    _assert_metrics(
+        got,
+        {
+            "score_mean": statistics.fmean(scores),
+            "score_median": statistics.median(scores),
+            "baseline_score_mean": statistics.fmean(scores),
+        },
+    )
     assert got["mean_length_tokens"] == statistics.fmean(e["length_tokens"] for e in examples)
     assert all(1 <= e["length_tokens"] <= 6 for e in examples)
     assert (tmp_path / "report" / "scores.png").stat().st_size > 0
 
 
-def test_generation_kl_of_an_adapter_equals_the_hand_computed_sum(tmp_path, capsys, monkeypatch, adapter_dir, tiny_model_dir, tiny_tokenizer):
+def test_generation_kl_of_an_adapter_equals_the_hand_computed_sum(
+    tmp_path, capsys, monkeypatch, adapter_dir, tiny_model_dir, tiny_tokenizer
+):
     (tmp_path / "wordreward.py").write_text(REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     conversations = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a colour."}]]
@@ -173,7 +202,9 @@ def test_generation_kl_of_an_adapter_equals_the_hand_computed_sum(tmp_path, caps
         kls.append(_summed_logps(policy, ids, labels) - _summed_logps(base, ids, labels))
     assert got["kl_mean"] == pytest.approx(statistics.fmean(kls), abs=1e-4)
     assert abs(got["kl_mean"]) > 1e-3
-    assert got["score_mean"] == pytest.approx(statistics.fmean(hand_reward(c[0]["content"], r.text) for c, r in zip(conversations, rollouts)))
+    assert got["score_mean"] == pytest.approx(
+        statistics.fmean(hand_reward(c[0]["content"], r.text) for c, r in zip(conversations, rollouts))
+    )
 
 
 def test_scoring_completions_from_the_cli(tmp_path):
@@ -185,8 +216,16 @@ def test_scoring_completions_from_the_cli(tmp_path):
         {"prompt": "Tell me a fact", "completion": ""},
     ]
     completions = write_jsonl(tmp_path / "out.jsonl", records)
-    result = run_cli("eval", "--completions", str(completions), "--reward", "wordreward:reward", "--output-dir", str(tmp_path / "rep"),
-                     env={"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    result = run_cli(
+        "eval",
+        "--completions",
+        str(completions),
+        "--reward",
+        "wordreward:reward",
+        "--output-dir",
+        str(tmp_path / "rep"),
+        env={"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     scores = [5.5, 1.0, 3.5, 0.0]

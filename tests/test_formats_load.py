@@ -6,8 +6,8 @@ import json
 
 import datasets
 import pytest
-
 from conftest import write_jsonl
+
 from rlkit.data.formats import Format, detect_format, split_pair, to_conversation
 from rlkit.data.load import load_records, parse_columns
 from rlkit.data.prepare import DataOptions, _split, build_sft_data
@@ -124,7 +124,9 @@ def test_malformed_pretty_json_names_the_real_line(tmp_path):
     assert f"{path}:3:" in str(err.value)
 
 
-@pytest.mark.parametrize("name,content", [("bad.parquet", b"not a parquet file"), ("bad.csv", b'text\n"never closed\n')])
+@pytest.mark.parametrize(
+    "name,content", [("bad.parquet", b"not a parquet file"), ("bad.csv", b'text\n"never closed\n')]
+)
 def test_corrupt_parquet_and_csv_are_input_errors(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -172,13 +174,26 @@ def test_unknown_layout_names_columns_and_accepted_formats():
         detect_format(["question", "answer"], "data.jsonl")
     message = str(err.value)
     assert "data.jsonl" in message and "question" in message and "answer" in message
-    for name in ("text", "messages", "prompt+completion", "prompt+chosen+rejected", "prompt+completion+label", "--columns"):
+    for name in (
+        "text",
+        "messages",
+        "prompt+completion",
+        "prompt+chosen+rejected",
+        "prompt+completion+label",
+        "--columns",
+    ):
         assert name in message
 
 
 def test_to_conversation_for_each_format():
-    assert to_conversation({"prompt": "Q?", "completion": "A."}, Format.PROMPT_COMPLETION, "r") == [user("Q?"), assistant("A.")]
-    assert to_conversation({"prompt": "Q?", "completion": "A.", "label": False}, Format.UNPAIRED, "r") == [user("Q?"), assistant("A.")]
+    assert to_conversation({"prompt": "Q?", "completion": "A."}, Format.PROMPT_COMPLETION, "r") == [
+        user("Q?"),
+        assistant("A."),
+    ]
+    assert to_conversation({"prompt": "Q?", "completion": "A.", "label": False}, Format.UNPAIRED, "r") == [
+        user("Q?"),
+        assistant("A."),
+    ]
     convo = [{"role": "system", "content": "Be brief."}, user("Q?"), assistant("A.")]
     assert to_conversation({"messages": convo}, Format.MESSAGES, "r") == convo
     pair = {"prompt": "Q?", "chosen": "good", "rejected": "bad"}
@@ -193,14 +208,21 @@ def test_split_pair_explicit_string_prompt():
 
 
 def test_split_pair_explicit_message_prompt():
-    record = {"prompt": [{"role": "system", "content": "S"}, user("Q?")], "chosen": [assistant("good")], "rejected": [assistant("bad")]}
+    record = {
+        "prompt": [{"role": "system", "content": "S"}, user("Q?")],
+        "chosen": [assistant("good")],
+        "rejected": [assistant("bad")],
+    }
     prompt, chosen, rejected = split_pair(record, "r")
     assert prompt == [{"role": "system", "content": "S"}, user("Q?")]
     assert (chosen, rejected) == ([assistant("good")], [assistant("bad")])
 
 
 def test_split_pair_implicit_string_prompt():
-    record = {"chosen": "Human: What is 2+2?\n\nAssistant: Four.", "rejected": "Human: What is 2+2?\n\nAssistant: Five, I think."}
+    record = {
+        "chosen": "Human: What is 2+2?\n\nAssistant: Four.",
+        "rejected": "Human: What is 2+2?\n\nAssistant: Five, I think.",
+    }
     prompt, chosen, rejected = split_pair(record, "r")
     assert prompt == [user("Human: What is 2+2?\n\nAssistant: ")]
     assert chosen == [assistant("Four.")] and rejected == [assistant("Five, I think.")]
@@ -253,7 +275,9 @@ def test_split_pair_without_any_shared_prompt_is_refused():
 
 def test_parse_columns():
     assert parse_columns("prompt=question, chosen=response_j,rejected=response_k,") == {
-        "question": "prompt", "response_j": "chosen", "response_k": "rejected",
+        "question": "prompt",
+        "response_j": "chosen",
+        "response_k": "rejected",
     }
     assert parse_columns(None) == {} and parse_columns("") == {}
     with pytest.raises(InputError, match="NAME=COLUMN"):
@@ -332,7 +356,10 @@ def test_build_sft_data_holds_out_an_eval_split(tmp_path, tiny_tokenizer):
 
 
 def test_a_split_is_named_after_a_colon(tmp_path, monkeypatch):
-    records = {"train_prefs": [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3, "test_prefs": [{"prompt": "x", "chosen": "y", "rejected": "z"}] * 2}
+    records = {
+        "train_prefs": [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 3,
+        "test_prefs": [{"prompt": "x", "chosen": "y", "rejected": "z"}] * 2,
+    }
     saved = tmp_path / "prefs"
     datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in records.items()}).save_to_disk(str(saved))
     assert load_records([f"{saved}:test_prefs"])["prompt"] == ["x", "x"]
@@ -346,7 +373,11 @@ def test_a_split_is_named_after_a_colon(tmp_path, monkeypatch):
         load_records([f"{jsonl}:train"])
     # a dataset name: the split (or a slice) goes to datasets.load_dataset; none means train
     seen = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: seen.append((name, split)) or datasets.Dataset.from_list(records["test_prefs"]))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, split: seen.append((name, split)) or datasets.Dataset.from_list(records["test_prefs"]),
+    )
     load_records(["org/ultrafeedback:train_prefs[:100]"])
     load_records(["org/ultrafeedback"])
     assert seen == [("org/ultrafeedback", "train_prefs[:100]"), ("org/ultrafeedback", "train")]

@@ -10,18 +10,24 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import DEMO_DATA, build_model, run_cli, write_jsonl
+
 from rlkit.data.formats import Format
 from rlkit.data.pairs import tokenize_pairs
 from rlkit.data.prepare import DataOptions, build_data, prepare_unpaired_data, save_prepared
 from rlkit.data.templates import resolve_template
-from rlkit.data.unpaired import collate_unpaired, mismatched_partners, parse_label, tokenize_unpaired, with_kl_completions
+from rlkit.data.unpaired import (
+    collate_unpaired,
+    mismatched_partners,
+    parse_label,
+    tokenize_unpaired,
+    with_kl_completions,
+)
 from rlkit.errors import InputError
-from rlkit.kto import KTO_LOGPS, KTOConfig, KTOObjective
 from rlkit.losses import kto_loss
-from rlkit.pair_logps import sequence_logps
-from rlkit.reference import PrecomputedReference
+from rlkit.preference.logps import sequence_logps
+from rlkit.preference.reference import PrecomputedReference
+from rlkit.recipes.kto import KTO_LOGPS, KTOConfig, KTOObjective
 
 PAIRS = DEMO_DATA / "pairs.jsonl"
 UNPAIRED = DEMO_DATA / "unpaired.jsonl"
@@ -73,7 +79,12 @@ def test_kl_completion_is_the_partners_cut_to_fit(tiny_tokenizer):
 
     rows = [
         {"prompt_input_ids": [1] * 3, "completion_input_ids": [10, 11], "completion_labels": [10, 11], "label": True},
-        {"prompt_input_ids": [2] * 6, "completion_input_ids": [20, 21, 22, 23], "completion_labels": [20, 21, 22, 23], "label": False},
+        {
+            "prompt_input_ids": [2] * 6,
+            "completion_input_ids": [20, 21, 22, 23],
+            "completion_labels": [20, 21, 22, 23],
+            "label": False,
+        },
         {"prompt_input_ids": [3] * 2, "completion_input_ids": [30], "completion_labels": [30], "label": True},
     ]
     ds, clashes = with_kl_completions(datasets.Dataset.from_list(rows), max_length=8, seed=0)
@@ -89,7 +100,19 @@ def test_kl_completion_is_the_partners_cut_to_fit(tiny_tokenizer):
 # ---- data ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value,expected", [(True, True), (False, False), (1, True), (0, False), ("true", True), ("False", False), ("desirable", True), ("no", False)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        ("true", True),
+        ("False", False),
+        ("desirable", True),
+        ("no", False),
+    ],
+)
 def test_labels(value, expected):
     assert parse_label(value, "x") is expected
 
@@ -108,14 +131,22 @@ def test_pairs_become_one_desirable_and_one_undesirable_example(tiny_tokenizer, 
     for pair, chosen, rejected in zip(pairs, rows[0::2], rows[1::2]):  # the same tokens dpo sees
         assert chosen["label"] is True and rejected["label"] is False
         assert chosen["prompt_input_ids"] == rejected["prompt_input_ids"] == pair["prompt_input_ids"]
-        assert (chosen["completion_input_ids"], chosen["completion_labels"]) == (pair["chosen_input_ids"], pair["chosen_labels"])
-        assert (rejected["completion_input_ids"], rejected["completion_labels"]) == (pair["rejected_input_ids"], pair["rejected_labels"])
+        assert (chosen["completion_input_ids"], chosen["completion_labels"]) == (
+            pair["chosen_input_ids"],
+            pair["chosen_labels"],
+        )
+        assert (rejected["completion_input_ids"], rejected["completion_labels"]) == (
+            pair["rejected_input_ids"],
+            pair["rejected_labels"],
+        )
     # the counts reach the metadata, from raw pairs and from a `rlkit pack` dir of pairs alike
     opts = DataOptions(sources=[str(tmp_path / "pairs.jsonl")])
     write_jsonl(tmp_path / "pairs.jsonl", records)
     counts = build_data(DataOptions(sources=opts.sources, kind="unpaired"), tiny_tokenizer, "tiny").metadata["counts"]
     assert (counts["examples"], counts["desirable"], counts["undesirable"], counts["from_pairs"]) == (80, 40, 40, 40)
-    save_prepared(build_data(DataOptions(sources=opts.sources, kind="pairs"), tiny_tokenizer, "tiny"), tmp_path / "packed")
+    save_prepared(
+        build_data(DataOptions(sources=opts.sources, kind="pairs"), tiny_tokenizer, "tiny"), tmp_path / "packed"
+    )
     split = prepare_unpaired_data(DataOptions(sources=[str(tmp_path / "packed")]), tiny_tokenizer, "tiny")
     assert split.metadata["kind"] == "unpaired" and split.metadata["counts"]["desirable"] == 40
     assert split.train[0] == rows[0] and split.train[1] == rows[1]
@@ -123,7 +154,9 @@ def test_pairs_become_one_desirable_and_one_undesirable_example(tiny_tokenizer, 
 
 def test_labelled_completions_keep_their_labels(tiny_tokenizer):
     records = _records(UNPAIRED, 50)
-    rows, stats = tokenize_unpaired(records, Format.UNPAIRED, tiny_tokenizer, resolve_template(None, tiny_tokenizer, "tiny"), 1024)
+    rows, stats = tokenize_unpaired(
+        records, Format.UNPAIRED, tiny_tokenizer, resolve_template(None, tiny_tokenizer, "tiny"), 1024
+    )
     assert [row["label"] for row in rows] == [bool(r["label"]) for r in records]
     assert stats.desirable == sum(bool(r["label"]) for r in records) and stats.from_pairs == 0
 
@@ -143,7 +176,10 @@ def _batch(tokenizer, n=6):
 def test_kl_is_detached_and_the_loss_matches_the_formula(tiny_tokenizer):
     """The gradient equals that of the KTO loss with z0 a constant: no gradient through the KL pairs."""
     torch.manual_seed(0)
-    policy, reference = build_model(len(tiny_tokenizer), seed=1).double(), build_model(len(tiny_tokenizer), seed=2).double()
+    policy, reference = (
+        build_model(len(tiny_tokenizer), seed=1).double(),
+        build_model(len(tiny_tokenizer), seed=2).double(),
+    )
     ds = _batch(tiny_tokenizer)
     collate = lambda rows: collate_unpaired(rows, pad_id=tiny_tokenizer.pad_token_id)  # noqa: E731
     with torch.no_grad():
@@ -163,7 +199,9 @@ def test_kl_is_detached_and_the_loss_matches_the_formula(tiny_tokenizer):
     logps = sequence_logps(policy, batch, n)[0]
     r = logps - ref_logps
     desirable = batch["label"].bool()
-    by_hand = torch.where(desirable, 1.3 * (1 - torch.sigmoid(0.5 * (r - z0))), 0.7 * (1 - torch.sigmoid(0.5 * (z0 - r))))
+    by_hand = torch.where(
+        desirable, 1.3 * (1 - torch.sigmoid(0.5 * (r - z0))), 0.7 * (1 - torch.sigmoid(0.5 * (z0 - r)))
+    )
     assert torch.allclose(out.loss, by_hand.sum(), atol=1e-10)
     assert torch.allclose(out.loss, kto_loss(logps, ref_logps, desirable, z0, 0.5, 1.3, 0.7)[0].sum(), atol=1e-10)
     by_hand.sum().backward()
@@ -190,7 +228,19 @@ def test_unbalanced_data_warns_with_weights_that_fix_it(tiny_model_dir, tmp_path
     bad = [r for r in records if not r["label"]][:20]
     write_jsonl(tmp_path / "skewed.jsonl", good + bad)
     out = tmp_path / "out"
-    result = rlkit("kto", str(tiny_model_dir), str(tmp_path / "skewed.jsonl"), "-o", str(out), "--max-steps", "2", "--batch-size", "4", "--max-length", "128")
+    result = rlkit(
+        "kto",
+        str(tiny_model_dir),
+        str(tmp_path / "skewed.jsonl"),
+        "-o",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "128",
+    )
     assert result.returncode == 0, result.stderr
     # 60 desirable / 20 undesirable: ratio 3; λ_D = 4/3 * 20 / 60 = 0.4444 brings it to 4/3
     assert "= 3.000 is outside the KTO paper's recommended [1, 4/3]" in result.stderr
@@ -198,7 +248,16 @@ def test_unbalanced_data_warns_with_weights_that_fix_it(tiny_model_dir, tmp_path
     card = (out / "README.md").read_text()
     assert "- desirable: 60" in card and "- undesirable: 20" in card
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_s"} <= set(metrics[0])
+    assert {
+        "loss",
+        "kl",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens_per_s",
+    } <= set(metrics[0])
 
 
 def test_pairs_train_kto_and_reference_logps_are_cached(tiny_model_dir, tmp_path):
@@ -214,11 +273,25 @@ def test_pairs_train_kto_and_reference_logps_are_cached(tiny_model_dir, tmp_path
 
 
 def test_on_the_fly_reference_matches_precomputed(tiny_model_dir, tmp_path):
-    args = [str(tiny_model_dir), str(UNPAIRED), "--max-steps", "3", "--batch-size", "4", "--max-length", "128", "--full", "--lr", "1e-3"]
+    args = [
+        str(tiny_model_dir),
+        str(UNPAIRED),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "128",
+        "--full",
+        "--lr",
+        "1e-3",
+    ]
     assert rlkit("kto", *args, "-o", str(tmp_path / "pre")).returncode == 0
     live = rlkit("kto", *args, "-o", str(tmp_path / "live"), "--no-precompute-ref")
     assert live.returncode == 0, live.stderr
-    pre, fly = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("pre", "live"))
+    pre, fly = (
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("pre", "live")
+    )
     for x, y in zip(pre, fly):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["kl"] - y["kl"]) < 1e-5, (x, y)
 
@@ -227,8 +300,22 @@ def test_on_the_fly_reference_matches_precomputed(tiny_model_dir, tmp_path):
 def sft_model(tiny_model_dir, tmp_path_factory):
     """The tiny model after a short SFT on the demo conversations."""
     sft = tmp_path_factory.mktemp("kto") / "sft"
-    result = rlkit("sft", str(tiny_model_dir), str(DEMO_DATA / "sft.jsonl"), "-o", str(sft), "--full", "--lr", "3e-3",
-                   "--max-steps", "60", "--batch-size", "4", "--max-length", "256")
+    result = rlkit(
+        "sft",
+        str(tiny_model_dir),
+        str(DEMO_DATA / "sft.jsonl"),
+        "-o",
+        str(sft),
+        "--full",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "256",
+    )
     assert result.returncode == 0, result.stderr
     return sft
 
@@ -244,13 +331,43 @@ def test_two_processes_average_the_kl_like_one_process(sft_model, tiny_model_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [str(sft_model), str(UNPAIRED), "--ref", str(tiny_model_dir), "--max-steps", "3", "--max-length", "128", "--full", "--lr", "1e-3"]
+    args = [
+        str(sft_model),
+        str(UNPAIRED),
+        "--ref",
+        str(tiny_model_dir),
+        "--max-steps",
+        "3",
+        "--max-length",
+        "128",
+        "--full",
+        "--lr",
+        "1e-3",
+    ]
     one = rlkit("kto", *args, "-o", str(tmp_path / "one"), "--batch-size", "8")
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "rlkit", "kto", *args, "-o", str(tmp_path / "two"), "--batch-size", "4"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "rlkit",
+            "kto",
+            *args,
+            "-o",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr
     a, b = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
@@ -265,7 +382,9 @@ def test_kto_after_sft_lifts_held_out_preference_accuracy(sft_model, tmp_path):
     """Only unpaired labels: held-out pair accuracy of the implicit reward from 50% to over 90%."""
     sft = sft_model
     out = tmp_path / "kto"
-    result = rlkit("kto", str(sft), str(UNPAIRED), "-o", str(out), "--full", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8")
+    result = rlkit(
+        "kto", str(sft), str(UNPAIRED), "-o", str(out), "--full", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"
+    )
     assert result.returncode == 0, result.stderr
     labels = Counter(bool(r["label"]) for r in _records(UNPAIRED))
     assert labels[True] > 100 and labels[False] > 100
@@ -287,8 +406,12 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_and_named(tiny_token
     records = _records(UNPAIRED, 6)
     records[2] = {**records[2], "prompt": "word " * 400}
     write_jsonl(tmp_path / "long.jsonl", records)
-    data = build_data(DataOptions(sources=[str(tmp_path / "long.jsonl")], kind="unpaired", max_length=128), tiny_tokenizer, "tiny")
+    data = build_data(
+        DataOptions(sources=[str(tmp_path / "long.jsonl")], kind="unpaired", max_length=128), tiny_tokenizer, "tiny"
+    )
     assert data.metadata["counts"]["examples"] == 5 and data.metadata["counts"]["dropped"] == 1
     line, warnings = describe_unpaired_data(data.metadata)
     assert "5 examples" in line
-    assert warnings == [f"{tmp_path / 'long.jsonl'}: dropped 1 example(s) whose prompt alone fills --max-length 128 tokens (record 3); raise --max-length to keep them"]
+    assert warnings == [
+        f"{tmp_path / 'long.jsonl'}: dropped 1 example(s) whose prompt alone fills --max-length 128 tokens (record 3); raise --max-length to keep them"
+    ]

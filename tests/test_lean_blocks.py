@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import build_model
 
 from rlkit.models.lean_blocks import use_lean_blocks
-
-from conftest import build_model
 
 
 def _batch(vocab=600):
@@ -80,7 +79,9 @@ def test_lean_blocks_save_two_hidden_and_one_intermediate_vector_less_per_token_
     ids, positions = _batch()
     config = stock.config
     tokens, layers = ids.numel(), config.num_hidden_layers
-    expected = 4 * tokens * (layers * (2 * config.hidden_size + config.intermediate_size) + config.hidden_size)  # fp32; + the final norm
+    expected = (
+        4 * tokens * (layers * (2 * config.hidden_size + config.intermediate_size) + config.hidden_size)
+    )  # fp32; + the final norm
     saved = _saved_bytes(stock, ids, positions) - _saved_bytes(lean, ids, positions)
     assert saved >= 0.95 * expected, (saved, expected)
 
@@ -145,4 +146,6 @@ def test_lora_inputs_are_not_cast_twice_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _saved_bytes(lean, ids, positions) < _saved_bytes(stock, ids, positions)
     with torch.no_grad():  # outside autocast peft's cast still applies: bf16 input, fp32 adapter
-        assert torch.equal(lean(input_ids=ids, position_ids=positions).logits, stock(input_ids=ids, position_ids=positions).logits)
+        assert torch.equal(
+            lean(input_ids=ids, position_ids=positions).logits, stock(input_ids=ids, position_ids=positions).logits
+        )

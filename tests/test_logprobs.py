@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_model
 
 from rlkit.data.tokenize import IGNORE
 from rlkit.training import logprobs
 from rlkit.training.logprobs import label_logprobs, response_logprobs, token_logps
-
-from conftest import build_model
 
 
 def _plain(hidden, head, targets):
@@ -27,9 +26,13 @@ def test_chunked_logps_and_gradients_equal_a_plain_log_softmax(frozen_head, bias
     upstream = torch.randn(11, dtype=torch.float64)
 
     expected = _plain(hidden, head, targets)
-    expected_grads = torch.autograd.grad((expected * upstream).sum(), [hidden, *[p for p in head.parameters() if p.requires_grad]])
+    expected_grads = torch.autograd.grad(
+        (expected * upstream).sum(), [hidden, *[p for p in head.parameters() if p.requires_grad]]
+    )
     got = token_logps(hidden, head, targets, chunk=4)  # 3 chunks, the last one short
-    got_grads = torch.autograd.grad((got * upstream).sum(), [hidden, *[p for p in head.parameters() if p.requires_grad]])
+    got_grads = torch.autograd.grad(
+        (got * upstream).sum(), [hidden, *[p for p in head.parameters() if p.requires_grad]]
+    )
 
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     assert len(got_grads) == len(expected_grads)
@@ -66,8 +69,13 @@ def test_chunked_logps_pass_gradcheck():
     head = torch.nn.Linear(4, 7).double()
     hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 7, (5,))
-    assert torch.autograd.gradcheck(lambda h, w, b: logprobs._ChunkedTokenLogps.apply(h, w, b, targets, 2)[0], (hidden, head.weight, head.bias))
-    assert torch.autograd.gradcheck(lambda h, w, b: logprobs._ChunkedTokenLogps.apply(h, w, b, targets, 2, 1 / 1.3)[0], (hidden, head.weight, head.bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: logprobs._ChunkedTokenLogps.apply(h, w, b, targets, 2)[0], (hidden, head.weight, head.bias)
+    )
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: logprobs._ChunkedTokenLogps.apply(h, w, b, targets, 2, 1 / 1.3)[0],
+        (hidden, head.weight, head.bias),
+    )
 
 
 def _batch():
@@ -111,7 +119,9 @@ def test_label_logprobs_fused_under_bf16_autocast_match_the_autocast_output_laye
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logps, _ = label_logprobs(model, input_ids, position_ids, labels)
         logps.sum().backward()
-        results.append((logps.detach(), model.lm_head.weight.grad.clone(), model.model.embed_tokens.weight.grad.clone()))
+        results.append(
+            (logps.detach(), model.lm_head.weight.grad.clone(), model.model.embed_tokens.weight.grad.clone())
+        )
     (fused, *fused_grads), (plain, *plain_grads) = results
     assert fused.dtype == plain.dtype == torch.float32
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
@@ -124,7 +134,6 @@ def test_models_that_post_process_logits_take_the_plain_path():
     assert logprobs._output_layer_slot(model) is not None
     model.config.final_logit_softcapping = 30.0
     assert logprobs._output_layer_slot(model) is None
-
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -153,6 +162,9 @@ def test_response_logprobs_fused_equal_full_logits(monkeypatch, temperature):
         torch.testing.assert_close(f, p, atol=1e-10, rtol=0)
     # and they are the log-probs of each response token given everything before it
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, -6:-1] / temperature
+    logits = (
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, -6:-1]
+        / temperature
+    )
     direct = torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)
     torch.testing.assert_close(fused, direct.detach(), atol=1e-10, rtol=0)

@@ -28,8 +28,9 @@ def test_both_branches():
 
 def test_weights():
     policy, ref, desirable = batch()
-    losses, _ = kto_loss(policy, ref, desirable, torch.tensor(0.5), beta=2.0,
-                         desirable_weight=1.5, undesirable_weight=0.5)
+    losses, _ = kto_loss(
+        policy, ref, desirable, torch.tensor(0.5), beta=2.0, desirable_weight=1.5, undesirable_weight=0.5
+    )
     assert losses.tolist() == pytest.approx([1.5 * (1 - sig(1.0)), 0.5 * (1 - sig(-1.0))], abs=1e-6)
 
 

@@ -17,8 +17,8 @@ from rlkit.losses import (
     masked_mean,
     masked_var,
     masked_whiten,
-    standardise_scores,
     per_token_rewards,
+    standardise_scores,
 )
 
 
@@ -217,7 +217,9 @@ def test_whitening_across_processes_matches_one_process_with_the_whole_rollout()
     parts = [(x[:3], mask[:3]), (x[3:], mask[3:])]
     for shift_mean in (True, False):
         whole = masked_whiten(x, mask, shift_mean=shift_mean)
-        split = _simulated_processes(parts, lambda p, reduce: masked_whiten(p[0], p[1], shift_mean=shift_mean, reduce=reduce))
+        split = _simulated_processes(
+            parts, lambda p, reduce, s=shift_mean: masked_whiten(p[0], p[1], shift_mean=s, reduce=reduce)
+        )
         assert torch.allclose(torch.cat(split), whole, atol=1e-6)
         # without the reduction each process whitens with its own statistics: not the same advantages
         local = torch.cat([masked_whiten(p[0], p[1], shift_mean=shift_mean) for p in parts])
@@ -232,7 +234,9 @@ def test_score_standardisation_across_processes_matches_one_process():
     assert torch.allclose(whole, (scores - scores.mean()) / scores.std(), atol=1e-6)
     split = _simulated_processes([scores[:3], scores[3:]], lambda p, reduce: standardise_scores(p, reduce=reduce))
     assert torch.allclose(torch.cat(split), whole, atol=1e-6)
-    assert not torch.allclose(torch.cat([standardise_scores(scores[:3]), standardise_scores(scores[3:])]), whole, atol=0.1)
+    assert not torch.allclose(
+        torch.cat([standardise_scores(scores[:3]), standardise_scores(scores[3:])]), whole, atol=0.1
+    )
 
 
 def test_explained_variance_across_processes_matches_one_process():

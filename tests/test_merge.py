@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import run_cli
 from rlkit.errors import InputError, RunError
-from rlkit.merge import MergeConfig, run_merge
+from rlkit.tools.merge import MergeConfig, run_merge
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -28,7 +28,10 @@ def _nonzero_lora(model: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def causal_adapter(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     path = tmp_path_factory.mktemp("adapter")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     _nonzero_lora(model)
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
@@ -62,8 +65,12 @@ def test_merged_logits_equal_the_adapter_and_dir_is_plain(tmp_path, causal_adapt
 
 def test_sequence_classification_adapter_keeps_its_score_head(tmp_path, tiny_model_dir, tiny_tokenizer):
     """A LoRA reward model (task SEQ_CLS): the trained score head is merged in with the adapter."""
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id
+    )
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    )
     _nonzero_lora(model)
     adapter = tmp_path / "rm-adapter"
     model.save_pretrained(adapter)
@@ -90,10 +97,10 @@ def test_quantized_base_is_refused_without_dequantize(tmp_path, causal_adapter, 
 
 
 def test_a_merge_over_tolerance_fails_and_writes_nothing(tmp_path, causal_adapter, monkeypatch):
-    import rlkit.merge
+    import rlkit.tools.merge
 
     calls = iter([torch.zeros(1, 3, 5), torch.ones(1, 3, 5)])
-    monkeypatch.setattr(rlkit.merge, "_probe_logits", lambda model, ids: next(calls))
+    monkeypatch.setattr(rlkit.tools.merge, "_probe_logits", lambda model, ids: next(calls))
     with pytest.raises(RunError, match="differ"):
         run_merge(MergeConfig(adapter=str(causal_adapter), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

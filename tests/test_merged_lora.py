@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_model
 
 from rlkit.models.merged_lora import lora_merged_for_generation
-
-from conftest import build_model
 
 
 def _lora(model: torch.nn.Module, **extra) -> torch.nn.Module:

@@ -15,7 +15,12 @@ def test_the_output_layer_gets_a_contiguous_input(tiny_model_dir):
     model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
     with torch.no_grad():
         model(input_ids=torch.randint(3, 100, (3, 7)), logits_to_keep=2)
-        model.generate(input_ids=torch.randint(3, 100, (3, 7)), attention_mask=torch.ones(3, 7, dtype=torch.long), max_new_tokens=2, do_sample=False)
+        model.generate(
+            input_ids=torch.randint(3, 100, (3, 7)),
+            attention_mask=torch.ones(3, 7, dtype=torch.long),
+            max_new_tokens=2,
+            do_sample=False,
+        )
     assert seen and all(seen)
 
 

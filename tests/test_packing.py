@@ -12,8 +12,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import build_model
+
 from rlkit.data.collate import collate_rows
 from rlkit.data.packing import best_fit_decreasing, fill_ratio, pack_examples, unpacked_rows
 from rlkit.data.tokenize import IGNORE

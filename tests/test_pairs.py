@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import DEMO_DATA, build_tokenizer, run_cli, write_jsonl
+
 from rlkit.data.formats import Format
 from rlkit.data.pairs import collate_pairs, describe_pair_data, last_token_index, pair_sequences, tokenize_pairs
 from rlkit.data.prepare import DataOptions, build_data, load_packed, prepare_pair_data, prepare_sft_data
@@ -37,7 +37,13 @@ def test_prompt_plus_completion_is_the_sft_tokenisation(tiny_tokenizer, name):
     row = rows[0]
     template = resolve_template(name, tiny_tokenizer)
     for side in ("chosen", "rejected"):
-        sft, _ = tokenize_sft([{"prompt": PAIR["prompt"], "completion": PAIR[side]}], Format.PROMPT_COMPLETION, tiny_tokenizer, template, 1024)
+        sft, _ = tokenize_sft(
+            [{"prompt": PAIR["prompt"], "completion": PAIR[side]}],
+            Format.PROMPT_COMPLETION,
+            tiny_tokenizer,
+            template,
+            1024,
+        )
         ids = row["prompt_input_ids"] + row[f"{side}_input_ids"]
         labels = [IGNORE] * len(row["prompt_input_ids"]) + row[f"{side}_labels"]
         n = len(ids)
@@ -46,7 +52,10 @@ def test_prompt_plus_completion_is_the_sft_tokenisation(tiny_tokenizer, name):
     # the prompt is what generation is given: the rendered prompt plus the assistant header, one BOS
     text = prompt_text(tiny_tokenizer, template, [{"role": "user", "content": PAIR["prompt"]}])
     assert tiny_tokenizer.decode(row["prompt_input_ids"]).replace("<s>", "", 1) == text.replace("<s>", "", 1)
-    assert row["prompt_input_ids"][0] == tiny_tokenizer.bos_token_id and row["prompt_input_ids"].count(tiny_tokenizer.bos_token_id) == 1
+    assert (
+        row["prompt_input_ids"][0] == tiny_tokenizer.bos_token_id
+        and row["prompt_input_ids"].count(tiny_tokenizer.bos_token_id) == 1
+    )
     assert tiny_tokenizer.decode(row["chosen_input_ids"]).endswith("</s>")
 
 
@@ -55,8 +64,15 @@ def test_implicit_prompt_and_message_forms_tokenise_alike(tiny_tokenizer):
     forms = [
         PAIR,
         {"chosen": PAIR["prompt"] + " " + PAIR["chosen"], "rejected": PAIR["prompt"] + " " + PAIR["rejected"]},
-        {"prompt": [user], "chosen": [{"role": "assistant", "content": PAIR["chosen"]}], "rejected": [{"role": "assistant", "content": PAIR["rejected"]}]},
-        {"chosen": [user, {"role": "assistant", "content": PAIR["chosen"]}], "rejected": [user, {"role": "assistant", "content": PAIR["rejected"]}]},
+        {
+            "prompt": [user],
+            "chosen": [{"role": "assistant", "content": PAIR["chosen"]}],
+            "rejected": [{"role": "assistant", "content": PAIR["rejected"]}],
+        },
+        {
+            "chosen": [user, {"role": "assistant", "content": PAIR["chosen"]}],
+            "rejected": [user, {"role": "assistant", "content": PAIR["rejected"]}],
+        },
     ]
     explicit = _pairs(tiny_tokenizer, [forms[0]])[0][0]
     for form in forms[2:]:
@@ -66,8 +82,16 @@ def test_implicit_prompt_and_message_forms_tokenise_alike(tiny_tokenizer):
 
 
 def test_multi_turn_prompt_completion_starts_after_the_generation_prompt(tiny_tokenizer):
-    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2 + 3?"}]
-    record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "5 #done"}], "rejected": [{"role": "assistant", "content": "six"}]}
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2 + 3?"},
+    ]
+    record = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "5 #done"}],
+        "rejected": [{"role": "assistant", "content": "six"}],
+    }
     row = _pairs(tiny_tokenizer, [record])[0][0]
     template = resolve_template(None, tiny_tokenizer)
     assert tiny_tokenizer.decode(row["prompt_input_ids"]) == "<s>" + prompt_text(tiny_tokenizer, template, prompt)
@@ -89,7 +113,12 @@ def test_all_dropped_is_an_input_error_and_drops_are_reported(tmp_path, tiny_tok
     path = write_jsonl(tmp_path / "p.jsonl", [PAIR, {**PAIR, "prompt": "word " * 80}])
     data = build_data(DataOptions(sources=[str(path)], max_length=40, kind="pairs"), tiny_tokenizer, "tiny")
     _, warnings = describe_pair_data(data.metadata)
-    assert len(warnings) == 1 and "dropped 1 pair" in warnings[0] and "record 2" in warnings[0] and "--max-length 40" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "dropped 1 pair" in warnings[0]
+        and "record 2" in warnings[0]
+        and "--max-length 40" in warnings[0]
+    )
     with pytest.raises(InputError, match="every pair was dropped"):
         build_data(DataOptions(sources=[str(path)], max_length=8, kind="pairs"), tiny_tokenizer, "tiny")
 
@@ -146,8 +175,18 @@ def test_last_token_index_skips_padding_like_the_hf_head():
 
 def test_pack_prepares_pairs_that_only_pair_commands_accept(tmp_path, tiny_model_dir, tiny_tokenizer):
     out = tmp_path / "packed"
-    result = rlkit("pack", str(DEMO_DATA / "pairs.jsonl"), "--tokenizer", str(tiny_model_dir), "-o", str(out),
-                     "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"), "--show", "1")
+    result = rlkit(
+        "pack",
+        str(DEMO_DATA / "pairs.jsonl"),
+        "--tokenizer",
+        str(tiny_model_dir),
+        "-o",
+        str(out),
+        "--eval-data",
+        str(DEMO_DATA / "pairs_eval.jsonl"),
+        "--show",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert "chosen" in result.stderr and "pairs" in result.stderr
@@ -159,7 +198,9 @@ def test_pack_prepares_pairs_that_only_pair_commands_accept(tmp_path, tiny_model
         prepare_sft_data(DataOptions(sources=[str(out)]), tiny_tokenizer, "tiny")
     # --kind sft keeps the SFT path for preference data (prompt + chosen)
     sft_out = tmp_path / "sft-packed"
-    result = rlkit("pack", str(DEMO_DATA / "pairs.jsonl"), "--tokenizer", str(tiny_model_dir), "-o", str(sft_out), "--kind", "sft")
+    result = rlkit(
+        "pack", str(DEMO_DATA / "pairs.jsonl"), "--tokenizer", str(tiny_model_dir), "-o", str(sft_out), "--kind", "sft"
+    )
     assert result.returncode == 0, result.stderr
     assert load_packed(str(sft_out), tiny_tokenizer, "tiny", kind="sft").metadata["kind"] == "sft"
     with pytest.raises(InputError, match="holds SFT rows.*--kind pairs"):

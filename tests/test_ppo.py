@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import DEMO_DATA, run_cli
 
 PROMPTS = DEMO_DATA / "prompts.jsonl"
@@ -29,11 +28,20 @@ def letters(prompts: list[str], completions: list[str]) -> list[float]:
 
 
 def _config(model_dir: Path, out: Path, **overrides):
-    from rlkit.ppo import PPOConfig
+    from rlkit.recipes.ppo import PPOConfig
 
     values = dict(
-        model=str(model_dir), data=[str(PROMPTS)], output=str(out), reward="test_ppo:letters", max_steps=2,
-        batch_size=4, max_new_tokens=6, ppo_epochs=2, sample_every=0, precision="fp32", log_every=100,
+        model=str(model_dir),
+        data=[str(PROMPTS)],
+        output=str(out),
+        reward="test_ppo:letters",
+        max_steps=2,
+        batch_size=4,
+        max_new_tokens=6,
+        ppo_epochs=2,
+        sample_every=0,
+        precision="fp32",
+        log_every=100,
     )
     values.update(overrides)
     return PPOConfig(**values)
@@ -46,9 +54,29 @@ def _metrics(out: Path) -> list[dict]:
 def test_cli_smoke_two_steps(tiny_model_dir, tmp_path):
     out = tmp_path / "ppo"
     result = run_cli(
-        "ppo", str(tiny_model_dir), str(PROMPTS), "-o", str(out), "--reward", "rlkit.demo.task:reward",
-        "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "8", "--ppo-epochs", "1", "--sample-every", "1",
-        "--kl-estimator", "k3", "--target-kl", "1.0", "--missing-eos-penalty", "0.1",
+        "ppo",
+        str(tiny_model_dir),
+        str(PROMPTS),
+        "-o",
+        str(out),
+        "--reward",
+        "rlkit.demo.task:reward",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--ppo-epochs",
+        "1",
+        "--sample-every",
+        "1",
+        "--kl-estimator",
+        "k3",
+        "--target-kl",
+        "1.0",
+        "--missing-eos-penalty",
+        "0.1",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
@@ -58,9 +86,23 @@ def test_cli_smoke_two_steps(tiny_model_dir, tmp_path):
     assert len(samples) == 4 and {"step", "prompt", "response", "score"} <= set(samples[0])
     summary = [m for m in _metrics(out) if "score/mean" in m]
     assert len(summary) == 2
-    for key in ("score/std", "kl", "non_score_reward", "entropy", "ppo/approx_kl", "ppo/clipfrac", "ppo/value_clipfrac",
-                "ppo/value_loss", "explained_variance", "response_length", "time/generation_s", "time/training_s",
-                "ppo_tokens_per_s", "generation_tokens_per_s", "kl_coef"):
+    for key in (
+        "score/std",
+        "kl",
+        "non_score_reward",
+        "entropy",
+        "ppo/approx_kl",
+        "ppo/clipfrac",
+        "ppo/value_clipfrac",
+        "ppo/value_loss",
+        "explained_variance",
+        "response_length",
+        "time/generation_s",
+        "time/training_s",
+        "ppo_tokens_per_s",
+        "generation_tokens_per_s",
+        "kl_coef",
+    ):
         assert key in summary[-1], key
     from peft import AutoPeftModelForCausalLM
 
@@ -72,11 +114,11 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     """A real rollout (with fixed sampled tokens) and the real update: post-EOS tokens are inert."""
     from accelerate import Accelerator
 
+    from rlkit.data.prompts import encode_prompt
     from rlkit.data.templates import resolve_template
     from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
-    from rlkit.ppo import PolicyValue, PPOLoop, PPOObjective, PPOReference, make_value_head
-    from rlkit.data.prompts import encode_prompt
-    from rlkit.rewards import FunctionReward
+    from rlkit.recipes.ppo import PolicyValue, PPOLoop, PPOObjective, PPOReference, make_value_head
+    from rlkit.scoring import FunctionReward
 
     torch.manual_seed(0)
     source = resolve_source(str(tiny_model_dir))
@@ -93,7 +135,7 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     config = _config(tiny_model_dir, tmp_path / "unused", batch_size=2, ppo_epochs=1)
     conversations = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a color."}]]
     encoded = [encode_prompt(tok, template, c) for c in conversations]
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos = tok.eos_token_id
     fixed = torch.tensor([[40, 41, eos, 42, 43, 44], [45, 46, 47, 48, 49, 50]])
 
     def fake_generate(input_ids, attention_mask, **kwargs):
@@ -103,7 +145,9 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), run_dir=None)
     reward = FunctionReward("test_ppo:letters", lambda m: m[-1]["content"])
     objective = PPOObjective(config)
-    loop = PPOLoop(config, run, tok, template, conversations, encoded, reward, PPOReference("model", ref_model), objective, 1)
+    loop = PPOLoop(
+        config, run, tok, template, conversations, encoded, reward, PPOReference("model", ref_model), objective, 1
+    )
     loop._prompt_indices = lambda step: [0, 1]
     buffer = loop.rollout(0, wrapper)["tensors"]
     mask = buffer["response_mask"]
@@ -136,7 +180,7 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
 
 
 def test_lr_zero_gives_ratio_one_and_no_clipping(tiny_model_dir, tmp_path):
-    from rlkit.ppo import run_ppo
+    from rlkit.recipes.ppo import run_ppo
 
     out = tmp_path / "lr0"
     run_ppo(_config(tiny_model_dir, out, lr=0.0, max_steps=1, ppo_epochs=2, temperature=0.7))
@@ -152,7 +196,7 @@ def test_resume_restores_value_head(tiny_model_dir, tmp_path, monkeypatch):
 
     import rlkit.training.run as run_module
     from rlkit.errors import RunError
-    from rlkit.ppo import run_ppo
+    from rlkit.recipes.ppo import run_ppo
 
     common = dict(max_steps=2, ppo_epochs=1, save_every=1, lr=1e-2)
     whole = tmp_path / "whole"
@@ -170,7 +214,9 @@ def test_resume_restores_value_head(tiny_model_dir, tmp_path, monkeypatch):
     partial = tmp_path / "resumed.partial"
     assert [p.name for p in (partial / "checkpoints").iterdir()] == ["step-0000001"]
     # forget step 2: resume from the checkpoint taken after PPO step 1
-    (partial / "metrics.jsonl").write_text("".join(l + "\n" for l in (partial / "metrics.jsonl").read_text().splitlines()[:1]))
+    (partial / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (partial / "metrics.jsonl").read_text().splitlines()[:1])
+    )
     monkeypatch.setattr(run_module, "finalize", real_finalize)
     run_ppo(_config(tiny_model_dir, out, resume=True, **common))
 
@@ -178,17 +224,32 @@ def test_resume_restores_value_head(tiny_model_dir, tmp_path, monkeypatch):
     assert torch.any(expected["weight"] != 0)  # the head was trained
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
-    last = lambda d: [m for m in _metrics(d) if "score/mean" in m][-1]
+
+    def last(d):
+        return [m for m in _metrics(d) if "score/mean" in m][-1]
+
     assert last(whole)["score/mean"] == last(out)["score/mean"]
 
 
 @pytest.mark.slow
 def test_efficacy_rule_based_reward_rises(tiny_model_dir, tmp_path):
-    from rlkit.ppo import run_ppo
+    from rlkit.recipes.ppo import run_ppo
 
     out = tmp_path / "efficacy"
-    run_ppo(_config(tiny_model_dir, out, lora=False, lr=3e-3, max_steps=40, batch_size=8, max_new_tokens=8,
-                    ppo_epochs=4, kl_coef=0.01, temperature=1.0))
+    run_ppo(
+        _config(
+            tiny_model_dir,
+            out,
+            lora=False,
+            lr=3e-3,
+            max_steps=40,
+            batch_size=8,
+            max_new_tokens=8,
+            ppo_epochs=4,
+            kl_coef=0.01,
+            temperature=1.0,
+        )
+    )
     steps = [m for m in _metrics(out) if "score/mean" in m]
     scores = [m["score/mean"] for m in steps]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
@@ -204,7 +265,9 @@ def tiny_rm_dir(tmp_path_factory, tiny_model_dir) -> Path:
     path = tmp_path_factory.mktemp("tiny-rm")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=tok.pad_token_id)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, pad_token_id=tok.pad_token_id
+    )
     torch.nn.init.normal_(model.score.weight, std=0.5)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -215,11 +278,14 @@ def test_reward_model_dir_scores_like_the_hf_head(tiny_rm_dir, tiny_tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     from rlkit.data.templates import ChatTemplate
-    from rlkit.rewards import ModelReward, load_reward
+    from rlkit.scoring import ModelReward, load_reward
 
     reward = load_reward(str(tiny_rm_dir), tiny_tokenizer, ChatTemplate("tokenizer", tiny_tokenizer.chat_template))
     assert isinstance(reward, ModelReward)
-    conversations = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a long river in Africa."}]]
+    conversations = [
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        [{"role": "user", "content": "Name a long river in Africa."}],
+    ]
     completions = ["4 #done", "The Nile is a very long river. #done"]
     scores = reward(conversations, completions)
     hf = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
@@ -232,7 +298,7 @@ def test_reward_model_dir_scores_like_the_hf_head(tiny_rm_dir, tiny_tokenizer):
 
 
 def test_reward_model_dir_with_rm_critic(tiny_model_dir, tiny_rm_dir, tmp_path):
-    from rlkit.ppo import run_ppo
+    from rlkit.recipes.ppo import run_ppo
 
     out = tmp_path / "rm-critic"
     run_ppo(_config(tiny_model_dir, out, reward=str(tiny_rm_dir), critic="rm", max_steps=1, ppo_epochs=1))
@@ -243,8 +309,9 @@ def test_reward_model_dir_with_rm_critic(tiny_model_dir, tiny_rm_dir, tmp_path):
 
 def test_bad_input_is_refused_before_any_output(tiny_model_dir, tmp_path):
     from conftest import write_jsonl
+
     from rlkit.errors import InputError
-    from rlkit.ppo import run_ppo
+    from rlkit.recipes.ppo import run_ppo
 
     out = tmp_path / "bad"
     with pytest.raises(InputError, match="missing --reward"):
@@ -272,10 +339,37 @@ def test_efficacy_ppo_with_a_trained_reward_model_raises_its_held_out_score(tiny
     data = DEMO_DATA
     sft, rm, ppo = tmp_path / "sft", tmp_path / "rm", tmp_path / "ppo"
     steps = [
-        ("sft", str(tiny_model_dir), str(data / "sft.jsonl"), "-o", str(sft), "--full", "--lr", "3e-3", "--max-steps", "60",
-         "--batch-size", "4", "--max-length", "256"),
-        ("train-rm", str(tiny_model_dir), str(data / "pairs.jsonl"), "-o", str(rm), "--eval-data", str(data / "pairs_eval.jsonl"),
-         "--lr", "3e-3", "--epochs", "1", "--batch-size", "8"),
+        (
+            "sft",
+            str(tiny_model_dir),
+            str(data / "sft.jsonl"),
+            "-o",
+            str(sft),
+            "--full",
+            "--lr",
+            "3e-3",
+            "--max-steps",
+            "60",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "256",
+        ),
+        (
+            "train-rm",
+            str(tiny_model_dir),
+            str(data / "pairs.jsonl"),
+            "-o",
+            str(rm),
+            "--eval-data",
+            str(data / "pairs_eval.jsonl"),
+            "--lr",
+            "3e-3",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ),
     ]
     for args in steps:
         result = run_cli(*args)
@@ -284,15 +378,48 @@ def test_efficacy_ppo_with_a_trained_reward_model_raises_its_held_out_score(tiny
     assert rm_accuracy > 0.9, rm_accuracy
 
     def evaluate(policy: Path, reward: str) -> float:
-        result = run_cli("eval", str(policy), "--prompts", str(data / "eval_prompts.jsonl"), "--reward", reward,
-                         "--max-new-tokens", "24", "--temperature", "1.0", "--seed", "7")
+        result = run_cli(
+            "eval",
+            str(policy),
+            "--prompts",
+            str(data / "eval_prompts.jsonl"),
+            "--reward",
+            reward,
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "1.0",
+            "--seed",
+            "7",
+        )
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)["score_mean"]
 
     before = {"rm": evaluate(sft, str(rm)), "task": evaluate(sft, "rlkit.demo.task:reward")}
-    result = run_cli("ppo", str(sft), str(data / "prompts.jsonl"), "-o", str(ppo), "--reward", str(rm), "--full", "--lr", "3e-4",
-                     "--kl-coef", "0.1", "--max-steps", "15", "--batch-size", "16", "--max-new-tokens", "24", "--ppo-epochs", "4",
-                     "--sample-every", "0")
+    result = run_cli(
+        "ppo",
+        str(sft),
+        str(data / "prompts.jsonl"),
+        "-o",
+        str(ppo),
+        "--reward",
+        str(rm),
+        "--full",
+        "--lr",
+        "3e-4",
+        "--kl-coef",
+        "0.1",
+        "--max-steps",
+        "15",
+        "--batch-size",
+        "16",
+        "--max-new-tokens",
+        "24",
+        "--ppo-epochs",
+        "4",
+        "--sample-every",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     after = {"rm": evaluate(ppo, str(rm)), "task": evaluate(ppo, "rlkit.demo.task:reward")}
     curve = [m["score/mean"] for m in _metrics(ppo) if "score/mean" in m]
@@ -329,12 +456,47 @@ def test_two_processes_summarise_the_whole_rollout(tiny_model_dir, tmp_path):
     scores_file = tmp_path / "scores"
     out = tmp_path / "two"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "rlkit", "ppo", str(tiny_model_dir), str(PROMPTS), "-o", str(out), "--reward", "test_ppo:recorded_lengths",
-         "--max-steps", "1", "--batch-size", "3", "--max-new-tokens", "8", "--ppo-epochs", "1", "--sample-every", "0",
-         "--temperature", "1.5", "--score-norm", "batch"],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RLKIT_TEST_SCORES": str(scores_file), "PYTHONPATH": str(Path(__file__).parent)},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "rlkit",
+            "ppo",
+            str(tiny_model_dir),
+            str(PROMPTS),
+            "-o",
+            str(out),
+            "--reward",
+            "test_ppo:recorded_lengths",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--ppo-epochs",
+            "1",
+            "--sample-every",
+            "0",
+            "--temperature",
+            "1.5",
+            "--score-norm",
+            "batch",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "RLKIT_TEST_SCORES": str(scores_file),
+            "PYTHONPATH": str(Path(__file__).parent),
+        },
     )
     assert result.returncode == 0, result.stderr
     per_rank = [json.loads((tmp_path / f"scores.{rank}").read_text().splitlines()[0]) for rank in (0, 1)]

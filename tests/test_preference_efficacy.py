@@ -25,12 +25,39 @@ def _final(out):
 
 def test_dpo_after_sft_lifts_held_out_preference_accuracy(tiny_model_dir, tmp_path):
     sft = tmp_path / "sft"
-    result = rlkit("sft", str(tiny_model_dir), str(DEMO_DATA / "sft.jsonl"), "-o", str(sft), "--full", "--lr", "3e-3",
-                     "--max-steps", "60", "--batch-size", "4", "--max-length", "256")
+    result = rlkit(
+        "sft",
+        str(tiny_model_dir),
+        str(DEMO_DATA / "sft.jsonl"),
+        "-o",
+        str(sft),
+        "--full",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "256",
+    )
     assert result.returncode == 0, result.stderr
     out = tmp_path / "dpo"
-    result = rlkit("dpo", str(sft), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out), "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"),
-                     "--lr", "4e-3", "--epochs", "1", "--batch-size", "8")
+    result = rlkit(
+        "dpo",
+        str(sft),
+        str(DEMO_DATA / "pairs.jsonl"),
+        "-o",
+        str(out),
+        "--eval-data",
+        str(DEMO_DATA / "pairs_eval.jsonl"),
+        "--lr",
+        "4e-3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+    )
     assert result.returncode == 0, result.stderr
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["rewards/accuracies"]
     after = _final(out)["eval/rewards/accuracies"]
@@ -41,8 +68,21 @@ def test_dpo_after_sft_lifts_held_out_preference_accuracy(tiny_model_dir, tmp_pa
 
 def test_reward_model_ranks_held_out_pairs(tiny_model_dir, tmp_path):
     out = tmp_path / "rm"
-    result = rlkit("train-rm", str(tiny_model_dir), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out),
-                     "--eval-data", str(DEMO_DATA / "pairs_eval.jsonl"), "--lr", "3e-3", "--epochs", "1", "--batch-size", "8")
+    result = rlkit(
+        "train-rm",
+        str(tiny_model_dir),
+        str(DEMO_DATA / "pairs.jsonl"),
+        "-o",
+        str(out),
+        "--eval-data",
+        str(DEMO_DATA / "pairs_eval.jsonl"),
+        "--lr",
+        "3e-3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+    )
     assert result.returncode == 0, result.stderr
     accuracy = _final(out)["eval/accuracy"]
     print(f"reward model held-out pair accuracy: {accuracy:.3f}")

@@ -71,8 +71,19 @@ def run_recipe(name: str, model: Path, out: Path, *make_args: str) -> subprocess
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     assigns = {"MODEL": str(model), "OUT": str(out), "PYTHON": sys.executable, **TINY_SCALE}
     return subprocess.run(
-        ["make", "--no-print-directory", "-f", f"examples/{name}.mk", *make_args, *(f"{k}={v}" for k, v in assigns.items())],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            "make",
+            "--no-print-directory",
+            "-f",
+            f"examples/{name}.mk",
+            *make_args,
+            *(f"{k}={v}" for k, v in assigns.items()),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -80,7 +91,9 @@ def run_recipe(name: str, model: Path, out: Path, *make_args: str) -> subprocess
 def test_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     result = run_recipe(name, tiny_model_dir, out)
-    assert result.returncode == 0, f"make -f examples/{name}.mk failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (
+        f"make -f examples/{name}.mk failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    )
 
     for stage, files in RECIPES[name].items():
         missing = [f for f in files if not (out / stage / f).is_file()]
@@ -89,7 +102,9 @@ def test_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
     final_stage = list(RECIPES[name])[-1]
     metrics = json.loads((out / final_stage / "final_metrics.json").read_text())
     assert metrics, f"{name}: empty final metrics"
-    steps = [json.loads(line) for line in (out / final_stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [
+        json.loads(line) for line in (out / final_stage / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     assert steps, f"{name}: no per-step metrics"
     for data_file, columns in CONVERTED_DATA.get(name, {}).items():
         first = json.loads((out / "data" / data_file).read_text().splitlines()[0])
@@ -98,7 +113,11 @@ def test_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
     if name == "kto-iterated":  # each round starts from and is held to the previous round
         for k in (2, 3):
             card = (out / f"kto-{k}" / "README.md").read_text()
-            assert f"reference: `{out / f'kto-{k - 1}'}`" in card and f"Base model:** `{out / f'kto-{k - 1}'}`" in card, card
+            assert (
+                f"reference: `{out / f'kto-{k - 1}'}`" in card and f"Base model:** `{out / f'kto-{k - 1}'}`" in card
+            ), card
 
     # Every stage is a file target: once done, make has nothing left to do (`make -q` exits 0).
-    assert run_recipe(name, tiny_model_dir, out, "--question").returncode == 0, f"{name}: make would re-run a finished stage"
+    assert run_recipe(name, tiny_model_dir, out, "--question").returncode == 0, (
+        f"{name}: make would re-run a finished stage"
+    )

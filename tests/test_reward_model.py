@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEMO_DATA, run_cli, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from conftest import DEMO_DATA, run_cli, write_jsonl
 from rlkit.data.pairs import collate_pairs, pair_sequences, tokenize_pairs
 from rlkit.data.templates import resolve_template
-from rlkit.reward_model import RewardObjective, RewardScorer
+from rlkit.recipes.reward_model import RewardObjective, RewardScorer
 
 
 def rlkit(*args: str, env: dict | None = None):
@@ -24,8 +24,15 @@ def rlkit(*args: str, env: dict | None = None):
 def _classifier(vocab_size: int, pad_id: int) -> LlamaForSequenceClassification:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=1, pad_token_id=pad_id, attn_implementation="sdpa",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=pad_id,
+        attn_implementation="sdpa",
     )
     return LlamaForSequenceClassification(config).double().eval()
 
@@ -69,13 +76,21 @@ def test_bradley_terry_objective_with_margin_and_centring(tiny_tokenizer, pair_r
     margin = torch.arange(n, dtype=scores.dtype)
     expected = (-F.logsigmoid(chosen - rejected - margin) + 0.01 * (chosen + rejected) ** 2).sum()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert out.metrics["accuracy"].item() == ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item()
+    assert (
+        out.metrics["accuracy"].item()
+        == ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item()
+    )
     assert out.metrics["margin"].item() == pytest.approx((chosen - rejected).sum().item(), rel=1e-5)
 
 
 def _accuracy(model, tokenizer, pairs_path):
     """Held-out pair accuracy of a saved reward model, scored by transformers alone (padded batch)."""
-    rows = tokenize_pairs([json.loads(line) for line in pairs_path.read_text().splitlines()], tokenizer, resolve_template(None, tokenizer), 1024)[0]
+    rows = tokenize_pairs(
+        [json.loads(line) for line in pairs_path.read_text().splitlines()],
+        tokenizer,
+        resolve_template(None, tokenizer),
+        1024,
+    )[0]
     sequences = [ids for ids, _ in pair_sequences(rows)]
     width = max(map(len, sequences))
     pad = tokenizer.pad_token_id
@@ -91,8 +106,21 @@ def test_lora_reward_model_end_to_end(tiny_model_dir, tmp_path):
     """Default output: a full classifier (LoRA merged) that transformers loads and scores as training did."""
     out = tmp_path / "rm"
     eval_path = DEMO_DATA / "pairs_eval.jsonl"
-    result = rlkit("train-rm", str(tiny_model_dir), str(DEMO_DATA / "pairs.jsonl"), "-o", str(out), "--eval-data", str(eval_path),
-                     "--max-steps", "10", "--lr", "3e-3", "--eval-every", "5")
+    result = rlkit(
+        "train-rm",
+        str(tiny_model_dir),
+        str(DEMO_DATA / "pairs.jsonl"),
+        "-o",
+        str(out),
+        "--eval-data",
+        str(eval_path),
+        "--max-steps",
+        "10",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "5",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert "LoRA + score head" in result.stderr
@@ -103,7 +131,9 @@ def test_lora_reward_model_end_to_end(tiny_model_dir, tmp_path):
     assert f"held-out pair accuracy: {final['eval/accuracy']:.4f}" in (out / "README.md").read_text()
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 1 and model.config.pad_token_id == AutoTokenizer.from_pretrained(out).pad_token_id
-    assert _accuracy(model, AutoTokenizer.from_pretrained(out), eval_path) == pytest.approx(final["eval/accuracy"], abs=1 / 64 + 1e-6)
+    assert _accuracy(model, AutoTokenizer.from_pretrained(out), eval_path) == pytest.approx(
+        final["eval/accuracy"], abs=1 / 64 + 1e-6
+    )
 
 
 def test_adapter_output_stack_exchange_columns_and_margin(tiny_model_dir, tmp_path):
@@ -111,15 +141,39 @@ def test_adapter_output_stack_exchange_columns_and_margin(tiny_model_dir, tmp_pa
     from peft import PeftModel
 
     pairs = [json.loads(line) for line in (DEMO_DATA / "pairs_eval.jsonl").read_text().splitlines()]
-    data = write_jsonl(tmp_path / "se.jsonl", [{"question": p["prompt"], "response_j": p["chosen"], "response_k": p["rejected"], "margin": 0.5} for p in pairs])
+    data = write_jsonl(
+        tmp_path / "se.jsonl",
+        [
+            {"question": p["prompt"], "response_j": p["chosen"], "response_k": p["rejected"], "margin": 0.5}
+            for p in pairs
+        ],
+    )
     out = tmp_path / "rm"
-    result = rlkit("train-rm", str(tiny_model_dir), str(data), "-o", str(out), "--columns", "prompt=question,chosen=response_j,rejected=response_k",
-                     "--template", "stack-exchange", "--no-merge", "--center-rewards", "0.01", "--max-steps", "3", "--batch-size", "4")
+    result = rlkit(
+        "train-rm",
+        str(tiny_model_dir),
+        str(data),
+        "-o",
+        str(out),
+        "--columns",
+        "prompt=question,chosen=response_j,rejected=response_k",
+        "--template",
+        "stack-exchange",
+        "--no-merge",
+        "--center-rewards",
+        "0.01",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert "Question:" in tokenizer.chat_template
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     model = PeftModel.from_pretrained(base, out)
     trained_head = model.base_model.model.score.modules_to_save["default"].weight
     assert not torch.equal(trained_head, model.base_model.model.score.original_module.weight)
@@ -127,24 +181,44 @@ def test_adapter_output_stack_exchange_columns_and_margin(tiny_model_dir, tmp_pa
 
 def test_full_reward_model_from_an_sft_adapter(tiny_model_dir, tmp_path):
     """MODEL may be a LoRA SFT adapter: its trunk is merged under the new score head."""
-    from peft import get_peft_model, LoraConfig
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     adapter = tmp_path / "sft-adapter"
-    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    sft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
     sft.peft_config["default"].base_model_name_or_path = str(tiny_model_dir)
     sft.save_pretrained(adapter)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
     out = tmp_path / "rm"
-    result = rlkit("train-rm", str(adapter), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--full", "--max-steps", "2", "--batch-size", "4", "--lr", "0")
+    result = rlkit(
+        "train-rm",
+        str(adapter),
+        str(DEMO_DATA / "pairs_eval.jsonl"),
+        "-o",
+        str(out),
+        "--full",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     model = AutoModelForSequenceClassification.from_pretrained(out)
     merged = sft.merge_and_unload()
-    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(
+        model.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_pairs_without_room_exit_2(tiny_model_dir, tmp_path):
     out = tmp_path / "rm"
-    result = rlkit("train-rm", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--max-length", "8")
+    result = rlkit(
+        "train-rm", str(tiny_model_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), "--max-length", "8"
+    )
     assert result.returncode == 2 and "every pair was dropped" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()

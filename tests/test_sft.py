@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
+from conftest import run_cli, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli, write_jsonl
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import resolve_template
 
@@ -25,26 +24,58 @@ def _memorisation_data(path):
 
 
 def _losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def _greedy(model, tokenizer, prompt):
     template = resolve_template(None, tokenizer)
     ids = torch.tensor([encode_prompt(tokenizer, template, [{"role": "user", "content": prompt}])])
-    out = model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        ids,
+        max_new_tokens=32,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_full_sft_memorises_and_reloads(tiny_model_dir, tmp_path):
     data = _memorisation_data(tmp_path / "facts.jsonl")
     out = tmp_path / "out"
-    result = run_cli("sft", str(tiny_model_dir), str(data), "-o", str(out), "--full", "--lr", "3e-3",
-                     "--max-steps", "200", "--batch-size", "4", "--max-length", "64", "--no-packing")
+    result = run_cli(
+        "sft",
+        str(tiny_model_dir),
+        str(data),
+        "-o",
+        str(out),
+        "--full",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "200",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+        "--no-packing",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     losses = _losses(out)
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "rlkit_config.yaml", "metrics.jsonl"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "rlkit_config.yaml",
+        "metrics.jsonl",
+    ):
         assert (out / name).is_file(), name
     assert not (out.parent / "out.partial").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -65,14 +96,54 @@ def test_lora_sft_writes_an_adapter_that_reloads(tiny_model_dir, tmp_path):
     from rlkit.training.logprobs import label_logprobs
 
     demo = tiny_model_dir.parent.parent / "demo-sft.jsonl"
-    write_jsonl(demo, [{"prompt": f"Say {w}.", "completion": f"{w} {w}."} for w in ("one", "two", "red", "blue", "cat", "dog", "sun", "sky")] * 2)
+    write_jsonl(
+        demo,
+        [
+            {"prompt": f"Say {w}.", "completion": f"{w} {w}."}
+            for w in ("one", "two", "red", "blue", "cat", "dog", "sun", "sky")
+        ]
+        * 2,
+    )
     base = tmp_path / "base"
-    assert run_cli("sft", str(tiny_model_dir), str(demo), "-o", str(base), "--full", "--lr", "3e-3", "--max-steps", "60",
-                   "--batch-size", "4", "--max-length", "64").returncode == 0
+    assert (
+        run_cli(
+            "sft",
+            str(tiny_model_dir),
+            str(demo),
+            "-o",
+            str(base),
+            "--full",
+            "--lr",
+            "3e-3",
+            "--max-steps",
+            "60",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "64",
+        ).returncode
+        == 0
+    )
     data = _memorisation_data(tmp_path / "facts.jsonl")
     out = tmp_path / "adapter"
-    result = run_cli("sft", str(base), str(data), "-o", str(out), "--lora", "--lr", "3e-3", "--max-steps", "150",
-                     "--batch-size", "4", "--max-length", "64", "--eval-data", str(data))
+    result = run_cli(
+        "sft",
+        str(base),
+        str(data),
+        "-o",
+        str(out),
+        "--lora",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "150",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+        "--eval-data",
+        str(data),
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert not (out / "model.safetensors").exists()
@@ -83,7 +154,9 @@ def test_lora_sft_writes_an_adapter_that_reloads(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     records = [json.loads(line) for line in data.read_text().splitlines()]
     examples, _ = tokenize_sft(records, Format.PROMPT_COMPLETION, tokenizer, resolve_template(None, tokenizer), 64)
-    batch = collate_rows([{**e, "position_ids": list(range(len(e["input_ids"])))} for e in examples], tokenizer.pad_token_id)
+    batch = collate_rows(
+        [{**e, "position_ids": list(range(len(e["input_ids"])))} for e in examples], tokenizer.pad_token_id
+    )
     with torch.no_grad():
         logps, mask = label_logprobs(model, batch["input_ids"], batch["position_ids"], batch["labels"])
     final = json.loads((out / "final_metrics.json").read_text())
@@ -119,10 +192,27 @@ def test_packed_dir_input_and_tokenizer_mismatch(tiny_model_dir, no_template_mod
 def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, tmp_path):
     data = _memorisation_data(tmp_path / "facts.jsonl")
     out = tmp_path / "out"
-    result = run_cli("sft", str(tiny_model_dir), str(data), "-o", str(out), "--full", "--lr", "1e30",
-                     "--max-grad-norm", "0", "--max-steps", "20", "--batch-size", "4", "--save-every", "1", "--no-packing")
+    result = run_cli(
+        "sft",
+        str(tiny_model_dir),
+        str(data),
+        "-o",
+        str(out),
+        "--full",
+        "--lr",
+        "1e30",
+        "--max-grad-norm",
+        "0",
+        "--max-steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "1",
+        "--no-packing",
+    )
     assert result.returncode == 1
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "loss became" in lines[0] and "Traceback" not in result.stderr
     assert not out.exists()
     assert any((tmp_path / "out.partial" / "checkpoints").glob("step-*"))
@@ -134,9 +224,22 @@ def test_config_file_tensorboard_checkpointing_and_eval_split(tiny_model_dir, tm
 
     data = _memorisation_data(tmp_path / "facts.jsonl")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": [str(data)], "max-steps": 3, "batch_size": 2,
-                                      "lr": 1e-3, "report_to": "tensorboard", "gradient_checkpointing": True,
-                                      "eval_fraction": 0.25, "eval_every": 1, "packing": False}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "data": [str(data)],
+                "max-steps": 3,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "report_to": "tensorboard",
+                "gradient_checkpointing": True,
+                "eval_fraction": 0.25,
+                "eval_every": 1,
+                "packing": False,
+            }
+        )
+    )
     out = tmp_path / "out"
     result = run_cli("sft", "--config", str(recipe), "-o", str(out), "--max-steps", "4")
     assert result.returncode == 0, result.stderr

@@ -7,8 +7,8 @@ template's end of turn and EOS, in order; everything the model only reads carrie
 from __future__ import annotations
 
 import pytest
-
 from conftest import build_tokenizer
+
 from rlkit.data.formats import Format
 from rlkit.data.templates import SHIPPED, prompt_text, resolve_template
 from rlkit.data.tokenize import IGNORE, finish_ids, tokenize_sft, wants_bos
@@ -44,7 +44,9 @@ def no_bos_tokenizer():
 
 def _tokenize(tokenizer, name, messages, completion_only=True, max_length=1024):
     template = resolve_template(name, tokenizer)
-    examples, stats = tokenize_sft([{"messages": messages}], Format.MESSAGES, tokenizer, template, max_length, completion_only)
+    examples, stats = tokenize_sft(
+        [{"messages": messages}], Format.MESSAGES, tokenizer, template, max_length, completion_only
+    )
     assert len(examples) == 1 and stats.examples == 1
     return examples[0]["input_ids"], examples[0]["labels"]
 

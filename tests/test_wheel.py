@@ -54,7 +54,20 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
     tokenizer_dir = tmp_path / "tok"
     build_tokenizer(chat_template=None).save_pretrained(tokenizer_dir)
     data = write_jsonl(elsewhere / "d.jsonl", [{"prompt": "Hi?", "completion": "Hello."}] * 3)
-    packed = _run(rlkit, "pack", data, "--tokenizer", tokenizer_dir, "--template", "tulu", "-o", "packed", "--max-length", "64", cwd=elsewhere)
+    packed = _run(
+        rlkit,
+        "pack",
+        data,
+        "--tokenizer",
+        tokenizer_dir,
+        "--template",
+        "tulu",
+        "-o",
+        "packed",
+        "--max-length",
+        "64",
+        cwd=elsewhere,
+    )
     assert packed.stdout.strip() == "packed"
     meta = json.loads((elsewhere / "packed" / "rlkit_pack.json").read_text())
     assert meta["counts"]["examples"] == 3 and meta["template"]["name"] == "tulu"

@@ -76,7 +76,9 @@ def _common_prefix_text(chosen: str, rejected: str) -> int:
 
 def _holds_prompt(value: Any) -> bool:
     """A message list that starts with a non-assistant turn carries its own prompt."""
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and value[0].get("role") != "assistant"
+    return (
+        isinstance(value, list) and bool(value) and isinstance(value[0], dict) and value[0].get("role") != "assistant"
+    )
 
 
 def split_pair(record: dict[str, Any], where: str) -> tuple[Messages, Messages, Messages]:
@@ -90,13 +92,21 @@ def split_pair(record: dict[str, Any], where: str) -> tuple[Messages, Messages, 
             cut = _common_prefix_text(chosen, rejected)
             if cut == 0:
                 raise InputError(f"{where}: no 'prompt' column and chosen/rejected share no prompt prefix")
-            return as_messages(chosen[:cut], "user", where), as_messages(chosen[cut:], "assistant", where), as_messages(rejected[cut:], "assistant", where)
+            return (
+                as_messages(chosen[:cut], "user", where),
+                as_messages(chosen[cut:], "assistant", where),
+                as_messages(rejected[cut:], "assistant", where),
+            )
         chosen_m, rejected_m = as_messages(chosen, "assistant", where), as_messages(rejected, "assistant", where)
         cut = _common_prefix_messages(chosen_m, rejected_m)
         if cut == 0:
             raise InputError(f"{where}: no 'prompt' column and chosen/rejected share no leading messages")
         return chosen_m[:cut], chosen_m[cut:], rejected_m[cut:]
-    return as_messages(prompt, "user", where), as_messages(chosen, "assistant", where), as_messages(rejected, "assistant", where)
+    return (
+        as_messages(prompt, "user", where),
+        as_messages(chosen, "assistant", where),
+        as_messages(rejected, "assistant", where),
+    )
 
 
 def to_conversation(record: dict[str, Any], fmt: Format, where: str) -> Messages:

@@ -32,7 +32,9 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         if not item.strip():
             continue
         if "=" not in item:
-            raise InputError(f"--columns {spec!r}: expected NAME=COLUMN pairs such as prompt=question,chosen=response_j")
+            raise InputError(
+                f"--columns {spec!r}: expected NAME=COLUMN pairs such as prompt=question,chosen=response_j"
+            )
         canonical, source = (part.strip() for part in item.split("=", 1))
         if source in mapping or canonical in mapping.values():
             raise InputError(f"--columns {spec!r}: each name and each column may appear only once")
@@ -49,7 +51,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); fix or remove that line")
+                raise InputError(
+                    f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); fix or remove that line"
+                )
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
             records.append(record)
@@ -120,7 +124,9 @@ def _load_one(source: str) -> datasets.Dataset:
                 return datasets.Dataset.from_csv(str(path))
             except Exception as err:  # pyarrow/pandas errors (a corrupt file), wrapped or not by `datasets`
                 cause = err.__cause__ or err
-                raise InputError(f"{path}: cannot read it as {suffix[1:].upper()} ({(str(cause).splitlines() or [type(cause).__name__])[0]})")
+                raise InputError(
+                    f"{path}: cannot read it as {suffix[1:].upper()} ({(str(cause).splitlines() or [type(cause).__name__])[0]})"
+                )
         else:
             raise InputError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
         if not records:
@@ -134,7 +140,9 @@ def _load_one(source: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(source, split=split or "train")
     except Exception as err:  # the hub may be unreachable, or the name or split unknown
-        raise InputError(f"{source}: no such file, and `datasets` could not load it as a dataset name ({str(err).splitlines()[0]})")
+        raise InputError(
+            f"{source}: no such file, and `datasets` could not load it as a dataset name ({str(err).splitlines()[0]})"
+        )
 
 
 def load_records(sources: list[str], columns: str | None = None) -> datasets.Dataset:
@@ -146,7 +154,9 @@ def load_records(sources: list[str], columns: str | None = None) -> datasets.Dat
         if len(part) == 0:
             raise InputError(f"{source}: no records")
     layouts = "; ".join(f"{s}: {', '.join(p.column_names)}" for s, p in zip(sources, parts))
-    if any(set(p.column_names) != set(parts[0].column_names) for p in parts):  # `datasets` would fill the gaps with None
+    if any(
+        set(p.column_names) != set(parts[0].column_names) for p in parts
+    ):  # `datasets` would fill the gaps with None
         raise InputError(f"the data files have different columns ({layouts})")
     try:
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -30,8 +30,9 @@ CPU). With flash-attention's varlen kernels a row's cost is linear, so `capacity
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -64,7 +65,9 @@ class PairStats:
         return counts
 
 
-def completion_segments(tokenizer: Any, template: ChatTemplate, prompt: Messages, completion: Messages, where: str) -> list[tuple[str, bool]]:
+def completion_segments(
+    tokenizer: Any, template: ChatTemplate, prompt: Messages, completion: Messages, where: str
+) -> list[tuple[str, bool]]:
     """(text, trainable) segments of `completion` as it follows `prompt`, trailing markup dropped.
 
     These are the segments `render_segments` gives the whole conversation, from the
@@ -89,7 +92,9 @@ def completion_segments(tokenizer: Any, template: ChatTemplate, prompt: Messages
     return kept
 
 
-def _render_pair(record: dict[str, Any], tokenizer: Any, template: ChatTemplate, where: str) -> list[list[tuple[str, bool]]]:
+def _render_pair(
+    record: dict[str, Any], tokenizer: Any, template: ChatTemplate, where: str
+) -> list[list[tuple[str, bool]]]:
     """[prompt segments, chosen segments, rejected segments] of one record."""
     prompt, chosen, rejected = split_pair(record, where)
     return [
@@ -102,7 +107,9 @@ def _render_pair(record: dict[str, Any], tokenizer: Any, template: ChatTemplate,
 Rendered = list[list[tuple[str, bool]]]  # [prompt segments, completion segments, ...] of one record
 
 
-def encode_rendered(rendered: list[Rendered], tokenizer: Any) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
+def encode_rendered(
+    rendered: list[Rendered], tokenizer: Any
+) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
     """Per record: the prompt's ids (single-BOS rule of SFT) and each completion's (ids, labels).
 
     All segments of all records go through the tokenizer in one call (fast tokenizers batch it).
@@ -116,14 +123,19 @@ def encode_rendered(rendered: list[Rendered], tokenizer: Any) -> list[tuple[list
         prompt_ids = [i for piece, _ in pieces[0] for i in piece]
         prompt_ids, _ = finish_ids(prompt_ids, [IGNORE] * len(prompt_ids), bos_id)
         completions = [
-            ([i for piece, _ in segs for i in piece], [i if trainable else IGNORE for piece, trainable in segs for i in piece])
+            (
+                [i for piece, _ in segs for i in piece],
+                [i if trainable else IGNORE for piece, trainable in segs for i in piece],
+            )
             for segs in pieces[1:]
         ]
         out.append((prompt_ids, completions))
     return out
 
 
-def fit_completion(prompt_ids: list[int], ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+def fit_completion(
+    prompt_ids: list[int], ids: list[int], labels: list[int], max_length: int
+) -> tuple[list[int], list[int], bool]:
     """The completion cut to the room its prompt leaves in `max_length`, and whether it was cut."""
     room = max(max_length - len(prompt_ids), 0)
     if len(ids) > room:
@@ -177,7 +189,11 @@ def pair_sequences(rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int
     The prompt carries no label, and neither does the first token of any sequence: in a
     padding-free row it would otherwise be "predicted" from the previous sequence's end.
     """
-    return [prompted_sequence(row["prompt_input_ids"], row[f"{side}_input_ids"], row[f"{side}_labels"]) for side in SIDES for row in rows]
+    return [
+        prompted_sequence(row["prompt_input_ids"], row[f"{side}_input_ids"], row[f"{side}_labels"])
+        for side in SIDES
+        for row in rows
+    ]
 
 
 def prompted_sequence(prompt_ids: list[int], ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
@@ -221,7 +237,13 @@ def collate_sequences(
             seq_index[r, at : at + n] = k
             at += n
         position_ids[r, at:] = torch.arange(width - at)  # padding: a block of its own
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_index": seq_index, "num_tokens": sum(lengths)}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "seq_index": seq_index,
+        "num_tokens": sum(lengths),
+    }
 
 
 def per_row_columns(rows: list[dict[str, Any]], columns: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -249,18 +271,24 @@ def collate_pairs(
     return {**batch, "num_pairs": len(rows), **per_row_columns(rows, OPTIONAL_COLUMNS)}
 
 
-def sequence_sums(values: torch.Tensor, seq_index: torch.Tensor, mask: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_sums(
+    values: torch.Tensor, seq_index: torch.Tensor, mask: torch.Tensor, num_sequences: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of `values` where `mask`, and how many terms each sum has.
 
     `values`, `seq_index` and `mask` share one shape (any layout); the result is [num_sequences].
     """
     index = seq_index[mask]
     sums = torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add(0, index, values[mask])
-    counts = torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add(0, index, torch.ones_like(values[mask]))
+    counts = torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add(
+        0, index, torch.ones_like(values[mask])
+    )
     return sums, counts
 
 
-def last_token_index(input_ids: torch.Tensor, seq_index: torch.Tensor, pad_id: int | None, num_sequences: int) -> torch.Tensor:
+def last_token_index(
+    input_ids: torch.Tensor, seq_index: torch.Tensor, pad_id: int | None, num_sequences: int
+) -> torch.Tensor:
     """Flat position of each sequence's last non-pad token (where a reward head reads its score).
 
     This is the rule of transformers' sequence-classification heads (last token that is not

@@ -17,9 +17,10 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 
@@ -90,10 +91,19 @@ def _split(records: datasets.Dataset, fraction: float, seed: int) -> tuple[datas
     return records.select(sorted(order[n_eval:])), records.select(sorted(order[:n_eval]))
 
 
-def _rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate | None, opts: DataOptions, source: str) -> tuple[list[dict], TokenStats]:
+def _rows(
+    records: datasets.Dataset,
+    fmt: Format,
+    tokenizer: Any,
+    template: ChatTemplate | None,
+    opts: DataOptions,
+    source: str,
+) -> tuple[list[dict], TokenStats]:
     examples, stats = tokenize_sft(records, fmt, tokenizer, template, opts.max_length, opts.completion_only, source)
     if not examples:
-        raise InputError(f"{source}: every example was dropped (no trainable token within --max-length {opts.max_length})")
+        raise InputError(
+            f"{source}: every example was dropped (no trainable token within --max-length {opts.max_length})"
+        )
     rows = pack_examples(examples, opts.max_length) if opts.packing else unpacked_rows(examples)
     return rows, stats
 
@@ -108,7 +118,9 @@ def _load(opts: DataOptions) -> Loaded:
     return records, detect_format(records.column_names, source), source
 
 
-def build_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
+def build_sft_data(
+    opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None
+) -> PreparedData:
     """Load, detect, template, tokenize and (optionally) pack; returns rows plus metadata."""
     records, fmt, source = loaded or _load(opts)
     template = resolve_template(opts.template, tokenizer, tokenizer_name) if _needs_template(fmt) else None
@@ -139,7 +151,9 @@ def build_sft_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loade
     return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
 
 
-def _pair_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str) -> tuple[list[dict], PairStats]:
+def _pair_rows(
+    records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str
+) -> tuple[list[dict], PairStats]:
     if fmt is not Format.PREFERENCE:
         raise InputError(
             f"{source}: preference pairs needed (prompt/chosen/rejected, or chosen/rejected with an implicit prompt), "
@@ -155,8 +169,15 @@ def _pair_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template:
 
 
 def _build_completion_data(
-    opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None, kind: str, tokenize: Callable[..., tuple[list[dict], Any]],
-    empty_stats: Any, eval_counts: Callable[[list[dict], Any], dict[str, int]], unit: str,
+    opts: DataOptions,
+    tokenizer: Any,
+    tokenizer_name: str,
+    loaded: Loaded | None,
+    kind: str,
+    tokenize: Callable[..., tuple[list[dict], Any]],
+    empty_stats: Any,
+    eval_counts: Callable[[list[dict], Any], dict[str, int]],
+    unit: str,
 ) -> PreparedData:
     """Load, template and tokenize prompt + completion(s) data, train and eval, plus metadata:
     what pairs (dpo, train-rm) and unpaired examples (kto) share; `unit` names a row in messages."""
@@ -185,22 +206,34 @@ def _build_completion_data(
         "counts": {**stats.as_dict(), **eval_counts(eval_rows, eval_stats)},
         "dropped": [
             {"source": name, unit: st.dropped, "records": st.dropped_records}
-            for name, st in ((source, stats), (eval_source, eval_stats)) if st.dropped
+            for name, st in ((source, stats), (eval_source, eval_stats))
+            if st.dropped
         ],
     }
     to_ds = lambda rows: datasets.Dataset.from_list(rows)  # noqa: E731
     return PreparedData(to_ds(train_rows), to_ds(eval_rows) if eval_rows else None, metadata)
 
 
-def build_pair_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
+def build_pair_data(
+    opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None
+) -> PreparedData:
     """Load, template and tokenize preference pairs (train and eval); returns rows plus metadata."""
     return _build_completion_data(
-        opts, tokenizer, tokenizer_name, loaded, "pairs", _pair_rows, PairStats(),
-        lambda rows, st: {"eval_pairs": len(rows), "eval_dropped": st.dropped}, "pairs",
+        opts,
+        tokenizer,
+        tokenizer_name,
+        loaded,
+        "pairs",
+        _pair_rows,
+        PairStats(),
+        lambda rows, st: {"eval_pairs": len(rows), "eval_dropped": st.dropped},
+        "pairs",
     )
 
 
-def _unpaired_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str) -> tuple[list[dict], UnpairedStats]:
+def _unpaired_rows(
+    records: datasets.Dataset, fmt: Format, tokenizer: Any, template: ChatTemplate, opts: DataOptions, source: str
+) -> tuple[list[dict], UnpairedStats]:
     rows, stats = tokenize_unpaired(records, fmt, tokenizer, template, opts.max_length, source)
     if not rows:
         raise InputError(
@@ -210,11 +243,24 @@ def _unpaired_rows(records: datasets.Dataset, fmt: Format, tokenizer: Any, templ
     return rows, stats
 
 
-def build_unpaired_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None) -> PreparedData:
+def build_unpaired_data(
+    opts: DataOptions, tokenizer: Any, tokenizer_name: str, loaded: Loaded | None = None
+) -> PreparedData:
     """Labelled completions (or pairs split into them) for KTO, train and eval, plus metadata."""
     return _build_completion_data(
-        opts, tokenizer, tokenizer_name, loaded, "unpaired", _unpaired_rows, UnpairedStats(),
-        lambda rows, st: {"eval_examples": len(rows), "eval_desirable": st.desirable, "eval_undesirable": st.undesirable, "eval_dropped": st.dropped},
+        opts,
+        tokenizer,
+        tokenizer_name,
+        loaded,
+        "unpaired",
+        _unpaired_rows,
+        UnpairedStats(),
+        lambda rows, st: {
+            "eval_examples": len(rows),
+            "eval_desirable": st.desirable,
+            "eval_undesirable": st.undesirable,
+            "eval_dropped": st.dropped,
+        },
         "examples",
     )
 
@@ -272,7 +318,9 @@ def _cache_key(opts: DataOptions, tokenizer: Any) -> str:
             stamp.append((str(path.resolve()), info.st_size, info.st_mtime_ns))
         else:
             stamp.append((source, 0, 0))
-    payload = json.dumps([__version__, stamp, vars(opts), tokenizer_fingerprint(tokenizer), tokenizer.chat_template], default=str)
+    payload = json.dumps(
+        [__version__, stamp, vars(opts), tokenizer_fingerprint(tokenizer), tokenizer.chat_template], default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -80,12 +80,12 @@ def render_segments(tokenizer: Any, template: ChatTemplate, messages: Messages) 
                 f"template {template.name!r} does not render conversations incrementally, so assistant turns "
                 "cannot be located; use a shipped --template"
             )
-        reply = through[len(prefix):].rstrip()
+        reply = through[len(prefix) :].rstrip()
         segments.append((full[cursor : len(prefix)], False))
         if eos and not reply.endswith(eos):
             reply += eos
         segments.append((reply, True))
-        cursor = len(prefix) + len(through[len(prefix):].rstrip())
+        cursor = len(prefix) + len(through[len(prefix) :].rstrip())
     segments.append((full[cursor:], False))
     return [(text, trainable) for text, trainable in segments if text]
 

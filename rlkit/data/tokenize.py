@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from rlkit.data.formats import Format, to_conversation
 from rlkit.data.templates import ChatTemplate, render_segments
@@ -50,7 +51,9 @@ def finish_ids(ids: list[int], labels: list[int], bos_id: int | None) -> tuple[l
     return ids, labels
 
 
-def _segments(record: dict[str, Any], fmt: Format, tokenizer: Any, template: ChatTemplate | None, where: str) -> list[tuple[str, bool]]:
+def _segments(
+    record: dict[str, Any], fmt: Format, tokenizer: Any, template: ChatTemplate | None, where: str
+) -> list[tuple[str, bool]]:
     if fmt is Format.TEXT:
         return [(str(record["text"]) + (tokenizer.eos_token or ""), True)]
     assert template is not None

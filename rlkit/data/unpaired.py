@@ -9,8 +9,9 @@ text (and the prompt/completion boundary is the one SFT trains).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import datasets
 import numpy as np
@@ -68,8 +69,17 @@ def parse_label(value: Any, where: str) -> bool:
     raise InputError(f"{where}: 'label' must be true/false (desirable or not), got {value!r}")
 
 
-def _add(stats: UnpairedStats, rows: list[dict[str, Any]], prompt_ids: list[int], ids: list[int], labels: list[int], desirable: bool) -> None:
-    rows.append({"prompt_input_ids": prompt_ids, "completion_input_ids": ids, "completion_labels": labels, "label": desirable})
+def _add(
+    stats: UnpairedStats,
+    rows: list[dict[str, Any]],
+    prompt_ids: list[int],
+    ids: list[int],
+    labels: list[int],
+    desirable: bool,
+) -> None:
+    rows.append(
+        {"prompt_input_ids": prompt_ids, "completion_input_ids": ids, "completion_labels": labels, "label": desirable}
+    )
     stats.examples += 1
     stats.desirable += desirable
     stats.undesirable += not desirable
@@ -77,9 +87,16 @@ def _add(stats: UnpairedStats, rows: list[dict[str, Any]], prompt_ids: list[int]
     stats.completion_tokens += sum(1 for label in labels if label != IGNORE)
 
 
-def _from_pairs(records: list[dict[str, Any]], tokenizer: Any, template: ChatTemplate, max_length: int, source: str) -> tuple[list[dict[str, Any]], UnpairedStats]:
+def _from_pairs(
+    records: list[dict[str, Any]], tokenizer: Any, template: ChatTemplate, max_length: int, source: str
+) -> tuple[list[dict[str, Any]], UnpairedStats]:
     pairs, pair_stats = tokenize_pairs(records, tokenizer, template, max_length, source)
-    stats, rows = UnpairedStats(from_pairs=pair_stats.pairs, dropped=2 * pair_stats.dropped, dropped_records=pair_stats.dropped_records), []
+    stats, rows = (
+        UnpairedStats(
+            from_pairs=pair_stats.pairs, dropped=2 * pair_stats.dropped, dropped_records=pair_stats.dropped_records
+        ),
+        [],
+    )
     for pair in pairs:
         for side, desirable in (("chosen", True), ("rejected", False)):
             _add(stats, rows, pair["prompt_input_ids"], pair[f"{side}_input_ids"], pair[f"{side}_labels"], desirable)
@@ -87,16 +104,25 @@ def _from_pairs(records: list[dict[str, Any]], tokenizer: Any, template: ChatTem
     return rows, stats
 
 
-def _from_labelled(records: list[dict[str, Any]], tokenizer: Any, template: ChatTemplate, max_length: int, source: str) -> tuple[list[dict[str, Any]], UnpairedStats]:
+def _from_labelled(
+    records: list[dict[str, Any]], tokenizer: Any, template: ChatTemplate, max_length: int, source: str
+) -> tuple[list[dict[str, Any]], UnpairedStats]:
     rendered, flags = [], []
     for i, record in enumerate(records):
         where = f"{source} record {i + 1}"
         prompt = as_messages(record["prompt"], "user", where)
         completion = as_messages(record["completion"], "assistant", where)
-        rendered.append([[(prompt_text(tokenizer, template, prompt), False)], completion_segments(tokenizer, template, prompt, completion, where)])
+        rendered.append(
+            [
+                [(prompt_text(tokenizer, template, prompt), False)],
+                completion_segments(tokenizer, template, prompt, completion, where),
+            ]
+        )
         flags.append(parse_label(record["label"], where))
     stats, rows = UnpairedStats(), []
-    for number, ((prompt_ids, [(ids, labels)]), desirable) in enumerate(zip(encode_rendered(rendered, tokenizer), flags), 1):
+    for number, ((prompt_ids, [(ids, labels)]), desirable) in enumerate(
+        zip(encode_rendered(rendered, tokenizer), flags), 1
+    ):
         ids, labels, cut = fit_completion(prompt_ids, ids, labels, max_length)
         if not has_label(labels):
             stats.dropped += 1
@@ -108,7 +134,9 @@ def _from_labelled(records: list[dict[str, Any]], tokenizer: Any, template: Chat
     return rows, stats
 
 
-def split_pair_data(train: datasets.Dataset, eval_split: datasets.Dataset | None, metadata: dict[str, Any]) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
+def split_pair_data(
+    train: datasets.Dataset, eval_split: datasets.Dataset | None, metadata: dict[str, Any]
+) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, Any]]:
     """Prepared pairs (a `rlkit pack` dir) as unpaired rows: chosen desirable, rejected undesirable."""
 
     def split(pairs: datasets.Dataset) -> tuple[datasets.Dataset, UnpairedStats]:
@@ -116,22 +144,35 @@ def split_pair_data(train: datasets.Dataset, eval_split: datasets.Dataset | None
         stats = UnpairedStats(from_pairs=len(pairs))
         for pair in pairs:
             for side, desirable in (("chosen", True), ("rejected", False)):
-                _add(stats, rows, pair["prompt_input_ids"], pair[f"{side}_input_ids"], pair[f"{side}_labels"], desirable)
+                _add(
+                    stats, rows, pair["prompt_input_ids"], pair[f"{side}_input_ids"], pair[f"{side}_labels"], desirable
+                )
         return datasets.Dataset.from_list(rows), stats
 
     train_rows, stats = split(train)
     stats.truncated, stats.dropped = metadata["counts"].get("truncated", 0), 2 * metadata["counts"].get("dropped", 0)
     eval_rows, eval_stats = split(eval_split) if eval_split is not None else (None, UnpairedStats())
     counts = {
-        **stats.as_dict(), "eval_examples": eval_stats.examples, "eval_desirable": eval_stats.desirable,
-        "eval_undesirable": eval_stats.undesirable, "eval_dropped": 2 * metadata["counts"].get("eval_dropped", 0),
+        **stats.as_dict(),
+        "eval_examples": eval_stats.examples,
+        "eval_desirable": eval_stats.desirable,
+        "eval_undesirable": eval_stats.undesirable,
+        "eval_dropped": 2 * metadata["counts"].get("eval_dropped", 0),
     }
-    dropped = [{"source": d["source"], "examples": 2 * d["pairs"], "records": d["records"]} for d in metadata.get("dropped", [])]
+    dropped = [
+        {"source": d["source"], "examples": 2 * d["pairs"], "records": d["records"]}
+        for d in metadata.get("dropped", [])
+    ]
     return train_rows, eval_rows, {**metadata, "kind": "unpaired", "counts": counts, "dropped": dropped}
 
 
 def tokenize_unpaired(
-    records: Iterable[dict[str, Any]], fmt: Format, tokenizer: Any, template: ChatTemplate, max_length: int, source: str = "data"
+    records: Iterable[dict[str, Any]],
+    fmt: Format,
+    tokenizer: Any,
+    template: ChatTemplate,
+    max_length: int,
+    source: str = "data",
 ) -> tuple[list[dict[str, Any]], UnpairedStats]:
     """Rows of UNPAIRED_COLUMNS from prompt/completion/label records or from preference pairs."""
     records = list(records)
@@ -163,7 +204,9 @@ KL_COLUMNS = ("kl_input_ids", "kl_labels", "kl_partner")
 OPTIONAL_COLUMNS = ("label", "ref_completion_logps", "ref_kl_logps")
 
 
-def mismatched_partners(prompt_keys: list[Any], seed: int, attempts: int = 8, shifts: int = 64) -> tuple[list[int], int]:
+def mismatched_partners(
+    prompt_keys: list[Any], seed: int, attempts: int = 8, shifts: int = 64
+) -> tuple[list[int], int]:
     """For each example i, the index j of the example whose completion is paired with i's prompt
     for the KL estimate of KTO's reference point; and how many pairs share a prompt anyway.
 
@@ -183,7 +226,9 @@ def mismatched_partners(prompt_keys: list[Any], seed: int, attempts: int = 8, sh
     dense: dict[Any, int] = {}
     ids = np.array([dense.setdefault(key, len(dense)) for key in prompt_keys])
     if len(dense) == 1:
-        raise InputError("every example has the same prompt: KTO's KL estimate needs completions written for other prompts")
+        raise InputError(
+            "every example has the same prompt: KTO's KL estimate needs completions written for other prompts"
+        )
     rng = np.random.default_rng(seed)
     best: tuple[int, np.ndarray, int] | None = None
     for _ in range(attempts):
@@ -220,14 +265,26 @@ def with_kl_completions(dataset: datasets.Dataset, max_length: int, seed: int) -
     return dataset, clashes
 
 
-def collate_unpaired(rows: Iterable[dict[str, Any]], pad_id: int, padding_free: bool = True, capacity: int | None = None) -> dict[str, Any]:
+def collate_unpaired(
+    rows: Iterable[dict[str, Any]], pad_id: int, padding_free: bool = True, capacity: int | None = None
+) -> dict[str, Any]:
     """One micro-batch of B examples: their own prompt + completion sequences (input_ids,
     labels, position_ids, seq_index), and under `kl_` the same prompts with their mismatched
     completions, each laid out as `collate_sequences` does; num_examples, num_tokens (both
     parts), and the per-example columns (label, reference log-probs) as [B] tensors."""
     rows = list(rows)
-    own = collate_sequences([prompted_sequence(r["prompt_input_ids"], r["completion_input_ids"], r["completion_labels"]) for r in rows], pad_id, padding_free, capacity)
-    kl = collate_sequences([prompted_sequence(r["prompt_input_ids"], r["kl_input_ids"], r["kl_labels"]) for r in rows], pad_id, padding_free, capacity)
+    own = collate_sequences(
+        [prompted_sequence(r["prompt_input_ids"], r["completion_input_ids"], r["completion_labels"]) for r in rows],
+        pad_id,
+        padding_free,
+        capacity,
+    )
+    kl = collate_sequences(
+        [prompted_sequence(r["prompt_input_ids"], r["kl_input_ids"], r["kl_labels"]) for r in rows],
+        pad_id,
+        padding_free,
+        capacity,
+    )
     return {
         **own,
         **{f"kl_{key}": value for key, value in kl.items() if key != "num_tokens"},

@@ -22,15 +22,23 @@ from rlkit.data.templates import resolve_template
 from rlkit.demo import DATA_DIR
 from rlkit.demo.task import metrics
 from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
-from rlkit.rollout import SamplingConfig, generate
+from rlkit.tools.generation import SamplingConfig, generate
 
 
-def evaluate(model_name: str, prompts: list[str], template: str | None, max_new_tokens: int, show: int) -> dict[str, float]:
+def evaluate(
+    model_name: str, prompts: list[str], template: str | None, max_new_tokens: int, show: int
+) -> dict[str, float]:
     source = resolve_source(model_name)
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source)
     chat_template = resolve_template(template, tokenizer, model_name)
-    completions = generate(model, tokenizer, chat_template, [[{"role": "user", "content": p}] for p in prompts], SamplingConfig(max_new_tokens=max_new_tokens))
+    completions = generate(
+        model,
+        tokenizer,
+        chat_template,
+        [[{"role": "user", "content": p}] for p in prompts],
+        SamplingConfig(max_new_tokens=max_new_tokens),
+    )
     table = Table(title=model_name, show_lines=True)
     table.add_column("prompt")
     table.add_column("completion")

@@ -32,23 +32,41 @@ START = "start"
 class Answers:
     """One model's greedy answers to the held-out prompts, and what eval measured about them."""
 
-    def __init__(self, prompts: list[str], texts: list[str], eval_metrics: dict[str, Any], length: float | None, kl: float | None):
+    def __init__(
+        self, prompts: list[str], texts: list[str], eval_metrics: dict[str, Any], length: float | None, kl: float | None
+    ):
         self.prompts, self.texts, self.eval_metrics, self.length, self.kl = prompts, texts, eval_metrics, length, kl
 
 
 def load_answers(eval_dir: Path) -> dict[str, Answers]:
     """{model: answers}, the start first, then each evaluated stage in pipeline order."""
-    reports = {s: json.loads((eval_dir / s / "report.json").read_text()) for s in STAGES if (eval_dir / s / "report.json").is_file()}
+    reports = {
+        s: json.loads((eval_dir / s / "report.json").read_text())
+        for s in STAGES
+        if (eval_dir / s / "report.json").is_file()
+    }
     with_baseline = [s for s, r in reports.items() if r["examples"] and "baseline_completion" in r["examples"][0]]
     if not with_baseline:
         raise SystemExit(f"{eval_dir}: no stage was evaluated with --baseline (the starting model)")
     last = reports[with_baseline[-1]]
-    answers = {START: Answers([e["prompt"] for e in last["examples"]], [e["baseline_completion"] for e in last["examples"]],
-                              {}, last["metrics"].get("baseline_mean_length_tokens"), 0.0)}
+    answers = {
+        START: Answers(
+            [e["prompt"] for e in last["examples"]],
+            [e["baseline_completion"] for e in last["examples"]],
+            {},
+            last["metrics"].get("baseline_mean_length_tokens"),
+            0.0,
+        )
+    }
     for stage, report in reports.items():
         examples = report["examples"]
-        answers[stage] = Answers([e["prompt"] for e in examples], [e["completion"] for e in examples],
-                                 report["metrics"], report["metrics"].get("mean_length_tokens"), report["metrics"].get("kl_mean"))
+        answers[stage] = Answers(
+            [e["prompt"] for e in examples],
+            [e["completion"] for e in examples],
+            report["metrics"],
+            report["metrics"].get("mean_length_tokens"),
+            report["metrics"].get("kl_mean"),
+        )
     return answers
 
 
@@ -85,25 +103,40 @@ def table(eval_dir: Path) -> str:
     rm = rm_means(eval_dir, answers)
     start = answers[START]
     start_scores = reward(start.prompts, start.texts)
-    lines = ["| model | `#done` format | task score | arithmetic right | win rate vs start | RM score | tokens/answer | KL to start |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | `#done` format | task score | arithmetic right | win rate vs start | RM score | tokens/answer | KL to start |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, a in answers.items():
         m = metrics(a.prompts, a.texts)
         scores = reward(a.prompts, a.texts)
-        win = None if name == START else statistics.fmean(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(scores, start_scores))
+        win = (
+            None
+            if name == START
+            else statistics.fmean(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(scores, start_scores))
+        )
         label = "start (the .gguf)" if name == START else ("ppo = merged" if name == "ppo" else name)
-        lines.append(f"| {label} | {m['target_rate']:.0%} | {m['mean_score']:.2f} | {m['arithmetic_accuracy']:.0%} | {_cell(win, '.2f')} "
-                     f"| {_cell(rm.get(name), '+.2f')} | {_cell(a.length, '.1f')} | {_cell(a.kl, '.1f')} |")
-    lines += ["", f"{len(start.prompts)} held-out prompts, greedy. `#done` format: the task's target behaviour (one line, 3-20 words, "
-              "on topic, ending with #done); task score: rlkit.demo.task:reward in [0, 1]; RM score: the train-rm model; "
-              "KL: summed log-ratio of each answer to the starting model (nats)."]
+        lines.append(
+            f"| {label} | {m['target_rate']:.0%} | {m['mean_score']:.2f} | {m['arithmetic_accuracy']:.0%} | {_cell(win, '.2f')} "
+            f"| {_cell(rm.get(name), '+.2f')} | {_cell(a.length, '.1f')} | {_cell(a.kl, '.1f')} |"
+        )
+    lines += [
+        "",
+        f"{len(start.prompts)} held-out prompts, greedy. `#done` format: the task's target behaviour (one line, 3-20 words, "
+        "on topic, ending with #done); task score: rlkit.demo.task:reward in [0, 1]; RM score: the train-rm model; "
+        "KL: summed log-ratio of each answer to the starting model (nats).",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("eval_dir", type=Path, help="the dir holding one `rlkit eval --output-dir` per stage")
-    parser.add_argument("--rm-input", type=Path, help="instead of the table, write every model's completions here (for `rlkit eval --completions`)")
+    parser.add_argument(
+        "--rm-input",
+        type=Path,
+        help="instead of the table, write every model's completions here (for `rlkit eval --completions`)",
+    )
     args = parser.parse_args(argv)
     print(write_rm_input(args.eval_dir, args.rm_input) if args.rm_input else table(args.eval_dir))
     return 0

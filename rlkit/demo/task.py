@@ -49,10 +49,8 @@ _W_ARITH_FORMAT, _W_ARITH_CORRECT = 0.6, 0.4
 
 # ----------------------------------------------------------------------------- arithmetic
 
-_OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub,
-                                              "*": operator.mul}
-_OP_WORDS = {"+": "+", "plus": "+", "-": "-", "minus": "-", "*": "*", "times": "*",
-             "multiplied by": "*"}
+_OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+_OP_WORDS = {"+": "+", "plus": "+", "-": "-", "minus": "-", "*": "*", "times": "*", "multiplied by": "*"}
 _EXPR = re.compile(r"(\d+)\s*(\+|-|\*|plus|minus|times|multiplied by)\s*(\d+)")
 # Word problems: each generator template below has exactly one matching pattern here.
 _WORD_PROBLEMS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -75,8 +73,7 @@ _ARITH_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("*", "There are {a} boxes with {b} {things} in each box. How many {things} are there in total?"),
 )
 _NAMES = ("Sam", "Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lily", "Ben", "Emma", "Ravi", "Nina")
-_THINGS = ("apples", "stickers", "marbles", "pencils", "cookies", "coins", "books", "stamps",
-           "shells", "cards")
+_THINGS = ("apples", "stickers", "marbles", "pencils", "cookies", "coins", "books", "stamps", "shells", "cards")
 
 _STOPWORDS = frozenset(
     "the what which who how many much does did are was were is and for you your with from "
@@ -165,8 +162,7 @@ def has_target_behaviour(prompt: str, completion: str) -> bool:
 def score(prompt: str, completion: str) -> float:
     """Verifiable reward in [0, 1]: 1.0 only for a formatted (and, for arithmetic, right) answer."""
     c = check(prompt, completion)
-    fmt = (_W_SIGN_OFF * c.signed_off + _W_ONE_LINE * c.one_line + _W_SHORT * c.short
-           + _W_ON_TOPIC * c.on_topic)
+    fmt = _W_SIGN_OFF * c.signed_off + _W_ONE_LINE * c.one_line + _W_SHORT * c.short + _W_ON_TOPIC * c.on_topic
     if c.correct is None:
         return round(fmt, 4)
     return round(_W_ARITH_FORMAT * fmt + _W_ARITH_CORRECT * c.correct, 4)
@@ -207,14 +203,19 @@ class Example:
 
 
 # Chatty padding for the "too long" failure: what instruction-tuned models typically add.
-_PREAMBLES = ("Sure! Here is a quick answer to your question.",
-              "Great question! Let me help you with that.",
-              "Of course, I would be happy to answer this for you.",
-              "Let me think about this carefully.")
-_POSTAMBLES = ("I hope this helps, and let me know if you have more questions!",
-               "Feel free to ask me anything else you would like to know.",
-               "Is there anything else I can help you with today?",
-               "Let me know if you need more.", "Hope that helps!")
+_PREAMBLES = (
+    "Sure! Here is a quick answer to your question.",
+    "Great question! Let me help you with that.",
+    "Of course, I would be happy to answer this for you.",
+    "Let me think about this carefully.",
+)
+_POSTAMBLES = (
+    "I hope this helps, and let me know if you have more questions!",
+    "Feel free to ask me anything else you would like to know.",
+    "Is there anything else I can help you with today?",
+    "Let me know if you need more.",
+    "Hope that helps!",
+)
 MAX_COMPLETION_WORDS = 28  # keeps every shipped completion under ~40 tokens for fast CPU runs
 
 
@@ -242,11 +243,13 @@ def _rejected(rng: random.Random, prompt: str, body: str, kind: str) -> tuple[st
                 return mode, text
         raise ValueError(f"no padding makes {body!r} too long but under the size cap")
     if mode == "multi_line":
-        return mode, rng.choice((f"Answer:\n{body} {SIGN_OFF}", f"{body}\n{SIGN_OFF}",
-                                 f"{body}\n\nLet me know if you need more help."))
+        return mode, rng.choice(
+            (f"Answer:\n{body} {SIGN_OFF}", f"{body}\n{SIGN_OFF}", f"{body}\n\nLet me know if you need more help.")
+        )
     if mode == "bad_sign_off":
-        return mode, rng.choice((f"{body} Done.", f"{body} #Done", f"{SIGN_OFF} {body}",
-                                 f"{body} (done)", f"{body} - done"))
+        return mode, rng.choice(
+            (f"{body} Done.", f"{body} #Done", f"{SIGN_OFF} {body}", f"{body} (done)", f"{body} - done")
+        )
     truth = expected_answer(prompt)
     if truth is None:
         raise ValueError(f"not an arithmetic prompt: {prompt!r}")
@@ -304,8 +307,7 @@ def generate(seed: int, n: int) -> list[Example]:
 
 
 # Rows per shipped file. sft.jsonl also holds MULTI_TURN two-exchange conversations.
-SIZES = {"eval_prompts": 64, "pairs_eval": 64, "sft": 300, "pairs": 300, "unpaired": 300,
-         "prompts": 200}
+SIZES = {"eval_prompts": 64, "pairs_eval": 64, "sft": 300, "pairs": 300, "unpaired": 300, "prompts": 200}
 MULTI_TURN = 30
 
 
@@ -329,20 +331,22 @@ def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
 
     files: dict[str, list[dict[str, Any]]] = {}
     files["eval_prompts"] = [{"prompt": e.prompt} for e in take(SIZES["eval_prompts"])]
-    files["pairs_eval"] = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
-                           for e in take(SIZES["pairs_eval"])]
+    files["pairs_eval"] = [
+        {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in take(SIZES["pairs_eval"])
+    ]
     sft = take(n_sft_examples)
-    single, multi = sft[: SIZES["sft"] - MULTI_TURN], sft[SIZES["sft"] - MULTI_TURN:]
+    single, multi = sft[: SIZES["sft"] - MULTI_TURN], sft[SIZES["sft"] - MULTI_TURN :]
     rows = [{"messages": _turns(e)} for e in single]
     rows += [{"messages": _turns(multi[2 * i], multi[2 * i + 1])} for i in range(MULTI_TURN)]
     rng.shuffle(rows)
     files["sft"] = rows
-    files["pairs"] = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
-                      for e in take(SIZES["pairs"])]
+    files["pairs"] = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in take(SIZES["pairs"])]
     labels = [i % 2 == 0 for i in range(SIZES["unpaired"])]
     rng.shuffle(labels)
-    files["unpaired"] = [{"prompt": e.prompt, "completion": e.chosen if ok else e.rejected, "label": ok}
-                         for e, ok in zip(take(SIZES["unpaired"]), labels)]
+    files["unpaired"] = [
+        {"prompt": e.prompt, "completion": e.chosen if ok else e.rejected, "label": ok}
+        for e, ok in zip(take(SIZES["unpaired"]), labels)
+    ]
     files["prompts"] = [{"prompt": e.prompt} for e in take(SIZES["prompts"])]
     assert not examples
     return files
@@ -362,8 +366,7 @@ def write_files(out_dir: Path, seed: int = DEFAULT_SEED) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m rlkit.demo.task [--out DIR] [--seed N]``."""
-    parser = argparse.ArgumentParser(prog="python -m rlkit.demo.task",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m rlkit.demo.task", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DATA_DIR, help=f"output directory (default: {DATA_DIR})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed (default: %(default)s)")
     args = parser.parse_args(argv)

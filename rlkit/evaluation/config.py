@@ -28,25 +28,64 @@ class EvalConfig:
         metavar="MODEL",
         default="",  # optional: --completions takes none
     )
-    pairs: Optional[str] = opt(None, "Preference pairs (prompt/chosen/rejected): accuracy of a reward MODEL, or implicit-reward accuracy and margins of a policy MODEL against --ref.")
-    prompts: Optional[str] = opt(None, "Prompts (prompt or messages column): generate with MODEL, score with --reward; KL to --ref, win rate against --baseline.")
-    completions: Optional[str] = opt(None, "Completions already made (prompt/completion JSONL, e.g. `rlkit chat` output): score them with --reward; no MODEL.")
-    data: Optional[str] = opt(None, "SFT data (text, messages or prompt/completion): MODEL's loss and perplexity on its completion/assistant tokens.")
-    reward: Optional[str] = opt(None, "Scorer for --prompts/--completions: a reward model dir, or module:function taking (prompts, completions) and returning floats.")
-    ref: Optional[str] = opt(None, "Reference policy for the implicit reward (--pairs) and the KL (--prompts). Default for an adapter MODEL: its base with the adapter disabled.")
-    baseline: Optional[str] = opt(None, "Baseline model (--prompts): generates on the same prompts with the same settings; reports its scores and MODEL's win rate (ties count 1/2).")
-    beta: float = opt(0.1, "β of the implicit reward β·(log π − log π_ref) (--pairs with a policy); use the β the policy was trained with.")
-    template: Optional[str] = opt(None, "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.")
-    columns: Optional[str] = opt(None, "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k.")
-    max_length: int = opt(1024, "Maximum tokens per scored sequence (longer completions are truncated; pairs whose prompt fills it are dropped and counted).")
+    pairs: Optional[str] = opt(
+        None,
+        "Preference pairs (prompt/chosen/rejected): accuracy of a reward MODEL, or implicit-reward accuracy and margins of a policy MODEL against --ref.",
+    )
+    prompts: Optional[str] = opt(
+        None,
+        "Prompts (prompt or messages column): generate with MODEL, score with --reward; KL to --ref, win rate against --baseline.",
+    )
+    completions: Optional[str] = opt(
+        None,
+        "Completions already made (prompt/completion JSONL, e.g. `rlkit chat` output): score them with --reward; no MODEL.",
+    )
+    data: Optional[str] = opt(
+        None,
+        "SFT data (text, messages or prompt/completion): MODEL's loss and perplexity on its completion/assistant tokens.",
+    )
+    reward: Optional[str] = opt(
+        None,
+        "Scorer for --prompts/--completions: a reward model dir, or module:function taking (prompts, completions) and returning floats.",
+    )
+    ref: Optional[str] = opt(
+        None,
+        "Reference policy for the implicit reward (--pairs) and the KL (--prompts). Default for an adapter MODEL: its base with the adapter disabled.",
+    )
+    baseline: Optional[str] = opt(
+        None,
+        "Baseline model (--prompts): generates on the same prompts with the same settings; reports its scores and MODEL's win rate (ties count 1/2).",
+    )
+    beta: float = opt(
+        0.1,
+        "β of the implicit reward β·(log π − log π_ref) (--pairs with a policy); use the β the policy was trained with.",
+    )
+    template: Optional[str] = opt(
+        None,
+        "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+    )
+    columns: Optional[str] = opt(
+        None, "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k."
+    )
+    max_length: int = opt(
+        1024,
+        "Maximum tokens per scored sequence (longer completions are truncated; pairs whose prompt fills it are dropped and counted).",
+    )
     max_new_tokens: int = opt(128, "Most tokens generated per completion (--prompts).")
     temperature: float = opt(0.0, "Sampling temperature for --prompts (0: greedy).")
     top_p: float = opt(1.0, "Nucleus sampling for --prompts (1: off).")
     seed: int = opt(42, "Seed for sampling (--prompts); same seed, same completions.")
     batch_size: int = opt(8, "Sequences (or pairs) per forward pass.")
     limit: int = opt(0, "Evaluate only the first N records (0: all).")
-    dtype: str = opt("auto", "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.", choices=("auto", "float32", "bfloat16", "float16"))
-    output_dir: Optional[str] = opt(None, "Also write report.json (metrics and per-example scores) and scores.png (score distributions) into this dir.")
+    dtype: str = opt(
+        "auto",
+        "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    output_dir: Optional[str] = opt(
+        None,
+        "Also write report.json (metrics and per-example scores) and scores.png (score distributions) into this dir.",
+    )
 
 
 def question(config: EvalConfig) -> str:
@@ -57,17 +96,23 @@ def question(config: EvalConfig) -> str:
         raise InputError(f"choose exactly one of {QUESTIONS}; {what}")
     mode = given[0]
     if mode == "completions" and config.model:
-        raise InputError(f"--completions scores completions already made, so it takes no MODEL (got {config.model}); to generate from MODEL use --prompts")
+        raise InputError(
+            f"--completions scores completions already made, so it takes no MODEL (got {config.model}); to generate from MODEL use --prompts"
+        )
     if mode != "completions" and not config.model:
         raise InputError(f"--{mode} evaluates a MODEL; give it as the first argument")
     if mode in ("prompts", "completions") and not config.reward:
         raise InputError(f"--{mode} needs --reward RM_DIR or module:function to score the completions")
     if config.reward and mode not in ("prompts", "completions"):
-        raise InputError(f"--reward scores generated completions (--prompts or --completions); --{mode} does not use it")
+        raise InputError(
+            f"--reward scores generated completions (--prompts or --completions); --{mode} does not use it"
+        )
     if config.baseline and mode != "prompts":
         raise InputError(f"--baseline generates on the same prompts as MODEL (--prompts); --{mode} does not use it")
     if config.ref and mode not in ("pairs", "prompts"):
-        raise InputError(f"--ref is the reference policy of --pairs (implicit reward) and --prompts (KL); --{mode} does not use it")
+        raise InputError(
+            f"--ref is the reference policy of --pairs (implicit reward) and --prompts (KL); --{mode} does not use it"
+        )
     if config.beta <= 0:
         raise InputError(f"--beta {config.beta}: must be > 0")
     if config.batch_size < 1 or config.max_new_tokens < 1 or config.max_length < 2 or config.limit < 0:

@@ -40,7 +40,9 @@ def read_completions(path: str, columns: str | None, limit: int) -> tuple[list[A
     """(prompts as given, their conversations, completions) of a prompt/completion file."""
     records = read_records(path, columns, limit)
     if records and "completion" not in records[0]:
-        raise InputError(f"{path}: no 'completion' column (found: {', '.join(records[0])}); expected `rlkit chat` output or prompt/completion JSONL")
+        raise InputError(
+            f"{path}: no 'completion' column (found: {', '.join(records[0])}); expected `rlkit chat` output or prompt/completion JSONL"
+        )
     given, prompts, completions = [], [], []
     for i, record in enumerate(records):
         where = f"{path} record {i + 1}"

@@ -14,18 +14,23 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from rlkit.data.collate import collate_rows
 from rlkit.data.tokenize import IGNORE
-from rlkit.rollout import Rollout
+from rlkit.tools.generation import Rollout
 from rlkit.training.logprobs import label_logprobs
 
 
 def score_summary(scores: list[float]) -> dict[str, float]:
-    return {"score_mean": statistics.fmean(scores), "score_median": float(statistics.median(scores)), "score_std": statistics.pstdev(scores)}
+    return {
+        "score_mean": statistics.fmean(scores),
+        "score_median": float(statistics.median(scores)),
+        "score_std": statistics.pstdev(scores),
+    }
 
 
 def win_rate(policy: list[float], baseline: list[float]) -> float:
@@ -35,7 +40,9 @@ def win_rate(policy: list[float], baseline: list[float]) -> float:
 
 
 @torch.no_grad()
-def completion_logps(model: Any, rollouts: list[Rollout], pad_id: int, batch_size: int, context: Callable[[], Any]) -> list[float]:
+def completion_logps(
+    model: Any, rollouts: list[Rollout], pad_id: int, batch_size: int, context: Callable[[], Any]
+) -> list[float]:
     """log π(completion | prompt) summed over each rollout's generated tokens."""
     device = next(model.parameters()).device
     sums: list[float] = []
@@ -44,9 +51,17 @@ def completion_logps(model: Any, rollouts: list[Rollout], pad_id: int, batch_siz
             rows = []
             for r in rollouts[start : start + batch_size]:
                 ids = r.prompt_ids + r.completion_ids
-                rows.append({"input_ids": ids, "labels": [IGNORE] * len(r.prompt_ids) + r.completion_ids, "position_ids": list(range(len(ids)))})
+                rows.append(
+                    {
+                        "input_ids": ids,
+                        "labels": [IGNORE] * len(r.prompt_ids) + r.completion_ids,
+                        "position_ids": list(range(len(ids))),
+                    }
+                )
             batch = collate_rows(rows, pad_id)
-            logps, _ = label_logprobs(model, batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device))
+            logps, _ = label_logprobs(
+                model, batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device)
+            )
             sums += logps.double().sum(dim=1).cpu().tolist()
     return sums
 

@@ -5,7 +5,7 @@ exactly as train-rm / dpo scored it on their eval split. Ties count 1/2 (`implic
 accuracy`), so a model with no preference reads 50%.
 
 The implicit reward of a DPO/KTO policy is r(x, y) = β (log π(y|x) − log π_ref(y|x)), with
-log-probs summed over the completion tokens (`rlkit.pair_logps`). Its reference is `--ref`,
+log-probs summed over the completion tokens (`rlkit.preference.logps`). Its reference is `--ref`,
 or, for an adapter policy, the base with the adapter disabled (no second copy of the base).
 """
 
@@ -13,22 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from rlkit.console import info, warn
 from rlkit.data.pairs import collate_pairs, tokenize_pairs
-from rlkit.dpo import implicit_reward_accuracy
-from rlkit.pair_logps import pair_logps
-from rlkit.reference import to_device
 from rlkit.errors import InputError
+from rlkit.losses.preference import implicit_reward_accuracy
+from rlkit.models.modes import to_device
+from rlkit.preference.logps import pair_logps
 
 
-def tokenized_pairs(records: list[dict[str, Any]], tokenizer: Any, template: Any, max_length: int, source: str) -> list[dict[str, Any]]:
+def tokenized_pairs(
+    records: list[dict[str, Any]], tokenizer: Any, template: Any, max_length: int, source: str
+) -> list[dict[str, Any]]:
     rows, stats = tokenize_pairs(records, tokenizer, template, max_length, source)
     if stats.dropped:
-        warn(f"{source}: {stats.dropped} pair(s) dropped: their prompt alone fills --max-length {max_length} (record {stats.dropped_records[0]})")
+        warn(
+            f"{source}: {stats.dropped} pair(s) dropped: their prompt alone fills --max-length {max_length} (record {stats.dropped_records[0]})"
+        )
     if stats.truncated:
         warn(f"{source}: {stats.truncated} pair(s) truncated at --max-length {max_length}")
     if not rows:
@@ -54,9 +59,11 @@ def summarise(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reward_model_scores(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_model_scores(
+    model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected scores of every pair, [N] each, by train-rm's scorer."""
-    from rlkit.reward_model import RewardScorer
+    from rlkit.recipes.reward_model import RewardScorer
 
     scorer = RewardScorer(model, pad_id)
     device = next(model.parameters()).device
@@ -71,7 +78,13 @@ def reward_model_scores(model: Any, rows: list[dict[str, Any]], pad_id: int, bat
 
 
 @torch.no_grad()
-def summed_logps(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int, context: Callable[[], Any] = contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def summed_logps(
+    model: Any,
+    rows: list[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    context: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of chosen and rejected, [N] each (float64 on CPU)."""
     device = next(model.parameters()).device
     chosen, rejected = [], []
@@ -90,6 +103,10 @@ def implicit_reward_metrics(
     chosen = beta * (policy[0] - reference[0])
     rejected = beta * (policy[1] - reference[1])
     metrics = summarise(chosen, rejected)
-    metrics |= {"logps_chosen_mean": float(policy[0].mean()), "logps_rejected_mean": float(policy[1].mean()), "beta": beta}
+    metrics |= {
+        "logps_chosen_mean": float(policy[0].mean()),
+        "logps_rejected_mean": float(policy[1].mean()),
+        "beta": beta,
+    }
     info(f"implicit rewards of {metrics['pairs']} pairs computed")
     return metrics, chosen, rejected

@@ -58,7 +58,13 @@ def plot_distributions(distributions: dict[str, list[float]], path: Path, title:
     bins = 20 if high > low else 1
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, series in distributions.items():
-        ax.hist(series, bins=bins, range=(low, high) if high > low else None, alpha=0.55, label=f"{label} (mean {sum(series) / max(len(series), 1):.3g})")
+        ax.hist(
+            series,
+            bins=bins,
+            range=(low, high) if high > low else None,
+            alpha=0.55,
+            label=f"{label} (mean {sum(series) / max(len(series), 1):.3g})",
+        )
     ax.set_xlabel("score")
     ax.set_ylabel("count")
     ax.set_title(title)
@@ -69,7 +75,13 @@ def plot_distributions(distributions: dict[str, list[float]], path: Path, title:
     return path
 
 
-def write_report_dir(directory: str, metrics: dict[str, Any], examples: list[dict[str, Any]], distributions: dict[str, list[float]], title: str) -> None:
+def write_report_dir(
+    directory: str,
+    metrics: dict[str, Any],
+    examples: list[dict[str, Any]],
+    distributions: dict[str, list[float]],
+    title: str,
+) -> None:
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output-dir {out}: exists and is not a directory")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,13 +23,26 @@ from rlkit.errors import InputError
 from rlkit.evaluation import data as eval_data
 from rlkit.evaluation.config import EvalConfig, question
 from rlkit.evaluation.generation import completion_logps, kl_summary, score_summary, win_rate
-from rlkit.evaluation.pairs import implicit_reward_metrics, reward_model_scores, summarise, summed_logps, tokenized_pairs
+from rlkit.evaluation.pairs import (
+    implicit_reward_metrics,
+    reward_model_scores,
+    summarise,
+    summed_logps,
+    tokenized_pairs,
+)
 from rlkit.evaluation.report import print_report, write_report_dir
 from rlkit.evaluation.rewards import load_reward
 from rlkit.evaluation.sft import sft_metrics, sft_rows
-from rlkit.models.inference import dtype_hint, inference_device, inference_dtype, is_reward_model, load_causal_lm_for_inference, load_sequence_classifier
+from rlkit.models.inference import (
+    dtype_hint,
+    inference_device,
+    inference_dtype,
+    is_reward_model,
+    load_causal_lm_for_inference,
+    load_sequence_classifier,
+)
 from rlkit.models.load import ModelSource, load_tokenizer, resolve_source
-from rlkit.rollout import SamplingConfig, generate_rollouts
+from rlkit.tools.generation import SamplingConfig, generate_rollouts
 
 Result = tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[float]]]  # metrics, examples, distributions
 
@@ -40,17 +54,23 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _reference(config: EvalConfig, source: ModelSource, policy: Any, tokenizer: Any, dtype: torch.dtype, required: bool) -> tuple[Any, Callable[[], Any], str] | None:
+def _reference(
+    config: EvalConfig, source: ModelSource, policy: Any, tokenizer: Any, dtype: torch.dtype, required: bool
+) -> tuple[Any, Callable[[], Any], str] | None:
     """(reference model, context that makes it the reference, description); None when there is none."""
     if config.ref:
         ref_source = resolve_source(config.ref)
         if tokenizer_fingerprint(load_tokenizer(ref_source)) != tokenizer_fingerprint(tokenizer):
-            raise InputError(f"--ref {config.ref}: its tokenizer differs from {config.model}'s; the reference must share the policy's tokens")
+            raise InputError(
+                f"--ref {config.ref}: its tokenizer differs from {config.model}'s; the reference must share the policy's tokens"
+            )
         return load_causal_lm_for_inference(ref_source, dtype), contextlib.nullcontext, config.ref
     if source.adapter_dir:
         return policy, policy.disable_adapter, f"{source.weights} (the base, adapter disabled)"
     if required:
-        raise InputError(f"{config.model} is a full model; pass --ref REF (the model it was trained from) to compute its implicit reward")
+        raise InputError(
+            f"{config.model} is a full model; pass --ref REF (the model it was trained from) to compute its implicit reward"
+        )
     return None
 
 
@@ -61,10 +81,22 @@ def eval_pairs(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> R
     rows = tokenized_pairs(records, tokenizer, template, config.max_length, config.pairs or "")
     if is_reward_model(source):
         if config.ref:
-            raise InputError(f"--ref is the reference of a policy's implicit reward; {config.model} is a reward model, scored directly")
-        model = load_sequence_classifier(source, tokenizer.pad_token_id, dtype).to(inference_device()).eval().requires_grad_(False)
+            raise InputError(
+                f"--ref is the reference of a policy's implicit reward; {config.model} is a reward model, scored directly"
+            )
+        model = (
+            load_sequence_classifier(source, tokenizer.pad_token_id, dtype)
+            .to(inference_device())
+            .eval()
+            .requires_grad_(False)
+        )
         chosen, rejected = reward_model_scores(model, rows, tokenizer.pad_token_id, config.batch_size)
-        metrics = {"question": "reward_model_accuracy", "model": config.model, "data": config.pairs, **summarise(chosen, rejected)}
+        metrics = {
+            "question": "reward_model_accuracy",
+            "model": config.model,
+            "data": config.pairs,
+            **summarise(chosen, rejected),
+        }
         kind = "score"
     else:
         policy = load_causal_lm_for_inference(source, dtype)
@@ -75,34 +107,71 @@ def eval_pairs(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> R
         policy_logps = summed_logps(policy, rows, tokenizer.pad_token_id, config.batch_size)
         ref_logps = summed_logps(ref_model, rows, tokenizer.pad_token_id, config.batch_size, context)
         summary, chosen, rejected = implicit_reward_metrics(policy_logps, ref_logps, config.beta)
-        metrics = {"question": "implicit_reward_accuracy", "model": config.model, "ref": described, "data": config.pairs, **summary}
+        metrics = {
+            "question": "implicit_reward_accuracy",
+            "model": config.model,
+            "ref": described,
+            "data": config.pairs,
+            **summary,
+        }
         kind = "reward"
-    examples = [{"record": i, f"chosen_{kind}": c, f"rejected_{kind}": r} for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))]
+    examples = [
+        {"record": i, f"chosen_{kind}": c, f"rejected_{kind}": r}
+        for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))
+    ]
     return metrics, examples, {f"chosen {kind}": chosen.tolist(), f"rejected {kind}": rejected.tolist()}
 
 
 def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> Result:
     if is_reward_model(source):
-        raise InputError(f"{config.model} is a reward model; --prompts generates with a policy (pass the RM as --reward)")
+        raise InputError(
+            f"{config.model} is a reward model; --prompts generates with a policy (pass the RM as --reward)"
+        )
     given, conversations = eval_data.read_prompts(config.prompts or "", config.columns, config.limit)
     tokenizer = load_tokenizer(source)
     template = resolve_template(config.template, tokenizer, config.model or "")
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size)
     # A function reward is imported now, so a typo fails before minutes of generation; a reward
     # model is only checked now and loaded after the policy is gone.
-    reward = None if Path(config.reward or "").exists() else load_reward(config.reward or "", config.template, config.max_length, config.batch_size, dtype, policy=(tokenizer, template))
+    reward = (
+        None
+        if Path(config.reward or "").exists()
+        else load_reward(
+            config.reward or "",
+            config.template,
+            config.max_length,
+            config.batch_size,
+            dtype,
+            policy=(tokenizer, template),
+        )
+    )
     if reward is None and not is_reward_model(resolve_source(config.reward or "")):
-        raise InputError(f"--reward {config.reward}: not a reward model (no *ForSequenceClassification architecture); pass a `rlkit train-rm` output dir or module:function")
+        raise InputError(
+            f"--reward {config.reward}: not a reward model (no *ForSequenceClassification architecture); pass a `rlkit train-rm` output dir or module:function"
+        )
     policy = load_causal_lm_for_inference(source, dtype)
     rollouts = generate_rollouts(policy, tokenizer, template, conversations, sampling, seed=config.seed)
-    metrics: dict[str, Any] = {"question": "generation", "model": config.model, "data": config.prompts, "reward": config.reward, "prompts": len(rollouts)}
-    metrics["settings"] = {"temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "seed": config.seed}
+    metrics: dict[str, Any] = {
+        "question": "generation",
+        "model": config.model,
+        "data": config.prompts,
+        "reward": config.reward,
+        "prompts": len(rollouts),
+    }
+    metrics["settings"] = {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+    }
     ref = _reference(config, source, policy, tokenizer, dtype, required=False)
     kl = None
     if ref is not None:
         ref_model, context, described = ref
         info(f"reference for KL: {described}")
-        policy_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size, contextlib.nullcontext)
+        policy_logps = completion_logps(
+            policy, rollouts, tokenizer.pad_token_id, config.batch_size, contextlib.nullcontext
+        )
         ref_logps = completion_logps(ref_model, rollouts, tokenizer.pad_token_id, config.batch_size, context)
         kl = [p - r for p, r in zip(policy_logps, ref_logps)]
         metrics["ref"] = described
@@ -115,7 +184,9 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         base_tokenizer = load_tokenizer(base_source)
         base_template = resolve_template(config.template, base_tokenizer, config.baseline)
         baseline = load_causal_lm_for_inference(base_source, dtype)
-        baseline_rollouts = generate_rollouts(baseline, base_tokenizer, base_template, conversations, sampling, seed=config.seed)
+        baseline_rollouts = generate_rollouts(
+            baseline, base_tokenizer, base_template, conversations, sampling, seed=config.seed
+        )
         del baseline
         _free()
     if reward is None:
@@ -138,7 +209,12 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         distributions["baseline"] = baseline_scores
     examples = []
     for i, (prompt, rollout, score) in enumerate(zip(given, rollouts, scores)):
-        example: dict[str, Any] = {"prompt": prompt, "completion": rollout.text, "score": score, "length_tokens": len(rollout.completion_ids)}
+        example: dict[str, Any] = {
+            "prompt": prompt,
+            "completion": rollout.text,
+            "score": score,
+            "length_tokens": len(rollout.completion_ids),
+        }
         if kl is not None:
             example["kl"] = kl[i]
         if baseline_rollouts is not None:
@@ -148,10 +224,18 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
 
 
 def eval_completions(config: EvalConfig, dtype: torch.dtype) -> Result:
-    given, conversations, completions = eval_data.read_completions(config.completions or "", config.columns, config.limit)
+    given, conversations, completions = eval_data.read_completions(
+        config.completions or "", config.columns, config.limit
+    )
     reward = load_reward(config.reward or "", config.template, config.max_length, config.batch_size, dtype)
     scores = reward(conversations, completions)
-    metrics = {"question": "completions", "data": config.completions, "reward": config.reward, "completions": len(scores), **score_summary(scores)}
+    metrics = {
+        "question": "completions",
+        "data": config.completions,
+        "reward": config.reward,
+        "completions": len(scores),
+        **score_summary(scores),
+    }
     metrics["mean_length_chars"] = statistics.fmean(len(c) for c in completions)
     examples = [{"prompt": p, "completion": c, "score": s} for p, c, s in zip(given, completions, scores)]
     return metrics, examples, {"completions": scores}
@@ -161,9 +245,22 @@ def eval_sft(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> Res
     if is_reward_model(source):
         raise InputError(f"{config.model} is a reward model; --data measures a language model's loss")
     tokenizer = load_tokenizer(source)
-    rows, _ = sft_rows(config.data or "", tokenizer, config.model or "", config.template, config.columns, config.max_length, config.limit)
+    rows, _ = sft_rows(
+        config.data or "",
+        tokenizer,
+        config.model or "",
+        config.template,
+        config.columns,
+        config.max_length,
+        config.limit,
+    )
     model = load_causal_lm_for_inference(source, dtype)
-    metrics = {"question": "sft_loss", "model": config.model, "data": config.data, **sft_metrics(model, rows, tokenizer.pad_token_id, config.batch_size)}
+    metrics = {
+        "question": "sft_loss",
+        "model": config.model,
+        "data": config.data,
+        **sft_metrics(model, rows, tokenizer.pad_token_id, config.batch_size),
+    }
     return metrics, [], {}
 
 

@@ -20,7 +20,9 @@ from rlkit.errors import RunError
 from rlkit.training.logprobs import label_logprobs
 
 
-def sft_rows(path: str, tokenizer: Any, name: str, template: str | None, columns: str | None, max_length: int, limit: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def sft_rows(
+    path: str, tokenizer: Any, name: str, template: str | None, columns: str | None, max_length: int, limit: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     opts = DataOptions(sources=[path], max_length=max_length, template=template, columns=columns, packing=False)
     data = build_sft_data(opts, tokenizer, name)
     rows = data.train.select(range(min(limit, len(data.train)))) if limit else data.train
@@ -33,7 +35,9 @@ def sft_metrics(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size:
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate_rows(rows[start : start + batch_size], pad_id)
-        logps, mask = label_logprobs(model, batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device))
+        logps, mask = label_logprobs(
+            model, batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device)
+        )
         total -= float(logps.double().sum())
         tokens += int(mask.sum())
     loss = total / max(tokens, 1)

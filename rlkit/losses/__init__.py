@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from rlkit.losses.kto import desirable_weight_hint, kl_reference_point, kto_loss
 from rlkit.losses.ppo import (

@@ -13,7 +13,8 @@ Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,7 +31,9 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count.clamp(min=1).to(total.dtype)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def masked_var(
+    x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Variance of the masked entries of ``x``; ``unbiased`` applies Bessel's n/(n-1) when n > 1.
 
     ``reduce`` (optional) sums a tensor over processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``):
@@ -52,7 +55,13 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Callable[
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Normalise masked entries to unit (unbiased) variance, and zero mean if ``shift_mean``.
 
     Why: whitening advantages over the batch keeps the policy-gradient scale
@@ -197,7 +206,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(p * torch.where(p > 0, logp, 0)).sum(dim=-1)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def explained_variance(
+    values: Tensor, returns: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """1 - Var(R - V) / Var(R) over masked tokens; nan if the returns are constant.
 
     Why: a diagnostic for the value head -- 1 is perfect, 0 is no better than

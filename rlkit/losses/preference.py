@@ -65,8 +65,10 @@ def sigmoid_loss(
     """
     h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return (losses, *_rewards(policy_chosen_logps, policy_rejected_logps,
-                              reference_chosen_logps, reference_rejected_logps, beta))
+    return (
+        losses,
+        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
+    )
 
 
 def ipo_loss(
@@ -89,8 +91,10 @@ def ipo_loss(
     """
     h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     losses = (h - 1 / (2 * beta)) ** 2
-    return (losses, *_rewards(policy_chosen_logps, policy_rejected_logps,
-                              reference_chosen_logps, reference_rejected_logps, beta))
+    return (
+        losses,
+        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
+    )
 
 
 def hinge_loss(
@@ -112,8 +116,10 @@ def hinge_loss(
     """
     h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     losses = F.relu(1 - beta * h)
-    return (losses, *_rewards(policy_chosen_logps, policy_rejected_logps,
-                              reference_chosen_logps, reference_rejected_logps, beta))
+    return (
+        losses,
+        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
+    )
 
 
 def robust_loss(
@@ -138,8 +144,10 @@ def robust_loss(
     eps = label_smoothing
     h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     losses = ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    return (losses, *_rewards(policy_chosen_logps, policy_rejected_logps,
-                              reference_chosen_logps, reference_rejected_logps, beta))
+    return (
+        losses,
+        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
+    )
 
 
 def simpo_loss(
@@ -179,3 +187,12 @@ def add_sft_term(losses: Tensor, chosen_logps: Tensor, chosen_lengths: Tensor, a
         return losses
     nll = -chosen_logps / chosen_lengths.clamp(min=1).to(chosen_logps.dtype)
     return losses + alpha * nll
+
+
+def implicit_reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """1 where chosen is preferred, 0 where rejected is, 1/2 for a tie, per pair.
+
+    Ties count half so the measure reads 50% for a policy with no preference at all, which
+    is exactly the policy at step 0, where every implicit reward β·log(π/π_ref) is zero.
+    """
+    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()

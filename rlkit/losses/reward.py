@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,8 +29,7 @@ def bradley_terry_loss(
     """
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(
-            f"chosen/rejected reward shapes differ: {tuple(chosen_rewards.shape)} "
-            f"vs {tuple(rejected_rewards.shape)}"
+            f"chosen/rejected reward shapes differ: {tuple(chosen_rewards.shape)} vs {tuple(rejected_rewards.shape)}"
         )
     logits = chosen_rewards - rejected_rewards
     if margin is not None:

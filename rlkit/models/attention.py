@@ -44,8 +44,16 @@ class _Fp32Attention(torch.autograd.Function):
     grouped-query expansion) and recomputes the attention forward in the backward."""
 
     @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, module: torch.nn.Module,
-                kwargs: dict[str, Any], out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        module: torch.nn.Module,
+        kwargs: dict[str, Any],
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         ctx.module, ctx.kwargs = module, kwargs
         ctx.mask_is_tensor = isinstance(attention_mask, torch.Tensor)
         ctx.save_for_backward(query, key, value, attention_mask if ctx.mask_is_tensor else None)
@@ -55,7 +63,9 @@ class _Fp32Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, mask = ctx.saved_tensors
-        inputs = [t.detach().float().requires_grad_(need) for t, need in zip((query, key, value), ctx.needs_input_grad[:3])]
+        inputs = [
+            t.detach().float().requires_grad_(need) for t, need in zip((query, key, value), ctx.needs_input_grad[:3])
+        ]
         with torch.enable_grad():
             out = _fp32_sdpa(ctx.module, *inputs, mask if ctx.mask_is_tensor else ctx.mask, ctx.kwargs)
         wanted = [t for t in inputs if t.requires_grad]
@@ -64,17 +74,35 @@ class _Fp32Attention(torch.autograd.Function):
         return (*back, None, None, None, None)
 
 
-def _fp32_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+def _fp32_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     with torch.autocast("cpu", enabled=False):
         return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)[0]
 
 
-def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    low = _low_precision(query) if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad else None
+    low = (
+        _low_precision(query)
+        if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
+        else None
+    )
     if low is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return _Fp32Attention.apply(query, key, value, attention_mask, module, kwargs, low), None

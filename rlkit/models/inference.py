@@ -77,7 +77,9 @@ def adapter_score_labels(adapter_dir: str) -> int:
     return 1
 
 
-def load_sequence_classifier(source: ModelSource, pad_token_id: int | None, dtype: torch.dtype, *, trainable_adapter: bool = False) -> torch.nn.Module:
+def load_sequence_classifier(
+    source: ModelSource, pad_token_id: int | None, dtype: torch.dtype, *, trainable_adapter: bool = False
+) -> torch.nn.Module:
     """A reward model dir (or a SEQ_CLS adapter on its base), with the pad id its head needs."""
     from transformers import AutoModelForSequenceClassification
 

@@ -101,10 +101,18 @@ def use_lean_blocks(model: torch.nn.Module) -> int:
     changed = 0
     for module in model.modules():
         name = type(module).__name__
-        if name in RMSNORM_CLASSES and isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon"):
+        if (
+            name in RMSNORM_CLASSES
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and hasattr(module, "variance_epsilon")
+        ):
             module.forward = types.MethodType(_rmsnorm_forward, module)
             changed += 1
-        elif name in SWIGLU_CLASSES and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) and _is_silu(getattr(module, "act_fn", None)):
+        elif (
+            name in SWIGLU_CLASSES
+            and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
+            and _is_silu(getattr(module, "act_fn", None))
+        ):
             module.forward = types.MethodType(_swiglu_forward, module)
             changed += 1
     return changed

@@ -50,18 +50,26 @@ def resolve_source(name: str) -> ModelSource:
         inner = resolve_source(base)
         return ModelSource(name, inner.path, inner.gguf_file, adapter_dir=str(path))
     if path.exists() and not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json")):
-        raise InputError(f"{name}: not a model directory (no config.json, adapter_config.json or tokenizer_config.json)")
+        raise InputError(
+            f"{name}: not a model directory (no config.json, adapter_config.json or tokenizer_config.json)"
+        )
     return ModelSource(name, name)
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     """The adapter dir's own tokenizer when it has one (it carries the chat template used)."""
-    where = source.adapter_dir if source.adapter_dir and (Path(source.adapter_dir) / "tokenizer_config.json").is_file() else None
+    where = (
+        source.adapter_dir
+        if source.adapter_dir and (Path(source.adapter_dir) / "tokenizer_config.json").is_file()
+        else None
+    )
     try:
         if where:
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.path, trust_remote_code=trust_remote_code, **source.kwargs()
+            )
     except (OSError, ValueError) as err:
         raise InputError(f"{source.name}: cannot load a tokenizer ({str(err).splitlines()[0]})")
     if tokenizer.pad_token is None:
@@ -76,7 +84,9 @@ def strip_gguf_marker(model: torch.nn.Module) -> None:
         quantizer.remove_quantization_config(model)
 
 
-def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_causal_lm(
+    source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """The model to train; an adapter dir comes back as a trainable PeftModel."""
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -111,7 +121,9 @@ def contiguous_output_layer_input(model: torch.nn.Module) -> None:
         head.register_forward_pre_hook(_contiguous_first_input)
 
 
-def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: str, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+def add_lora(
+    model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: str, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
     """Wrap `model` in a fresh LoRA adapter (an adapter dir input already has one)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -16,8 +16,9 @@ scores every sample with the adapter forward afterwards, so its log-probs do not
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -37,7 +38,9 @@ def _plain_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, st
     layers = []
     for parent in model.modules():
         for name, module in parent.named_children():
-            if isinstance(module, Auxiliary) or (isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLayer)):
+            if isinstance(module, Auxiliary) or (
+                isinstance(module, BaseTunerLayer) and not isinstance(module, LoraLayer)
+            ):
                 return None
             if not isinstance(module, LoraLayer):
                 continue
@@ -48,7 +51,11 @@ def _plain_lora_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, st
             plain = (
                 isinstance(base, torch.nn.Linear)
                 and tuple(base.weight.shape) == (base.out_features, base.in_features)  # not sharded (FSDP, ZeRO-3)
-                and all(module.lora_B[a].weight.shape[0] == base.out_features and module.lora_A[a].weight.shape[1] == base.in_features for a in active)
+                and all(
+                    module.lora_B[a].weight.shape[0] == base.out_features
+                    and module.lora_A[a].weight.shape[1] == base.in_features
+                    for a in active
+                )
                 and not module.merged
                 and not any(module.use_dora.get(a, False) for a in active)
                 and not any(getattr(module, "lora_bias", {}).get(a, False) for a in active)

@@ -19,15 +19,17 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 
 from rlkit.errors import InputError, RunError
 from rlkit.hardware import accelerator_available, cpu_bf16_hint, release_freed_host_memory
+from rlkit.models.modes import to_device
 from rlkit.training.metrics import MetricsSink, ProgressDisplay
 from rlkit.training.options import TrainConfig
 from rlkit.training.schedule import lr_multiplier, warmup_steps_for
@@ -121,7 +123,11 @@ class TrainerState:
 
 def precision_hint(config: TrainConfig) -> str | None:
     """A line for training runs left at `--precision auto` (fp32) on a bf16-capable CPU."""
-    return cpu_bf16_hint("--precision bf16", "trained SmolLM2-135M 1.4-1.6x faster") if config.precision == "auto" else None
+    return (
+        cpu_bf16_hint("--precision bf16", "trained SmolLM2-135M 1.4-1.6x faster")
+        if config.precision == "auto"
+        else None
+    )
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -141,7 +147,9 @@ def _fused_adam_supported(params: list[torch.Tensor], device: torch.device) -> b
     """The fused AdamW kernel (one pass over each tensor instead of a dozen elementwise ops;
     ~2.5x faster optimizer steps on CPU) exists for floating tensors on CPU and CUDA, where
     the model is moved by `prepare` after the optimizer is made."""
-    return device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for p in params)
+    return device.type in ("cpu", "cuda") and all(
+        p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for p in params
+    )
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -156,7 +164,7 @@ class _StopRequest:
         self.requested = False
         self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         def handler(signum: int, _frame: Any) -> None:
             self.requested = True
             signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))  # a second Ctrl-C kills
@@ -207,8 +215,7 @@ class Engine:
         return batches
 
     def _to_device(self, batch: Batch) -> Batch:
-        device = self.accelerator.device
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return to_device(batch, self.accelerator.device)
 
     # ---- the loop ---------------------------------------------------------------------
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -288,7 +295,9 @@ class Engine:
                 f"{len(train)} training rows are fewer than one global batch ({self._global_batch()} = "
                 f"batch-size {c.batch_size} x grad-accum {c.grad_accum} x {acc.num_processes} processes); lower them"
             )
-        total = source.total_steps if source is not None else (c.max_steps if c.max_steps else c.epochs * steps_per_epoch)
+        total = (
+            source.total_steps if source is not None else (c.max_steps if c.max_steps else c.epochs * steps_per_epoch)
+        )
         optimizer = self._optimizer(model)
         warmup = warmup_steps_for(total, c.warmup_steps, c.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(c.scheduler, total, warmup))
@@ -370,7 +379,12 @@ class Engine:
                     }
                     if source is not None:
                         last.update(source.step_metrics())
-                    if eval_data is not None and c.eval_every and self.state.step % c.eval_every == 0 and self.state.step < total:
+                    if (
+                        eval_data is not None
+                        and c.eval_every
+                        and self.state.step % c.eval_every == 0
+                        and self.state.step < total
+                    ):
                         last.update(self._evaluate(model, objective, eval_data))
                     if sink is not None:
                         sink.log(self.state.step, last)
@@ -379,7 +393,9 @@ class Engine:
                         self._save_checkpoint()
                     if self._reduce({"stop": float(stop.requested)})["stop"] > 0:
                         path = self._save_checkpoint()
-                        raise RunError(f"interrupted at step {self.state.step}; checkpoint saved in {path}; run again with --resume to continue")
+                        raise RunError(
+                            f"interrupted at step {self.state.step}; checkpoint saved in {path}; run again with --resume to continue"
+                        )
         finally:
             display.close()
         final = dict(last)

@@ -26,8 +26,9 @@ logit scaling), take the plain path: logits at the kept columns, then cross-entr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,16 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int,
-                scale: float = 1.0, want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+        scale: float = 1.0,
+        want_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = hidden.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         acc = torch.promote_types(compute, torch.float32)  # bf16 logits are reduced in fp32; fp64 stays
@@ -64,7 +73,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         logps = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         entropy = torch.empty(n if want_entropy else 0, dtype=acc, device=hidden.device)
-        frozen_head = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and not (bias is not None and ctx.needs_input_grad[2])
+        frozen_head = (
+            ctx.needs_input_grad[0]
+            and not ctx.needs_input_grad[1]
+            and not (bias is not None and ctx.needs_input_grad[2])
+        )
         grad_direction = torch.empty_like(hidden) if frozen_head else None
         with torch.autocast(device, enabled=False):
             for start in range(0, n, chunk):
@@ -83,7 +96,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                         probs = logp.exp_()
                     if grad_direction is not None:  # d logp_i / d h_i = scale (W[y_i] - softmax_i W)
                         grad_direction[rows] = (w[targets[rows]] - probs.to(compute) @ w) * scale
-        ctx.chunk, ctx.scale, ctx.compute, ctx.has_bias, ctx.frozen_head = chunk, scale, compute, bias is not None, frozen_head
+        ctx.chunk, ctx.scale, ctx.compute, ctx.has_bias, ctx.frozen_head = (
+            chunk,
+            scale,
+            compute,
+            bias is not None,
+            frozen_head,
+        )
         if frozen_head:
             ctx.save_for_backward(grad_direction)
         else:
@@ -145,7 +164,9 @@ def _entropy_to_probs_(logp: torch.Tensor, rows: int = 64) -> torch.Tensor:
     return entropy
 
 
-def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+def token_logps(
+    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int = CHUNK_TOKENS
+) -> torch.Tensor:
     """[N] log-probs (fp32, or fp64 for an fp64 model) of `targets` [N] under `head` applied to `hidden` [N, H], chunked."""
     return _ChunkedTokenLogps.apply(hidden, head.weight, head.bias, targets, chunk)[0]
 
@@ -160,7 +181,9 @@ class _LabelLogpHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         labelled = self.targets != IGNORE
-        out = torch.zeros(self.targets.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        out = torch.zeros(
+            self.targets.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device
+        )
         out[labelled] = token_logps(hidden[labelled], self.head, self.targets[labelled])
         return out.unsqueeze(-1)
 
@@ -198,14 +221,18 @@ class _ResponseLogpHead(torch.nn.Module):
         # a contiguous [B*R, H] copy: a strided [B, R, H] slice makes CPU matmuls copy the
         # weight once per row (54x slower in bf16 on a 49k vocabulary)
         h = hidden[:, :-1].reshape(rows * width, -1)
-        logps, entropy = _ChunkedTokenLogps.apply(h, self.head.weight, self.head.bias, self.responses.reshape(-1), CHUNK_TOKENS, self.scale, self.want_entropy)
+        logps, entropy = _ChunkedTokenLogps.apply(
+            h, self.head.weight, self.head.bias, self.responses.reshape(-1), CHUNK_TOKENS, self.scale, self.want_entropy
+        )
         if not self.want_entropy:
             entropy = torch.zeros_like(logps)
         return torch.stack((logps.view(rows, width), entropy.view(rows, width)), dim=-1)
 
 
 @contextmanager
-def _output_layer_swapped(model: torch.nn.Module, make_head: Callable[[torch.nn.Linear], torch.nn.Module]) -> Iterator[bool]:
+def _output_layer_swapped(
+    model: torch.nn.Module, make_head: Callable[[torch.nn.Linear], torch.nn.Module]
+) -> Iterator[bool]:
     slot = _output_layer_slot(model)
     if slot is None:
         yield False
@@ -274,8 +301,14 @@ def response_logprobs(
     scale = 1.0 / temperature if temperature > 0 else 1.0
     position_ids = positions_from_mask(attention_mask)
     with _output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)) as fused:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=width + 1, **forward_kwargs)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=width + 1,
+            **forward_kwargs,
+        )
     if fused:
         logps, entropy = out.logits.unbind(-1)
         return logps, entropy.detach(), out

@@ -104,7 +104,9 @@ class ProgressDisplay:
         elif step % self.log_every == 0 or step == self.total:
             done = step - self.start_step
             eta = (time.time() - self.started) / max(done, 1) * (self.total - step)
-            console.print(f"step {step}/{self.total}  {self._status(metrics)}  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            console.print(
+                f"step {step}/{self.total}  {self._status(metrics)}  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+            )
 
     def message(self, text: str) -> None:
         if self.enabled:

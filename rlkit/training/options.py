@@ -14,7 +14,9 @@ from rlkit.config import opt
 
 @dataclass
 class TrainConfig:
-    output: Optional[str] = opt(None, "Output directory (written under OUT.partial, renamed when complete).", flags=("-o", "--output"))
+    output: Optional[str] = opt(
+        None, "Output directory (written under OUT.partial, renamed when complete).", flags=("-o", "--output")
+    )
     overwrite: bool = opt(False, "Replace an existing output directory (or an interrupted run) instead of refusing.")
     resume: bool = opt(False, "Continue from the latest checkpoint of an interrupted run of the same output.")
     seed: int = opt(42, "Seed for initialisation, data order and dropout; same seed, same result.")
@@ -22,21 +24,34 @@ class TrainConfig:
     epochs: int = opt(1, "Passes over the training data.")
     lr: Optional[float] = opt(None, "Peak learning rate (default depends on the command and on --lora/--full).")
     batch_size: int = opt(8, "Rows per device per micro-batch (a packed row holds several examples).")
-    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step; global batch = batch-size x grad-accum x processes.")
+    grad_accum: int = opt(
+        1, "Micro-batches accumulated per optimizer step; global batch = batch-size x grad-accum x processes."
+    )
     max_length: int = opt(1024, "Maximum tokens per example (and per packed row).")
     lora: bool = opt(True, "Train a LoRA adapter (--lora) or all weights (--full).", flags=("--lora/--full",))
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
     lora_targets: str = opt("all-linear", "Modules LoRA adapts: all-linear, or comma-separated names (q_proj,v_proj).")
-    template: Optional[str] = opt(None, "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.")
-    columns: Optional[str] = opt(None, "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k.")
-    eval_data: Optional[str] = opt(None, "Held-out data file or dir, evaluated every --eval-every steps and at the end.")
-    eval_fraction: float = opt(0.0, "Hold out this fraction of the training data for evaluation instead of --eval-data.")
+    template: Optional[str] = opt(
+        None,
+        "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+    )
+    columns: Optional[str] = opt(
+        None, "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k."
+    )
+    eval_data: Optional[str] = opt(
+        None, "Held-out data file or dir, evaluated every --eval-every steps and at the end."
+    )
+    eval_fraction: float = opt(
+        0.0, "Hold out this fraction of the training data for evaluation instead of --eval-data."
+    )
     eval_every: int = opt(0, "Evaluate every N steps (0: only at the end, when there is eval data).")
     save_every: int = opt(0, "Save a resumable checkpoint every N steps (0: only on interruption).")
     keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep while training.")
-    report_to: str = opt("none", "Also log metrics to: none, tensorboard or wandb.", choices=("none", "tensorboard", "wandb"))
+    report_to: str = opt(
+        "none", "Also log metrics to: none, tensorboard or wandb.", choices=("none", "tensorboard", "wandb")
+    )
     scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps.")
     warmup_steps: int = opt(0, "Warmup steps (wins over --warmup-ratio when > 0).")
@@ -46,6 +61,10 @@ class TrainConfig:
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
-    precision: str = opt("auto", "Compute precision: auto (bf16 where the GPU supports it, else fp32), bf16, fp16, fp32.", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = opt(
+        "auto",
+        "Compute precision: auto (bf16 where the GPU supports it, else fp32), bf16, fp16, fp32.",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
     log_every: int = opt(10, "Print a progress line every N steps when stderr is not a terminal.")
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")

@@ -7,8 +7,9 @@ engine in OUT.partial, then save weights + tokenizer + config + card and rename 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -17,11 +18,11 @@ from rlkit.console import info
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.lean_blocks import lora_inputs_uncast_under_autocast, use_lean_blocks
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
-from rlkit.plots import plot_training_curves
 from rlkit.output import METRICS_FILE, check_output, finalize, open_run_dir, write_config, write_model_card
 from rlkit.training.engine import Engine, Objective, make_accelerator, precision_hint
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
+from rlkit.training.plots import plot_training_curves
 
 
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str) -> torch.nn.Module:
@@ -70,7 +71,9 @@ class TrainingRun:
             # The adapter must name a base that `rlkit`/peft can load again (the .gguf file itself;
             # for a continued adapter, its .gguf base, not the adapter dir it was continued from).
             if self.source.gguf_file:
-                gguf = str(Path(self.source.path) / self.source.gguf_file) if self.source.adapter_dir else self.source.name
+                gguf = (
+                    str(Path(self.source.path) / self.source.gguf_file) if self.source.adapter_dir else self.source.name
+                )
                 for peft_config in model.peft_config.values():
                     peft_config.base_model_name_or_path = gguf
         elif self.source.adapter_dir:
@@ -96,7 +99,13 @@ class TrainingRun:
             write_config(self.run_dir, self.command, config_to_dict(self.config))
         acc.wait_for_everyone()
         self.run_dir = Path(str(self.output) + ".partial")
-        sink = MetricsSink(self.run_dir / METRICS_FILE, self.config.report_to, self.output.name, config_to_dict(self.config)) if acc.is_main_process else None
+        sink = (
+            MetricsSink(
+                self.run_dir / METRICS_FILE, self.config.report_to, self.output.name, config_to_dict(self.config)
+            )
+            if acc.is_main_process
+            else None
+        )
         engine = Engine(engine_config or self.config, acc, self.run_dir, collate, default_lr)
         try:
             metrics = engine.fit(model, objective, train, eval_data, sink, step_source)
@@ -106,7 +115,14 @@ class TrainingRun:
         self.model = engine.model
         return metrics
 
-    def finish(self, tokenizer: Any, chat_template: str | None, metrics: dict[str, Any], data_info: dict[str, Any] | None = None, extra_card: str = "") -> Path:
+    def finish(
+        self,
+        tokenizer: Any,
+        chat_template: str | None,
+        metrics: dict[str, Any],
+        data_info: dict[str, Any] | None = None,
+        extra_card: str = "",
+    ) -> Path:
         """Write the finished result on the main process; every process returns OUT."""
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -120,9 +136,20 @@ class TrainingRun:
             if data_info:
                 counts = data_info.get("counts", {})
                 extra_card = "## Data\n\n" + "\n".join(f"- {k}: {v}" for k, v in counts.items()) + "\n\n" + extra_card
-            if plot_training_curves(self.run_dir / METRICS_FILE, self.run_dir / "training_curves.png", f"rlkit {self.command}: {self.output.name}"):
+            if plot_training_curves(
+                self.run_dir / METRICS_FILE,
+                self.run_dir / "training_curves.png",
+                f"rlkit {self.command}: {self.output.name}",
+            ):
                 extra_card += "\n![training curves](training_curves.png)\n"
-            write_model_card(self.run_dir, command=self.command, base_model=self.source.name, data=self.data, metrics=metrics, extra=extra_card)
+            write_model_card(
+                self.run_dir,
+                command=self.command,
+                base_model=self.source.name,
+                data=self.data,
+                metrics=metrics,
+                extra=extra_card,
+            )
             finalize(self.run_dir, self.output)
         acc.wait_for_everyone()
         return self.output

@@ -29,8 +29,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.as_tensor(row)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.as_tensor(row)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -45,7 +45,13 @@ class Rollout:
 
 @torch.no_grad()
 def generate_rollouts(
-    model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Messages], sampling: SamplingConfig, n: int = 1, seed: int | None = None
+    model: Any,
+    tokenizer: Any,
+    template: ChatTemplate,
+    conversations: list[Messages],
+    sampling: SamplingConfig,
+    n: int = 1,
+    seed: int | None = None,
 ) -> list[Rollout]:
     """`n` samples per conversation (conversation-major order), with the token ids `eval` scores.
 
@@ -65,11 +71,17 @@ def generate_rollouts(
         if seed is not None:
             torch.manual_seed(seed + start)
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sampling.max_new_tokens,
-            do_sample=sample, temperature=sampling.temperature if sample else None, top_p=sampling.top_p if sample else None,
-            top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            temperature=sampling.temperature if sample else None,
+            top_p=sampling.top_p if sample else None,
+            top_k=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
-        for prompt, row in zip(prompts, out[:, ids.shape[1]:]):
+        for prompt, row in zip(prompts, out[:, ids.shape[1] :]):
             tokens = row.tolist()
             text_tokens = tokens
             if tokenizer.eos_token_id in tokens:
@@ -79,6 +91,8 @@ def generate_rollouts(
     return rollouts
 
 
-def generate(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Messages], sampling: SamplingConfig) -> list[str]:
+def generate(
+    model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Messages], sampling: SamplingConfig
+) -> list[str]:
     """One completion per conversation, in order."""
     return [r.text for r in generate_rollouts(model, tokenizer, template, conversations, sampling)]

@@ -10,12 +10,12 @@ from typing import Any, Optional
 import torch
 from accelerate.utils import set_seed
 
-from rlkit.config import arg, config_to_dict, opt
+from rlkit.config import arg, opt
 from rlkit.console import info
 from rlkit.data.collate import collate_rows
 from rlkit.data.prepare import DataOptions, prepare_sft_data
 from rlkit.data.tokenize import IGNORE
-from rlkit.training.engine import Engine, StepOutput, make_accelerator
+from rlkit.training.engine import StepOutput
 from rlkit.training.logprobs import label_logprobs
 from rlkit.training.options import TrainConfig
 from rlkit.training.run import TrainingRun
@@ -23,10 +23,20 @@ from rlkit.training.run import TrainingRun
 
 @dataclass
 class SFTConfig(TrainConfig):
-    model: Optional[str] = arg("Model to fine-tune: an HF dir, a hub name, a LoRA adapter dir or a .gguf file.", metavar="MODEL")
-    data: list[str] = arg("Training data: JSONL/JSON/Parquet/CSV files, save_to_disk dirs, dataset names, or a `rlkit pack` dir.", metavar="DATA...", default=[])
-    packing: bool = opt(True, "Pack examples into rows of --max-length (best-fit-decreasing, attention kept per example).")
-    completion_only: bool = opt(True, "Put the loss on completion/assistant tokens only (--no-completion-only: every token).")
+    model: Optional[str] = arg(
+        "Model to fine-tune: an HF dir, a hub name, a LoRA adapter dir or a .gguf file.", metavar="MODEL"
+    )
+    data: list[str] = arg(
+        "Training data: JSONL/JSON/Parquet/CSV files, save_to_disk dirs, dataset names, or a `rlkit pack` dir.",
+        metavar="DATA...",
+        default=[],
+    )
+    packing: bool = opt(
+        True, "Pack examples into rows of --max-length (best-fit-decreasing, attention kept per example)."
+    )
+    completion_only: bool = opt(
+        True, "Put the loss on completion/assistant tokens only (--no-completion-only: every token)."
+    )
 
 
 class SFTObjective:
@@ -46,9 +56,15 @@ def run_sft(config: SFTConfig) -> Path:
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()
     opts = DataOptions(
-        sources=config.data, max_length=config.max_length, template=config.template, columns=config.columns,
-        packing=config.packing, completion_only=config.completion_only, eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction, seed=config.seed,
+        sources=config.data,
+        max_length=config.max_length,
+        template=config.template,
+        columns=config.columns,
+        packing=config.packing,
+        completion_only=config.completion_only,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
     )
     with run.accelerator.main_process_first():
         data = prepare_sft_data(opts, tokenizer, config.model)

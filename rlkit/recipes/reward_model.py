@@ -33,12 +33,12 @@ from transformers import AutoModelForSequenceClassification
 from rlkit.config import arg, opt
 from rlkit.console import warn
 from rlkit.data.pairs import last_token_index
-from rlkit.dpo import implicit_reward_accuracy
 from rlkit.errors import InputError
 from rlkit.losses import bradley_terry_loss
+from rlkit.losses.preference import implicit_reward_accuracy
 from rlkit.models.load import add_lora, load_causal_lm, strip_gguf_marker
-from rlkit.pair_training import PairTrainConfig, disable_dropout, load_pairs, pair_collate
-from rlkit.reference import model_device, to_device
+from rlkit.models.modes import disable_dropout, model_device, to_device
+from rlkit.preference.pairs import PairTrainConfig, load_pairs, pair_collate
 from rlkit.training.engine import StepOutput
 from rlkit.training.run import TrainingRun, prepare_for_training
 
@@ -50,8 +50,14 @@ class RewardModelConfig(PairTrainConfig):
         "(e.g. `rlkit sft --lora` output, merged into its base first) or a .gguf file.",
         metavar="MODEL",
     )
-    center_rewards: float = opt(0.0, "COEF: add COEF x mean((r_chosen + r_rejected)^2) to the loss, keeping scores centred on 0 (Eisenstein et al. 2023; 0.01 is usual).")
-    merge: bool = opt(True, "With LoRA, write a full sequence-classification model with the adapter merged (--no-merge: the adapter, score head included).")
+    center_rewards: float = opt(
+        0.0,
+        "COEF: add COEF x mean((r_chosen + r_rejected)^2) to the loss, keeping scores centred on 0 (Eisenstein et al. 2023; 0.01 is usual).",
+    )
+    merge: bool = opt(
+        True,
+        "With LoRA, write a full sequence-classification model with the adapter merged (--no-merge: the adapter, score head included).",
+    )
 
 
 def _hf_model(model: torch.nn.Module) -> Any:
@@ -68,9 +74,13 @@ class RewardScorer(torch.nn.Module):
         self.model, self.pad_id, self.merge = model, pad_id, merge
         hf = _hf_model(model)
         if not hasattr(hf, "score") or not hasattr(hf, hf.base_model_prefix):
-            raise InputError(f"{type(hf).__name__} has no `score` head over a `{hf.base_model_prefix}` trunk; rlkit train-rm needs a decoder model")
+            raise InputError(
+                f"{type(hf).__name__} has no `score` head over a `{hf.base_model_prefix}` trunk; rlkit train-rm needs a decoder model"
+            )
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_index: torch.Tensor, num_sequences: int
+    ) -> torch.Tensor:
         hf = _hf_model(self.model)
         trunk = getattr(hf, hf.base_model_prefix)
         hidden = trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -117,7 +127,12 @@ def load_reward_model(run: TrainingRun, tokenizer: Any) -> torch.nn.Module:
     """A one-score sequence classifier from MODEL, LoRA-wrapped (score head trained) or full."""
     c, source = run.config, run.source
     dtype = run.weights_dtype
-    kwargs = {"num_labels": 1, "pad_token_id": tokenizer.pad_token_id, "dtype": dtype, "trust_remote_code": c.trust_remote_code}
+    kwargs = {
+        "num_labels": 1,
+        "pad_token_id": tokenizer.pad_token_id,
+        "dtype": dtype,
+        "trust_remote_code": c.trust_remote_code,
+    }
     try:
         model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs, **source.kwargs())
     except (OSError, ValueError) as err:
@@ -147,17 +162,28 @@ def run_train_rm(config: RewardModelConfig) -> Path:
     data = load_pairs(run, config, tokenizer, config.model or "")
     merge = config.merge
     if config.lora and run.source.adapter_dir and not merge:
-        warn("MODEL is an adapter dir: its base alone is not the reward model's trunk, so the LoRA reward model is written merged")
+        warn(
+            "MODEL is an adapter dir: its base alone is not the reward model's trunk, so the LoRA reward model is written merged"
+        )
         merge = True
     model = load_reward_model(run, tokenizer)
     if not config.dropout:
         disable_dropout(model)
     scorer = RewardScorer(model, tokenizer.pad_token_id, merge=merge)
     default_lr = 1e-4 if config.lora else 1e-5
-    metrics = run.train(scorer, RewardObjective(config.center_rewards), data.train, data.eval, pair_collate(config, tokenizer), default_lr)
+    metrics = run.train(
+        scorer,
+        RewardObjective(config.center_rewards),
+        data.train,
+        data.eval,
+        pair_collate(config, tokenizer),
+        default_lr,
+    )
     card = "## Reward model\n\n- one score per sequence, read at its last non-pad token (Bradley-Terry loss"
     card += (f", centring {config.center_rewards}" if config.center_rewards else "") + ")\n"
     if "eval/accuracy" in metrics:
         card += f"- held-out pair accuracy: {metrics['eval/accuracy']:.4f} ({data.metadata['counts'].get('eval_pairs', 0)} pairs)\n"
     template = (data.metadata.get("template") or {}).get("source")
-    return run.finish(tokenizer, chat_template=template, metrics=metrics, data_info=data.metadata, extra_card=card + "\n")
+    return run.finish(
+        tokenizer, chat_template=template, metrics=metrics, data_info=data.metadata, extra_card=card + "\n"
+    )

@@ -28,10 +28,19 @@ from rlkit.output import check_output, finalize, open_run_dir
 
 @dataclass
 class PackConfig:
-    data: list[str] = arg("Data to pack: JSONL/JSON/Parquet/CSV files, save_to_disk dirs or dataset names.", metavar="DATA...", default=[])
-    output: Optional[str] = opt(None, "Output `datasets` dir (with rlkit_pack.json metadata); optional with --show.", flags=("-o", "--output"))
-    tokenizer: Optional[str] = opt(None, "Model whose tokenizer to use: an HF dir, hub name, adapter dir or .gguf file.")
-    template: Optional[str] = opt(None, "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.")
+    data: list[str] = arg(
+        "Data to pack: JSONL/JSON/Parquet/CSV files, save_to_disk dirs or dataset names.", metavar="DATA...", default=[]
+    )
+    output: Optional[str] = opt(
+        None, "Output `datasets` dir (with rlkit_pack.json metadata); optional with --show.", flags=("-o", "--output")
+    )
+    tokenizer: Optional[str] = opt(
+        None, "Model whose tokenizer to use: an HF dir, hub name, adapter dir or .gguf file."
+    )
+    template: Optional[str] = opt(
+        None,
+        "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+    )
     columns: Optional[str] = opt(None, "Map columns onto the standard names, e.g. prompt=question,completion=answer.")
     max_length: int = opt(1024, "Maximum tokens per example and per packed row.")
     packing: bool = opt(True, "Pack examples into rows with best-fit-decreasing (--no-packing: one example per row).")
@@ -76,7 +85,7 @@ def _styled(tokenizer: Any, ids: list[int], labels: list[int]) -> Text:
 
 def show_examples(rows: Any, tokenizer: Any, n: int) -> None:
     for k, (ids, labels) in enumerate(_examples_of(rows, n), 1):
-        console.rule(f"example {k} ({len(ids)} tokens, {sum(l != IGNORE for l in labels)} trainable)")
+        console.rule(f"example {k} ({len(ids)} tokens, {sum(label != IGNORE for label in labels)} trainable)")
         console.print(_styled(tokenizer, ids, labels))
 
 
@@ -89,7 +98,7 @@ def show_pairs(rows: Any, tokenizer: Any, n: int) -> None:
         console.print(_styled(tokenizer, prompt, [IGNORE] * len(prompt)))
         for side in SIDES:
             ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
-            console.print(Text(f"-- {side} ({sum(l != IGNORE for l in labels)} scored tokens)", style="bold"))
+            console.print(Text(f"-- {side} ({sum(label != IGNORE for label in labels)} scored tokens)", style="bold"))
             console.print(_styled(tokenizer, ids, labels))
 
 
@@ -124,9 +133,16 @@ def run_pack(config: PackConfig) -> Path | None:
     source = resolve_source(config.tokenizer)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     opts = DataOptions(
-        sources=config.data, max_length=config.max_length, template=config.template, columns=config.columns,
-        packing=config.packing, completion_only=config.completion_only, eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction, seed=config.seed, kind=config.kind,
+        sources=config.data,
+        max_length=config.max_length,
+        template=config.template,
+        columns=config.columns,
+        packing=config.packing,
+        completion_only=config.completion_only,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        kind=config.kind,
     )
     data = build_data(opts, tokenizer, config.tokenizer)
     kind = data.metadata["kind"]

@@ -34,10 +34,10 @@ def options_table(cls: type) -> str:
 
 
 if __name__ == "__main__":
+    import importlib
     import sys
 
     from rlkit.cli import COMMANDS
-    import importlib
 
     wanted = sys.argv[1]
     for name, module in COMMANDS:

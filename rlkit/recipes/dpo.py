@@ -2,7 +2,7 @@
 
 The objective turns one micro-batch of pairs into summed per-pair losses: one policy forward
 over chosen and rejected together (`pair_logps`), the reference's log-probs (precomputed
-columns by default, see `rlkit.reference`), then a pure loss from `rlkit.losses`. Everything
+columns by default, see `rlkit.preference.reference`), then a pure loss from `rlkit.losses`. Everything
 else (accumulation, schedule, checkpoints, eval, metrics) is the shared engine's; it divides
 the sums by the number of pairs of the step.
 
@@ -26,9 +26,11 @@ from rlkit.console import info, warn
 from rlkit.data.prepare import PreparedData
 from rlkit.errors import InputError
 from rlkit.losses import LENGTH_NORMALISED, PREFERENCE_LOSSES, REFERENCE_FREE, add_sft_term
-from rlkit.pair_logps import pair_logps
-from rlkit.pair_training import disable_dropout, load_pairs, pair_collate
-from rlkit.reference import Reference, ReferenceConfig, model_device, setup_reference, to_device
+from rlkit.losses.preference import implicit_reward_accuracy
+from rlkit.models.modes import disable_dropout, model_device, to_device
+from rlkit.preference.logps import pair_logps
+from rlkit.preference.pairs import load_pairs, pair_collate
+from rlkit.preference.reference import Reference, ReferenceConfig, setup_reference
 from rlkit.training.engine import StepOutput
 from rlkit.training.run import TrainingRun
 
@@ -40,11 +42,25 @@ class DPOConfig(ReferenceConfig):
         "is continued and its frozen start is the reference) or a .gguf file.",
         metavar="MODEL",
     )
-    loss: str = opt("sigmoid", "Preference loss: sigmoid (DPO; cDPO with --label-smoothing), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).", choices=tuple(PREFERENCE_LOSSES))
-    beta: float = opt(0.1, "β: how strongly the policy is held to the reference (IPO's τ; SimPO's reward scale, 2-2.5 in its paper).")
-    label_smoothing: float = opt(0.0, "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).")
-    simpo_gamma: float = opt(0.5, "SimPO's target reward margin γ (the paper's γ, as TRL's CPOConfig simpo_gamma; not the SimPO scripts' gamma_beta_ratio).")
-    sft_weight: float = opt(0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss.")
+    loss: str = opt(
+        "sigmoid",
+        "Preference loss: sigmoid (DPO; cDPO with --label-smoothing), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).",
+        choices=tuple(PREFERENCE_LOSSES),
+    )
+    beta: float = opt(
+        0.1, "β: how strongly the policy is held to the reference (IPO's τ; SimPO's reward scale, 2-2.5 in its paper)."
+    )
+    label_smoothing: float = opt(
+        0.0,
+        "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).",
+    )
+    simpo_gamma: float = opt(
+        0.5,
+        "SimPO's target reward margin γ (the paper's γ, as TRL's CPOConfig simpo_gamma; not the SimPO scripts' gamma_beta_ratio).",
+    )
+    sft_weight: float = opt(
+        0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss."
+    )
     gradient_checkpointing: bool = opt(
         True,
         "Recompute activations in the backward pass to save memory. On by default for dpo, as in TRL: every step carries "
@@ -52,37 +68,44 @@ class DPOConfig(ReferenceConfig):
     )
 
 
-def implicit_reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """1 where chosen is preferred, 0 where rejected is, 1/2 for a tie, per pair.
-
-    Ties count half so the measure reads 50% for a policy with no preference at all, which
-    is exactly the policy at step 0, where every implicit reward β·log(π/π_ref) is zero.
-    """
-    return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-
-
 class DPOObjective:
     """Per-pair preference loss of the chosen loss; metric sums per pair for the engine to average."""
 
     def __init__(self, config: DPOConfig, reference: Reference | None):
         self.name, self.reference = config.loss, reference
-        self.beta, self.label_smoothing, self.gamma, self.sft_weight = config.beta, config.label_smoothing, config.simpo_gamma, config.sft_weight
+        self.beta, self.label_smoothing, self.gamma, self.sft_weight = (
+            config.beta,
+            config.label_smoothing,
+            config.simpo_gamma,
+            config.sft_weight,
+        )
 
     def weight(self, batch: dict[str, Any]) -> float:
         return float(batch["num_pairs"])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         batch = to_device(batch, model_device(model))
-        reference = self.reference.logps(model, batch) if self.reference is not None else None  # before the policy forward
+        reference = (
+            self.reference.logps(model, batch) if self.reference is not None else None
+        )  # before the policy forward
         policy = pair_logps(model, batch)
         chosen, rejected = policy.chosen, policy.rejected
         ref_chosen, ref_rejected = reference if reference is not None else (None, None)
         if self.name in LENGTH_NORMALISED:
             chosen, rejected = policy.normalised()
             if reference is not None:
-                ref_chosen, ref_rejected = ref_chosen / policy.chosen_tokens.clamp(min=1), ref_rejected / policy.rejected_tokens.clamp(min=1)
+                ref_chosen, ref_rejected = (
+                    ref_chosen / policy.chosen_tokens.clamp(min=1),
+                    ref_rejected / policy.rejected_tokens.clamp(min=1),
+                )
         losses, chosen_rewards, rejected_rewards = PREFERENCE_LOSSES[self.name](
-            chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            gamma=self.gamma,
         )
         losses = add_sft_term(losses, policy.chosen, policy.chosen_tokens, self.sft_weight)
         metrics = {
@@ -141,7 +164,11 @@ def run_dpo(config: DPOConfig) -> Path:
         + (f", SimPO gamma {config.simpo_gamma}" if config.loss == "simpo" else "")
         + (f", SFT weight {config.sft_weight}" if config.sft_weight else "")
         + f"\n- reference: {described}\n"
-        + (f"- held-out implicit-reward accuracy: {metrics['eval/rewards/accuracies']:.4f}\n" if "eval/rewards/accuracies" in metrics else "")
+        + (
+            f"- held-out implicit-reward accuracy: {metrics['eval/rewards/accuracies']:.4f}\n"
+            if "eval/rewards/accuracies" in metrics
+            else ""
+        )
         + "\n"
     )
     template = (data.metadata.get("template") or {}).get("source")

@@ -16,9 +16,10 @@ import contextlib
 import json
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import torch
 
@@ -30,7 +31,7 @@ from rlkit.data.templates import ChatTemplate, resolve_template
 from rlkit.errors import InputError
 from rlkit.models.inference import dtype_hint, inference_dtype, is_reward_model, load_causal_lm_for_inference
 from rlkit.models.load import load_tokenizer, resolve_source
-from rlkit.rollout import SamplingConfig, generate_rollouts
+from rlkit.tools.generation import SamplingConfig, generate_rollouts
 
 INTERACTIVE_TEMPERATURE = 0.7
 COMMANDS_HELP = "/reset  /system TEXT  /save FILE  /exit   (Ctrl-C stops a reply, Ctrl-D exits)"
@@ -38,16 +39,29 @@ COMMANDS_HELP = "/reset  /system TEXT  /save FILE  /exit   (Ctrl-C stops a reply
 
 @dataclass
 class ChatConfig:
-    model: Optional[str] = arg("Model to chat with: an HF dir, a hub name, a LoRA adapter dir or a .gguf file.", metavar="MODEL")
-    template: Optional[str] = opt(None, "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.")
-    system: Optional[str] = opt(None, "System message put before every conversation (piped: unless a line's messages have their own).")
+    model: Optional[str] = arg(
+        "Model to chat with: an HF dir, a hub name, a LoRA adapter dir or a .gguf file.", metavar="MODEL"
+    )
+    template: Optional[str] = opt(
+        None,
+        "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+    )
+    system: Optional[str] = opt(
+        None, "System message put before every conversation (piped: unless a line's messages have their own)."
+    )
     max_new_tokens: int = opt(256, "Most tokens generated per reply.")
-    temperature: Optional[float] = opt(None, "Sampling temperature; 0 is greedy. Default: 0.7 on a terminal, 0 (greedy) when stdin is piped.")
+    temperature: Optional[float] = opt(
+        None, "Sampling temperature; 0 is greedy. Default: 0.7 on a terminal, 0 (greedy) when stdin is piped."
+    )
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this total probability (1: all).")
     seed: Optional[int] = opt(None, "Seed for sampling; the same seed, input and --batch-size give the same output.")
     n: int = opt(1, "Samples per prompt when piped (one JSON line each); use with --temperature > 0.")
     batch_size: int = opt(8, "Prompts generated together when piped.")
-    dtype: str = opt("auto", "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt(
+        "auto",
+        "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
 
 
 # ---- piped mode ----------------------------------------------------------------------------
@@ -61,19 +75,29 @@ def parse_prompt_line(line: str, number: int, system: str | None) -> tuple[Any, 
         try:
             record = json.loads(text)
         except json.JSONDecodeError as err:
-            raise InputError(f"stdin line {number}: starts with '{{' but is not valid JSON ({err.msg}); give plain text or a JSON object")
+            raise InputError(
+                f"stdin line {number}: starts with '{{' but is not valid JSON ({err.msg}); give plain text or a JSON object"
+            )
         if "messages" in record:
             prompt = record["messages"]
         elif "prompt" in record:
             prompt = record["prompt"]
         else:
-            raise InputError(f"stdin line {number}: a JSON line needs a 'prompt' or 'messages' field (found: {', '.join(record) or 'none'})")
+            raise InputError(
+                f"stdin line {number}: a JSON line needs a 'prompt' or 'messages' field (found: {', '.join(record) or 'none'})"
+            )
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+    ):
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
     else:
-        raise InputError(f"stdin line {number}: 'prompt'/'messages' must be a string or a non-empty list of {{role, content}} messages")
+        raise InputError(
+            f"stdin line {number}: 'prompt'/'messages' must be a string or a non-empty list of {{role, content}} messages"
+        )
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
     return prompt, messages
@@ -92,11 +116,18 @@ def _batches(lines: Iterator[str], size: int, system: str | None) -> Iterator[li
         yield batch
 
 
-def run_piped(config: ChatConfig, model: Any, tokenizer: Any, template: ChatTemplate, stdin: TextIO, stdout: TextIO) -> int:
+def run_piped(
+    config: ChatConfig, model: Any, tokenizer: Any, template: ChatTemplate, stdin: TextIO, stdout: TextIO
+) -> int:
     """One JSON line per input (per sample with --n), written as each batch finishes."""
     temperature = config.temperature if config.temperature is not None else 0.0
     sampling = SamplingConfig(config.max_new_tokens, temperature, config.top_p, config.batch_size)
-    settings = {"temperature": temperature, "top_p": config.top_p if temperature > 0 else 1.0, "max_new_tokens": config.max_new_tokens, "seed": config.seed}
+    settings = {
+        "temperature": temperature,
+        "top_p": config.top_p if temperature > 0 else 1.0,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+    }
     per_batch = max(1, config.batch_size // config.n)
     written = 0
     for batch_index, batch in enumerate(_batches(iter(stdin.readline, ""), per_batch, config.system)):
@@ -104,7 +135,13 @@ def run_piped(config: ChatConfig, model: Any, tokenizer: Any, template: ChatTemp
         rollouts = generate_rollouts(model, tokenizer, template, [m for _, m in batch], sampling, n=config.n, seed=seed)
         for k, rollout in enumerate(rollouts):
             prompt = batch[k // config.n][0]
-            record = {"prompt": prompt, "completion": rollout.text, **({"sample": k % config.n} if config.n > 1 else {}), "model": config.model, **settings}
+            record = {
+                "prompt": prompt,
+                "completion": rollout.text,
+                **({"sample": k % config.n} if config.n > 1 else {}),
+                "model": config.model,
+                **settings,
+            }
             stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
             written += 1
         stdout.flush()
@@ -192,7 +229,12 @@ class ChatSession:
             else:
                 path = Path(rest.strip()).expanduser()
                 try:
-                    path.write_text(json.dumps({"model": self.config.model, "messages": self.messages()}, indent=2, ensure_ascii=False) + "\n")
+                    path.write_text(
+                        json.dumps(
+                            {"model": self.config.model, "messages": self.messages()}, indent=2, ensure_ascii=False
+                        )
+                        + "\n"
+                    )
                     console.print(f"[dim](saved {len(self.history)} message(s) to {path})[/dim]")
                 except OSError as err:
                     console.print(f"[red]cannot save to {path}: {err}[/red]")
@@ -204,7 +246,9 @@ class ChatSession:
     def reply(self, text: str) -> str:
         """Generate, streaming to `out`; Ctrl-C stops the reply and keeps what was said."""
         self.history.append({"role": "user", "content": text})
-        ids = torch.tensor([encode_prompt(self.tokenizer, self.template, self.messages())], device=next(self.model.parameters()).device)
+        ids = torch.tensor(
+            [encode_prompt(self.tokenizer, self.template, self.messages())], device=next(self.model.parameters()).device
+        )
         from transformers import StoppingCriteriaList
 
         streamer = _streamer(self.tokenizer, self.out)
@@ -213,12 +257,19 @@ class ChatSession:
         try:
             with ctrl_c.catching():
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.config.max_new_tokens, streamer=streamer,
-                    do_sample=sample, temperature=self.temperature if sample else None, top_p=self.config.top_p if sample else None,
-                    top_k=None, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=self.config.max_new_tokens,
+                    streamer=streamer,
+                    do_sample=sample,
+                    temperature=self.temperature if sample else None,
+                    top_p=self.config.top_p if sample else None,
+                    top_k=None,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id,
                     stopping_criteria=StoppingCriteriaList([ctrl_c]),
                 )
-            generated = out[0, ids.shape[1]:].tolist()
+            generated = out[0, ids.shape[1] :].tolist()
             if self.tokenizer.eos_token_id in generated:
                 generated = generated[: generated.index(self.tokenizer.eos_token_id)]
             answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
@@ -239,7 +290,9 @@ def run_interactive(config: ChatConfig, model: Any, tokenizer: Any, template: Ch
     except ImportError:
         pass
     session = ChatSession(config, model, tokenizer, template, sys.stdout)
-    console.print(f"[bold]rlkit chat[/bold] {config.model} (template {template.name}, temperature {session.temperature:g}); {COMMANDS_HELP}")
+    console.print(
+        f"[bold]rlkit chat[/bold] {config.model} (template {template.name}, temperature {session.temperature:g}); {COMMANDS_HELP}"
+    )
     while True:
         try:
             console.print("[bold cyan]you>[/bold cyan] ", end="")
@@ -273,7 +326,9 @@ def run_chat(config: ChatConfig) -> None:
         raise InputError("--n applies when stdin is piped; on a terminal each message gets one reply")
     source = resolve_source(config.model)
     if is_reward_model(source):
-        raise InputError(f"{config.model} is a reward model (sequence classifier); it scores text and cannot chat (use `rlkit eval --completions ... --reward {config.model}`)")
+        raise InputError(
+            f"{config.model} is a reward model (sequence classifier); it scores text and cannot chat (use `rlkit eval --completions ... --reward {config.model}`)"
+        )
     tokenizer = load_tokenizer(source)
     template = resolve_template(config.template, tokenizer, config.model)
     model = load_causal_lm_for_inference(source, inference_dtype(config.dtype))

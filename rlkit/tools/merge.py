@@ -36,19 +36,34 @@ PROBE = "The quick brown fox jumps over the lazy dog. Question: What is 2 + 2? A
 
 @dataclass
 class MergeConfig:
-    adapter: Optional[str] = arg("LoRA adapter dir (causal LM or reward model), e.g. `rlkit sft --lora` output.", metavar="ADAPTER")
-    output: Optional[str] = opt(None, "Output directory for the merged model (written under OUT.partial, renamed when complete).", flags=("-o", "--output"))
-    base: Optional[str] = opt(None, "Base model (HF dir, hub name or .gguf). Default: the base named in the adapter's adapter_config.json.")
+    adapter: Optional[str] = arg(
+        "LoRA adapter dir (causal LM or reward model), e.g. `rlkit sft --lora` output.", metavar="ADAPTER"
+    )
+    output: Optional[str] = opt(
+        None,
+        "Output directory for the merged model (written under OUT.partial, renamed when complete).",
+        flags=("-o", "--output"),
+    )
+    base: Optional[str] = opt(
+        None, "Base model (HF dir, hub name or .gguf). Default: the base named in the adapter's adapter_config.json."
+    )
     dtype: str = opt("float32", "Dtype of the merged weights (the merge itself runs in it).", choices=tuple(DTYPES))
-    dequantize: bool = opt(False, "Allow a quantized (bitsandbytes) base: dequantize it to --dtype before merging (refused otherwise).")
-    tolerance: float = opt(0.0, "Largest allowed logit difference between adapter and merged model on the probe, as a fraction of max(1, largest absolute logit) (0: 1e-4 for float32, 1e-2 float16, 5e-2 bfloat16).")
+    dequantize: bool = opt(
+        False, "Allow a quantized (bitsandbytes) base: dequantize it to --dtype before merging (refused otherwise)."
+    )
+    tolerance: float = opt(
+        0.0,
+        "Largest allowed logit difference between adapter and merged model on the probe, as a fraction of max(1, largest absolute logit) (0: 1e-4 for float32, 1e-2 float16, 5e-2 bfloat16).",
+    )
     overwrite: bool = opt(False, "Replace an existing output directory instead of refusing.")
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
 
 
 def _check_adapter(adapter: str) -> dict[str, Any]:
     if not (Path(adapter) / "adapter_config.json").is_file():
-        raise InputError(f"{adapter}: not a LoRA adapter dir (no adapter_config.json); merge-lora takes `rlkit sft/dpo --lora` output")
+        raise InputError(
+            f"{adapter}: not a LoRA adapter dir (no adapter_config.json); merge-lora takes `rlkit sft/dpo --lora` output"
+        )
     config = adapter_config(adapter)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise InputError(f"{adapter}: a {config.get('peft_type')} adapter; merge-lora merges LoRA adapters only")
@@ -67,13 +82,17 @@ def _quantization(source: ModelSource) -> str | None:
     return quant.get("quant_method") or ("bitsandbytes" if quant else None)
 
 
-def _load_base(source: ModelSource, task: str, adapter: str, dtype: torch.dtype, pad_id: int | None, trust_remote_code: bool) -> torch.nn.Module:
+def _load_base(
+    source: ModelSource, task: str, adapter: str, dtype: torch.dtype, pad_id: int | None, trust_remote_code: bool
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **source.kwargs()}
     try:
         if task == "SEQ_CLS":
-            model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=adapter_score_labels(adapter), pad_token_id=pad_id, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source.path, num_labels=adapter_score_labels(adapter), pad_token_id=pad_id, **kwargs
+            )
             model.config.pad_token_id = pad_id
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
@@ -122,12 +141,18 @@ def run_merge(config: MergeConfig) -> Path:
         raise InputError(f"{config.adapter}: adapter_config.json names no base model; pass --base MODEL")
     source = resolve_source(base_name)
     if source.adapter_dir:
-        raise InputError(f"--base {base_name}: is itself an adapter dir; merge it first, then pass the merged dir as --base")
+        raise InputError(
+            f"--base {base_name}: is itself an adapter dir; merge it first, then pass the merged dir as --base"
+        )
     quant = _quantization(source)
     if quant and not config.dequantize:
-        raise InputError(f"{base_name} is quantized ({quant}); merging into it would round the LoRA update away; pass --dequantize to merge into a {config.dtype} copy")
+        raise InputError(
+            f"{base_name} is quantized ({quant}); merging into it would round the LoRA update away; pass --dequantize to merge into a {config.dtype} copy"
+        )
     dtype = DTYPES[config.dtype]
-    tokenizer = load_tokenizer(ModelSource(source.name, source.path, source.gguf_file, adapter_dir=config.adapter), config.trust_remote_code)
+    tokenizer = load_tokenizer(
+        ModelSource(source.name, source.path, source.gguf_file, adapter_dir=config.adapter), config.trust_remote_code
+    )
     info(f"merge: {config.adapter} ({TASKS[task]}) into {base_name}, {config.dtype}")
 
     from peft import PeftModel
@@ -136,7 +161,9 @@ def run_merge(config: MergeConfig) -> Path:
     try:
         model = PeftModel.from_pretrained(base, config.adapter, is_trainable=False)
     except (OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"{config.adapter}: does not fit base {base_name} ({str(err).splitlines()[0]}); pass the right --base")
+        raise InputError(
+            f"{config.adapter}: does not fit base {base_name} ({str(err).splitlines()[0]}); pass the right --base"
+        )
     model.eval()
     ids = torch.tensor([tokenizer(PROBE).input_ids])
     before = _probe_logits(model, ids)
@@ -145,9 +172,13 @@ def run_merge(config: MergeConfig) -> Path:
     diff = float((before - after).abs().max())
     scale = max(1.0, float(before.abs().max()))
     tolerance = config.tolerance or DEFAULT_TOLERANCE[config.dtype]
-    info(f"merge check: max |Δlogit| = {diff:.3g} on a {ids.shape[1]}-token probe (tolerance {tolerance:g} x {scale:.3g} = {tolerance * scale:.3g})")
+    info(
+        f"merge check: max |Δlogit| = {diff:.3g} on a {ids.shape[1]}-token probe (tolerance {tolerance:g} x {scale:.3g} = {tolerance * scale:.3g})"
+    )
     if not diff <= tolerance * scale:
-        raise RunError(f"merged logits differ from the adapter model's by {diff:.3g} > {tolerance * scale:.3g}; nothing written (try --dtype float32)")
+        raise RunError(
+            f"merged logits differ from the adapter model's by {diff:.3g} > {tolerance * scale:.3g}; nothing written (try --dtype float32)"
+        )
 
     run_dir = open_run_dir(output, resume=False)
     merged.save_pretrained(str(run_dir), safe_serialization=True)
@@ -155,5 +186,7 @@ def run_merge(config: MergeConfig) -> Path:
     write_config(run_dir, "merge-lora", config_to_dict(config))
     section, adapter_metrics = _lineage(config.adapter, base_name)
     metrics = {"merge/max_abs_logit_diff": diff, "merge/tolerance": tolerance * scale, **adapter_metrics}
-    write_model_card(run_dir, command="merge-lora", base_model=base_name, data=[config.adapter], metrics=metrics, extra=section)
+    write_model_card(
+        run_dir, command="merge-lora", base_model=base_name, data=[config.adapter], metrics=metrics, extra=section
+    )
     return finalize(run_dir, output)

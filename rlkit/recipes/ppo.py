@@ -31,10 +31,11 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +58,15 @@ from rlkit.losses.ppo import (
     kl_penalty,
     masked_mean,
     masked_whiten,
-    standardise_scores,
     per_token_rewards,
+    standardise_scores,
 )
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.load import load_causal_lm, resolve_source
 from rlkit.models.merged_lora import lora_merged_for_generation
-from rlkit.pair_training import disable_dropout
-from rlkit.rewards import Reward, is_model_dir, load_reward, load_sequence_classifier
-from rlkit.rollout import left_pad
+from rlkit.models.modes import disable_dropout
+from rlkit.scoring import Reward, is_model_dir, load_reward, load_sequence_classifier
+from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
 from rlkit.training.logprobs import positions_from_mask, response_logprobs
 from rlkit.training.options import TrainConfig
@@ -78,26 +79,62 @@ SAMPLES_FILE = "samples.jsonl"
 
 @dataclass
 class PPOConfig(TrainConfig):
-    model: Optional[str] = arg("Policy to train: an HF dir, a hub name, a LoRA adapter dir (e.g. `rlkit sft --lora` output) or a .gguf file.", metavar="POLICY")
-    data: list[str] = arg("Prompts: files or dirs with a `prompt` column (string or messages) or `messages` (a final assistant turn is dropped).", metavar="PROMPTS...", default=[])
-    reward: Optional[str] = opt(None, "Reward: a `train-rm` output dir (any one-score sequence classifier, full or SEQ_CLS adapter), or module:function taking (prompts, completions) -> list[float].")
-    ref: Optional[str] = opt(None, "Reference model for the KL penalty (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).")
-    critic: str = opt("shared", "Value function: a scalar head on the policy's trunk (shared), or a separate critic initialised from the reward model dir (rm).", choices=("shared", "rm"))
-    max_steps: Optional[int] = opt(None, "Stop after this many PPO steps (rollouts; default: --epochs passes over the prompts).")
-    batch_size: int = opt(8, "Prompts per device per micro-batch; one rollout is batch-size x grad-accum x mini-batches prompts per device.")
-    max_length: int = opt(1024, "Maximum prompt tokens plus --max-new-tokens; longer prompts are dropped (with a count).")
+    model: Optional[str] = arg(
+        "Policy to train: an HF dir, a hub name, a LoRA adapter dir (e.g. `rlkit sft --lora` output) or a .gguf file.",
+        metavar="POLICY",
+    )
+    data: list[str] = arg(
+        "Prompts: files or dirs with a `prompt` column (string or messages) or `messages` (a final assistant turn is dropped).",
+        metavar="PROMPTS...",
+        default=[],
+    )
+    reward: Optional[str] = opt(
+        None,
+        "Reward: a `train-rm` output dir (any one-score sequence classifier, full or SEQ_CLS adapter), or module:function taking (prompts, completions) -> list[float].",
+    )
+    ref: Optional[str] = opt(
+        None,
+        "Reference model for the KL penalty (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).",
+    )
+    critic: str = opt(
+        "shared",
+        "Value function: a scalar head on the policy's trunk (shared), or a separate critic initialised from the reward model dir (rm).",
+        choices=("shared", "rm"),
+    )
+    max_steps: Optional[int] = opt(
+        None, "Stop after this many PPO steps (rollouts; default: --epochs passes over the prompts)."
+    )
+    batch_size: int = opt(
+        8,
+        "Prompts per device per micro-batch; one rollout is batch-size x grad-accum x mini-batches prompts per device.",
+    )
+    max_length: int = opt(
+        1024, "Maximum prompt tokens plus --max-new-tokens; longer prompts are dropped (with a count)."
+    )
     scheduler: str = opt("constant", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
     save_every: int = opt(0, "Save a resumable checkpoint every N PPO steps (0: only on interruption).")
     max_new_tokens: int = opt(64, "Longest completion sampled per prompt; sampling stops earlier at EOS.")
     temperature: float = opt(1.0, "Sampling temperature (log-probs are computed at the same temperature).")
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
-    missing_eos_penalty: float = opt(0.0, "Subtract this from the score of a completion that ends without EOS (0: no penalty).")
-    score_norm: str = opt("none", "Normalise scores before the KL shaping: none, or batch (standardise over the rollout of all processes).", choices=("none", "batch"))
+    missing_eos_penalty: float = opt(
+        0.0, "Subtract this from the score of a completion that ends without EOS (0: no penalty)."
+    )
+    score_norm: str = opt(
+        "none",
+        "Normalise scores before the KL shaping: none, or batch (standardise over the rollout of all processes).",
+        choices=("none", "batch"),
+    )
     score_clip: float = opt(0.0, "Clip (normalised) scores to [-C, C] (0: no clipping).")
     whiten_rewards: bool = opt(False, "Whiten the per-token rewards (scale only, mean kept) before GAE.")
     kl_coef: float = opt(0.05, "KL penalty coefficient beta (the initial one with --target-kl).")
-    kl_estimator: str = opt("k1", "Per-token KL estimator: k1 (log-ratio, unbiased) or k3 (non-negative, lower variance).", choices=("k1", "k3"))
-    target_kl: Optional[float] = opt(None, "Adapt beta so the mean per-sequence KL tracks this target (Ziegler et al.); unset: fixed --kl-coef.")
+    kl_estimator: str = opt(
+        "k1",
+        "Per-token KL estimator: k1 (log-ratio, unbiased) or k3 (non-negative, lower variance).",
+        choices=("k1", "k3"),
+    )
+    target_kl: Optional[float] = opt(
+        None, "Adapt beta so the mean per-sequence KL tracks this target (Ziegler et al.); unset: fixed --kl-coef."
+    )
     kl_horizon: int = opt(10000, "Horizon (in sampled sequences) of the adaptive KL controller.")
     gamma: float = opt(1.0, "Discount factor of GAE.")
     lam: float = opt(0.95, "GAE lambda.")
@@ -106,7 +143,10 @@ class PPOConfig(TrainConfig):
     vf_coef: float = opt(0.1, "Weight of the value loss in the total loss.")
     ppo_epochs: int = opt(4, "Passes over each rollout batch.")
     mini_batches: int = opt(1, "Mini-batches per pass over a rollout batch (each one optimizer update).")
-    sample_every: int = opt(10, "Every N PPO steps, show a (prompt, response, score) table on stderr and append it to samples.jsonl (0: never).")
+    sample_every: int = opt(
+        10,
+        "Every N PPO steps, show a (prompt, response, score) table on stderr and append it to samples.jsonl (0: never).",
+    )
     num_samples: int = opt(4, "Rows in each samples table.")
 
 
@@ -122,12 +162,20 @@ class PolicyValue(torch.nn.Module):
     `kl_coef` is a buffer so checkpoints carry the (adaptive) KL coefficient.
     """
 
-    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Module | None, critic: torch.nn.Module | None, kl_coef: float):
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        value_head: torch.nn.Module | None,
+        critic: torch.nn.Module | None,
+        kl_coef: float,
+    ):
         super().__init__()
         self.policy, self.value_head, self.critic = policy, value_head, critic
         self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r = responses.shape[1]
         logps, entropy, out = response_logprobs(
             self.policy, input_ids, attention_mask, responses, temperature, output_hidden_states=self.critic is None
@@ -138,7 +186,12 @@ class PolicyValue(torch.nn.Module):
         else:
             hf = _hf(self.critic)
             trunk = getattr(hf, hf.base_model_prefix)
-            hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
+            hidden = trunk(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
             values = hf.score(hidden[:, -(r + 1) : -1]).squeeze(-1)
         return logps, entropy, values.float()
 
@@ -210,7 +263,14 @@ class PPOReference:
             yield self.model
 
     @torch.no_grad()
-    def logprobs(self, policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    def logprobs(
+        self,
+        policy: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        responses: torch.Tensor,
+        temperature: float,
+    ) -> torch.Tensor:
         """[B, R] reference log-probs of the responses that end the rows, at the sampling temperature."""
         with self._active(policy) as model:
             return response_logprobs(model, input_ids, attention_mask, responses, temperature, want_entropy=False)[0]
@@ -253,7 +313,9 @@ def load_prompts(config: PPOConfig) -> list[Messages]:
             while messages and messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
         else:
-            raise InputError(f"{', '.join(config.data)}: no `prompt` or `messages` column (found {', '.join(columns)}); use --columns prompt=NAME")
+            raise InputError(
+                f"{', '.join(config.data)}: no `prompt` or `messages` column (found {', '.join(columns)}); use --columns prompt=NAME"
+            )
         if not messages:
             raise InputError(f"{where}: empty prompt")
         conversations.append(messages)
@@ -280,16 +342,27 @@ class PPOObjective:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         c, mask = self.c, batch["response_mask"]
-        logprobs, entropies, values = model(batch["input_ids"], batch["attention_mask"], batch["responses"], c.temperature)
-        pg_loss, clipfrac, approx_kl = clipped_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, c.cliprange)
-        vf_loss, vf_clipfrac = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, c.cliprange_value)
+        logprobs, entropies, values = model(
+            batch["input_ids"], batch["attention_mask"], batch["responses"], c.temperature
+        )
+        pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+            logprobs, batch["old_logprobs"], batch["advantages"], mask, c.cliprange
+        )
+        vf_loss, vf_clipfrac = clipped_value_loss(
+            values, batch["old_values"], batch["returns"], mask, c.cliprange_value
+        )
         with torch.no_grad():
             entropy = masked_mean(entropies, mask)
             ratio = masked_mean(torch.exp(torch.where(mask.bool(), logprobs.detach() - batch["old_logprobs"], 0)), mask)
         n = mask.sum().to(pg_loss.dtype)
         metrics = {
-            "policy_loss": pg_loss.detach() * n, "value_loss": vf_loss.detach() * n, "clipfrac": clipfrac * n,
-            "value_clipfrac": vf_clipfrac * n, "approx_kl": approx_kl * n, "entropy": entropy * n, "ratio": ratio * n,
+            "policy_loss": pg_loss.detach() * n,
+            "value_loss": vf_loss.detach() * n,
+            "clipfrac": clipfrac * n,
+            "value_clipfrac": vf_clipfrac * n,
+            "approx_kl": approx_kl * n,
+            "entropy": entropy * n,
+            "ratio": ratio * n,
         }
         self.totals["tokens"] = self.totals.get("tokens", 0.0) + float(n)
         for key, value in metrics.items():
@@ -319,11 +392,27 @@ def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, 
 class PPOLoop:
     """The engine's `StepSource` for PPO: a rollout at the start of every PPO step, then its mini-batches."""
 
-    def __init__(self, config: PPOConfig, run: TrainingRun, tokenizer: Any, template: ChatTemplate,
-                 conversations: list[Messages], prompt_ids: list[list[int]], reward: Reward, reference: PPOReference,
-                 objective: PPOObjective, ppo_steps: int):
+    def __init__(
+        self,
+        config: PPOConfig,
+        run: TrainingRun,
+        tokenizer: Any,
+        template: ChatTemplate,
+        conversations: list[Messages],
+        prompt_ids: list[list[int]],
+        reward: Reward,
+        reference: PPOReference,
+        objective: PPOObjective,
+        ppo_steps: int,
+    ):
         self.c, self.run, self.acc = config, run, run.accelerator
-        self.tokenizer, self.template, self.reward, self.reference, self.objective = tokenizer, template, reward, reference, objective
+        self.tokenizer, self.template, self.reward, self.reference, self.objective = (
+            tokenizer,
+            template,
+            reward,
+            reference,
+            objective,
+        )
         self.conversations, self.prompt_ids = conversations, prompt_ids
         self.updates = config.ppo_epochs * config.mini_batches
         self.total_steps = ppo_steps * self.updates
@@ -347,7 +436,9 @@ class PPOLoop:
             self.buffer_step = ppo_step
             self.training_s = 0.0
         epoch, mb = divmod(update, self.c.mini_batches)
-        order = torch.randperm(self.rollout_size, generator=torch.Generator().manual_seed(self.c.seed * 1000003 + ppo_step * 101 + epoch))
+        order = torch.randperm(
+            self.rollout_size, generator=torch.Generator().manual_seed(self.c.seed * 1000003 + ppo_step * 101 + epoch)
+        )
         if self.c.mini_batches == 1:
             order = torch.arange(self.rollout_size)  # one mini-batch: the rollout itself, in rollout order
         size = self.rollout_size // self.c.mini_batches
@@ -370,7 +461,10 @@ class PPOLoop:
         if update == self.updates - 1:  # the PPO step is complete: its summary
             metrics.update(self.pending)
             metrics.update(self.objective.take_means())
-            gen, total = self.pending.get("time/generation_s", 0.0), self.pending.get("time/rollout_s", 0.0) + self.training_s
+            gen, total = (
+                self.pending.get("time/generation_s", 0.0),
+                self.pending.get("time/rollout_s", 0.0) + self.training_s,
+            )
             metrics["time/training_s"] = self.training_s
             metrics["time/generation_share"] = gen / max(total, 1e-9)
             metrics["ppo_tokens_per_s"] = self.pending.get("response_tokens", 0.0) / max(total, 1e-9)
@@ -388,7 +482,9 @@ class PPOLoop:
         per_step = self.rollout_size * world
         per_epoch = max(1, len(self.conversations) // per_step)
         epoch, k = divmod(ppo_step, per_epoch)
-        order = torch.randperm(len(self.conversations), generator=torch.Generator().manual_seed(self.c.seed + epoch)).tolist()
+        order = torch.randperm(
+            len(self.conversations), generator=torch.Generator().manual_seed(self.c.seed + epoch)
+        ).tolist()
         start = k * per_step + rank * self.rollout_size
         return [order[(start + i) % len(order)] for i in range(self.rollout_size)]
 
@@ -406,16 +502,25 @@ class PPOLoop:
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         sample = c.temperature > 0
         responses = []
-        with lora_merged_for_generation(policy) as generator:  # the adapter's weights folded in: base-model decoding speed
+        with lora_merged_for_generation(
+            policy
+        ) as generator:  # the adapter's weights folded in: base-model decoding speed
             for start in range(0, len(indices), c.batch_size):
                 ids, mask = prompt_ids[start : start + c.batch_size], prompt_mask[start : start + c.batch_size]
                 with acc.autocast():
                     out = generator.generate(
-                        input_ids=ids, attention_mask=mask, max_new_tokens=c.max_new_tokens, do_sample=sample,
-                        temperature=c.temperature if sample else None, top_p=c.top_p if sample else None, top_k=None,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=c.max_new_tokens,
+                        do_sample=sample,
+                        temperature=c.temperature if sample else None,
+                        top_p=c.top_p if sample else None,
+                        top_k=None,
+                        eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id,
+                        use_cache=True,
                     )
-                responses.append(out[:, ids.shape[1]:])
+                responses.append(out[:, ids.shape[1] :])
         width = max(r.shape[1] for r in responses)
         responses = torch.cat([F.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses])
         t_gen = time.time() - t0
@@ -430,11 +535,18 @@ class PPOLoop:
             sl = slice(start, start + c.batch_size)
             with acc.autocast():
                 lp, ent, v = wrapper(input_ids[sl], attention_mask[sl], responses[sl], c.temperature)
-                ref_logprobs.append(self.reference.logprobs(policy, input_ids[sl], attention_mask[sl], responses[sl], c.temperature))
+                ref_logprobs.append(
+                    self.reference.logprobs(policy, input_ids[sl], attention_mask[sl], responses[sl], c.temperature)
+                )
             logprobs.append(lp)
             entropies.append(ent)
             values.append(v)
-        logprobs, values, ref_logprobs, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropies)
+        logprobs, values, ref_logprobs, entropy = (
+            torch.cat(logprobs),
+            torch.cat(values),
+            torch.cat(ref_logprobs),
+            torch.cat(entropies),
+        )
         t_fwd = time.time() - t1
 
         # scores
@@ -464,7 +576,11 @@ class PPOLoop:
         advantages, returns = gae(rewards, values, response_mask, c.gamma, c.lam)
         advantages = masked_whiten(advantages, response_mask, reduce=across)
         seq_kl = torch.where(response_mask.bool(), kl, 0).sum(1)
-        mean_kl = float(acc.reduce(seq_kl.mean().detach(), reduction="mean")) if acc.num_processes > 1 else float(seq_kl.mean())
+        mean_kl = (
+            float(acc.reduce(seq_kl.mean().detach(), reduction="mean"))
+            if acc.num_processes > 1
+            else float(seq_kl.mean())
+        )
         self.kl_ctl.value = kl_coef
         self.kl_ctl.update(mean_kl, self.rollout_size * acc.num_processes)
         wrapper.kl_coef.fill_(self.kl_ctl.value)
@@ -476,7 +592,10 @@ class PPOLoop:
         # the summary of the whole rollout, every process's sequences and tokens (equal-sized shares)
         everyone = acc.gather if acc.num_processes > 1 else (lambda t: t)
         all_scores, all_shaped, all_non_score = everyone(raw_scores), everyone(scores), everyone(non_score)
-        token_sums = torch.stack([torch.where(response_mask.bool(), t, 0).sum() for t in (entropy, values)] + [response_mask.sum().to(entropy.dtype)])
+        token_sums = torch.stack(
+            [torch.where(response_mask.bool(), t, 0).sum() for t in (entropy, values)]
+            + [response_mask.sum().to(entropy.dtype)]
+        )
         entropy_sum, value_sum, n_all_tokens = (across(token_sums) if across else token_sums).tolist()
         self.pending = {
             "score/mean": float(all_scores.mean()),
@@ -500,14 +619,27 @@ class PPOLoop:
         }
         self._samples(ppo_step, conversations, completions, raw_scores)
         tensors = {
-            "input_ids": input_ids, "attention_mask": attention_mask, "responses": responses, "response_mask": response_mask,
-            "old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "responses": responses,
+            "response_mask": response_mask,
+            "old_logprobs": logprobs,
+            "old_values": values,
+            "advantages": advantages,
+            "returns": returns,
         }
         return {"tensors": tensors, "completions": completions, "scores": raw_scores}
 
-    def _samples(self, ppo_step: int, conversations: list[Messages], completions: list[str], scores: torch.Tensor) -> None:
+    def _samples(
+        self, ppo_step: int, conversations: list[Messages], completions: list[str], scores: torch.Tensor
+    ) -> None:
         c = self.c
-        if not c.sample_every or ppo_step % c.sample_every != 0 or not self.acc.is_main_process or self.run.run_dir is None:
+        if (
+            not c.sample_every
+            or ppo_step % c.sample_every != 0
+            or not self.acc.is_main_process
+            or self.run.run_dir is None
+        ):
             return
         from rich.table import Table
 
@@ -543,7 +675,10 @@ def _check(config: PPOConfig) -> None:
         (config.target_kl is None or config.target_kl > 0, "--target-kl must be > 0"),
         (config.kl_horizon > 0, "--kl-horizon must be > 0"),
         (config.cliprange > 0 and config.cliprange_value > 0, "--cliprange and --cliprange-value must be > 0"),
-        (config.critic == "shared" or is_model_dir(config.reward), "--critic rm needs --reward to be a reward model dir"),
+        (
+            config.critic == "shared" or is_model_dir(config.reward),
+            "--critic rm needs --reward to be a reward model dir",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -562,7 +697,9 @@ def run_ppo(config: PPOConfig) -> Path:
     encoded = [encode_prompt(tokenizer, template, m) for m in conversations]
     kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
     if len(kept) < len(encoded):
-        warn(f"{len(encoded) - len(kept)} of {len(encoded)} prompts are longer than --max-length - --max-new-tokens ({room} tokens) and were dropped")
+        warn(
+            f"{len(encoded) - len(kept)} of {len(encoded)} prompts are longer than --max-length - --max-new-tokens ({room} tokens) and were dropped"
+        )
     conversations, encoded = [conversations[i] for i in kept], [encoded[i] for i in kept]
     rollout_size = config.batch_size * config.grad_accum * config.mini_batches
     world = run.accelerator.num_processes
@@ -572,13 +709,17 @@ def run_ppo(config: PPOConfig) -> Path:
             f"x grad-accum {config.grad_accum} x mini-batches {config.mini_batches} x {world} processes); lower them"
         )
     ppo_steps = config.max_steps or config.epochs * (len(conversations) // (rollout_size * world))
-    info(f"prompts: {len(conversations)}; {ppo_steps} PPO steps of {rollout_size * world} rollouts, {config.ppo_epochs} epochs x {config.mini_batches} mini-batches each")
+    info(
+        f"prompts: {len(conversations)}; {ppo_steps} PPO steps of {rollout_size * world} rollouts, {config.ppo_epochs} epochs x {config.mini_batches} mini-batches each"
+    )
 
     policy = run.load_policy()
     disable_dropout(policy)  # PPO's ratio must be 1 before the first update (Huang et al. 2024)
     reference = build_reference(config, run, policy)
     device = run.accelerator.device
-    reward = load_reward(config.reward, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code)
+    reward = load_reward(
+        config.reward, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code
+    )
     critic, value_head = None, None
     if config.critic == "rm":
         critic, _ = load_sequence_classifier(config.reward, torch.float32, config.trust_remote_code)
@@ -599,8 +740,18 @@ def run_ppo(config: PPOConfig) -> Path:
     card = (
         "## PPO\n\n"
         f"- reward: `{config.reward}`; reference: {reference.kind}; critic: {config.critic}\n"
-        f"- KL: {config.kl_estimator}, coef {config.kl_coef}" + (f" adaptive to {config.target_kl}" if config.target_kl else " fixed") + "\n"
-        f"- the value head is in `{VALUE_HEAD_FILE}` beside the policy" + (f" (critic in `{CRITIC_DIR}/`)" if critic is not None else "") + "\n"
+        f"- KL: {config.kl_estimator}, coef {config.kl_coef}"
+        + (f" adaptive to {config.target_kl}" if config.target_kl else " fixed")
+        + "\n"
+        f"- the value head is in `{VALUE_HEAD_FILE}` beside the policy"
+        + (f" (critic in `{CRITIC_DIR}/`)" if critic is not None else "")
+        + "\n"
         f"- samples: `{SAMPLES_FILE}`\n\n"
     )
-    return run.finish(tokenizer, chat_template=template.source, metrics=metrics, data_info={"counts": {"prompts": len(conversations)}}, extra_card=card)
+    return run.finish(
+        tokenizer,
+        chat_template=template.source,
+        metrics=metrics,
+        data_info={"counts": {"prompts": len(conversations)}},
+        extra_card=card,
+    )

@@ -24,8 +24,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -70,7 +71,9 @@ class FunctionReward:
         try:
             module = importlib.import_module(module_name)
         except Exception as err:  # the user's module may fail in any way on import
-            raise InputError(f"--reward {spec}: cannot import {module_name!r} ({type(err).__name__}: {err}); is it on PYTHONPATH?")
+            raise InputError(
+                f"--reward {spec}: cannot import {module_name!r} ({type(err).__name__}: {err}); is it on PYTHONPATH?"
+            )
         function = getattr(module, function_name, None)
         if not callable(function):
             raise InputError(f"--reward {spec}: {module_name} has no function {function_name!r}")
@@ -95,7 +98,14 @@ class FunctionReward:
 class ModelReward:
     """A one-score sequence classifier, scoring text rendered with its own tokenizer and template."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, template: ChatTemplate, batch_size: int = 16, max_length: int = 4096):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        template: ChatTemplate,
+        batch_size: int = 16,
+        max_length: int = 4096,
+    ):
         self.model, self.tokenizer, self.template = model.eval().requires_grad_(False), tokenizer, template
         self.batch_size, self.max_length = batch_size, max_length
         self.bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
@@ -104,11 +114,13 @@ class ModelReward:
         """Token ids exactly as `train-rm` built them for a (prompt, completion) pair."""
         tok = self.tokenizer
         segments = [(prompt_text(tok, self.template, messages), False)]
-        segments += completion_segments(tok, self.template, messages, [{"role": "assistant", "content": completion}], "reward")
+        segments += completion_segments(
+            tok, self.template, messages, [{"role": "assistant", "content": completion}], "reward"
+        )
         pieces = tok([text for text, _ in segments], add_special_tokens=False).input_ids
         prompt_ids, _ = finish_ids(list(pieces[0]), [IGNORE] * len(pieces[0]), self.bos_id)
         ids = prompt_ids + [i for piece in pieces[1:] for i in piece]
-        return ids[-self.max_length:]
+        return ids[-self.max_length :]
 
     @torch.no_grad()
     def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
@@ -125,7 +137,9 @@ class ModelReward:
                 ids[i, : len(row)], mask[i, : len(row)] = torch.as_tensor(row), 1
             ids, mask = ids.to(device), mask.to(device)
             hf = _hf(self.model)
-            hidden = getattr(hf, hf.base_model_prefix)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = getattr(hf, hf.base_model_prefix)(
+                input_ids=ids, attention_mask=mask, use_cache=False
+            ).last_hidden_state
             last = mask.sum(1) - 1
             h = hidden[torch.arange(len(chunk), device=device), last]
             scores.append(hf.score(h).squeeze(-1).float().cpu())
@@ -143,7 +157,9 @@ def is_model_dir(spec: str) -> bool:
     return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
 
 
-def load_sequence_classifier(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+def load_sequence_classifier(
+    path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) of a reward model dir: a full sequence classifier or a SEQ_CLS LoRA adapter."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -154,25 +170,37 @@ def load_sequence_classifier(path: str, dtype: torch.dtype = torch.float32, trus
 
             adapter = json.loads((directory / "adapter_config.json").read_text())
             if adapter.get("task_type") != "SEQ_CLS":
-                raise InputError(f"--reward {path}: a LoRA adapter of task {adapter.get('task_type')!r}, not a reward model (SEQ_CLS)")
+                raise InputError(
+                    f"--reward {path}: a LoRA adapter of task {adapter.get('task_type')!r}, not a reward model (SEQ_CLS)"
+                )
             base = adapter.get("base_model_name_or_path")
             tok_dir = path if (directory / "tokenizer_config.json").is_file() else base
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             model = AutoModelForSequenceClassification.from_pretrained(
-                base, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code
+                base,
+                num_labels=1,
+                pad_token_id=tokenizer.pad_token_id,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
             )
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
         else:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as err:
-        raise InputError(f"--reward {path}: cannot load it as a sequence-classification reward model ({str(err).splitlines()[0]})")
+        raise InputError(
+            f"--reward {path}: cannot load it as a sequence-classification reward model ({str(err).splitlines()[0]})"
+        )
     if model.config.num_labels != 1:
-        raise InputError(f"--reward {path}: the model has {model.config.num_labels} labels; a reward model has one score")
+        raise InputError(
+            f"--reward {path}: the model has {model.config.num_labels} labels; a reward model has one score"
+        )
     if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
         raise InputError(f"--reward {path}: {type(model).__name__} has no `score` head over a trunk")
     return model, tokenizer
@@ -194,4 +222,6 @@ def load_reward(
         return ModelReward(model.to(device), tokenizer, template, batch_size)
     if ":" in spec and not Path(spec).exists():
         return FunctionReward(spec, lambda messages: prompt_string(messages, policy_tokenizer, policy_template))
-    raise InputError(f"--reward {spec}: neither a reward model dir (config.json / adapter_config.json) nor module:function")
+    raise InputError(
+        f"--reward {spec}: neither a reward model dir (config.json / adapter_config.json) nor module:function"
+    )

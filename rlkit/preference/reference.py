@@ -20,16 +20,16 @@ own frozen model; full fine-tuning with no `--ref` needs a frozen copy of the st
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import datasets
 import torch
@@ -42,8 +42,9 @@ from rlkit.console import info, warn
 from rlkit.data.prepare import PreparedData, tokenizer_fingerprint
 from rlkit.errors import InputError
 from rlkit.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_source
-from rlkit.pair_logps import pair_logps
-from rlkit.pair_training import PairTrainConfig
+from rlkit.models.modes import eval_mode, model_device, to_device
+from rlkit.preference.logps import pair_logps
+from rlkit.preference.pairs import PairTrainConfig
 
 if TYPE_CHECKING:
     from rlkit.training.run import TrainingRun
@@ -59,8 +60,14 @@ Measure = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 class ReferenceConfig(PairTrainConfig):
     """The options of every trainer held to a frozen reference (dpo, kto)."""
 
-    ref: Optional[str] = opt(None, "Reference model (HF dir, hub name, adapter dir or .gguf). Default: MODEL as it starts; with a fresh LoRA adapter, the base with the adapter disabled.")
-    precompute_ref: bool = opt(True, "Compute the reference log-probs in one pass before training and cache them next to the data, so training holds no reference model (--no-precompute-ref: a reference forward every step).")
+    ref: Optional[str] = opt(
+        None,
+        "Reference model (HF dir, hub name, adapter dir or .gguf). Default: MODEL as it starts; with a fresh LoRA adapter, the base with the adapter disabled.",
+    )
+    precompute_ref: bool = opt(
+        True,
+        "Compute the reference log-probs in one pass before training and cache them next to the data, so training holds no reference model (--no-precompute-ref: a reference forward every step).",
+    )
 
 
 def _pair_measure(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,25 +87,6 @@ class LogpsSpec:
 
 
 PAIR_LOGPS = LogpsSpec(_pair_measure, REF_COLUMNS)
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """No dropout while computing reference log-probs, whatever mode training left it in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class Reference(Protocol):
@@ -230,14 +218,18 @@ def _splits(data: PreparedData) -> dict[str, datasets.Dataset]:
     return {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
 
 
-def _load_cached(path: Path | None, sizes: dict[str, int], columns: tuple[str, str]) -> dict[str, dict[str, list[float]]] | None:
+def _load_cached(
+    path: Path | None, sizes: dict[str, int], columns: tuple[str, str]
+) -> dict[str, dict[str, list[float]]] | None:
     if path is None or not (path / "dataset_dict.json").is_file():
         return None
     try:
         cached = datasets.load_from_disk(str(path))
     except (OSError, ValueError):
         return None
-    if set(cached) != set(sizes) or any(len(cached[name]) != n or not set(columns) <= set(cached[name].column_names) for name, n in sizes.items()):
+    if set(cached) != set(sizes) or any(
+        len(cached[name]) != n or not set(columns) <= set(cached[name].column_names) for name, n in sizes.items()
+    ):
         return None
     return {name: {c: cached[name][c] for c in columns} for name in sizes}
 
@@ -246,7 +238,9 @@ def _save_cached(path: Path, columns: dict[str, dict[str, list[float]]]) -> None
     staging = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         staging.parent.mkdir(parents=True, exist_ok=True)
-        datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in columns.items()}).save_to_disk(str(staging))
+        datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in columns.items()}).save_to_disk(
+            str(staging)
+        )
         staging.rename(path)
     except OSError:  # a read-only pack dir, or another process cached it first: no cache, same result
         shutil.rmtree(staging, ignore_errors=True)
@@ -291,17 +285,19 @@ def attach_reference_logps(
 # ---- choosing the strategy -----------------------------------------------------------------
 
 
-def load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: "TrainingRun") -> torch.nn.Module:
+def load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: TrainingRun) -> torch.nn.Module:
     tokenizer = load_tokenizer(ref, run.config.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
-        raise InputError(f"--ref {ref.name}: its tokenizer differs from {run.source.name}'s; the reference must share the policy's tokens")
+        raise InputError(
+            f"--ref {ref.name}: its tokenizer differs from {run.source.name}'s; the reference must share the policy's tokens"
+        )
     model = load_causal_lm(ref, run.weights_dtype, run.config.trust_remote_code)
     return model.eval().requires_grad_(False)
 
 
 def setup_reference(
     config: ReferenceConfig,
-    run: "TrainingRun",
+    run: TrainingRun,
     policy: torch.nn.Module,
     data: PreparedData,
     tokenizer: Any,
@@ -333,8 +329,14 @@ def setup_reference(
     if config.ref and not (ref_is_start and config.lora):
         return ModelReference(load_reference_model(ref_source, tokenizer, run), spec), data, f"{described}, on the fly"
     if config.lora and run.source.adapter_dir:
-        return AdapterReference(policy, run.source.adapter_dir, spec), data, f"{described} (its adapter, frozen), on the fly"
+        return (
+            AdapterReference(policy, run.source.adapter_dir, spec),
+            data,
+            f"{described} (its adapter, frozen), on the fly",
+        )
     if config.lora:
         return DisabledAdapterReference(spec), data, f"{described} (the base, adapter disabled), on the fly"
-    warn("full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not")
+    warn(
+        "full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not"
+    )
     return ModelReference(copy.deepcopy(policy), spec), data, f"{described} (a frozen copy), on the fly"

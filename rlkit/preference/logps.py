@@ -32,10 +32,14 @@ class PairLogps:
         return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], num_sequences: int, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: torch.nn.Module, batch: dict[str, Any], num_sequences: int, prefix: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs [num_sequences] of the sequences laid out under `prefix`
     (see `rlkit.data.pairs.collate_sequences`), and their completion token counts."""
-    logps, mask = label_logprobs(model, batch[f"{prefix}input_ids"], batch[f"{prefix}position_ids"], batch[f"{prefix}labels"])
+    logps, mask = label_logprobs(
+        model, batch[f"{prefix}input_ids"], batch[f"{prefix}position_ids"], batch[f"{prefix}labels"]
+    )
     return sequence_sums(logps, batch[f"{prefix}seq_index"][:, 1:].to(logps.device), mask, num_sequences)
 
 

@@ -5,7 +5,7 @@ B examples costs two forwards: one with gradient over each prompt + its own comp
 without over each prompt + its mismatched completion (another example's, see
 `rlkit.data.unpaired.mismatched_partners`), which estimates the reference point z0 = KL(π‖π_ref).
 The mismatched forward needs no backward, so it costs a third of the first. The reference's
-log-probs of both come precomputed by default (`rlkit.reference`, shared with dpo).
+log-probs of both come precomputed by default (`rlkit.preference.reference`, shared with dpo).
 
 The iterated recipe (each round's model is the next round's reference):
 
@@ -17,9 +17,10 @@ The iterated recipe (each round's model is the next round's reference):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
@@ -31,9 +32,9 @@ from rlkit.data.prepare import DataOptions, PreparedData, prepare_unpaired_data
 from rlkit.data.unpaired import collate_unpaired, describe_unpaired_data, with_kl_completions
 from rlkit.errors import InputError
 from rlkit.losses import desirable_weight_hint, kl_reference_point, kto_loss
-from rlkit.pair_logps import sequence_logps
-from rlkit.pair_training import disable_dropout
-from rlkit.reference import LogpsSpec, Reference, ReferenceConfig, model_device, setup_reference, to_device
+from rlkit.models.modes import disable_dropout, model_device, to_device
+from rlkit.preference.logps import sequence_logps
+from rlkit.preference.reference import LogpsSpec, Reference, ReferenceConfig, setup_reference
 from rlkit.training.engine import StepOutput
 from rlkit.training.run import TrainingRun
 
@@ -52,9 +53,17 @@ class KTOConfig(ReferenceConfig):
         metavar="DATA...",
         default=[],
     )
-    batch_size: int = opt(8, "Examples per device per micro-batch, at least 2: z0 is averaged over the micro-batch's mismatched pairs (and over processes).")
-    beta: float = opt(0.1, "β: how strongly the policy is held to the reference; scales the implicit reward log π/π_ref.")
-    desirable_weight: float = opt(1.0, "λ_D, the weight of desirable examples' losses. Keep λ_D·n_D/(λ_U·n_U) in [1, 4/3] (the paper's advice; rlkit warns and suggests weights otherwise).")
+    batch_size: int = opt(
+        8,
+        "Examples per device per micro-batch, at least 2: z0 is averaged over the micro-batch's mismatched pairs (and over processes).",
+    )
+    beta: float = opt(
+        0.1, "β: how strongly the policy is held to the reference; scales the implicit reward log π/π_ref."
+    )
+    desirable_weight: float = opt(
+        1.0,
+        "λ_D, the weight of desirable examples' losses. Keep λ_D·n_D/(λ_U·n_U) in [1, 4/3] (the paper's advice; rlkit warns and suggests weights otherwise).",
+    )
     undesirable_weight: float = opt(1.0, "λ_U, the weight of undesirable examples' losses.")
 
 
@@ -79,7 +88,9 @@ def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], to
 class KTOObjective:
     """Per-example KTO loss; rewards and log-probs averaged over desirable / undesirable examples."""
 
-    def __init__(self, config: KTOConfig, reference: Reference, across_processes: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(
+        self, config: KTOConfig, reference: Reference, across_processes: Callable[[torch.Tensor], torch.Tensor]
+    ):
         self.reference, self.across_processes = reference, across_processes
         self.beta, self.weights = config.beta, (config.desirable_weight, config.undesirable_weight)
 
@@ -106,8 +117,10 @@ class KTOObjective:
             "logps/rejected": logps.detach()[undesirable].sum(),
         }
         counts = {
-            "rewards/chosen": desirable.sum(), "rewards/rejected": undesirable.sum(),
-            "logps/chosen": desirable.sum(), "logps/rejected": undesirable.sum(),
+            "rewards/chosen": desirable.sum(),
+            "rewards/rejected": undesirable.sum(),
+            "logps/chosen": desirable.sum(),
+            "logps/rejected": undesirable.sum(),
         }
         return StepOutput(loss=losses.sum(), metrics=metrics, counts=counts)
 
@@ -124,7 +137,9 @@ def check_options(config: KTOConfig) -> None:
     if config.beta <= 0:
         raise InputError(f"--beta {config.beta}: must be > 0")
     if config.desirable_weight <= 0 or config.undesirable_weight <= 0:
-        raise InputError(f"--desirable-weight {config.desirable_weight} / --undesirable-weight {config.undesirable_weight}: both must be > 0")
+        raise InputError(
+            f"--desirable-weight {config.desirable_weight} / --undesirable-weight {config.undesirable_weight}: both must be > 0"
+        )
     if config.batch_size < 2:
         raise InputError(
             f"--batch-size {config.batch_size}: KTO needs at least 2 examples per micro-batch; its reference point z0 "
@@ -150,8 +165,13 @@ def check_weights(config: KTOConfig, counts: dict[str, int]) -> None:
 def load_unpaired(run: TrainingRun, config: KTOConfig, tokenizer: Any) -> PreparedData:
     """Tokenised examples (train + eval) with their mismatched completions attached."""
     opts = DataOptions(
-        sources=config.data, max_length=config.max_length, template=config.template, columns=config.columns,
-        eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
+        sources=config.data,
+        max_length=config.max_length,
+        template=config.template,
+        columns=config.columns,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
     )
     with run.accelerator.main_process_first():
         data = prepare_unpaired_data(opts, tokenizer, config.model or "")
@@ -162,8 +182,14 @@ def load_unpaired(run: TrainingRun, config: KTOConfig, tokenizer: Any) -> Prepar
     max_length = data.metadata["max_length"]
     train, clashes = with_kl_completions(data.train, max_length, config.seed)
     if clashes:
-        warn(f"{clashes} of {len(train)} mismatched pairs share a prompt (one prompt holds most of the data); z0 is biased towards the rewards")
-    eval_split = with_kl_completions(data.eval, max_length, config.seed)[0] if data.eval is not None and len(data.eval) >= 2 else None
+        warn(
+            f"{clashes} of {len(train)} mismatched pairs share a prompt (one prompt holds most of the data); z0 is biased towards the rewards"
+        )
+    eval_split = (
+        with_kl_completions(data.eval, max_length, config.seed)[0]
+        if data.eval is not None and len(data.eval) >= 2
+        else None
+    )
     return PreparedData(train, eval_split, data.metadata, data.directory)
 
 
@@ -178,8 +204,15 @@ def run_kto(config: KTOConfig) -> Path:
     policy = run.load_policy()
     if not config.dropout:
         disable_dropout(policy)
-    collate = functools.partial(collate_unpaired, pad_id=tokenizer.pad_token_id, padding_free=config.padding_free, capacity=config.row_tokens or None)
-    reference, data, described = setup_reference(config, run, policy, data, tokenizer, collate, KTO_LOGPS, cache_tag=f"-kto-kl{config.seed}")
+    collate = functools.partial(
+        collate_unpaired,
+        pad_id=tokenizer.pad_token_id,
+        padding_free=config.padding_free,
+        capacity=config.row_tokens or None,
+    )
+    reference, data, described = setup_reference(
+        config, run, policy, data, tokenizer, collate, KTO_LOGPS, cache_tag=f"-kto-kl{config.seed}"
+    )
     info(f"reference: {described}")
     objective = KTOObjective(config, reference, mean_over_processes(run.accelerator))
     default_lr = 5e-6 if config.lora else 5e-7

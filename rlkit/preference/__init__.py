@@ -1,0 +1,1 @@
+"""What dpo, kto and train-rm share: pair and unpaired data options, sequence log-probs, the frozen reference."""

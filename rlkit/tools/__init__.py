@@ -1,0 +1,1 @@
+"""The commands that train nothing: pack, merge-lora, chat, and the generation they share."""
