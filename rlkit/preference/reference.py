@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import datasets
 import torch
@@ -37,14 +37,13 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, gather_object
 
 from rlkit import __version__
-from rlkit.config import opt
 from rlkit.console import info, warn
 from rlkit.data.prepare import PreparedData, tokenizer_fingerprint
 from rlkit.errors import InputError
 from rlkit.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_source
 from rlkit.models.modes import eval_mode, model_device, to_device
+from rlkit.preference.config import ReferenceConfig
 from rlkit.preference.logps import pair_logps
-from rlkit.preference.pairs import PairTrainConfig
 
 if TYPE_CHECKING:
     from rlkit.training.run import TrainingRun
@@ -54,20 +53,6 @@ REFERENCE_ADAPTER = "reference"
 
 Batch = dict[str, Any]
 Measure = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class ReferenceConfig(PairTrainConfig):
-    """The options of every trainer held to a frozen reference (dpo, kto)."""
-
-    ref: Optional[str] = opt(
-        None,
-        "Reference model (HF dir, hub name, adapter dir or .gguf). Default: MODEL as it starts; with a fresh LoRA adapter, the base with the adapter disabled.",
-    )
-    precompute_ref: bool = opt(
-        True,
-        "Compute the reference log-probs in one pass before training and cache them next to the data, so training holds no reference model (--no-precompute-ref: a reference forward every step).",
-    )
 
 
 def _pair_measure(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,14 +14,12 @@ The Tulu 2.5 recipe, as flags (global batch 32 = 8 x 4 on one device):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 
-from rlkit.config import arg, opt
 from rlkit.console import info, warn
 from rlkit.data.prepare import PreparedData
 from rlkit.errors import InputError
@@ -30,42 +28,10 @@ from rlkit.losses.preference import implicit_reward_accuracy
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.logps import pair_logps
 from rlkit.preference.pairs import load_pairs, pair_collate
-from rlkit.preference.reference import Reference, ReferenceConfig, setup_reference
+from rlkit.preference.reference import Reference, setup_reference
+from rlkit.recipes.dpo_config import DPOConfig
 from rlkit.training.engine import StepOutput
 from rlkit.training.run import TrainingRun
-
-
-@dataclass
-class DPOConfig(ReferenceConfig):
-    model: Optional[str] = arg(
-        "Policy to start from: an HF dir, a hub name, a LoRA adapter dir (e.g. `rlkit sft --lora` output: the adapter "
-        "is continued and its frozen start is the reference) or a .gguf file.",
-        metavar="MODEL",
-    )
-    loss: str = opt(
-        "sigmoid",
-        "Preference loss: sigmoid (DPO; cDPO with --label-smoothing), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).",
-        choices=tuple(PREFERENCE_LOSSES),
-    )
-    beta: float = opt(
-        0.1, "β: how strongly the policy is held to the reference (IPO's τ; SimPO's reward scale, 2-2.5 in its paper)."
-    )
-    label_smoothing: float = opt(
-        0.0,
-        "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).",
-    )
-    simpo_gamma: float = opt(
-        0.5,
-        "SimPO's target reward margin γ (the paper's γ, as TRL's CPOConfig simpo_gamma; not the SimPO scripts' gamma_beta_ratio).",
-    )
-    sft_weight: float = opt(
-        0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss."
-    )
-    gradient_checkpointing: bool = opt(
-        True,
-        "Recompute activations in the backward pass to save memory. On by default for dpo, as in TRL: every step carries "
-        "both sides of each pair. On a GPU --no-gradient-checkpointing buys speed back where memory allows.",
-    )
 
 
 class DPOObjective:

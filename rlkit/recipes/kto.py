@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from rlkit.config import arg, opt
 from rlkit.console import info, warn
 from rlkit.data.prepare import DataOptions, PreparedData, prepare_unpaired_data
 from rlkit.data.unpaired import collate_unpaired, describe_unpaired_data, with_kl_completions
@@ -34,37 +32,10 @@ from rlkit.errors import InputError
 from rlkit.losses import desirable_weight_hint, kl_reference_point, kto_loss
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.logps import sequence_logps
-from rlkit.preference.reference import LogpsSpec, Reference, ReferenceConfig, setup_reference
+from rlkit.preference.reference import LogpsSpec, Reference, setup_reference
+from rlkit.recipes.kto_config import KTOConfig
 from rlkit.training.engine import StepOutput
 from rlkit.training.run import TrainingRun
-
-
-@dataclass
-class KTOConfig(ReferenceConfig):
-    model: Optional[str] = arg(
-        "Policy to start from: an HF dir, a hub name, a LoRA adapter dir (continued; its frozen start is the reference) "
-        "or a .gguf file. For iterated KTO, the previous round's output, also given as --ref.",
-        metavar="MODEL",
-    )
-    data: list[str] = arg(
-        "Unpaired feedback: prompt/completion/label (label true = desirable), or preference pairs (each split into a "
-        "desirable chosen and an undesirable rejected example); JSONL/JSON/Parquet/CSV files, save_to_disk dirs, "
-        "dataset names, or a `rlkit pack` dir (of unpaired examples or of pairs).",
-        metavar="DATA...",
-        default=[],
-    )
-    batch_size: int = opt(
-        8,
-        "Examples per device per micro-batch, at least 2: z0 is averaged over the micro-batch's mismatched pairs (and over processes).",
-    )
-    beta: float = opt(
-        0.1, "β: how strongly the policy is held to the reference; scales the implicit reward log π/π_ref."
-    )
-    desirable_weight: float = opt(
-        1.0,
-        "λ_D, the weight of desirable examples' losses. Keep λ_D·n_D/(λ_U·n_U) in [1, 4/3] (the paper's advice; rlkit warns and suggests weights otherwise).",
-    )
-    undesirable_weight: float = opt(1.0, "λ_U, the weight of undesirable examples' losses.")
 
 
 def _kto_measure(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

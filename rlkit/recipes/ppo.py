@@ -33,15 +33,14 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from rlkit.config import arg, opt
 from rlkit.console import console, info, warn
 from rlkit.data.formats import Messages, as_messages
 from rlkit.data.load import load_records
@@ -65,89 +64,16 @@ from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.load import load_causal_lm, resolve_source
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.models.modes import disable_dropout
+from rlkit.recipes.ppo_config import PPOConfig
 from rlkit.scoring import Reward, is_model_dir, load_reward, load_sequence_classifier
 from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
 from rlkit.training.logprobs import positions_from_mask, response_logprobs
-from rlkit.training.options import TrainConfig
 from rlkit.training.run import TrainingRun
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
 SAMPLES_FILE = "samples.jsonl"
-
-
-@dataclass
-class PPOConfig(TrainConfig):
-    model: Optional[str] = arg(
-        "Policy to train: an HF dir, a hub name, a LoRA adapter dir (e.g. `rlkit sft --lora` output) or a .gguf file.",
-        metavar="POLICY",
-    )
-    data: list[str] = arg(
-        "Prompts: files or dirs with a `prompt` column (string or messages) or `messages` (a final assistant turn is dropped).",
-        metavar="PROMPTS...",
-        default=[],
-    )
-    reward: Optional[str] = opt(
-        None,
-        "Reward: a `train-rm` output dir (any one-score sequence classifier, full or SEQ_CLS adapter), or module:function taking (prompts, completions) -> list[float].",
-    )
-    ref: Optional[str] = opt(
-        None,
-        "Reference model for the KL penalty (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).",
-    )
-    critic: str = opt(
-        "shared",
-        "Value function: a scalar head on the policy's trunk (shared), or a separate critic initialised from the reward model dir (rm).",
-        choices=("shared", "rm"),
-    )
-    max_steps: Optional[int] = opt(
-        None, "Stop after this many PPO steps (rollouts; default: --epochs passes over the prompts)."
-    )
-    batch_size: int = opt(
-        8,
-        "Prompts per device per micro-batch; one rollout is batch-size x grad-accum x mini-batches prompts per device.",
-    )
-    max_length: int = opt(
-        1024, "Maximum prompt tokens plus --max-new-tokens; longer prompts are dropped (with a count)."
-    )
-    scheduler: str = opt("constant", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
-    save_every: int = opt(0, "Save a resumable checkpoint every N PPO steps (0: only on interruption).")
-    max_new_tokens: int = opt(64, "Longest completion sampled per prompt; sampling stops earlier at EOS.")
-    temperature: float = opt(1.0, "Sampling temperature (log-probs are computed at the same temperature).")
-    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
-    missing_eos_penalty: float = opt(
-        0.0, "Subtract this from the score of a completion that ends without EOS (0: no penalty)."
-    )
-    score_norm: str = opt(
-        "none",
-        "Normalise scores before the KL shaping: none, or batch (standardise over the rollout of all processes).",
-        choices=("none", "batch"),
-    )
-    score_clip: float = opt(0.0, "Clip (normalised) scores to [-C, C] (0: no clipping).")
-    whiten_rewards: bool = opt(False, "Whiten the per-token rewards (scale only, mean kept) before GAE.")
-    kl_coef: float = opt(0.05, "KL penalty coefficient beta (the initial one with --target-kl).")
-    kl_estimator: str = opt(
-        "k1",
-        "Per-token KL estimator: k1 (log-ratio, unbiased) or k3 (non-negative, lower variance).",
-        choices=("k1", "k3"),
-    )
-    target_kl: Optional[float] = opt(
-        None, "Adapt beta so the mean per-sequence KL tracks this target (Ziegler et al.); unset: fixed --kl-coef."
-    )
-    kl_horizon: int = opt(10000, "Horizon (in sampled sequences) of the adaptive KL controller.")
-    gamma: float = opt(1.0, "Discount factor of GAE.")
-    lam: float = opt(0.95, "GAE lambda.")
-    cliprange: float = opt(0.2, "PPO clip range of the policy ratio.")
-    cliprange_value: float = opt(0.2, "Clip range of the value function around the rollout-time values.")
-    vf_coef: float = opt(0.1, "Weight of the value loss in the total loss.")
-    ppo_epochs: int = opt(4, "Passes over each rollout batch.")
-    mini_batches: int = opt(1, "Mini-batches per pass over a rollout batch (each one optimizer update).")
-    sample_every: int = opt(
-        10,
-        "Every N PPO steps, show a (prompt, response, score) table on stderr and append it to samples.jsonl (0: never).",
-    )
-    num_samples: int = opt(4, "Rows in each samples table.")
 
 
 # ---- models ------------------------------------------------------------------------------

@@ -22,15 +22,13 @@ carry the head's config. `--no-merge` writes the adapter (score head inside) ins
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 
-from rlkit.config import arg, opt
 from rlkit.console import warn
 from rlkit.data.pairs import last_token_index
 from rlkit.errors import InputError
@@ -38,26 +36,10 @@ from rlkit.losses import bradley_terry_loss
 from rlkit.losses.preference import implicit_reward_accuracy
 from rlkit.models.load import add_lora, load_causal_lm, strip_gguf_marker
 from rlkit.models.modes import disable_dropout, model_device, to_device
-from rlkit.preference.pairs import PairTrainConfig, load_pairs, pair_collate
+from rlkit.preference.pairs import load_pairs, pair_collate
+from rlkit.recipes.reward_model_config import RewardModelConfig
 from rlkit.training.engine import StepOutput
 from rlkit.training.run import TrainingRun, prepare_for_training
-
-
-@dataclass
-class RewardModelConfig(PairTrainConfig):
-    model: Optional[str] = arg(
-        "Model to start from (its LM head is replaced by a one-score head): an HF dir, a hub name, a LoRA adapter dir "
-        "(e.g. `rlkit sft --lora` output, merged into its base first) or a .gguf file.",
-        metavar="MODEL",
-    )
-    center_rewards: float = opt(
-        0.0,
-        "COEF: add COEF x mean((r_chosen + r_rejected)^2) to the loss, keeping scores centred on 0 (Eisenstein et al. 2023; 0.01 is usual).",
-    )
-    merge: bool = opt(
-        True,
-        "With LoRA, write a full sequence-classification model with the adapter merged (--no-merge: the adapter, score head included).",
-    )
 
 
 def _hf_model(model: torch.nn.Module) -> Any:

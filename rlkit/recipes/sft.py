@@ -3,40 +3,20 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 
-from rlkit.config import arg, opt
 from rlkit.console import info
 from rlkit.data.collate import collate_rows
 from rlkit.data.prepare import DataOptions, prepare_sft_data
 from rlkit.data.tokenize import IGNORE
+from rlkit.recipes.sft_config import SFTConfig
 from rlkit.training.engine import StepOutput
 from rlkit.training.logprobs import label_logprobs
-from rlkit.training.options import TrainConfig
 from rlkit.training.run import TrainingRun
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    model: Optional[str] = arg(
-        "Model to fine-tune: an HF dir, a hub name, a LoRA adapter dir or a .gguf file.", metavar="MODEL"
-    )
-    data: list[str] = arg(
-        "Training data: JSONL/JSON/Parquet/CSV files, save_to_disk dirs, dataset names, or a `rlkit pack` dir.",
-        metavar="DATA...",
-        default=[],
-    )
-    packing: bool = opt(
-        True, "Pack examples into rows of --max-length (best-fit-decreasing, attention kept per example)."
-    )
-    completion_only: bool = opt(
-        True, "Put the loss on completion/assistant tokens only (--no-completion-only: every token)."
-    )
 
 
 class SFTObjective:

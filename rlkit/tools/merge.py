@@ -14,49 +14,24 @@ is dequantized on load anyway (rlkit.models.load).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from rlkit.config import arg, config_to_dict, opt
+from rlkit.config import config_to_dict
 from rlkit.console import info
 from rlkit.errors import InputError, RunError
 from rlkit.models.inference import DTYPES, adapter_config, adapter_score_labels
 from rlkit.models.load import ModelSource, load_tokenizer, resolve_source, strip_gguf_marker
 from rlkit.output import check_output, finalize, open_run_dir, write_config, write_model_card
+from rlkit.tools.merge_config import MergeConfig
 
 TASKS = {"CAUSAL_LM": "causal LM", "SEQ_CLS": "sequence classifier (reward model)"}
 # Default tolerance per dtype: fp32 merges are exact up to summation order; half precision
 # rounds W + BA to 8 (bf16) or 11 (fp16) mantissa bits.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 PROBE = "The quick brown fox jumps over the lazy dog. Question: What is 2 + 2? Answer: 4."
-
-
-@dataclass
-class MergeConfig:
-    adapter: Optional[str] = arg(
-        "LoRA adapter dir (causal LM or reward model), e.g. `rlkit sft --lora` output.", metavar="ADAPTER"
-    )
-    output: Optional[str] = opt(
-        None,
-        "Output directory for the merged model (written under OUT.partial, renamed when complete).",
-        flags=("-o", "--output"),
-    )
-    base: Optional[str] = opt(
-        None, "Base model (HF dir, hub name or .gguf). Default: the base named in the adapter's adapter_config.json."
-    )
-    dtype: str = opt("float32", "Dtype of the merged weights (the merge itself runs in it).", choices=tuple(DTYPES))
-    dequantize: bool = opt(
-        False, "Allow a quantized (bitsandbytes) base: dequantize it to --dtype before merging (refused otherwise)."
-    )
-    tolerance: float = opt(
-        0.0,
-        "Largest allowed logit difference between adapter and merged model on the probe, as a fraction of max(1, largest absolute logit) (0: 1e-4 for float32, 1e-2 float16, 5e-2 bfloat16).",
-    )
-    overwrite: bool = opt(False, "Replace an existing output directory instead of refusing.")
-    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
 
 
 def _check_adapter(adapter: str) -> dict[str, Any]:

@@ -8,14 +8,12 @@ completions (prompt/completion/label) become unpaired examples by default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from rlkit.config import arg, opt
 from rlkit.console import console, warn
 from rlkit.data.pairs import SIDES, describe_pair_data
 from rlkit.data.prepare import DataOptions, build_data, save_prepared
@@ -24,39 +22,7 @@ from rlkit.data.unpaired import describe_unpaired_data
 from rlkit.errors import InputError
 from rlkit.models.load import load_tokenizer, resolve_source
 from rlkit.output import check_output, finalize, open_run_dir
-
-
-@dataclass
-class PackConfig:
-    data: list[str] = arg(
-        "Data to pack: JSONL/JSON/Parquet/CSV files, save_to_disk dirs or dataset names.", metavar="DATA...", default=[]
-    )
-    output: Optional[str] = opt(
-        None, "Output `datasets` dir (with rlkit_pack.json metadata); optional with --show.", flags=("-o", "--output")
-    )
-    tokenizer: Optional[str] = opt(
-        None, "Model whose tokenizer to use: an HF dir, hub name, adapter dir or .gguf file."
-    )
-    template: Optional[str] = opt(
-        None,
-        "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
-    )
-    columns: Optional[str] = opt(None, "Map columns onto the standard names, e.g. prompt=question,completion=answer.")
-    max_length: int = opt(1024, "Maximum tokens per example and per packed row.")
-    packing: bool = opt(True, "Pack examples into rows with best-fit-decreasing (--no-packing: one example per row).")
-    completion_only: bool = opt(True, "Labels on completion/assistant tokens only (--no-completion-only: every token).")
-    eval_data: Optional[str] = opt(None, "Held-out data, tokenized into an 'eval' split.")
-    eval_fraction: float = opt(0.0, "Hold out this fraction of DATA as the 'eval' split.")
-    seed: int = opt(42, "Seed of the eval split.")
-    kind: str = opt(
-        "auto",
-        "What to prepare: sft rows, preference pairs (dpo/train-rm), unpaired labelled examples (kto; pairs are split), "
-        "or auto (pairs for prompt/chosen/rejected, unpaired for prompt/completion/label, else sft).",
-        choices=("auto", "sft", "pairs", "unpaired"),
-    )
-    show: int = opt(0, "Print N rendered examples, trainable tokens in colour and masked ones dimmed.")
-    overwrite: bool = opt(False, "Replace an existing output dir.")
-    trust_remote_code: bool = opt(False, "Allow the tokenizer's repository to run its own code.")
+from rlkit.tools.pack_config import PackConfig
 
 
 def _examples_of(rows: Any, n: int) -> list[tuple[list[int], list[int]]]:

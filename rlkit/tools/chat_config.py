@@ -1,0 +1,35 @@
+"""The options of `rlkit chat`, importable without torch so that `--help` starts at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from rlkit.config import arg, opt
+
+
+@dataclass
+class ChatConfig:
+    model: Optional[str] = arg(
+        "Model to chat with: an HF dir, a hub name, a LoRA adapter dir or a .gguf file.", metavar="MODEL"
+    )
+    template: Optional[str] = opt(
+        None,
+        "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+    )
+    system: Optional[str] = opt(
+        None, "System message put before every conversation (piped: unless a line's messages have their own)."
+    )
+    max_new_tokens: int = opt(256, "Most tokens generated per reply.")
+    temperature: Optional[float] = opt(
+        None, "Sampling temperature; 0 is greedy. Default: 0.7 on a terminal, 0 (greedy) when stdin is piped."
+    )
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this total probability (1: all).")
+    seed: Optional[int] = opt(None, "Seed for sampling; the same seed, input and --batch-size give the same output.")
+    n: int = opt(1, "Samples per prompt when piped (one JSON line each); use with --temperature > 0.")
+    batch_size: int = opt(8, "Prompts generated together when piped.")
+    dtype: str = opt(
+        "auto",
+        "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
