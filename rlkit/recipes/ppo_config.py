@@ -7,6 +7,7 @@ from typing import Optional
 
 from rlkit.config import arg, opt
 from rlkit.training.options import TrainConfig
+from rlkit.training.schedule import SCHEDULES
 
 
 @dataclass
@@ -43,7 +44,7 @@ class PPOConfig(TrainConfig):
     max_length: int = opt(
         1024, "Maximum prompt tokens plus --max-new-tokens; longer prompts are dropped (with a count)."
     )
-    scheduler: str = opt("constant", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
+    scheduler: str = opt("constant", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     save_every: int = opt(0, "Save a resumable checkpoint every N PPO steps (0: only on interruption).")
     max_new_tokens: int = opt(64, "Longest completion sampled per prompt; sampling stops earlier at EOS.")
     temperature: float = opt(1.0, "Sampling temperature (log-probs are computed at the same temperature).")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlkit.config import opt
+from rlkit.training.schedule import SCHEDULES
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TrainConfig:
     report_to: str = opt(
         "none", "Also log metrics to: none, tensorboard or wandb.", choices=("none", "tensorboard", "wandb")
     )
-    scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=("linear", "cosine", "constant"))
+    scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULES)
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps.")
     warmup_steps: int = opt(0, "Warmup steps (wins over --warmup-ratio when > 0).")
     weight_decay: float = opt(0.0, "AdamW weight decay (matrices only; not biases or norms).")
