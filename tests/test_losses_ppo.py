@@ -251,3 +251,23 @@ def test_explained_variance_across_processes_matches_one_process():
         lambda p, reduce: explained_variance(p[0], p[1], p[2], reduce=reduce),
     )
     assert split[0].item() == pytest.approx(whole.item()) and split[1].item() == pytest.approx(whole.item())
+
+
+def test_gae_estimator_whitens_the_advantages_and_keeps_the_returns():
+    from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS, gae_advantages
+
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 0.5, 50.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = gae_advantages(rewards, mask, values, gamma=0.9, lam=0.8)
+    # the hand-computed GAE of test_gae_with_a_row_that_ends_early, whitened over the 5 real tokens
+    raw = [0.21712, 0.246, 0.3, 0.53, 1.5]
+    mean = sum(raw) / 5
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 4)  # unbiased
+    white = [(a - mean) / std for a in raw]
+    assert adv.tolist() == [approx(white[:3], abs=1e-4), approx([white[3], white[4], 0.0], abs=1e-4)]
+    assert ret.tolist() == [approx([0.71712, 0.846, 1.0]), approx([1.53, 2.0, 0.0])]
+    record = ADVANTAGE_ESTIMATORS["gae"]
+    assert record.fn is gae_advantages and record.needs_values and record.params == ("gamma", "lam")
+    with pytest.raises(ValueError, match="value function"):
+        gae_advantages(rewards, mask, None, gamma=0.9, lam=0.8)

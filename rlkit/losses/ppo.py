@@ -1,4 +1,4 @@
-"""PPO for RLHF: KL-shaped rewards, GAE, clipped losses and KL controllers.
+"""PPO for RLHF: KL-shaped rewards, clipped losses and KL controllers (GAE and whitening: `rlkit.losses.advantages`).
 
 Conventions: tensors are [B, T] over *response* tokens, and ``mask`` [B, T] is
 1 for real response tokens up to and including EOS and 0 after it (right
@@ -19,69 +19,24 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rlkit.losses.advantages import gae, masked_mean, masked_var, masked_whiten
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` over entries where ``mask`` is nonzero (0 when there are none).
-
-    Why: padding and post-EOS tokens must not dilute per-token statistics.
-    """
-    m = mask.bool()
-    total = torch.where(m, x, 0).sum(dim=dim)
-    count = m.sum(dim=dim)
-    return total / count.clamp(min=1).to(total.dtype)
-
-
-def masked_var(
-    x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Callable[[Tensor], Tensor] | None = None
-) -> Tensor:
-    """Variance of the masked entries of ``x``; ``unbiased`` applies Bessel's n/(n-1) when n > 1.
-
-    ``reduce`` (optional) sums a tensor over processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``):
-    then the mean and variance are those of the masked entries of *every* process's ``x``, so a
-    rollout split over N processes gets the statistics of the whole rollout, as one process would.
-    """
-    if reduce is None:
-        mean = masked_mean(x, mask)
-        var = masked_mean((x - mean) ** 2, mask)
-        n = mask.bool().sum()
-    else:
-        m = mask.bool()
-        sums = reduce(torch.stack([torch.where(m, x, 0).sum(), m.sum().to(x.dtype)]))
-        total, n = sums[0], sums[1]
-        mean = total / n.clamp(min=1)
-        var = reduce(torch.where(m, (x - mean) ** 2, 0).sum()) / n.clamp(min=1)
-    if unbiased and n > 1:
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(
-    x: Tensor,
-    mask: Tensor,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    reduce: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
-    """Normalise masked entries to unit (unbiased) variance, and zero mean if ``shift_mean``.
-
-    Why: whitening advantages over the batch keeps the policy-gradient scale
-    stable as reward magnitudes drift (Huang et al. 2024). ``shift_mean=False``
-    is used for rewards, whose sign carries meaning. Masked entries are set to 0.
-    ``reduce`` sums over processes (see ``masked_var``): the statistics are the
-    whole rollout's, so N processes whiten exactly as one process with the same
-    global rollout would, rather than each subtracting its own baseline.
-    """
-    if reduce is None:
-        mean, var = masked_mean(x, mask), masked_var(x, mask)
-    else:
-        m = mask.bool()
-        sums = reduce(torch.stack([torch.where(m, x, 0).sum(), m.sum().to(x.dtype)]))
-        mean = sums[0] / sums[1].clamp(min=1)
-        var = masked_var(x, mask, reduce=reduce)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, 0)
+# `gae` and `masked_var` are imported here too so that `from rlkit.losses.ppo import gae` keeps working
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "per_token_rewards",
+    "standardise_scores",
+]
 
 
 def standardise_scores(scores: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -127,29 +82,6 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     at_last = (positions == last.unsqueeze(1)) & m
     rewards = non_score + torch.where(at_last, scores.to(non_score.dtype).unsqueeze(1), 0)
     return rewards, non_score.sum(dim=1)
-
-
-@torch.no_grad()
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16), per row, backwards in time.
-
-    Why: A_t = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γV_{t+1} - V_t trades bias for
-    variance via λ. Each row is its own episode ending at its last real token,
-    so V beyond that token is 0 (no bootstrapping from padding) even when the
-    row ends early. Returns (advantages, returns = A + V), both [B, T], 0 where
-    mask is 0, and without gradient (they are PPO targets).
-    """
-    m = mask.bool()
-    r, v = torch.where(m, rewards, 0), torch.where(m, values, 0)
-    last_adv = torch.zeros_like(v[:, 0])
-    advantages = []
-    for t in reversed(range(v.shape[1])):
-        next_v = v[:, t + 1] if t + 1 < v.shape[1] else torch.zeros_like(last_adv)
-        delta = r[:, t] + gamma * next_v - v[:, t]
-        last_adv = torch.where(m[:, t], delta + gamma * lam * last_adv, 0)
-        advantages.append(last_adv)
-    adv = torch.stack(advantages[::-1], dim=1)
-    return adv, torch.where(m, adv + v, 0)
 
 
 def clipped_policy_loss(
