@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -25,12 +26,29 @@ from rlkit.errors import InputError
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple[str, ...] = ()) -> Any:
-    """A config field exposed as `--name` (or the given flag declarations)."""
+def opt(
+    default: Any,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    choices: tuple[str, ...] = (),
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    finite: bool = True,
+) -> Any:
+    """A config field exposed as `--name` (or the given flag declarations).
+
+    The field also declares which values it accepts, once, so `resolve_config` refuses a bad
+    value the same way whether it came from a flag or from `--config`: `choices`, an inclusive
+    `min`/`max`, an exclusive `above`/`below`, and for a float `finite` (NaN and inf refused).
+    """
     factory = None
     if isinstance(default, (list, dict)):
         factory, default = (lambda d=default: type(d)(d)), dataclasses.MISSING
-    metadata = {"help": help, "flags": flags, "choices": choices}
+    bounds = {"min": min, "max": max, "above": above, "below": below}
+    metadata = {"help": help, "flags": flags, "choices": choices, "finite": finite, **bounds}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -83,7 +101,9 @@ def _typer_parameter(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Turn a YAML or comma-separated CLI value into the field's type, or explain why not."""
+    """Turn a YAML or comma-separated CLI value into the field's type, or explain why not.
+
+    `name` is how the error line names the option: its flag, or the YAML file and key."""
     base = _unwrap_optional(tp)
     if value is None:
         return None
@@ -102,11 +122,75 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # YAML `true` is not the number 1
+        if base is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)  # int(2.5) would quietly train with 2
+            return int(value)
         if base in (int, float, str):
             return base(value)
-    except (TypeError, ValueError):
-        raise InputError(f"option {name!r}: cannot read {value!r} as {getattr(base, '__name__', base)}")
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}")
     return value
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The long flag a user types for `f` (`--lora` for `--lora/--full`), or its metavar if positional."""
+    if f.metadata.get("positional"):
+        return f.metadata["metavar"]
+    for flag in f.metadata.get("flags") or ():
+        if flag.startswith("--"):
+            return flag.split("/")[0]
+    return "--" + f.name.replace("_", "-")
+
+
+def accepted_range(meta: Any) -> str:
+    """`>= 1`, `> 0`, `in [0, 0.5)`: the bounds a field declares, as a user reads them."""
+    low = f"{meta['min']:g}" if meta.get("min") is not None else None
+    low_open = meta.get("above") is not None
+    low = f"{meta['above']:g}" if low_open else low
+    high_open = meta.get("below") is not None
+    high = f"{meta['below']:g}" if high_open else (f"{meta['max']:g}" if meta.get("max") is not None else None)
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high}"
+    return ""
+
+
+def value_problem(value: Any, meta: Any) -> str | None:
+    """Why `value` breaks its field's declaration (choices, finiteness, bounds), or None if it does not."""
+    if value is None or isinstance(value, bool):
+        return None
+    choices = meta.get("choices") or ()
+    if choices and value not in choices:
+        return f"expected one of {', '.join(choices)}"
+    if not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and meta.get("finite", True) and not math.isfinite(value):
+        return f"must be a finite number{' ' + accepted_range(meta) if accepted_range(meta) else ''}"
+    low, above, high, below = (meta.get(k) for k in ("min", "above", "max", "below"))
+    if (
+        (low is not None and value < low)
+        or (above is not None and not value > above)
+        or (high is not None and value > high)
+        or (below is not None and not value < below)
+    ):
+        return f"must be {accepted_range(meta)}"
+    return None
+
+
+def _checked(f: dataclasses.Field, value: Any, config_file: Optional[Path]) -> Any:
+    """`value` if its field accepts it; else one line naming the option (and the YAML file it came from)."""
+    problem = value_problem(value, f.metadata)
+    if problem is None:
+        return value
+    if config_file is not None:
+        raise InputError(f"--config {config_file}: {f.name} = {value!r} ({flag_name(f)}): {problem}")
+    raise InputError(f"{flag_name(f)} {value!r}: {problem}")
 
 
 def load_yaml_config(path: Path) -> dict[str, Any]:
@@ -133,11 +217,13 @@ def resolve_config(cls: type[T], cli_values: dict[str, Any], config_file: Option
             if key not in fields:
                 known = ", ".join(sorted(fields))
                 raise InputError(f"--config {config_file}: unknown option {key!r} (known: {known})")
-            merged[key] = _coerce(key, value, hints[key])
+            coerced = _coerce(f"--config {config_file}: {key}", value, hints[key])
+            merged[key] = _checked(fields[key], coerced, config_file)
     for key, value in cli_values.items():
         if value is None or (isinstance(value, (list, tuple)) and not value):
             continue
-        merged[key] = _coerce(key, list(value) if isinstance(value, tuple) else value, hints[key])
+        coerced = _coerce(flag_name(fields[key]), list(value) if isinstance(value, tuple) else value, hints[key])
+        merged[key] = _checked(fields[key], coerced, None)
     for name, f in fields.items():
         meta = f.metadata
         if meta.get("positional") and not merged.get(name) and _default_of(f) in (None, []):

@@ -7,6 +7,7 @@ The YAML/flag precedence of `rlkit.config` is tested in process, on a small conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -294,3 +295,109 @@ def test_error_line_keeps_square_brackets(capsys, message):
         guarded(fails)()
     assert exit_info.value.exit_code == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+# --- the validation layer: each field declares what it accepts, flags and --config alike ----------
+
+
+def _all_configs():
+    from rlkit.evaluation.config import EvalConfig
+    from rlkit.recipes.dpo_config import DPOConfig
+    from rlkit.recipes.kto_config import KTOConfig
+    from rlkit.recipes.ppo_config import PPOConfig
+    from rlkit.recipes.reward_model_config import RewardModelConfig
+    from rlkit.recipes.sft_config import SFTConfig
+    from rlkit.tools.chat_config import ChatConfig
+    from rlkit.tools.merge_config import MergeConfig
+    from rlkit.tools.pack_config import PackConfig
+
+    return [
+        SFTConfig,
+        DPOConfig,
+        KTOConfig,
+        PPOConfig,
+        RewardModelConfig,
+        ChatConfig,
+        MergeConfig,
+        PackConfig,
+        EvalConfig,
+    ]
+
+
+def test_every_numeric_option_declares_its_range_and_its_default_is_in_it():
+    import typing
+
+    from rlkit.config import _unwrap_optional, value_problem
+
+    undeclared, bad_defaults = [], []
+    for cls in _all_configs():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if _unwrap_optional(hints[f.name]) in (int, float) and all(
+                f.metadata.get(k) is None for k in ("min", "max", "above", "below")
+            ):
+                undeclared.append(f"{cls.__name__}.{f.name}")
+            if value_problem(getattr(cls(), f.name), f.metadata):
+                bad_defaults.append(f"{cls.__name__}.{f.name}")
+    assert undeclared == [] and bad_defaults == []
+
+
+def _sft_flags(**given):
+    from rlkit.recipes.sft_config import SFTConfig
+
+    return {f.name: None for f in dataclasses.fields(SFTConfig)} | {"model": "m", "data": ("d",)} | given
+
+
+@pytest.mark.parametrize(
+    "given,line",
+    [
+        ({"batch_size": 0}, "--batch-size 0: must be >= 1"),
+        ({"grad_accum": 0}, "--grad-accum 0: must be >= 1"),
+        ({"lr": float("nan")}, "--lr nan: must be a finite number > 0"),
+        ({"lr": -0.001}, "--lr -0.001: must be > 0"),
+        ({"max_length": -5}, "--max-length -5: must be >= 2"),
+        ({"max_steps": -3}, "--max-steps -3: must be >= 1"),
+        ({"warmup_ratio": 1.5}, "--warmup-ratio 1.5: must be in [0, 1]"),
+        ({"adam_beta1": 1.0}, "--adam-beta1 1.0: must be in [0, 1)"),
+        ({"lr": float("inf")}, "--lr inf: must be a finite number > 0"),
+    ],
+)
+def test_flag_values_out_of_range_are_refused_with_the_flag_named(given, line):
+    from rlkit.recipes.sft_config import SFTConfig
+
+    with pytest.raises(InputError) as err:
+        resolve_config(SFTConfig, _sft_flags(**given), None)
+    assert str(err.value) == line
+
+
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ("scheduler: exponential-ish\n", ["scheduler = 'exponential-ish'", "--scheduler", "linear, cosine"]),
+        ("precision: fp99\n", ["precision = 'fp99'", "auto, bf16, fp16, fp32"]),
+        ("report_to: mlflow\n", ["report_to = 'mlflow'", "none, tensorboard, wandb"]),
+        ("batch_size: 0\n", ["batch_size = 0", "(--batch-size)", ">= 1"]),
+        ("lr: .nan\n", ["lr = nan", "finite"]),
+        ("max_steps: -3\n", ["max_steps = -3", ">= 1"]),
+        ("batch_size: 2.5\n", ["batch_size", "cannot read 2.5 as int"]),
+        ("epochs: true\n", ["epochs", "cannot read True as int"]),
+    ],
+)
+def test_yaml_values_are_checked_like_flags(tmp_path, text, needles):
+    from rlkit.recipes.sft_config import SFTConfig
+
+    config = _yaml(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        resolve_config(SFTConfig, _sft_flags(), config)
+    message = str(err.value)
+    assert message.startswith(f"--config {config}: ")
+    for needle in needles:
+        assert needle in message
+
+
+def test_in_range_values_and_whole_floats_pass(tmp_path):
+    from rlkit.recipes.sft_config import SFTConfig
+
+    resolved = resolve_config(SFTConfig, _sft_flags(lr=1e-5), _yaml(tmp_path, "batch_size: 4.0\nscheduler: cosine\n"))
+    assert (resolved.batch_size, resolved.scheduler, resolved.lr) == (4, "cosine", 1e-5)
+    assert isinstance(resolved.batch_size, int)

@@ -59,6 +59,7 @@ class EvalConfig:
     beta: float = opt(
         0.1,
         "β of the implicit reward β·(log π − log π_ref) (--pairs with a policy); use the β the policy was trained with.",
+        above=0,
     )
     template: Optional[str] = opt(
         None,
@@ -70,13 +71,14 @@ class EvalConfig:
     max_length: int = opt(
         1024,
         "Maximum tokens per scored sequence (longer completions are truncated; pairs whose prompt fills it are dropped and counted).",
+        min=2,
     )
-    max_new_tokens: int = opt(128, "Most tokens generated per completion (--prompts).")
-    temperature: float = opt(0.0, "Sampling temperature for --prompts (0: greedy).")
-    top_p: float = opt(1.0, "Nucleus sampling for --prompts (1: off).")
-    seed: int = opt(42, "Seed for sampling (--prompts); same seed, same completions.")
-    batch_size: int = opt(8, "Sequences (or pairs) per forward pass.")
-    limit: int = opt(0, "Evaluate only the first N records (0: all).")
+    max_new_tokens: int = opt(128, "Most tokens generated per completion (--prompts).", min=1)
+    temperature: float = opt(0.0, "Sampling temperature for --prompts (0: greedy).", min=0)
+    top_p: float = opt(1.0, "Nucleus sampling for --prompts (1: off).", above=0, max=1)
+    seed: int = opt(42, "Seed for sampling (--prompts); same seed, same completions.", min=0)
+    batch_size: int = opt(8, "Sequences (or pairs) per forward pass.", min=1)
+    limit: int = opt(0, "Evaluate only the first N records (0: all).", min=0)
     dtype: str = opt(
         "auto",
         "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",
@@ -113,10 +115,4 @@ def question(config: EvalConfig) -> str:
         raise InputError(
             f"--ref is the reference policy of --pairs (implicit reward) and --prompts (KL); --{mode} does not use it"
         )
-    if config.beta <= 0:
-        raise InputError(f"--beta {config.beta}: must be > 0")
-    if config.batch_size < 1 or config.max_new_tokens < 1 or config.max_length < 2 or config.limit < 0:
-        raise InputError("--batch-size and --max-new-tokens must be >= 1, --max-length >= 2, --limit >= 0")
-    if config.temperature < 0:
-        raise InputError(f"--temperature {config.temperature}: must be >= 0")
     return mode

@@ -21,7 +21,9 @@ class PairTrainConfig(TrainConfig):
         metavar="PAIRS...",
         default=[],
     )
-    batch_size: int = opt(8, "Pairs per device per micro-batch (each pair is two sequences, chosen and rejected).")
+    batch_size: int = opt(
+        8, "Pairs per device per micro-batch (each pair is two sequences, chosen and rejected).", min=1
+    )
     padding_free: bool = opt(
         True,
         "Lay the chosen and rejected sequences of a micro-batch end to end in rows, with per-sequence position_ids (--no-padding-free: one padded row per sequence).",
@@ -29,6 +31,7 @@ class PairTrainConfig(TrainConfig):
     row_tokens: int = opt(
         0,
         "Width of a padding-free row in tokens (0: the longest sequence of the micro-batch; raise it with flash-attention, whose cost per row is linear).",
+        min=0,
     )
     dropout: bool = opt(
         False,

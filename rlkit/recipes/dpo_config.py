@@ -22,18 +22,23 @@ class DPOConfig(ReferenceConfig):
         choices=("sigmoid", "ipo", "hinge", "robust", "simpo"),
     )
     beta: float = opt(
-        0.1, "β: how strongly the policy is held to the reference (IPO's τ; SimPO's reward scale, 2-2.5 in its paper)."
+        0.1,
+        "β: how strongly the policy is held to the reference (IPO's τ; SimPO's reward scale, 2-2.5 in its paper).",
+        above=0,
     )
     label_smoothing: float = opt(
         0.0,
         "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).",
+        min=0,
+        below=0.5,
     )
     simpo_gamma: float = opt(
         0.5,
         "SimPO's target reward margin γ (the paper's γ, as TRL's CPOConfig simpo_gamma; not the SimPO scripts' gamma_beta_ratio).",
+        min=0,
     )
     sft_weight: float = opt(
-        0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss."
+        0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss.", min=0
     )
     gradient_checkpointing: bool = opt(
         True,

@@ -26,12 +26,14 @@ class KTOConfig(ReferenceConfig):
     batch_size: int = opt(
         8,
         "Examples per device per micro-batch, at least 2: z0 is averaged over the micro-batch's mismatched pairs (and over processes).",
+        min=2,
     )
     beta: float = opt(
-        0.1, "β: how strongly the policy is held to the reference; scales the implicit reward log π/π_ref."
+        0.1, "β: how strongly the policy is held to the reference; scales the implicit reward log π/π_ref.", above=0
     )
     desirable_weight: float = opt(
         1.0,
         "λ_D, the weight of desirable examples' losses. Keep λ_D·n_D/(λ_U·n_U) in [1, 4/3] (the paper's advice; rlkit warns and suggests weights otherwise).",
+        above=0,
     )
-    undesirable_weight: float = opt(1.0, "λ_U, the weight of undesirable examples' losses.")
+    undesirable_weight: float = opt(1.0, "λ_U, the weight of undesirable examples' losses.", above=0)

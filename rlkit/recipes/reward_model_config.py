@@ -19,6 +19,7 @@ class RewardModelConfig(PairTrainConfig):
     center_rewards: float = opt(
         0.0,
         "COEF: add COEF x mean((r_chosen + r_rejected)^2) to the loss, keeping scores centred on 0 (Eisenstein et al. 2023; 0.01 is usual).",
+        min=0,
     )
     merge: bool = opt(
         True,

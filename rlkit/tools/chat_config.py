@@ -20,14 +20,18 @@ class ChatConfig:
     system: Optional[str] = opt(
         None, "System message put before every conversation (piped: unless a line's messages have their own)."
     )
-    max_new_tokens: int = opt(256, "Most tokens generated per reply.")
+    max_new_tokens: int = opt(256, "Most tokens generated per reply.", min=1)
     temperature: Optional[float] = opt(
-        None, "Sampling temperature; 0 is greedy. Default: 0.7 on a terminal, 0 (greedy) when stdin is piped."
+        None, "Sampling temperature; 0 is greedy. Default: 0.7 on a terminal, 0 (greedy) when stdin is piped.", min=0
     )
-    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this total probability (1: all).")
-    seed: Optional[int] = opt(None, "Seed for sampling; the same seed, input and --batch-size give the same output.")
-    n: int = opt(1, "Samples per prompt when piped (one JSON line each); use with --temperature > 0.")
-    batch_size: int = opt(8, "Prompts generated together when piped.")
+    top_p: float = opt(
+        1.0, "Nucleus sampling: keep the smallest set of tokens with this total probability (1: all).", above=0, max=1
+    )
+    seed: Optional[int] = opt(
+        None, "Seed for sampling; the same seed, input and --batch-size give the same output.", min=0
+    )
+    n: int = opt(1, "Samples per prompt when piped (one JSON line each); use with --temperature > 0.", min=1)
+    batch_size: int = opt(8, "Prompts generated together when piped.", min=1)
     dtype: str = opt(
         "auto",
         "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",

@@ -32,6 +32,7 @@ class MergeConfig:
     tolerance: float = opt(
         0.0,
         "Largest allowed logit difference between adapter and merged model on the probe, as a fraction of max(1, largest absolute logit) (0: 1e-4 for float32, 1e-2 float16, 5e-2 bfloat16).",
+        min=0,
     )
     overwrite: bool = opt(False, "Replace an existing output directory instead of refusing.")
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")

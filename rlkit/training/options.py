@@ -20,19 +20,23 @@ class TrainConfig:
     )
     overwrite: bool = opt(False, "Replace an existing output directory (or an interrupted run) instead of refusing.")
     resume: bool = opt(False, "Continue from the latest checkpoint of an interrupted run of the same output.")
-    seed: int = opt(42, "Seed for initialisation, data order and dropout; same seed, same result.")
-    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    epochs: int = opt(1, "Passes over the training data.")
-    lr: Optional[float] = opt(None, "Peak learning rate (default depends on the command and on --lora/--full).")
-    batch_size: int = opt(8, "Rows per device per micro-batch (a packed row holds several examples).")
-    grad_accum: int = opt(
-        1, "Micro-batches accumulated per optimizer step; global batch = batch-size x grad-accum x processes."
+    seed: int = opt(42, "Seed for initialisation, data order and dropout; same seed, same result.", min=0)
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
+    epochs: int = opt(1, "Passes over the training data.", min=1)
+    lr: Optional[float] = opt(
+        None, "Peak learning rate (default depends on the command and on --lora/--full).", above=0
     )
-    max_length: int = opt(1024, "Maximum tokens per example (and per packed row).")
+    batch_size: int = opt(8, "Rows per device per micro-batch (a packed row holds several examples).", min=1)
+    grad_accum: int = opt(
+        1,
+        "Micro-batches accumulated per optimizer step; global batch = batch-size x grad-accum x processes.",
+        min=1,
+    )
+    max_length: int = opt(1024, "Maximum tokens per example (and per packed row).", min=2)
     lora: bool = opt(True, "Train a LoRA adapter (--lora) or all weights (--full).", flags=("--lora/--full",))
-    lora_r: int = opt(16, "LoRA rank.")
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
+    lora_r: int = opt(16, "LoRA rank.", min=1)
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).", min=1)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.", min=0, below=1)
     lora_targets: str = opt("all-linear", "Modules LoRA adapts: all-linear, or comma-separated names (q_proj,v_proj).")
     template: Optional[str] = opt(
         None,
@@ -45,27 +49,27 @@ class TrainConfig:
         None, "Held-out data file or dir, evaluated every --eval-every steps and at the end."
     )
     eval_fraction: float = opt(
-        0.0, "Hold out this fraction of the training data for evaluation instead of --eval-data."
+        0.0, "Hold out this fraction of the training data for evaluation instead of --eval-data.", min=0, below=1
     )
-    eval_every: int = opt(0, "Evaluate every N steps (0: only at the end, when there is eval data).")
-    save_every: int = opt(0, "Save a resumable checkpoint every N steps (0: only on interruption).")
-    keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep while training.")
+    eval_every: int = opt(0, "Evaluate every N steps (0: only at the end, when there is eval data).", min=0)
+    save_every: int = opt(0, "Save a resumable checkpoint every N steps (0: only on interruption).", min=0)
+    keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep while training.", min=1)
     report_to: str = opt(
         "none", "Also log metrics to: none, tensorboard or wandb.", choices=("none", "tensorboard", "wandb")
     )
     scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULES)
-    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps.")
-    warmup_steps: int = opt(0, "Warmup steps (wins over --warmup-ratio when > 0).")
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only; not biases or norms).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.999, "AdamW beta2.")
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps.", min=0, max=1)
+    warmup_steps: int = opt(0, "Warmup steps (wins over --warmup-ratio when > 0).", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only; not biases or norms).", min=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0, below=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", min=0, below=1)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", above=0)
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).", min=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     precision: str = opt(
         "auto",
         "Compute precision: auto (bf16 where the GPU supports it, else fp32), bf16, fp16, fp32.",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    log_every: int = opt(10, "Print a progress line every N steps when stderr is not a terminal.")
+    log_every: int = opt(10, "Print a progress line every N steps when stderr is not a terminal.", min=1)
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
