@@ -1,0 +1,105 @@
+"""The options of `rlkit grpo`, importable without torch so that `--help` starts at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from rlkit.config import arg, opt
+from rlkit.training.options import TrainConfig
+
+ADVANTAGES = ("group", "rloo", "reinforce++")
+SCALES = ("auto", "group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    model: Optional[str] = arg(
+        "Policy to train: an HF dir, a hub name, a LoRA adapter dir (e.g. `rlkit sft --lora` output) or a .gguf file.",
+        metavar="POLICY",
+    )
+    data: list[str] = arg(
+        "Prompts: files or dirs with a `prompt` column (string or messages) or `messages` (a final assistant turn is dropped); every other column reaches the reward functions as a keyword argument.",
+        metavar="PROMPTS...",
+        default=[],
+    )
+    reward: list[str] = opt(
+        [],
+        "Reward (repeatable): module:function taking (prompts, completions, **columns) -> one float or None per completion, or a `train-rm` output dir.",
+    )
+    reward_weights: list[str] = opt(
+        [], "Weights of the --reward terms, comma-separated in the same order (default: 1 each)."
+    )
+    ref: Optional[str] = opt(
+        None,
+        "Reference model for --beta (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).",
+    )
+    max_steps: Optional[int] = opt(
+        None, "Stop after this many GRPO steps (rollouts; default: --epochs passes over the prompts).", min=1
+    )
+    batch_size: int = opt(
+        8,
+        "Completions per device per micro-batch; one rollout (global batch) is batch-size x grad-accum x processes completions, a multiple of --num-generations.",
+        min=1,
+    )
+    max_length: int = opt(
+        1024, "Maximum prompt tokens plus --max-new-tokens; longer prompts are dropped (with a count).", min=2
+    )
+    save_every: int = opt(0, "Save a resumable checkpoint every N GRPO steps (0: only on interruption).", min=0)
+    num_generations: int = opt(8, "Completions sampled per prompt (the group size G).", min=2)
+    max_new_tokens: int = opt(128, "Longest completion; sampling stops earlier at EOS.", min=1)
+    temperature: float = opt(1.0, "Sampling temperature (log-probs are computed at the same temperature).", above=0)
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.", above=0, max=1)
+    top_k: int = opt(0, "Sample among the k most likely tokens only (0: no limit).", min=0)
+    advantage: str = opt(
+        "group",
+        "Advantage estimator: group (GRPO: reward minus the group mean), rloo (leave-one-out baseline) or reinforce++ (batch-normalised returns).",
+        choices=ADVANTAGES,
+    )
+    scale_rewards: str = opt(
+        "auto",
+        "Divide group/rloo advantages by the group's reward std (group), the batch's (batch) or not at all (none: Dr. GRPO); auto = group for --advantage group, none for rloo, batch for reinforce++.",
+        choices=SCALES,
+    )
+    loss_type: str = opt(
+        "dapo",
+        "Loss aggregation: grpo (mean per sequence, then over sequences), bnpo/dapo (mean over every token of the batch), dr_grpo (sum / (sequences x --max-new-tokens)).",
+        choices=LOSS_TYPES,
+    )
+    importance_sampling: str = opt(
+        "token",
+        "Importance ratio per token, or per sequence (the length-normalised sequence ratio of GSPO).",
+        choices=("token", "sequence"),
+    )
+    epsilon: float = opt(0.2, "Clip the importance ratio below at 1 - epsilon (and above at 1 + epsilon).", above=0)
+    epsilon_high: Optional[float] = opt(
+        None, "Upper clip at 1 + epsilon-high instead (DAPO's clip-higher: 0.28; default: --epsilon).", above=0
+    )
+    beta: float = opt(
+        0.0, "KL coefficient to the reference (k3 per token in the loss; 0: no reference forward at all).", min=0
+    )
+    kl_in_reward: bool = opt(
+        False,
+        "Put the KL (k1, x --beta) into the reward instead of the loss: subtracted from each completion's reward (group, rloo) or per token (reinforce++).",
+    )
+    num_iterations: int = opt(
+        1, "Updates per rollout (mu), each one against the rollout-time log-probs, with the clip.", min=1
+    )
+    mask_truncated_completions: bool = opt(
+        False, "No loss on completions cut at --max-new-tokens without EOS (DAPO's overlong filtering)."
+    )
+    overlong_penalty: int = opt(
+        0,
+        "DAPO's soft length penalty: over the last L tokens before --max-new-tokens the reward falls linearly to -1 (0: off).",
+        min=0,
+    )
+    skip_zero_variance_groups: bool = opt(
+        False, "Leave groups whose rewards are all equal out of the loss (they are always counted and logged)."
+    )
+    sample_every: int = opt(
+        10,
+        "Every N GRPO steps, show a (prompt, completion, rewards, advantage) table on stderr and append it to samples.jsonl (0: never).",
+        min=0,
+    )
+    num_samples: int = opt(4, "Rows in each samples table.", min=1)
