@@ -19,6 +19,7 @@ from rich.markup import escape
 from rlkit import __version__
 from rlkit.console import console, is_main_process, quiet_libraries
 from rlkit.errors import RlkitError
+from rlkit.output import release_output_locks
 
 # (name, module in rlkit.commands): only commands that work are listed.
 COMMANDS = [
@@ -63,6 +64,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        quiet_libraries()  # here, not at start: it imports transformers, which `--help` must not wait for
         try:
             result = command(*args, **kwargs)
         except RlkitError as err:
@@ -72,17 +74,20 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             console.print("interrupted")
             raise typer.Exit(130)
+        finally:
+            release_output_locks()  # a run that ended early, whatever the reason, frees its OUT
         if isinstance(result, Path) and is_main_process():
             print(result, flush=True)
 
     return wrapper
 
 
+# Each command module holds only its torch-free config and the name of its run function, so
+# registering all of them costs milliseconds; the run function's module loads when it runs.
 for name, module in COMMANDS:
     command = importlib.import_module(f"rlkit.commands.{module}")
     app.command(name, help=command.HELP)(guarded(command.command))
 
 
 def main() -> None:
-    quiet_libraries()
     app()

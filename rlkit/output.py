@@ -3,11 +3,21 @@
 A run works in `OUT.partial/` (checkpoints, metrics) and renames it to `OUT` at the very end,
 after the model, tokenizer, resolved config and model card are written, so a directory named
 OUT is always a finished, loadable result and a Makefile target can depend on it.
+
+The output path is checked before any slow work (`check_output`), and the run then holds an
+exclusive lock on `OUT.lock` until it ends, so two runs on one OUT cannot interleave their
+files; the kernel drops the lock of a killed run, so a stale lock file is simply taken over.
+Replacing an old OUT (--overwrite) moves it aside to `OUT.old` before the new one is renamed
+in, so a kill at any moment leaves either result whole, and the next run puts a stranded
+`OUT.old` back.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -17,6 +27,7 @@ from typing import Any
 import yaml
 
 from rlkit import __version__
+from rlkit.console import is_main_process, warn
 from rlkit.errors import InputError
 
 CONFIG_FILE = "rlkit_config.yaml"
@@ -27,18 +38,147 @@ def partial_dir(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
+def lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+def aside_dir(output: Path) -> Path:
+    """Where --overwrite moves the old OUT while the new one is renamed in."""
+    return output.with_name(output.name + ".old")
+
+
+# output (absolute) -> (fd of its held lock file, dirs this process created to hold it)
+_held: dict[Path, tuple[int, list[Path]]] = {}
+
+
+def _check_creatable(out: Path) -> None:
+    """OUT must be (or become) a directory: not a file, not under one, in a place that can be written."""
+    if out.exists() and not out.is_dir():
+        raise InputError(
+            f"-o {out}: is a file, not a directory; give a directory path (--overwrite replaces only a directory)"
+        )
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(
+            f"-o {out}: {ancestor} is a file, so no directory can be created under it; choose another path"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"-o {out}: cannot be created, {ancestor} is not writable; choose another path")
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create OUT's missing parents (the lock file lives beside OUT); return them, deepest first."""
+    created: list[Path] = []
+    parent = out.absolute().parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for directory in reversed(created):
+        directory.mkdir()
+    return created
+
+
+def acquire_output_lock(out: Path) -> None:
+    """Hold `OUT.lock` exclusively for the rest of this run (exit 2 if another live run holds it).
+
+    flock belongs to the open file, so the kernel releases a killed run's lock and its leftover
+    file is taken over. The file is unlinked on release; a run that opened it just before then
+    holds a lock on a file no longer at that path, so it checks the inode and tries again.
+    """
+    key = out.absolute()
+    if key in _held or not is_main_process():  # already ours, or another rank's to hold
+        return
+    path = lock_path(out)
+    try:
+        created = _make_parents(out)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise InputError(
+                    f"-o {out}: another run (pid {holder}) is writing it and holds {path}; "
+                    "wait for it to end or choose another -o"
+                )
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+    except OSError as err:
+        raise InputError(f"-o {out}: cannot be created ({err.strerror}: {err.filename}); choose another path")
+    stale = os.read(fd, 32).decode(errors="replace").strip()
+    if stale:
+        warn(f"{path}: left by a run (pid {stale}) that no longer runs; taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if not _held:
+        atexit.register(release_output_locks)
+    _held[key] = (fd, created)
+
+
+def release_output_lock(out: Path) -> None:
+    """Unlink and release OUT's lock, and remove the parents made for it if the run left them empty."""
+    held = _held.pop(out.absolute(), None)
+    if held is None:
+        return
+    fd, created = held
+    try:
+        os.unlink(lock_path(out))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+    for directory in created:
+        try:
+            directory.rmdir()
+        except OSError:  # the run wrote OUT (or something else) there
+            break
+
+
+def release_output_locks() -> None:
+    """Release every lock this process holds: at the end of a command, whatever its outcome."""
+    for out in list(_held):
+        release_output_lock(out)
+
+
+def _recover_aside(out: Path) -> None:
+    """Finish a --overwrite replacement a kill interrupted: put the old OUT back, or drop it."""
+    aside = aside_dir(out)
+    if not aside.is_dir():
+        return
+    if out.exists():
+        shutil.rmtree(aside)  # killed after the new OUT was in place
+    else:
+        aside.rename(out)
+        warn(f"{out}: restored from {aside}, where a run killed while replacing it had moved it")
+
+
 def check_output(output: str | None, overwrite: bool, resume: bool) -> Path:
-    """Refuse to clobber a finished result or silently restart an interrupted one (exit 2)."""
+    """Refuse a path that cannot become OUT, clobbering a finished result or silently restarting an
+    interrupted one (exit 2), before any slow work; then hold OUT's lock for the run."""
     if not output:
         raise InputError("missing -o/--output DIR")
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
-    partial = partial_dir(out)
-    if partial.exists() and not resume and not overwrite and any((partial / "checkpoints").glob("step-*")):
-        raise InputError(
-            f"{partial} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
-        )
+    _check_creatable(out)
+    acquire_output_lock(out)
+    try:
+        _recover_aside(out)
+        if out.exists() and not overwrite:
+            raise InputError(f"{out} already exists; pass --overwrite to replace it")
+        partial = partial_dir(out)
+        if partial.exists() and not resume and not overwrite and any((partial / "checkpoints").glob("step-*")):
+            raise InputError(
+                f"{partial} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
+            )
+    except InputError:
+        release_output_lock(out)
+        raise
     return out
 
 
@@ -90,10 +230,21 @@ The resolved configuration is in `{CONFIG_FILE}` and the per-step metrics in `{M
 
 
 def finalize(run_dir: Path, output: Path, keep_checkpoints: bool = False) -> Path:
-    """Drop checkpoints and rename OUT.partial to OUT (replacing OUT when --overwrite)."""
+    """Drop checkpoints and rename OUT.partial to OUT, then release OUT's lock.
+
+    An old OUT (--overwrite) is renamed aside first and removed only once the new one is in
+    place, so no moment exists at which a kill loses both.
+    """
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if output.exists():
-        shutil.rmtree(output)
-    run_dir.rename(output)
+        aside = aside_dir(output)
+        if aside.exists():
+            shutil.rmtree(aside)
+        output.rename(aside)
+        run_dir.rename(output)
+        shutil.rmtree(aside)
+    else:
+        run_dir.rename(output)
+    release_output_lock(output)
     return output
