@@ -1,7 +1,5 @@
 """`rlkit grpo POLICY PROMPTS... -o OUT --reward module:function|RM_DIR [--reward ...]`."""
 
-from pathlib import Path
-
 from rlkit.config import command_from_config
 from rlkit.recipes.grpo_config import GRPOConfig
 
@@ -9,12 +7,4 @@ HELP = """Online RL from verifiable rewards: GRPO and its family (Dr. GRPO, DAPO
 
 Samples --num-generations completions per prompt with the KV cache, scores them with reward functions (every other prompt column reaches them as a keyword argument) and/or reward models, and learns from group-relative advantages with a clipped importance ratio. Writes the policy (or adapter), metrics.jsonl and samples.jsonl. Prints OUT on stdout."""
 
-
-def run_grpo(config: GRPOConfig) -> Path:
-    """The recipe, imported on the first run rather than at `--help` (it needs torch)."""
-    from rlkit.recipes.grpo import run_grpo as run
-
-    return run(config)
-
-
-command = command_from_config(GRPOConfig, run_grpo, HELP)
+command = command_from_config(GRPOConfig, "rlkit.recipes.grpo:run_grpo", HELP)

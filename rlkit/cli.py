@@ -32,6 +32,7 @@ COMMANDS = [
     ("chat", "chat"),
     ("eval", "eval"),
     ("ppo", "ppo"),
+    ("grpo", "grpo"),
 ]
 
 app = typer.Typer(

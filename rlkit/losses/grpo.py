@@ -62,6 +62,21 @@ def importance_log_ratio(
     raise ValueError(f"unknown importance sampling level {level!r}; expected token or sequence")
 
 
+def loss_units(mask: Tensor, loss_type: LossType, max_new_tokens: int) -> Tensor:
+    """What each aggregation is a mean over (see `aggregate`): sequences, tokens, or sequences x L_max.
+
+    Known from the mask alone, so the engine can count a micro-batch's units before its forward.
+    """
+    rows = torch.tensor(float(mask.shape[0]), dtype=torch.float32, device=mask.device)
+    if loss_type == "grpo":
+        return rows
+    if loss_type in ("bnpo", "dapo"):
+        return mask.bool().sum().to(torch.float32)
+    if loss_type == "dr_grpo":
+        return rows * max_new_tokens
+    raise ValueError(f"unknown loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+
+
 def aggregate(per_token: Tensor, mask: Tensor, loss_type: LossType, max_new_tokens: int) -> tuple[Tensor, Tensor]:
     """(sum, units) of a per-token loss under each aggregation; the loss is sum / units.
 
@@ -78,16 +93,11 @@ def aggregate(per_token: Tensor, mask: Tensor, loss_type: LossType, max_new_toke
     completion out never re-weights the others.
     """
     m = mask.bool()
+    units = loss_units(mask, loss_type, max_new_tokens).to(per_token.dtype)
     tokens = torch.where(m, per_token, 0)
-    rows = torch.tensor(float(per_token.shape[0]), dtype=tokens.dtype, device=tokens.device)
     if loss_type == "grpo":
-        per_row = tokens.sum(1) / m.sum(1).clamp(min=1).to(tokens.dtype)
-        return per_row.sum(), rows
-    if loss_type in ("bnpo", "dapo"):
-        return tokens.sum(), m.sum().to(tokens.dtype)
-    if loss_type == "dr_grpo":
-        return tokens.sum(), rows * max_new_tokens
-    raise ValueError(f"unknown loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        return (tokens.sum(1) / m.sum(1).clamp(min=1).to(tokens.dtype)).sum(), units
+    return tokens.sum(), units
 
 
 def grpo_loss(
