@@ -9,6 +9,7 @@ recipe and a flag can still override one value of it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 import types
@@ -21,9 +22,22 @@ from typing import Any, Optional, TypeVar
 import typer
 import yaml
 
+from rlkit.data.text import read_utf8
 from rlkit.errors import InputError
 
 T = TypeVar("T")
+
+# The help panels of the shared options, in the order `--help` shows them after the command's own.
+COMMAND_PANEL = "Options"
+PANELS = (
+    "Inputs and outputs",
+    "Data",
+    "Model and LoRA",
+    "Reference",
+    "Optimisation",
+    "Speed and memory",
+    "Logging and checkpoints",
+)
 
 
 def opt(
@@ -37,8 +51,12 @@ def opt(
     above: float | None = None,
     below: float | None = None,
     finite: bool = True,
+    panel: str | None = None,
 ) -> Any:
     """A config field exposed as `--name` (or the given flag declarations).
+
+    `panel` (one of PANELS) groups the flag in `--help`; without one, a field redefined from a
+    base class keeps the base's panel and any other goes to the command's own panel (`Options`).
 
     The field also declares which values it accepts, once, so `resolve_config` refuses a bad
     value the same way whether it came from a flag or from `--config`: `choices`, an inclusive
@@ -48,7 +66,9 @@ def opt(
     if isinstance(default, (list, dict)):
         factory, default = (lambda d=default: type(d)(d)), dataclasses.MISSING
     bounds = {"min": min, "max": max, "above": above, "below": below}
-    metadata = {"help": help, "flags": flags, "choices": choices, "finite": finite, **bounds}
+    if panel is not None and panel not in PANELS:
+        raise ValueError(f"panel {panel!r}: expected one of {', '.join(PANELS)}")
+    metadata = {"help": help, "flags": flags, "choices": choices, "finite": finite, "panel": panel, **bounds}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -78,23 +98,53 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-def _typer_parameter(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
+def default_text(f: dataclasses.Field) -> str | None:
+    """An option's default as `--help` and the docs show it (`False`, `a,b`), or None when it has none."""
+    default = _default_of(f)
+    if default is None or default == []:
+        return None
+    return ",".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
+def field_panels(cls: type) -> dict[str, str]:
+    """The help panel of each option of `cls`: its own, else that of the base-class field it
+    redefines, else the command's own panel."""
+    panels: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        declared = inspect.get_annotations(klass)
+        for f in dataclasses.fields(klass):
+            if f.name in declared and not f.metadata.get("positional"):
+                panels[f.name] = f.metadata.get("panel") or panels.get(f.name, COMMAND_PANEL)
+    return panels
+
+
+def _typer_parameter(f: dataclasses.Field, tp: Any, panel: str | None) -> inspect.Parameter:
+    """Typer's view of one field. Typer always receives None as the default, so `resolve_config`
+    can tell a flag given from one left out; the real default is written into the help instead
+    (plain, `[default: False]`, where typer would print a string default as `(False)`)."""
+    from rich.markup import escape  # typer's help is rich markup: a `[word]` in a help text would vanish
+
     meta = f.metadata
     base = _unwrap_optional(tp)
     is_list = typing.get_origin(base) is list
     if meta.get("positional"):
-        info = typer.Argument(None, help=meta["help"], metavar=meta["metavar"], show_default=False)
+        info = typer.Argument(None, help=escape(meta["help"]), metavar=meta["metavar"], show_default=False)
         annotation = Optional[list[str]] if is_list else Optional[str]
     else:
-        default = _default_of(f)
         flags = list(meta["flags"]) or ["--" + f.name.replace("_", "-")]
-        shown = "-" if default is None else (",".join(map(str, default)) if isinstance(default, list) else str(default))
         if base is bool and "/" not in flags[0]:
             name = flags[0]
             flags = [f"{name}/--no-{name[2:]}"] + flags[1:]
-        kwargs: dict[str, Any] = {"help": meta["help"], "show_default": shown}
+        shown = default_text(f)
+        help = escape(meta["help"]) + (f" [dim]\\[default: {escape(shown)}][/dim]" if shown is not None else "")
+        # a switch needs no type column: --flag/--no-flag says it all
+        kwargs: dict[str, Any] = {"help": help, "show_default": False, "rich_help_panel": panel}
+        if base is bool:
+            kwargs["metavar"] = ""
         info = typer.Option(None, *flags, **kwargs)
-        annotation = Optional[str] if is_list else Optional[base]
+        annotation = Optional[list[str]] if is_list else Optional[base]  # a list option may be repeated
         if meta["choices"]:  # typer shows an Enum's values as the allowed choices
             annotation = Optional[Enum(f"{f.name}_choices", {c: c for c in meta["choices"]})]  # type: ignore[misc]
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
@@ -197,7 +247,7 @@ def load_yaml_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_utf8(path)) or {}
     except yaml.YAMLError as err:
         raise InputError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})")
     if not isinstance(data, dict):
@@ -212,7 +262,7 @@ def resolve_config(cls: type[T], cli_values: dict[str, Any], config_file: Option
     merged: dict[str, Any] = {}
     if config_file is not None:
         for key, value in load_yaml_config(config_file).items():
-            if key == "command":  # written by rlkit into OUT/rlkit_config.yaml, so a run's config can be re-used as is
+            if key in ("command", "performance"):  # written by rlkit into OUT/rlkit_config.yaml: re-used as is
                 continue
             if key not in fields:
                 known = ", ".join(sorted(fields))
@@ -235,16 +285,39 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def command_from_config(cls: type[T], run: Callable[[T], Any], doc: str) -> Callable[..., Any]:
-    """Build the function typer turns into a command: one parameter per config field."""
+def _load(run: Callable[[T], Any] | str) -> Callable[[T], Any]:
+    """The run function itself, or the one named `module:function`, imported only now: a command's
+    module (torch, transformers) loads when the command runs, never for `--help`."""
+    if not isinstance(run, str):
+        return run
+    module, _, name = run.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def command_from_config(cls: type[T], run: Callable[[T], Any] | str, doc: str) -> Callable[..., Any]:
+    """Build the function typer turns into a command: one parameter per config field.
+
+    `run` is the function, or its `module:function` name so that building the command (for
+    `--help`) imports nothing heavy. A config with a `threads` field has it applied before the
+    run function's module is even imported (rlkit.performance)."""
     hints = typing.get_type_hints(cls)
-    params = [_typer_parameter(f, hints[f.name]) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    panels = field_panels(cls)
+    rank = {name: i for i, name in enumerate((COMMAND_PANEL, *PANELS))}
+    fields = sorted(  # arguments keep their order; options are grouped by panel in `--help`
+        dataclasses.fields(cls),  # type: ignore[arg-type]
+        key=lambda f: -1 if f.metadata.get("positional") else rank[panels[f.name]],
+    )
+    params = [_typer_parameter(f, hints[f.name], panels.get(f.name)) for f in fields]
     params.append(
         inspect.Parameter(
             "config",
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(
-                None, "--config", help="YAML file of option: value; flags override it.", show_default="-"
+                None,
+                "--config",
+                help="YAML file of option: value; flags override it.",
+                show_default=False,
+                rich_help_panel=PANELS[0],
             ),
             annotation=Optional[Path],
         )
@@ -252,7 +325,12 @@ def command_from_config(cls: type[T], run: Callable[[T], Any], doc: str) -> Call
 
     def command(**kwargs: Any) -> Any:
         config_file = kwargs.pop("config", None)
-        return run(resolve_config(cls, kwargs, config_file))
+        config = resolve_config(cls, kwargs, config_file)
+        if hasattr(config, "threads"):
+            from rlkit.performance import use_threads
+
+            use_threads(config.threads)  # type: ignore[attr-defined]
+        return _load(run)(config)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}

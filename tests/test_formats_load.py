@@ -381,3 +381,108 @@ def test_a_split_is_named_after_a_colon(tmp_path, monkeypatch):
     load_records(["org/ultrafeedback:train_prefs[:100]"])
     load_records(["org/ultrafeedback"])
     assert seen == [("org/ultrafeedback", "train_prefs[:100]"), ("org/ultrafeedback", "train")]
+
+
+# --- strict records: roles, text content, nothing stringified -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "messages,needle",
+    [
+        ([{"role": "wizard", "content": "abracadabra"}], 'message 1 has role "wizard"'),
+        ([user("hi"), {"role": "assistant"}], "message 2 (assistant) has no content"),
+        ([user("hi"), {"role": "assistant", "content": None}], "message 2 (assistant) has no content"),
+        ([user("hi"), {"role": "assistant", "content": 5}], "message 2's content must be a string"),
+        ([user("hi"), {"role": "assistant", "content": {"a": 1}}], 'got {"a": 1}'),
+        ([{"content": "no role"}], "has role null"),
+        (["just a string"], 'message 1 is "just a string"'),
+        ([], "non-empty list"),
+    ],
+)
+def test_bad_messages_are_refused_with_the_record_and_message(messages, needle):
+    with pytest.raises(InputError) as err:
+        to_conversation({"messages": messages}, Format.MESSAGES, "data.jsonl record 7")
+    assert str(err.value).startswith("data.jsonl record 7: ") and needle in str(err.value), str(err.value)
+
+
+def test_text_parts_are_joined_and_extra_keys_dropped():
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world."}]
+    messages = [user("hi"), {"role": "assistant", "content": parts, "name": None}]
+    assert to_conversation({"messages": messages}, Format.MESSAGES, "r") == [user("hi"), assistant("Hello, world.")]
+    with pytest.raises(InputError, match="must be a string"):
+        to_conversation({"messages": [user("hi"), assistant([{"type": "image", "url": "x"}])]}, Format.MESSAGES, "r")
+
+
+def test_a_null_content_filled_in_by_arrow_is_refused_not_trained_as_none(tmp_path, tiny_tokenizer):
+    """One record lacks `content`: Arrow fills it with None; it used to become the text "None"."""
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"messages": [user("a"), assistant("b")]},
+            {"messages": [user("c"), {"role": "assistant"}]},
+        ],
+    )
+    with pytest.raises(InputError, match=f"{path} record 2: message 2 \\(assistant\\) has no content"):
+        build_sft_data(DataOptions(sources=[str(path)], template="chatml"), tiny_tokenizer, "tiny")
+
+
+@pytest.mark.parametrize("value", [5, None, ["a", "b"], {"x": 1}])
+def test_text_that_is_not_a_string_is_refused(tmp_path, tiny_tokenizer, value):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": value}, {"text": value}])  # one Arrow type throughout
+    with pytest.raises(InputError, match=f"{path} record 1: 'text' must be a string"):
+        build_sft_data(DataOptions(sources=[str(path)]), tiny_tokenizer, "tiny")
+
+
+def test_a_tool_message_needs_a_template_that_renders_tools(tiny_tokenizer):
+    from rlkit.data.templates import ChatTemplate, render
+
+    messages = [user("what time is it?"), {"role": "tool", "content": "12:00"}]
+    with pytest.raises(InputError, match="no 'tool' role"):
+        render(tiny_tokenizer, ChatTemplate("chatml", "{% for m in messages %}{{ m.content }}{% endfor %}"), messages)
+    tool_aware = "{% for m in messages %}{% if m.role == 'tool' %}[tool]{% endif %}{{ m.content }}{% endfor %}"
+    assert render(tiny_tokenizer, ChatTemplate("mine", tool_aware), messages) == "what time is it?[tool]12:00"
+
+
+# --- UTF-8: a BOM accepted, other bytes one line with the file and line ---------------------------
+
+
+def test_utf8_with_a_bom_loads_in_every_text_format(tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in RECORDS).encode())
+    js = tmp_path / "bom.json"
+    js.write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS).encode())
+    csv = tmp_path / "bom.csv"
+    csv.write_bytes(
+        b"\xef\xbb\xbfprompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in RECORDS).encode()
+    )
+    for path in (jsonl, js, csv):
+        assert load_records([str(path)]).column_names == ["prompt", "completion"], path
+        assert load_records([str(path)])[0] == RECORDS[0]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    lines = {
+        ".jsonl": [json.dumps(RECORDS[0]), json.dumps(RECORDS[1]), '{"prompt": "caf\xe9", "completion": "x"}'],
+        ".json": ["[", json.dumps(RECORDS[0]) + ",", '{"prompt": "caf\xe9", "completion": "x"}', "]"],
+        ".csv": ["prompt,completion", "a,b", "caf\xe9,x"],
+    }[suffix]
+    path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    line = {".jsonl": 3, ".json": 3, ".csv": 3}[suffix]
+    with pytest.raises(InputError, match=f"{path}:{line}: not UTF-8 text \\(byte 0xe9"):
+        load_records([str(path)])
+
+
+def test_a_template_or_config_file_that_is_not_utf8_is_one_line(tmp_path, tiny_tokenizer):
+    from rlkit.config import load_yaml_config
+    from rlkit.data.templates import resolve_template
+
+    jinja = tmp_path / "t.jinja"
+    jinja.write_bytes(b"{{ messages }}\n\xff\n")
+    with pytest.raises(InputError, match=f"{jinja}:2: not UTF-8"):
+        resolve_template(str(jinja), tiny_tokenizer)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_bytes(b"lr: 0.1\nname: \xe9\n")
+    with pytest.raises(InputError, match=f"{yaml_file}:2: not UTF-8"):
+        load_yaml_config(yaml_file)

@@ -6,6 +6,7 @@ Every downstream step (templates, masks, pairs) works on one shape: a list of
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import Any
 
@@ -46,13 +47,59 @@ def detect_format(columns: list[str], source: str) -> Format:
     )
 
 
+ROLES = ("system", "user", "assistant", "tool")  # "tool" only where the template renders it (templates.render)
+
+
+def shown(value: Any) -> str:
+    """A record value as an error line quotes it: JSON, cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def text_of(value: Any, what: str, where: str) -> str:
+    """A string, or a list of text parts joined; nothing else is text (never stringified into training)."""
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str) for p in value
+        )
+    ):
+        return "".join(p["text"] for p in value)
+    raise InputError(f"{where}: {what} must be a string (or a list of text parts), got {shown(value)}")
+
+
 def as_messages(value: Any, role: str, where: str) -> Messages:
-    """A string becomes one message of `role`; a message list is checked and kept."""
+    """A string becomes one message of `role`; a message list is checked and kept.
+
+    Each message needs a role of `ROLES` and text content. A missing key and a null are the
+    same thing here (Arrow fills a key absent from some records with None).
+    """
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-    raise InputError(f"{where}: expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
+    if not isinstance(value, list) or not value:
+        raise InputError(
+            f"{where}: expected a string or a non-empty list of {{role, content}} messages, got {shown(value)}"
+        )
+    messages = []
+    for number, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            raise InputError(f"{where}: message {number} is {shown(message)}, not a {{role, content}} object")
+        if message.get("role") not in ROLES:
+            raise InputError(
+                f"{where}: message {number} has role {shown(message.get('role'))}; use one of {', '.join(ROLES)}"
+            )
+        if message.get("content") is None:
+            raise InputError(f"{where}: message {number} ({message['role']}) has no content")
+        messages.append(
+            {"role": message["role"], "content": text_of(message["content"], f"message {number}'s content", where)}
+        )
+    return messages
 
 
 def _common_prefix_messages(chosen: Messages, rejected: Messages) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 import pyarrow.parquet
 
+from rlkit.data.text import decode_lines, read_utf8
 from rlkit.errors import InputError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -44,8 +45,8 @@ def parse_columns(spec: str | None) -> dict[str, str]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, line in enumerate(decode_lines(handle, str(path)), 1):
             if not line.strip():
                 continue
             try:
@@ -61,7 +62,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -121,7 +122,12 @@ def _load_one(source: str) -> datasets.Dataset:
                 if suffix == ".parquet":
                     pyarrow.parquet.read_schema(str(path))  # fails quietly, where `datasets` would log the error
                     return datasets.Dataset.from_parquet(str(path))
-                return datasets.Dataset.from_csv(str(path))
+                with path.open("rb") as handle:
+                    for _ in decode_lines(handle, str(path)):  # pandas would name neither line nor byte
+                        pass
+                return datasets.Dataset.from_csv(str(path), encoding="utf-8-sig")
+            except InputError:
+                raise
             except Exception as err:  # pyarrow/pandas errors (a corrupt file), wrapped or not by `datasets`
                 cause = err.__cause__ or err
                 raise InputError(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlkit.data.formats import Messages
+from rlkit.data.text import read_utf8
 from rlkit.errors import InputError
 
 SHIPPED = ("chatml", "tulu", "llama-2", "zephyr", "stack-exchange", "raw")
@@ -46,11 +47,16 @@ def resolve_template(name: str | None, tokenizer: Any, tokenizer_name: str = "th
         return ChatTemplate(name, shipped_template(name))
     path = Path(name)
     if path.is_file():
-        return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
+        return ChatTemplate(str(path), read_utf8(path))
     raise InputError(f"--template {name!r}: not a shipped template ({', '.join(SHIPPED)}) and no such .jinja file")
 
 
 def render(tokenizer: Any, template: ChatTemplate, messages: Messages, add_generation_prompt: bool = False) -> str:
+    if "tool" not in template.source and any(m["role"] == "tool" for m in messages):
+        raise InputError(
+            f"template {template.name!r} has no 'tool' role, so a tool message would be dropped or garbled; "
+            "remove tool messages or pass a --template that renders them"
+        )
     try:
         return tokenizer.apply_chat_template(
             messages, chat_template=template.source, tokenize=False, add_generation_prompt=add_generation_prompt

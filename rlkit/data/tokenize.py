@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rlkit.data.formats import Format, to_conversation
+from rlkit.data.formats import Format, text_of, to_conversation
 from rlkit.data.templates import ChatTemplate, render_segments
 
 IGNORE = -100
@@ -55,7 +55,7 @@ def _segments(
     record: dict[str, Any], fmt: Format, tokenizer: Any, template: ChatTemplate | None, where: str
 ) -> list[tuple[str, bool]]:
     if fmt is Format.TEXT:
-        return [(str(record["text"]) + (tokenizer.eos_token or ""), True)]
+        return [(text_of(record["text"], "'text'", where) + (tokenizer.eos_token or ""), True)]
     assert template is not None
     return render_segments(tokenizer, template, to_conversation(record, fmt, where))
 

@@ -23,9 +23,10 @@ from typing import Any, TextIO
 import torch
 
 from rlkit.console import console, info
-from rlkit.data.formats import Messages
+from rlkit.data.formats import Messages, as_messages
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import ChatTemplate, resolve_template
+from rlkit.data.text import decode_lines
 from rlkit.errors import InputError
 from rlkit.models.inference import dtype_hint, inference_dtype, is_reward_model, load_causal_lm_for_inference
 from rlkit.models.load import load_tokenizer, resolve_source
@@ -58,21 +59,19 @@ def parse_prompt_line(line: str, number: int, system: str | None) -> tuple[Any, 
             raise InputError(
                 f"stdin line {number}: a JSON line needs a 'prompt' or 'messages' field (found: {', '.join(record) or 'none'})"
             )
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
-    ):
-        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
-    else:
-        raise InputError(
-            f"stdin line {number}: 'prompt'/'messages' must be a string or a non-empty list of {{role, content}} messages"
-        )
+    messages = as_messages(prompt, "user", f"stdin line {number}")
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
     return prompt, messages
+
+
+def stdin_lines(stdin: TextIO) -> Iterator[str]:
+    """stdin's lines as they arrive, decoded as UTF-8 by rlkit (not by the stream, which under a C
+    locale would pass bad bytes on to the tokenizer), so a bad byte is an error naming its line."""
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:  # already text (a StringIO in tests)
+        return iter(stdin.readline, "")
+    return decode_lines(iter(buffer.readline, b""), "stdin")
 
 
 def _batches(lines: Iterator[str], size: int, system: str | None) -> Iterator[list[tuple[Any, Messages]]]:
@@ -102,7 +101,7 @@ def run_piped(
     }
     per_batch = max(1, config.batch_size // config.n)
     written = 0
-    for batch_index, batch in enumerate(_batches(iter(stdin.readline, ""), per_batch, config.system)):
+    for batch_index, batch in enumerate(_batches(stdin_lines(stdin), per_batch, config.system)):
         seed = None if config.seed is None else config.seed + batch_index
         rollouts = generate_rollouts(model, tokenizer, template, [m for _, m in batch], sampling, n=config.n, seed=seed)
         for k, rollout in enumerate(rollouts):
@@ -289,10 +288,6 @@ def run_interactive(config: ChatConfig, model: Any, tokenizer: Any, template: Ch
 def run_chat(config: ChatConfig) -> None:
     if not config.model:
         raise InputError("missing argument MODEL")
-    if config.n < 1 or config.batch_size < 1 or config.max_new_tokens < 1:
-        raise InputError("--n, --batch-size and --max-new-tokens must be >= 1")
-    if config.temperature is not None and config.temperature < 0:
-        raise InputError(f"--temperature {config.temperature}: must be >= 0")
     interactive = sys.stdin.isatty()
     if interactive and config.n > 1:
         raise InputError("--n applies when stdin is piped; on a terminal each message gets one reply")
