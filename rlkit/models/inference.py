@@ -7,7 +7,6 @@ directory holds (a causal LM or a one-score sequence classifier) before loading 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,13 @@ import torch
 
 from rlkit.errors import InputError
 from rlkit.hardware import cpu_bf16_hint
-from rlkit.models.load import ModelSource, load_causal_lm, strip_gguf_marker
+from rlkit.models.load import (  # noqa: F401  (adapter_config, is_reward_model re-exported: chat, eval, merge, scoring)
+    ModelSource,
+    adapter_config,
+    is_reward_model,
+    load_causal_lm,
+    strip_gguf_marker,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,25 +42,6 @@ def dtype_hint(name: str) -> str | None:
     """A line for inference left at `--dtype auto` (float32) on a bf16-capable CPU; `auto` means
     the same on every CPU."""
     return cpu_bf16_hint("--dtype bfloat16", "generated with SmolLM2-135M 1.5x faster") if name == "auto" else None
-
-
-def adapter_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / "adapter_config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read the adapter config ({err})")
-
-
-def is_reward_model(source: ModelSource) -> bool:
-    """True for a sequence-classification dir (or a SEQ_CLS adapter), which scores instead of generating."""
-    if source.adapter_dir:
-        return adapter_config(source.adapter_dir).get("task_type") == "SEQ_CLS"
-    config = Path(source.path) / "config.json"
-    if source.gguf_file or not config.is_file():
-        return False
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def load_causal_lm_for_inference(source: ModelSource, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -4,16 +4,24 @@ MODEL may be a full HF dir, a hub name (where the hub is reachable), a LoRA adap
 (the base it names is loaded and the adapter continues training), or a `.gguf` file
 (dequantized to float; its GGUF marker is removed so it can be trained and saved as a plain
 model, which transformers otherwise refuses).
+
+A damaged dir (a truncated weights file, a config that is not JSON) is one error line naming
+it, whichever library finds the damage; a reward model given where a causal LM is needed is
+refused, since transformers would quietly load its trunk under a random LM head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkit.errors import InputError
@@ -37,6 +45,42 @@ class ModelSource:
         return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
 
 
+#: What from_pretrained raises for a file cut short or garbled (beside OSError/ValueError for a missing one).
+DAMAGED = (SafetensorError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def loading(name: str, what: str) -> Iterator[None]:
+    """Turn a library's failure to load `name` as `what` into one line; a damaged file says so."""
+    try:
+        yield
+    except DAMAGED as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise InputError(
+            f"{name}: cannot load {what}: a file in it is truncated or damaged ({type(err).__name__}: {first}); "
+            "re-create or re-download it"
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise InputError(f"{name}: cannot load {what} ({(str(err).splitlines() or [type(err).__name__])[0]})")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of a model or adapter dir (config.json, adapter_config.json)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read it ({err})")
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); the dir is damaged, re-create it")
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def adapter_config(directory: str | Path) -> dict[str, Any]:
+    return read_json(Path(directory) / "adapter_config.json")
+
+
 def resolve_source(name: str) -> ModelSource:
     path = Path(name)
     if path.suffix == ".gguf":
@@ -44,7 +88,7 @@ def resolve_source(name: str) -> ModelSource:
             raise InputError(f"{name}: no such GGUF file")
         return ModelSource(name, str(path.parent), gguf_file=path.name)
     if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = adapter_config(path).get("base_model_name_or_path")
         if not base:
             raise InputError(f"{name}: adapter_config.json names no base model")
         inner = resolve_source(base)
@@ -63,15 +107,18 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
         if source.adapter_dir and (Path(source.adapter_dir) / "tokenizer_config.json").is_file()
         else None
     )
-    try:
-        if where:
-            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(
-                source.path, trust_remote_code=trust_remote_code, **source.kwargs()
-            )
-    except (OSError, ValueError) as err:
-        raise InputError(f"{source.name}: cannot load a tokenizer ({str(err).splitlines()[0]})")
+    with loading(source.name, "a tokenizer"):
+        try:
+            if where:
+                tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source.path, trust_remote_code=trust_remote_code, **source.kwargs()
+                )
+        except Exception as err:  # the `tokenizers` library raises bare Exceptions for a garbled tokenizer.json
+            if isinstance(err, (*DAMAGED, OSError, ValueError, RuntimeError, KeyError)):
+                raise
+            raise ValueError(str(err)) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -88,19 +135,34 @@ def load_causal_lm(
     source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> torch.nn.Module:
     """The model to train; an adapter dir comes back as a trainable PeftModel."""
-    try:
+    if is_reward_model(source):
+        raise InputError(
+            f"{source.name} is a reward model (a sequence classifier: one score per text), not a causal LM that "
+            "generates; give the policy it was trained from, and the reward model as --reward (ppo, eval)"
+        )
+    with loading(source.name, "a causal LM"):
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=dtype, trust_remote_code=trust_remote_code, **source.kwargs()
         )
-    except (OSError, ValueError) as err:
-        raise InputError(f"{source.name}: cannot load a causal LM ({str(err).splitlines()[0]})")
     strip_gguf_marker(model)
     contiguous_output_layer_input(model)
     if source.adapter_dir:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
+        with loading(source.adapter_dir, "the LoRA adapter"):
+            model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=True)
     return model
+
+
+def is_reward_model(source: ModelSource) -> bool:
+    """True for a sequence-classification dir (or a SEQ_CLS adapter), which scores instead of generating."""
+    if source.adapter_dir:
+        return adapter_config(source.adapter_dir).get("task_type") == "SEQ_CLS"
+    config = Path(source.path) / "config.json"
+    if source.gguf_file or not config.is_file():
+        return False
+    architectures = read_json(config).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def _contiguous_first_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
