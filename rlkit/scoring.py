@@ -136,7 +136,7 @@ class ModelReward:
             for i, row in enumerate(chunk):  # right padding; the score is read at each row's last real token
                 ids[i, : len(row)], mask[i, : len(row)] = torch.as_tensor(row), 1
             ids, mask = ids.to(device), mask.to(device)
-            hf = _hf(self.model)
+            hf = unwrap_peft(self.model)
             hidden = getattr(hf, hf.base_model_prefix)(
                 input_ids=ids, attention_mask=mask, use_cache=False
             ).last_hidden_state
@@ -146,7 +146,9 @@ class ModelReward:
         return torch.cat(scores)
 
 
-def _hf(model: torch.nn.Module) -> Any:
+def unwrap_peft(model: torch.nn.Module) -> Any:
+    """The transformers model under a PEFT wrapper (or the model itself): where a sequence
+    classifier's trunk (`base_model_prefix`) and `score` head are attributes."""
     from peft import PeftModel
 
     return model.get_base_model() if isinstance(model, PeftModel) else model

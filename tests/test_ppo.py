@@ -117,7 +117,8 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     from rlkit.data.prompts import encode_prompt
     from rlkit.data.templates import resolve_template
     from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
-    from rlkit.recipes.ppo import PolicyValue, PPOLoop, PPOObjective, PPOReference, make_value_head
+    from rlkit.preference.reference import ModelReference
+    from rlkit.recipes.ppo import PolicyValue, PPOLoop, PPOObjective, make_value_head, response_logps
     from rlkit.scoring import FunctionReward
 
     torch.manual_seed(0)
@@ -145,9 +146,8 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), run_dir=None)
     reward = FunctionReward("test_ppo:letters", lambda m: m[-1]["content"])
     objective = PPOObjective(config)
-    loop = PPOLoop(
-        config, run, tok, template, conversations, encoded, reward, PPOReference("model", ref_model), objective, 1
-    )
+    reference = ModelReference(ref_model, response_logps(config.temperature))
+    loop = PPOLoop(config, run, tok, template, conversations, encoded, reward, reference, objective, 1)
     loop._prompt_indices = lambda step: [0, 1]
     buffer = loop.rollout(0, wrapper)["tensors"]
     mask = buffer["response_mask"]
@@ -322,6 +322,31 @@ def test_bad_input_is_refused_before_any_output(tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match="no `prompt` or `messages` column"):
         run_ppo(_config(tiny_model_dir, out, data=[str(texts)]))
     assert not out.exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_ref_with_another_tokenizer_is_refused_like_dpo(tiny_model_dir, tmp_path):
+    """`ppo --ref` shares dpo's reference, tokenizer check included: exit 2, one `error:` line, nothing written."""
+    import shutil
+
+    from conftest import build_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_dir, other)
+    build_tokenizer(vocab_size=500).save_pretrained(other)
+    refusals = {}
+    for command, data, extra in (
+        ("dpo", DEMO_DATA / "pairs_eval.jsonl", []),
+        ("ppo", PROMPTS, ["--reward", "rlkit.demo.task:reward"]),
+    ):
+        out = tmp_path / command
+        result = run_cli(command, str(tiny_model_dir), str(data), "-o", str(out), "--ref", str(other), *extra)
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert not out.exists() and not (tmp_path / f"{command}.partial").exists()
+        refusals[command] = errors[0]
+    assert "its tokenizer differs" in refusals["ppo"]
+    assert refusals["ppo"] == refusals["dpo"]
 
 
 def test_efficacy_ppo_with_a_trained_reward_model_raises_its_held_out_score(tiny_model_dir, tmp_path):

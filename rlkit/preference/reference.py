@@ -1,4 +1,10 @@
-"""The frozen reference of DPO-family losses: precomputed log-prob columns, or a model per step.
+"""The frozen reference of dpo, kto and ppo: precomputed log-prob columns, or a model per step.
+
+One implementation, generic over what it measures (a `LogpsSpec`): DPO the summed log-probs of
+each pair's chosen and rejected completion, KTO each example's completion and its mismatched
+one, PPO each response token's log-prob at the sampling temperature ([B, R], never
+precomputed: its rollouts are new every step). Whatever the trainer, `--ref DIR` must share
+the policy's tokenizer, and is refused otherwise.
 
 Why precompute (the default): the reference never changes, so its log-probs of the training
 and eval pairs are data. One no-grad pass before training (sharded over processes) turns
@@ -52,7 +58,7 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 REFERENCE_ADAPTER = "reference"
 
 Batch = dict[str, Any]
-Measure = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+Measure = Callable[[torch.nn.Module, Batch], Any]
 
 
 def _pair_measure(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +68,15 @@ def _pair_measure(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class LogpsSpec:
-    """What a reference measures on a batch: two [B] vectors of summed log-probs, and the
-    columns they are stored in when precomputed. DPO's are a pair's chosen and rejected
-    completions; KTO's are each example's completion and its mismatched (KL) completion."""
+    """What a reference measures on a batch, and the columns it is stored in when precomputed.
+
+    DPO's are two [B] vectors of summed log-probs, a pair's chosen and rejected completions;
+    KTO's each example's completion and its mismatched (KL) completion. PPO's is one [B, R]
+    tensor of response-token log-probs, with no columns: there is nothing to precompute.
+    """
 
     measure: Measure
-    columns: tuple[str, str]
+    columns: tuple[str, ...] = ()
     unit: str = "pairs"  # what a dataset row is, in messages
 
 
@@ -75,8 +84,8 @@ PAIR_LOGPS = LogpsSpec(_pair_measure, REF_COLUMNS)
 
 
 class Reference(Protocol):
-    def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed reference log-probs of each pair's chosen and rejected completion, [B] each."""
+    def logps(self, model: torch.nn.Module, batch: Batch) -> Any:
+        """The spec's measure of `batch` by the reference (DPO: chosen and rejected summed log-probs, [B] each)."""
 
 
 class PrecomputedReference:
@@ -99,7 +108,7 @@ class DisabledAdapterReference:
     def __init__(self, spec: LogpsSpec = PAIR_LOGPS):
         self.measure = spec.measure
 
-    def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, model: torch.nn.Module, batch: Batch) -> Any:
         peft_model = extract_model_from_parallel(model)
         with torch.no_grad(), eval_mode(model), peft_model.disable_adapter():
             return self.measure(model, batch)
@@ -118,7 +127,7 @@ class AdapterReference:
         peft_model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         peft_model.set_adapter(self.policy_adapter)
 
-    def logps(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, model: torch.nn.Module, batch: Batch) -> Any:
         peft_model = extract_model_from_parallel(model)
         with torch.no_grad(), eval_mode(model):
             peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
@@ -135,7 +144,7 @@ class ModelReference:
         self.model = model.eval().requires_grad_(False)
         self.measure = spec.measure
 
-    def logps(self, policy: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, policy: torch.nn.Module, batch: Batch) -> Any:
         device = model_device(policy)
         if model_device(self.model) != device:
             self.model.to(device)
@@ -204,7 +213,7 @@ def _splits(data: PreparedData) -> dict[str, datasets.Dataset]:
 
 
 def _load_cached(
-    path: Path | None, sizes: dict[str, int], columns: tuple[str, str]
+    path: Path | None, sizes: dict[str, int], columns: tuple[str, ...]
 ) -> dict[str, dict[str, list[float]]] | None:
     if path is None or not (path / "dataset_dict.json").is_file():
         return None
@@ -270,6 +279,13 @@ def attach_reference_logps(
 # ---- choosing the strategy -----------------------------------------------------------------
 
 
+class ReferenceOptions(Protocol):
+    """What choosing a reference reads from a trainer's config (dpo, kto and ppo all have these)."""
+
+    ref: str | None
+    lora: bool
+
+
 def load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: TrainingRun) -> torch.nn.Module:
     tokenizer = load_tokenizer(ref, run.config.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
@@ -278,6 +294,40 @@ def load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: TrainingR
         )
     model = load_causal_lm(ref, run.weights_dtype, run.config.trust_remote_code)
     return model.eval().requires_grad_(False)
+
+
+def _reference_source(config: ReferenceOptions, run: TrainingRun) -> tuple[ModelSource, bool, str]:
+    """(the reference's source, whether it is the starting model, how to name it)."""
+    ref_source = resolve_source(config.ref) if config.ref else run.source
+    # `--ref` naming MODEL itself (iterated KTO/DPO: the previous round is both) is the starting model
+    ref_is_start = same_weights(ref_source, run.source)
+    described = f"`{config.ref}`" if config.ref else f"the starting model `{run.source.name}`"
+    return ref_source, ref_is_start, described
+
+
+def on_the_fly_reference(
+    config: ReferenceOptions,
+    run: TrainingRun,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    spec: LogpsSpec = PAIR_LOGPS,
+) -> tuple[Reference, str]:
+    """A reference that measures every batch during training, and its description.
+
+    Each strategy avoids a second copy of the base where it can (see the module docstring).
+    """
+    ref_source, ref_is_start, described = _reference_source(config, run)
+    if config.ref and not (ref_is_start and config.lora):
+        return ModelReference(load_reference_model(ref_source, tokenizer, run), spec), f"{described}, on the fly"
+    if config.lora and run.source.adapter_dir:
+        return AdapterReference(policy, run.source.adapter_dir, spec), f"{described} (its adapter, frozen), on the fly"
+    if config.lora:
+        return DisabledAdapterReference(spec), f"{described} (the base, adapter disabled), on the fly"
+    if spec.columns:  # a trainer that could have precomputed it
+        warn(
+            "full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not"
+        )
+    return ModelReference(copy.deepcopy(policy), spec), f"{described} (a frozen copy), on the fly"
 
 
 def setup_reference(
@@ -295,33 +345,18 @@ def setup_reference(
     `cache_tag` names anything beyond the reference and the data that changes the
     precomputed columns (KTO: how the mismatched pairs were drawn).
     """
-    ref_source = resolve_source(config.ref) if config.ref else run.source
-    # `--ref` naming MODEL itself (iterated KTO/DPO: the previous round is both) is the starting model
-    ref_is_start = same_weights(ref_source, run.source)
-    described = f"`{config.ref}`" if config.ref else f"the starting model `{run.source.name}`"
-    if config.precompute_ref:
-        loaded: dict[str, torch.nn.Module] = {}  # the --ref model, loaded on a cache miss only, once
+    if not config.precompute_ref:
+        reference, described = on_the_fly_reference(config, run, policy, tokenizer, spec)
+        return reference, data, described
+    ref_source, ref_is_start, described = _reference_source(config, run)
+    loaded: dict[str, torch.nn.Module] = {}  # the --ref model, loaded on a cache miss only, once
 
-        def compute(dataset: Any) -> dict[str, list[float]]:
-            if "model" not in loaded:
-                loaded["model"] = policy if ref_is_start else load_reference_model(ref_source, tokenizer, run)
-            return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator, spec)
+    def compute(dataset: Any) -> dict[str, list[float]]:
+        if "model" not in loaded:
+            loaded["model"] = policy if ref_is_start else load_reference_model(ref_source, tokenizer, run)
+        return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator, spec)
 
-        key = reference_key(ref_source, run.weights_dtype, run.accelerator) + cache_tag
-        data = attach_reference_logps(data, key, compute, run.accelerator, spec)
-        loaded.clear()  # training holds no reference model
-        return PrecomputedReference(spec), data, f"{described}, log-probs precomputed"
-    if config.ref and not (ref_is_start and config.lora):
-        return ModelReference(load_reference_model(ref_source, tokenizer, run), spec), data, f"{described}, on the fly"
-    if config.lora and run.source.adapter_dir:
-        return (
-            AdapterReference(policy, run.source.adapter_dir, spec),
-            data,
-            f"{described} (its adapter, frozen), on the fly",
-        )
-    if config.lora:
-        return DisabledAdapterReference(spec), data, f"{described} (the base, adapter disabled), on the fly"
-    warn(
-        "full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not"
-    )
-    return ModelReference(copy.deepcopy(policy), spec), data, f"{described} (a frozen copy), on the fly"
+    key = reference_key(ref_source, run.weights_dtype, run.accelerator) + cache_tag
+    data = attach_reference_logps(data, key, compute, run.accelerator, spec)
+    loaded.clear()  # training holds no reference model
+    return PrecomputedReference(spec), data, f"{described}, log-probs precomputed"

@@ -28,11 +28,8 @@ and statistic is a masked one, so nothing after EOS contributes.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,11 +58,11 @@ from rlkit.losses.ppo import (
     standardise_scores,
 )
 from rlkit.models.attention import use_fp32_attention_backward
-from rlkit.models.load import load_causal_lm, resolve_source
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.models.modes import disable_dropout
+from rlkit.preference.reference import LogpsSpec, Reference, on_the_fly_reference
 from rlkit.recipes.ppo_config import PPOConfig
-from rlkit.scoring import Reward, is_model_dir, load_reward, load_sequence_classifier
+from rlkit.scoring import Reward, is_model_dir, load_reward, load_sequence_classifier, unwrap_peft
 from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
 from rlkit.training.logprobs import positions_from_mask, response_logprobs
@@ -110,7 +107,7 @@ class PolicyValue(torch.nn.Module):
             hidden = out.hidden_states[-1][:, -(r + 1) : -1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
-            hf = _hf(self.critic)
+            hf = unwrap_peft(self.critic)
             trunk = getattr(hf, hf.base_model_prefix)
             hidden = trunk(
                 input_ids=input_ids,
@@ -131,12 +128,6 @@ class PolicyValue(torch.nn.Module):
             save_file(state, str(Path(directory) / VALUE_HEAD_FILE))
         if self.critic is not None:
             self.critic.save_pretrained(str(Path(directory) / CRITIC_DIR), **kwargs)
-
-
-def _hf(model: torch.nn.Module) -> Any:
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def hidden_size(model: torch.nn.Module) -> int:
@@ -160,65 +151,15 @@ def make_value_head(policy: torch.nn.Module, source_dirs: list[str | None]) -> t
     return head
 
 
-REFERENCE_ADAPTER = "reference"
+def response_logps(temperature: float) -> LogpsSpec:
+    """What PPO's reference measures (`rlkit.preference.reference` holds the strategies): the
+    [B, R] log-probs of the responses that end a rollout's rows, at the sampling temperature."""
 
+    def measure(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        ids, mask, responses = batch["input_ids"], batch["attention_mask"], batch["responses"]
+        return response_logprobs(model, ids, mask, responses, temperature, want_entropy=False)[0]
 
-class PPOReference:
-    """Reference log-probs without a second copy of the base where possible (SPEC: LoRA -> adapter off).
-
-    - fresh LoRA adapter: the policy with the adapter disabled;
-    - a continued adapter dir: the same adapter loaded again (frozen) on the same base;
-    - `--ref DIR`, or full fine-tuning: a separate frozen model (a copy of the start by default).
-    """
-
-    def __init__(self, kind: str, model: torch.nn.Module | None = None, policy_adapter: str | None = None):
-        self.kind, self.model, self.policy_adapter = kind, model, policy_adapter
-
-    @contextmanager
-    def _active(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        if self.kind == "disable":
-            with policy.disable_adapter():
-                yield policy
-        elif self.kind == "adapter":
-            policy.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
-            try:
-                yield policy
-            finally:
-                policy.set_adapter(self.policy_adapter)
-        else:
-            yield self.model
-
-    @torch.no_grad()
-    def logprobs(
-        self,
-        policy: torch.nn.Module,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        responses: torch.Tensor,
-        temperature: float,
-    ) -> torch.Tensor:
-        """[B, R] reference log-probs of the responses that end the rows, at the sampling temperature."""
-        with self._active(policy) as model:
-            return response_logprobs(model, input_ids, attention_mask, responses, temperature, want_entropy=False)[0]
-
-
-def build_reference(config: PPOConfig, run: TrainingRun, policy: torch.nn.Module) -> PPOReference:
-    if config.ref:
-        ref_source = resolve_source(config.ref)
-        model = load_causal_lm(ref_source, run.weights_dtype, config.trust_remote_code).eval().requires_grad_(False)
-        info(f"reference: {config.ref} (a separate frozen model)")
-        return PPOReference("model", model.to(run.accelerator.device))
-    if config.lora and run.source.adapter_dir:
-        adapter = policy.active_adapter
-        policy.load_adapter(run.source.adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        policy.set_adapter(adapter)
-        info("reference: the starting adapter, loaded again frozen on the same base")
-        return PPOReference("adapter", policy_adapter=adapter)
-    if config.lora:
-        info("reference: the base model with the adapter disabled (no second copy)")
-        return PPOReference("disable")
-    info("reference: a frozen copy of the starting policy")
-    return PPOReference("model", copy.deepcopy(policy).eval().requires_grad_(False).to(run.accelerator.device))
+    return LogpsSpec(measure, unit="rollouts")
 
 
 # ---- prompts -------------------------------------------------------------------------------
@@ -327,7 +268,7 @@ class PPOLoop:
         conversations: list[Messages],
         prompt_ids: list[list[int]],
         reward: Reward,
-        reference: PPOReference,
+        reference: Reference,
         objective: PPOObjective,
         ppo_steps: int,
     ):
@@ -461,9 +402,8 @@ class PPOLoop:
             sl = slice(start, start + c.batch_size)
             with acc.autocast():
                 lp, ent, v = wrapper(input_ids[sl], attention_mask[sl], responses[sl], c.temperature)
-                ref_logprobs.append(
-                    self.reference.logprobs(policy, input_ids[sl], attention_mask[sl], responses[sl], c.temperature)
-                )
+                rows = {"input_ids": input_ids[sl], "attention_mask": attention_mask[sl], "responses": responses[sl]}
+                ref_logprobs.append(self.reference.logps(policy, rows))
             logprobs.append(lp)
             entropies.append(ent)
             values.append(v)
@@ -641,7 +581,8 @@ def run_ppo(config: PPOConfig) -> Path:
 
     policy = run.load_policy()
     disable_dropout(policy)  # PPO's ratio must be 1 before the first update (Huang et al. 2024)
-    reference = build_reference(config, run, policy)
+    reference, described = on_the_fly_reference(config, run, policy, tokenizer, response_logps(config.temperature))
+    info(f"reference: {described}")
     device = run.accelerator.device
     reward = load_reward(
         config.reward, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code
@@ -665,7 +606,7 @@ def run_ppo(config: PPOConfig) -> Path:
     metrics["ppo_steps"] = ppo_steps
     card = (
         "## PPO\n\n"
-        f"- reward: `{config.reward}`; reference: {reference.kind}; critic: {config.critic}\n"
+        f"- reward: `{config.reward}`; reference: {described}; critic: {config.critic}\n"
         f"- KL: {config.kl_estimator}, coef {config.kl_coef}"
         + (f" adaptive to {config.target_kl}" if config.target_kl else " fixed")
         + "\n"
