@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,3 +204,136 @@ print(json.dumps(seen))
     assert (
         json.loads(done.stdout.strip().splitlines()[-1]) == ["cpu"] * 6
     )  # 2 steps x (2 forwards + 1 backward between them)
+
+
+def _sft(tiny_model_dir: Path, out: Path, **options) -> Path:
+    """4 steps of sft in this process, with checkpoints after steps 1, 2, 3 (the last 2 kept); one thread,
+    so that runs compare bit for bit."""
+    from rlkit.recipes.sft import SFTConfig, run_sft
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_sft(
+            SFTConfig(
+                model=str(tiny_model_dir),
+                data=[str(SFT_DATA)],
+                output=str(out),
+                max_steps=4,
+                save_every=1,
+                batch_size=2,
+                max_length=128,
+                lr=1e-3,
+                log_every=1000,
+                **options,
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _interrupted_sft(tiny_model_dir: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`_sft` crashed before writing OUT: OUT.partial holds the checkpoints of steps 2 and 3."""
+    import rlkit.training.run as run_module
+    from rlkit.errors import RunError
+
+    def crash(*args, **kwargs):
+        raise RunError("simulated crash before the output was written")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "finalize", crash)
+        with pytest.raises(RunError):
+            _sft(tiny_model_dir, out)
+    partial = out.with_name(out.name + ".partial")
+    assert [p.name for p in sorted((partial / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
+    return partial
+
+
+def _truncate(checkpoint: Path) -> None:
+    for f in checkpoint.iterdir():
+        if f.name.endswith((".bin", ".safetensors")):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_resume_skips_a_torn_checkpoint_and_refuses_when_none_is_good(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    whole = _sft(tiny_model_dir, tmp_path / "whole")
+
+    out = tmp_path / "torn"
+    partial = _interrupted_sft(tiny_model_dir, out, monkeypatch)
+    all_torn = tmp_path / "all-torn"
+    shutil.copytree(partial, all_torn.with_name("all-torn.partial"))
+    newest = partial / "checkpoints" / "step-0000003"
+    _truncate(newest)
+    (partial / "checkpoints" / "step-0000004.incomplete").mkdir()  # what a kill during the next save leaves
+    capsys.readouterr()
+    _sft(tiny_model_dir, out, resume=True)
+    stderr = capsys.readouterr().err
+    assert f"skipping checkpoint {newest}" in stderr
+    assert "step-0000004.incomplete: an incomplete checkpoint" in stderr
+    assert "step-0000002 (step 2)" in stderr
+    expected, got = _weights(whole), _weights(out)
+    for name in expected:  # resumed from step 2: the same result as the run that was never interrupted
+        assert torch.equal(expected[name], got[name]), name
+
+    out, partial = all_torn, all_torn.with_name("all-torn.partial")
+    for checkpoint in (partial / "checkpoints").iterdir():
+        _truncate(checkpoint)
+    args = [str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--max-steps", "4", "--resume", *COMMON]
+    refused = run_cli("sft", *args)
+    assert refused.returncode == 1, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "none of the 2 checkpoints" in errors[0] and "--overwrite" in errors[0], refused.stderr
+    assert "Traceback" not in refused.stderr and "Aborted" not in refused.stderr
+    assert not out.exists() and partial.is_dir()  # the checkpoints stay for the user to inspect
+
+
+def test_a_save_writes_beside_the_final_name_and_renames(tiny_model_dir, tmp_path, monkeypatch):
+    """While accelerate writes, the checkpoint's final name does not exist; afterwards only it does."""
+    from accelerate import Accelerator
+
+    seen = []
+    real_save = Accelerator.save_state
+
+    def watch(self, output_dir, **kwargs):
+        final = Path(output_dir).with_name(Path(output_dir).name.removesuffix(".incomplete"))
+        seen.append((Path(output_dir).name, final.exists()))
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", watch)
+    partial = _interrupted_sft(tiny_model_dir, tmp_path / "out", monkeypatch)
+    assert seen == [(f"step-000000{i}.incomplete", False) for i in (1, 2, 3)]
+    assert not list((partial / "checkpoints").glob("*.incomplete"))
+
+
+def test_input_errors_leave_no_run_dir(tiny_model_dir, tmp_path, monkeypatch):
+    # refused before the run dir is opened: too few rows for one global batch
+    out = tmp_path / "few"
+    done = run_cli("sft", str(tiny_model_dir), str(SFT_DATA), "-o", str(out), "--batch-size", "400", *COMMON[2:])
+    assert done.returncode == 2 and "fewer than one global batch" in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == done.stderr.strip().splitlines()[
+        -1:
+    ]
+    assert not out.exists() and not out.with_name("few.partial").exists()
+
+    # raised once the run dir exists (here from inside the engine): the dir this run made is removed,
+    # a resumed run's dir is kept
+    import rlkit.training.engine as engine
+    from rlkit.errors import InputError
+    from rlkit.recipes.sft import SFTConfig, run_sft
+
+    def refuse(self, *args, **kwargs):
+        assert self.run_dir.is_dir()
+        raise InputError("refused by the engine")
+
+    monkeypatch.setattr(engine.Engine, "fit", refuse)
+    out = tmp_path / "inside"
+    config = SFTConfig(model=str(tiny_model_dir), data=[str(SFT_DATA)], output=str(out), max_steps=1, max_length=128)
+    with pytest.raises(InputError, match="refused by the engine"):
+        run_sft(config)
+    assert not out.exists() and not out.with_name("inside.partial").exists()
+    kept = out.with_name("inside.partial")
+    (kept / "checkpoints" / "step-0000001").mkdir(parents=True)
+    config.resume = True
+    with pytest.raises(InputError, match="refused by the engine"):
+        run_sft(config)
+    assert (kept / "checkpoints" / "step-0000001").is_dir()

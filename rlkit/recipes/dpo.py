@@ -30,7 +30,7 @@ from rlkit.preference.logps import pair_logps
 from rlkit.preference.pairs import load_pairs, pair_collate
 from rlkit.preference.reference import Reference, setup_reference
 from rlkit.recipes.dpo_config import DPOConfig
-from rlkit.training.engine import StepOutput
+from rlkit.training.engine import Evaluation, StepOutput
 from rlkit.training.run import TrainingRun
 
 
@@ -122,7 +122,9 @@ def run_dpo(config: DPOConfig) -> Path:
     info(f"reference: {described}")
     objective = DPOObjective(config, reference)
     default_lr = 5e-6 if config.lora else 5e-7
-    metrics = run.train(policy, objective, data.train, data.eval, collate, default_lr)
+    metrics = run.train(
+        policy, objective, run.dataset_steps(data.train, collate), default_lr, Evaluation.of(data.eval, collate)
+    )
     card = (
         "## Preference optimisation\n\n"
         f"- loss: `{config.loss}`, beta {config.beta}"

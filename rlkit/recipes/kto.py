@@ -34,7 +34,7 @@ from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.logps import sequence_logps
 from rlkit.preference.reference import LogpsSpec, Reference, setup_reference
 from rlkit.recipes.kto_config import KTOConfig
-from rlkit.training.engine import StepOutput
+from rlkit.training.engine import Evaluation, StepOutput
 from rlkit.training.run import TrainingRun
 
 
@@ -187,7 +187,9 @@ def run_kto(config: KTOConfig) -> Path:
     info(f"reference: {described}")
     objective = KTOObjective(config, reference, mean_over_processes(run.accelerator))
     default_lr = 5e-6 if config.lora else 5e-7
-    metrics = run.train(policy, objective, data.train, data.eval, collate, default_lr)
+    metrics = run.train(
+        policy, objective, run.dataset_steps(data.train, collate), default_lr, Evaluation.of(data.eval, collate)
+    )
     counts = data.metadata["counts"]
     card = (
         "## Kahneman-Tversky optimisation\n\n"

@@ -38,7 +38,7 @@ from rlkit.models.load import add_lora, load_causal_lm, strip_gguf_marker
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.pairs import load_pairs, pair_collate
 from rlkit.recipes.reward_model_config import RewardModelConfig
-from rlkit.training.engine import StepOutput
+from rlkit.training.engine import Evaluation, StepOutput
 from rlkit.training.run import TrainingRun, prepare_for_training
 
 
@@ -153,14 +153,9 @@ def run_train_rm(config: RewardModelConfig) -> Path:
         disable_dropout(model)
     scorer = RewardScorer(model, tokenizer.pad_token_id, merge=merge)
     default_lr = 1e-4 if config.lora else 1e-5
-    metrics = run.train(
-        scorer,
-        RewardObjective(config.center_rewards),
-        data.train,
-        data.eval,
-        pair_collate(config, tokenizer),
-        default_lr,
-    )
+    collate = pair_collate(config, tokenizer)
+    steps, evaluation = run.dataset_steps(data.train, collate), Evaluation.of(data.eval, collate)
+    metrics = run.train(scorer, RewardObjective(config.center_rewards), steps, default_lr, evaluation)
     card = "## Reward model\n\n- one score per sequence, read at its last non-pad token (Bradley-Terry loss"
     card += (f", centring {config.center_rewards}" if config.center_rewards else "") + ")\n"
     if "eval/accuracy" in metrics:

@@ -14,7 +14,7 @@ from rlkit.data.collate import collate_rows
 from rlkit.data.prepare import DataOptions, prepare_sft_data
 from rlkit.data.tokenize import IGNORE
 from rlkit.recipes.sft_config import SFTConfig
-from rlkit.training.engine import StepOutput
+from rlkit.training.engine import Evaluation, StepOutput
 from rlkit.training.logprobs import label_logprobs
 from rlkit.training.run import TrainingRun
 
@@ -57,6 +57,8 @@ def run_sft(config: SFTConfig) -> Path:
     model = run.load_policy()
     collate = functools.partial(collate_rows, pad_id=tokenizer.pad_token_id)
     default_lr = 2e-4 if config.lora else 2e-5
-    metrics = run.train(model, SFTObjective(), data.train, data.eval, collate, default_lr)
+    metrics = run.train(
+        model, SFTObjective(), run.dataset_steps(data.train, collate), default_lr, Evaluation.of(data.eval, collate)
+    )
     template = (data.metadata.get("template") or {}).get("source")
     return run.finish(tokenizer, chat_template=template, metrics=metrics, data_info=data.metadata)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 
+from rlkit.console import console, warn
 from rlkit.errors import InputError, RunError
 from rlkit.hardware import accelerator_available, cpu_bf16_hint, release_freed_host_memory
 from rlkit.models.modes import to_device
@@ -89,22 +90,80 @@ def _means(sums: dict[str, float], units: float, objective: Objective) -> dict[s
 
 
 class StepSource(Protocol):
-    """Makes each optimizer step's micro-batches itself, instead of the engine cutting them from data.
+    """Where each optimizer step's micro-batches come from: the one way batches reach the engine.
 
-    For loops whose data is produced by the model being trained (PPO: a rollout, then several
-    epochs of mini-batch updates on it). `batches(step, model)` is called at the start of
-    optimizer step `step` (0-based) with the prepared model; `step_metrics()` is called after the
-    step and its values are logged as they are (not divided by units). The engine keeps
-    everything else: accumulation, clipping, NaN checks, checkpoints, resume, metrics, progress.
+    Supervised trainers use `DatasetSteps` (seeded shuffles of a data set); PPO makes them from
+    the model being trained (a rollout, then mini-batch updates on it). `batches(step, model)` is
+    called at the start of optimizer step `step` (0-based) with the prepared model;
+    `step_metrics()` is called after the step and its values are logged as they are (not divided
+    by units). `epoch` in the log is `step / steps_per_epoch`. The engine keeps everything else:
+    accumulation, clipping, NaN checks, checkpoints, resume, metrics, progress.
     """
 
     total_steps: int
+    steps_per_epoch: int
 
     def batches(self, step: int, model: torch.nn.Module) -> list[Batch]:
         """This process's micro-batches for optimizer step `step`."""
 
     def step_metrics(self) -> dict[str, float]:
         """Extra metrics of the step just taken (may be empty)."""
+
+
+class DatasetSteps:
+    """The supervised `StepSource`: each epoch a seeded permutation of the rows, cut into global batches.
+
+    Step k of an epoch takes the k-th global batch of that epoch's permutation, and micro-batch
+    a of process r is its slice (a * processes + r), so a step is a pure function of its number
+    (resume needs no data-loader state) and the same global batch is seen whatever the split
+    between accumulation and processes. Built before the run dir is opened, so too little data is
+    refused with nothing written.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        collate: Callable[[list[dict[str, Any]]], Batch],
+        config: TrainConfig,
+        accelerator: Accelerator,
+    ):
+        self.dataset, self.collate, self.config = dataset, collate, config
+        self.world, self.rank, self.device = accelerator.num_processes, accelerator.process_index, accelerator.device
+        self.global_batch = config.batch_size * config.grad_accum * self.world
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise InputError(
+                f"{len(dataset)} training rows are fewer than one global batch ({self.global_batch} = "
+                f"batch-size {config.batch_size} x grad-accum {config.grad_accum} x {self.world} processes); lower them"
+            )
+        self.total_steps = config.max_steps if config.max_steps else config.epochs * self.steps_per_epoch
+
+    def batches(self, step: int, model: torch.nn.Module) -> list[Batch]:
+        c = self.config
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(c.seed + epoch))
+        base, bs = k * self.global_batch, c.batch_size
+        batches = []
+        for a in range(c.grad_accum):
+            start = base + (a * self.world + self.rank) * bs
+            rows = self.dataset.select(order[start : start + bs].tolist())
+            batches.append(to_device(self.collate(rows), self.device))
+        return batches
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+
+@dataclass
+class Evaluation:
+    """Held-out rows and how to batch them; evaluated every `--eval-every` steps and at the end."""
+
+    dataset: Any
+    collate: Callable[[list[dict[str, Any]]], Batch]
+
+    @classmethod
+    def of(cls, dataset: Any | None, collate: Callable[[list[dict[str, Any]]], Batch]) -> Evaluation | None:
+        return None if dataset is None else cls(dataset, collate)
 
 
 class TrainerState:
@@ -152,7 +211,12 @@ def _fused_adam_supported(params: list[torch.Tensor], device: torch.device) -> b
     )
 
 
+#: A checkpoint being written lives in `step-NNNNNNN.incomplete` until it is renamed.
+_INCOMPLETE = ".incomplete"
+
+
 def checkpoints_in(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (one being written is not among them)."""
     found = [p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
@@ -181,43 +245,14 @@ class _StopRequest:
 
 
 class Engine:
-    def __init__(
-        self,
-        config: TrainConfig,
-        accelerator: Accelerator,
-        run_dir: Path,
-        collate: Callable[[list[dict[str, Any]]], Batch],
-        default_lr: float,
-    ):
-        self.config, self.accelerator, self.run_dir, self.collate = config, accelerator, run_dir, collate
+    """Runs `fit`; one instance per run. `model` (after `fit`) is the prepared, trained model."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator, run_dir: Path, default_lr: float):
+        self.config, self.accelerator, self.run_dir = config, accelerator, run_dir
         self.lr = config.lr if config.lr is not None else default_lr
         self.state = TrainerState()
 
-    # ---- data order -------------------------------------------------------------------
-    def _global_batch(self) -> int:
-        return self.config.batch_size * self.config.grad_accum * self.accelerator.num_processes
-
-    def _micro_batches(self, dataset: Any, step: int, steps_per_epoch: int) -> list[Batch]:
-        """This process's micro-batches for optimizer step `step`, a pure function of the step.
-
-        Each epoch is a seeded permutation; step k takes the k-th global batch of it, and
-        micro-batch a of process r is its slice (a * processes + r), so the same global batch
-        is seen whatever the split between accumulation and processes.
-        """
-        epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        base, bs = k * self._global_batch(), self.config.batch_size
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        batches = []
-        for a in range(self.config.grad_accum):
-            start = base + (a * world + rank) * bs
-            batches.append(self._to_device(self.collate(dataset.select(order[start : start + bs].tolist()))))
-        return batches
-
-    def _to_device(self, batch: Batch) -> Batch:
-        return to_device(batch, self.accelerator.device)
-
-    # ---- the loop ---------------------------------------------------------------------
+    # ---- setup ------------------------------------------------------------------------
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -233,6 +268,16 @@ class Engine:
             **({"fused": True} if _fused_adam_supported(params, self.accelerator.device) else {}),
         )
 
+    def _prepare(self, model: torch.nn.Module, total: int) -> tuple[torch.nn.Module, Any, Any]:
+        """The optimizer and schedule, everything handed to accelerate and registered for checkpoints."""
+        c, acc = self.config, self.accelerator
+        optimizer = self._optimizer(model)
+        warmup = warmup_steps_for(total, c.warmup_steps, c.warmup_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(c.scheduler, total, warmup))
+        model, optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(scheduler, self.state)
+        return model, optimizer, scheduler
+
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         """Sum scalar values over processes in one collective."""
         if self.accelerator.num_processes == 1 or not values:
@@ -242,19 +287,128 @@ class Engine:
         tensor = self.accelerator.reduce(tensor, reduction="sum")
         return dict(zip(keys, tensor.tolist()))
 
+    # ---- checkpoints --------------------------------------------------------------------
     def _save_checkpoint(self) -> Path:
+        """Written beside its final name and renamed when every process has finished writing, so a
+        kill during a save leaves the previous checkpoints as they were and no half-written one."""
+        acc = self.accelerator
         path = self.run_dir / "checkpoints" / f"step-{self.state.step:07d}"
-        self.accelerator.save_state(str(path), safe_serialization=False)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        scratch = path.with_name(path.name + _INCOMPLETE)
+        if acc.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(scratch), safe_serialization=False)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if path.exists():  # the same step saved again after a resume fell back past it
+                shutil.rmtree(path)
+            scratch.rename(path)
             for old in checkpoints_in(self.run_dir)[: -max(1, self.config.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
         return path
 
-    def _evaluate(self, model: torch.nn.Module, objective: Objective, dataset: Any) -> dict[str, float]:
+    def _resume(self) -> None:
+        """Load the newest checkpoint that loads, warning about each one skipped (incomplete or unreadable)."""
+        acc = self.accelerator
+        if not self.config.resume:
+            return
+        for scratch in sorted((self.run_dir / "checkpoints").glob(f"step-*{_INCOMPLETE}")):
+            warn(f"skipping {scratch}: an incomplete checkpoint (the run stopped while saving it)")
+        found = checkpoints_in(self.run_dir)
+        for path in reversed(found):
+            try:
+                acc.load_state(str(path))
+            except (
+                Exception
+            ) as err:  # a truncated or missing file: torch, pickle and safetensors differ in what they raise
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                warn(f"skipping checkpoint {path}: it cannot be read ({reason[:200]})")
+                continue
+            if acc.is_main_process:
+                console.print(f"resuming from {path} (step {self.state.step})")
+            return
+        if found:
+            raise RunError(
+                f"none of the {len(found)} checkpoints in {self.run_dir / 'checkpoints'} can be read; "
+                "start over with --overwrite"
+            )
+
+    # ---- one optimizer step ---------------------------------------------------------------
+    def _accumulate_step(
+        self, model: torch.nn.Module, objective: Objective, micro: list[Batch]
+    ) -> tuple[float, dict[str, float]]:
+        """Forward and backward of every micro-batch of a step; returns (all processes' units, this process's sums)."""
+        c, acc = self.config, self.accelerator
+        units = self._reduce({"w": sum(float(objective.weight(b)) for b in micro)})["w"]
+        sums: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
+        for i, batch in enumerate(micro):
+            # accumulate() skips the gradient all-reduce until the last micro-batch (DDP) and tells
+            # DeepSpeed where the step boundary is; backward() divides by grad_accum, which the
+            # factor below undoes: the step's loss is sum / units. The backward runs outside
+            # autocast (as PyTorch advises): autocast holds a bf16 copy of every weight it cast
+            # until its context exits, which with gradient checkpointing would sit on top of the
+            # gradients.
+            with acc.accumulate(model):
+                with acc.autocast():
+                    out = objective.loss(model, batch)
+                # the forward's dead tensors (autocast copies, chunk temporaries) leave holes the
+                # gradients do not fit; trimming here rather than also after the optimizer step
+                # gets the same peak with fewer page faults
+                release_freed_host_memory(acc.device)
+                acc.backward(out.loss * acc.num_processes * c.grad_accum / max(units, 1e-12))
+            if i < len(micro) - 1:
+                # the next micro-batch's activations would otherwise start on top of this
+                # backward's dead temporaries (and set the step's peak)
+                release_freed_host_memory(acc.device)
+            sums["loss"] += float(out.loss.detach())
+            sums["tokens"] += float(batch.get("num_tokens", batch["input_ids"].numel()))
+            _accumulate(sums, out)
+        return units, sums
+
+    def _check_finite(self, loss: float, grad_norm: float | None, optimizer: Any) -> None:
+        """A NaN/inf loss or gradient stops the run before the optimizer applies it."""
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            return
+        optimizer.zero_grad(set_to_none=True)
+        kept = checkpoints_in(self.run_dir)
+        where = f"; the last good checkpoint is {kept[-1]} (--resume)" if kept else ""
+        raise RunError(
+            f"the loss became {loss} at step {self.state.step + 1} (grad norm {grad_norm}); "
+            f"lower --lr, check the data, or use --precision fp32{where}"
+        )
+
+    def _after_step(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        evaluation: Evaluation | None,
+        sink: MetricsSink | None,
+        display: ProgressDisplay,
+        last: dict[str, Any],
+        total: int,
+        stop: _StopRequest,
+    ) -> None:
+        """Evaluate, log, save and stop when asked, in that order (a saved step's metrics are logged)."""
+        c, step = self.config, self.state.step
+        if evaluation is not None and c.eval_every and step % c.eval_every == 0 and step < total:
+            last.update(self._evaluate(model, objective, evaluation))
+        if sink is not None:
+            sink.log(step, last)
+        display.update(step, last)
+        if c.save_every and step % c.save_every == 0 and step < total:
+            self._save_checkpoint()
+        if self._reduce({"stop": float(stop.requested)})["stop"] > 0:
+            path = self._save_checkpoint()
+            raise RunError(
+                f"interrupted at step {step}; checkpoint saved in {path}; run again with --resume to continue"
+            )
+
+    def _evaluate(self, model: torch.nn.Module, objective: Objective, evaluation: Evaluation) -> dict[str, float]:
         """Every process runs the same number of forwards (DDP/FSDP need it); extras count zero."""
         model.eval()
-        bs, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        dataset, acc = evaluation.dataset, self.accelerator
+        bs, world, rank = self.config.batch_size, acc.num_processes, acc.process_index
         starts = list(range(0, len(dataset), bs))
         rounds = math.ceil(len(starts) / world)
         sums: dict[str, float] = {"weight": 0.0, "loss": 0.0}
@@ -263,8 +417,9 @@ class Engine:
                 i = r * world + rank
                 real = i < len(starts)
                 start = starts[i] if real else 0
-                batch = self._to_device(self.collate(dataset.select(range(start, min(start + bs, len(dataset))))))
-                with self.accelerator.autocast():
+                rows = dataset.select(range(start, min(start + bs, len(dataset))))
+                batch = to_device(evaluation.collate(rows), acc.device)
+                with acc.autocast():
                     out = objective.loss(model, batch)
                 if real:
                     sums["weight"] += float(objective.weight(batch))
@@ -275,41 +430,20 @@ class Engine:
         weight = sums.pop("weight")
         return {f"eval/{k}": v for k, v in _means(sums, weight, objective).items()}
 
+    # ---- the loop ---------------------------------------------------------------------
     def fit(
         self,
         model: torch.nn.Module,
         objective: Objective,
-        train: Any,
-        eval_data: Any | None,
+        source: StepSource,
+        evaluation: Evaluation | None,
         sink: MetricsSink | None,
-        source: StepSource | None = None,
     ) -> dict[str, Any]:
-        """Train `model` in place; returns the final metrics. `model` is not yet prepared.
-
-        With a `source`, it makes the micro-batches of every step and `train` is unused.
-        """
+        """Train `model` (not yet prepared) in place on the steps of `source`; returns the final metrics."""
         c, acc = self.config, self.accelerator
-        steps_per_epoch = source.total_steps if source is not None else len(train) // self._global_batch()
-        if source is None and steps_per_epoch == 0:
-            raise InputError(
-                f"{len(train)} training rows are fewer than one global batch ({self._global_batch()} = "
-                f"batch-size {c.batch_size} x grad-accum {c.grad_accum} x {acc.num_processes} processes); lower them"
-            )
-        total = (
-            source.total_steps if source is not None else (c.max_steps if c.max_steps else c.epochs * steps_per_epoch)
-        )
-        optimizer = self._optimizer(model)
-        warmup = warmup_steps_for(total, c.warmup_steps, c.warmup_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(c.scheduler, total, warmup))
-        model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(scheduler, self.state)
-        if c.resume and checkpoints_in(self.run_dir):
-            latest = checkpoints_in(self.run_dir)[-1]
-            acc.load_state(str(latest))
-            if acc.is_main_process:
-                from rlkit.console import console
-
-                console.print(f"resuming from {latest} (step {self.state.step})")
+        total = source.total_steps
+        model, optimizer, scheduler = self._prepare(model, total)
+        self._resume()
         params = [p for p in model.parameters() if p.requires_grad]
         display = ProgressDisplay(total, self.state.step, c.log_every, acc.is_main_process)
         model.train()
@@ -319,48 +453,12 @@ class Engine:
             with _StopRequest() as stop:
                 while self.state.step < total:
                     t0 = time.time()
-                    if source is not None:
-                        micro = source.batches(self.state.step, model)
-                        release_freed_host_memory(acc.device)  # the rollout's KV caches and logits
-                    else:
-                        micro = self._micro_batches(train, self.state.step, steps_per_epoch)
-                    units = self._reduce({"w": sum(float(objective.weight(b)) for b in micro)})["w"]
-                    sums: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
-                    for i, batch in enumerate(micro):
-                        # accumulate() skips the gradient all-reduce until the last micro-batch (DDP)
-                        # and tells DeepSpeed where the step boundary is; backward() divides by
-                        # grad_accum, which the factor below undoes: the step's loss is sum / units.
-                        # The backward runs outside autocast (as PyTorch advises): autocast holds a
-                        # bf16 copy of every weight it cast until its context exits, which with
-                        # gradient checkpointing would sit on top of the gradients (0.25 GiB for
-                        # SmolLM2-135M, 7% of a DPO run's peak RSS).
-                        with acc.accumulate(model):
-                            with acc.autocast():
-                                out = objective.loss(model, batch)
-                            # the forward's dead tensors (autocast copies, chunk temporaries) leave
-                            # holes the gradients do not fit; trimming here rather than also after
-                            # the optimizer step gets the same peak with 40% fewer page faults
-                            release_freed_host_memory(acc.device)
-                            acc.backward(out.loss * acc.num_processes * c.grad_accum / max(units, 1e-12))
-                        if i < len(micro) - 1:
-                            # the next micro-batch's activations would otherwise start on top of
-                            # this backward's dead temporaries (SmolLM2 LoRA PPO, bf16: its forward
-                            # began ~0.4 GiB higher than the first one's, and set the step's peak)
-                            release_freed_host_memory(acc.device)
-                        sums["loss"] += float(out.loss.detach())
-                        sums["tokens"] += float(batch.get("num_tokens", batch["input_ids"].numel()))
-                        _accumulate(sums, out)
+                    micro = source.batches(self.state.step, model)
+                    units, sums = self._accumulate_step(model, objective, micro)
                     grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
                     sums = self._reduce(sums)
                     grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed does not report it
-                    if not math.isfinite(sums["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                        optimizer.zero_grad(set_to_none=True)
-                        kept = checkpoints_in(self.run_dir)
-                        where = f"; the last good checkpoint is {kept[-1]} (--resume)" if kept else ""
-                        raise RunError(
-                            f"the loss became {sums['loss']} at step {self.state.step + 1} (grad norm {grad_norm}); "
-                            f"lower --lr, check the data, or use --precision fp32{where}"
-                        )
+                    self._check_finite(sums["loss"], grad_norm, optimizer)
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
@@ -373,34 +471,17 @@ class Engine:
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_s": sums["tokens"] / max(elapsed, 1e-9),
-                        "epoch": round(self.state.step / steps_per_epoch, 4),
+                        "epoch": round(self.state.step / source.steps_per_epoch, 4),
                         **_means({k: v for k, v in sums.items() if k != "tokens"}, units, objective),
                         "step_time_s": elapsed,
+                        **source.step_metrics(),
                     }
-                    if source is not None:
-                        last.update(source.step_metrics())
-                    if (
-                        eval_data is not None
-                        and c.eval_every
-                        and self.state.step % c.eval_every == 0
-                        and self.state.step < total
-                    ):
-                        last.update(self._evaluate(model, objective, eval_data))
-                    if sink is not None:
-                        sink.log(self.state.step, last)
-                    display.update(self.state.step, last)
-                    if c.save_every and self.state.step % c.save_every == 0 and self.state.step < total:
-                        self._save_checkpoint()
-                    if self._reduce({"stop": float(stop.requested)})["stop"] > 0:
-                        path = self._save_checkpoint()
-                        raise RunError(
-                            f"interrupted at step {self.state.step}; checkpoint saved in {path}; run again with --resume to continue"
-                        )
+                    self._after_step(model, objective, evaluation, sink, display, last, total, stop)
         finally:
             display.close()
         final = dict(last)
-        if eval_data is not None:
-            final.update(self._evaluate(model, objective, eval_data))
+        if evaluation is not None:
+            final.update(self._evaluate(model, objective, evaluation))
             if sink is not None:
                 sink.log(self.state.step, {k: v for k, v in final.items() if k.startswith("eval/")})
         wall = time.time() - started

@@ -7,6 +7,7 @@ engine in OUT.partial, then save weights + tokenizer + config + card and rename 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,28 @@ import torch
 
 from rlkit.config import config_to_dict
 from rlkit.console import info
+from rlkit.errors import InputError
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.lean_blocks import lora_inputs_uncast_under_autocast, use_lean_blocks
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
-from rlkit.output import METRICS_FILE, check_output, finalize, open_run_dir, write_config, write_model_card
-from rlkit.training.engine import Engine, Objective, make_accelerator, precision_hint
+from rlkit.output import (
+    METRICS_FILE,
+    check_output,
+    finalize,
+    open_run_dir,
+    partial_dir,
+    write_config,
+    write_model_card,
+)
+from rlkit.training.engine import (
+    DatasetSteps,
+    Engine,
+    Evaluation,
+    Objective,
+    StepSource,
+    make_accelerator,
+    precision_hint,
+)
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 from rlkit.training.plots import plot_training_curves
@@ -80,40 +98,74 @@ class TrainingRun:
             model = model.merge_and_unload()
         return prepare_for_training(model, c, f"model: {self.source.name} ({'LoRA' if c.lora else 'full'}")
 
-    def train(
+    def dataset_steps(self, train: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> DatasetSteps:
+        """The supervised step source over `train` (refuses too few rows before anything is written)."""
+        return DatasetSteps(train, collate, self.config, self.accelerator)
+
+    def train(self, model: torch.nn.Module, objective: Objective, source: Any, *args: Any, **kwargs: Any) -> Any:
+        # transitional, removed with the PPO seam: PPO's old positional call, until rlkit/recipes/ppo.py passes its source
+        if source is None:
+            loop = kwargs["step_source"]
+            loop.steps_per_epoch = loop.total_steps
+            return self.train_new(model, objective, loop, args[2], None, kwargs.get("engine_config"))
+        return self.train_new(model, objective, source, *args, **kwargs)
+
+    def train_new(
         self,
         model: torch.nn.Module,
         objective: Objective,
-        train: Any,
-        eval_data: Any,
-        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        source: StepSource,
         default_lr: float,
-        step_source: Any = None,
+        evaluation: Evaluation | None = None,
         engine_config: TrainConfig | None = None,
     ) -> dict[str, Any]:
-        """`step_source`: an engine `StepSource` that makes each step's batches (then `train` is unused);
-        `engine_config`: the config the engine runs with when its steps are not the command's (PPO)."""
+        """Run the engine in OUT.partial on the steps of `source`.
+
+        `engine_config`: the config the engine runs with when its steps are not the command's (PPO
+        counts PPO steps, the engine updates). An input error raised once the run dir exists (a
+        missing metrics backend, a source that refuses its data) removes the dir this call made,
+        so a refused run leaves nothing behind; a resumed run's dir is kept.
+        """
         acc = self.accelerator
+        partial = partial_dir(self.output)
+        made_here = not (self.config.resume and partial.exists())
         if acc.is_main_process:
-            self.run_dir = open_run_dir(self.output, self.config.resume)
-            write_config(self.run_dir, self.command, config_to_dict(self.config))
+            open_run_dir(self.output, self.config.resume)
+            write_config(partial, self.command, config_to_dict(self.config))
         acc.wait_for_everyone()
-        self.run_dir = Path(str(self.output) + ".partial")
+        self.run_dir = partial
+        try:
+            metrics, self.model = self._fit(model, objective, source, evaluation, default_lr, engine_config)
+        except InputError:
+            if made_here and acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            self.run_dir = None
+            raise
+        return metrics
+
+    def _fit(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        source: StepSource,
+        evaluation: Evaluation | None,
+        default_lr: float,
+        engine_config: TrainConfig | None,
+    ) -> tuple[dict[str, Any], torch.nn.Module]:
+        assert self.run_dir is not None
+        acc, c = self.accelerator, self.config
         sink = (
-            MetricsSink(
-                self.run_dir / METRICS_FILE, self.config.report_to, self.output.name, config_to_dict(self.config)
-            )
+            MetricsSink(self.run_dir / METRICS_FILE, c.report_to, self.output.name, config_to_dict(c))
             if acc.is_main_process
             else None
         )
-        engine = Engine(engine_config or self.config, acc, self.run_dir, collate, default_lr)
+        engine = Engine(engine_config or c, acc, self.run_dir, default_lr)
         try:
-            metrics = engine.fit(model, objective, train, eval_data, sink, step_source)
+            metrics = engine.fit(model, objective, source, evaluation, sink)
         finally:
             if sink is not None:
                 sink.close()
-        self.model = engine.model
-        return metrics
+        return metrics, engine.model
 
     def finish(
         self,
