@@ -1,0 +1,357 @@
+"""`rlkit grpo`: a CLI run, ratio 1 at lr 0, efficacy, two processes = one, bit-identical resume, bad input.
+
+The pure functions (advantage estimators, aggregations, clipping, GSPO ratios, the overlong
+penalty, masks) are tested against hand computations in test_losses_grpo.py; these tests run
+them inside the real rollout and update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEMO_DATA, REPO, run_cli
+
+PROMPTS = DEMO_DATA / "grpo_prompts.jsonl"
+TESTS = Path(__file__).parent
+
+
+def letters(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Rule-based reward: the share of ASCII letters/spaces (a random tiny model starts well below 1)."""
+    return [sum(ch.isascii() and (ch.isalpha() or ch == " ") for ch in c) / max(len(c), 1) for c in completions]
+
+
+def short(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    return [-len(c) / 10 for c in completions]
+
+
+def raises(prompts, completions, **columns):
+    raise ZeroDivisionError("boom")
+
+
+def too_few(prompts, completions, **columns):
+    return [1.0] * (len(completions) - 1)
+
+
+def not_numbers(prompts, completions, **columns):
+    return ["high"] * len(completions)
+
+
+def nan_scores(prompts, completions, **columns):
+    return [float("nan")] * len(completions)
+
+
+def _config(model_dir: Path, out: Path, **overrides):
+    from rlkit.recipes.grpo_config import GRPOConfig
+
+    values = dict(
+        model=str(model_dir),
+        data=[str(PROMPTS)],
+        output=str(out),
+        reward=["test_grpo:letters"],
+        max_steps=2,
+        batch_size=4,
+        grad_accum=2,
+        num_generations=4,
+        max_new_tokens=8,
+        sample_every=0,
+        precision="fp32",
+        log_every=100,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _summaries(out: Path) -> list[dict]:
+    return [m for m in _metrics(out) if "reward/mean" in m]
+
+
+def test_cli_run_with_two_rewards(tiny_model_dir, tmp_path):
+    out = tmp_path / "grpo"
+    result = run_cli(
+        "grpo",
+        str(tiny_model_dir),
+        str(PROMPTS),
+        "-o",
+        str(out),
+        "--reward",
+        "test_grpo:letters",
+        "--reward",
+        "test_grpo:short",
+        "--reward-weights",
+        "1,0.5",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-generations",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--sample-every",
+        "1",
+        "--beta",
+        "0.05",
+        "--overlong-penalty",
+        "4",
+        "--epsilon-high",
+        "0.28",
+        env={"PYTHONPATH": str(TESTS)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert "grpo step 2" in result.stderr and "samples at GRPO step" in result.stderr
+    assert (out / "adapter_config.json").is_file()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and set(samples[0]["rewards"]) == {"letters", "short"}
+    assert {"step", "prompt", "completion", "advantage"} <= set(samples[0])
+    summary = _summaries(out)
+    assert len(summary) == 2
+    last = summary[-1]
+    for key in (
+        "rewards/letters/mean",
+        "rewards/letters/std",
+        "rewards/short/mean",
+        "rewards/short/std",
+        "rewards/overlong_penalty/mean",
+        "reward/std",
+        "frac_zero_variance_groups",
+        "completion_length/mean",
+        "completion_length/min",
+        "completion_length/max",
+        "frac_truncated",
+        "kl",
+        "clip_low",
+        "clip_high",
+        "entropy",
+        "time/generation_s",
+        "time/training_s",
+        "generation_tokens_per_s",
+        "training_tokens_per_s",
+        "grpo_tokens_per_s",
+    ):
+        assert key in last, key
+    # the combined reward is the weighted sum plus the overlong penalty
+    expected = last["rewards/letters/mean"] + 0.5 * last["rewards/short/mean"] + last["rewards/overlong_penalty/mean"]
+    assert last["reward/mean"] == pytest.approx(expected, abs=1e-5)
+    card = (out / "README.md").read_text()
+    assert "test_grpo:letters" in card and "group" in card
+
+
+def test_lr_zero_gives_ratio_one_and_no_clipping(tiny_model_dir, tmp_path):
+    from rlkit.recipes.grpo import run_grpo
+
+    out = tmp_path / "lr0"
+    run_grpo(_config(tiny_model_dir, out, lr=0.0, max_steps=1, num_iterations=2, beta=0.1, temperature=0.7))
+    updates = [m for m in _metrics(out) if "ratio" in m]
+    assert len(updates) == 2
+    for m in updates:  # lr 0: the policy never moves; the second iteration compares with rollout-time log-probs
+        assert m["ratio"] == 1.0 and m["clip_low"] == 0.0 and m["clip_high"] == 0.0
+        assert m["kl"] == 0.0  # a fresh adapter is the reference
+
+
+def test_efficacy_rule_based_reward_rises(tiny_model_dir, tmp_path):
+    from rlkit.recipes.grpo import run_grpo
+
+    out = tmp_path / "efficacy"
+    run_grpo(
+        _config(tiny_model_dir, out, lora=False, lr=1e-2, max_steps=20, batch_size=8, grad_accum=2, num_generations=8)
+    )
+    rewards = [m["reward/mean"] for m in _summaries(out)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, rewards
+    assert all(math.isfinite(r) for r in rewards)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_log_what_one_process_logs(tiny_model_dir, tmp_path):
+    """A prompt's G completions split over two gloo processes: same samples, advantages and losses as one."""
+    common = [
+        str(tiny_model_dir),
+        str(PROMPTS),
+        "--reward",
+        "test_grpo:letters",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-generations",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--sample-every",
+        "0",
+        "--beta",
+        "0.1",
+        "--num-iterations",
+        "2",
+        "--lr",
+        "1e-2",
+        "--full",
+        "--precision",
+        "fp32",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    one = tmp_path / "one"
+    result = run_cli("grpo", *common, "-o", str(one), "--grad-accum", "4", env={"PYTHONPATH": str(TESTS)})
+    assert result.returncode == 0, result.stderr
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    result = subprocess.run(
+        [*launch, str(_free_port()), "-m", "rlkit", "grpo", *common, "-o", str(two), "--grad-accum", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    a, b = _metrics(one), _metrics(two)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for key in (
+            "loss",
+            "kl",
+            "clip_low",
+            "clip_high",
+            "reward/mean",
+            "reward/std",
+            "advantage/std",
+            "advantage/abs_mean",
+        ):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    assert a[-1]["loss"] != 0.0
+
+
+def test_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import rlkit.training.run as run_module
+    from rlkit.errors import RunError
+    from rlkit.recipes.grpo import run_grpo
+
+    common = dict(max_steps=3, save_every=1, lr=1e-2, lora=False, num_iterations=2, beta=0.1)
+    whole = tmp_path / "whole"
+    run_grpo(_config(tiny_model_dir, whole, **common))
+
+    out = tmp_path / "resumed"
+    real_finalize = run_module.finalize
+
+    def crash(*args, **kwargs):
+        raise RunError("simulated crash before the output was written")
+
+    monkeypatch.setattr(run_module, "finalize", crash)
+    with pytest.raises(RunError):
+        run_grpo(_config(tiny_model_dir, out, **common))
+    partial = tmp_path / "resumed.partial"
+    checkpoints = sorted(p.name for p in (partial / "checkpoints").iterdir())
+    assert "step-0000002" in checkpoints, checkpoints  # after GRPO step 1 (two updates)
+    # forget everything after GRPO step 1 (engine step 2): resume from that checkpoint
+    for name in checkpoints:
+        if name != "step-0000002":
+            shutil.rmtree(partial / "checkpoints" / name)
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
+    monkeypatch.setattr(run_module, "finalize", real_finalize)
+    run_grpo(_config(tiny_model_dir, out, resume=True, **common))
+
+    expected, got = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+    def steady(d):  # timings differ run to run; everything else must not
+        return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in _metrics(d)]
+
+    assert steady(whole) == steady(out)
+
+
+def test_global_batch_not_a_multiple_of_the_group_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "bad"
+    result = run_cli(
+        "grpo",
+        str(tiny_model_dir),
+        str(PROMPTS),
+        "-o",
+        str(out),
+        "--reward",
+        "rlkit.demo.task:reward",
+        "--batch-size",
+        "3",
+        "--grad-accum",
+        "2",
+        "--num-generations",
+        "4",
+    )
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "global batch of 6" in line and "--num-generations 4" in line and "batch-size 3" in line
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("function", "words"),
+    [
+        ("raises", "ZeroDivisionError"),
+        ("too_few", "returned 7 scores for 8"),
+        ("not_numbers", "non-numbers"),
+        ("nan_scores", "NaN"),
+    ],
+)
+def test_bad_rewards_stop_with_one_line(tiny_model_dir, tmp_path, function, words):
+    out = tmp_path / function
+    result = run_cli(
+        "grpo",
+        str(tiny_model_dir),
+        str(PROMPTS),
+        "-o",
+        str(out),
+        "--reward",
+        "test_grpo:letters",
+        "--reward",
+        f"test_grpo:{function}",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--num-generations",
+        "4",
+        "--max-new-tokens",
+        "4",
+        env={"PYTHONPATH": str(TESTS)},
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"test_grpo:{function}" in errors[0] and words in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_missing_reward_and_bad_weights_are_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "x"
+    for extra, words in (
+        ([], "missing --reward"),
+        (["--reward", "rlkit.demo.task:reward", "--reward-weights", "1,2"], "2 values for 1 --reward"),
+        (["--reward", "rlkit.demo.task:reward", "--epsilon", "0.3", "--epsilon-high", "0.2"], "--epsilon-high"),
+    ):
+        result = run_cli("grpo", str(tiny_model_dir), str(PROMPTS), "-o", str(out), *extra)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert not out.exists()
