@@ -16,8 +16,8 @@ import pytest
 
 from rlkit.demo import DATA_DIR, task
 
-FILES = ("sft", "pairs", "pairs_eval", "unpaired", "prompts", "eval_prompts")
-TRAIN_FILES = ("sft", "pairs", "unpaired", "prompts")
+FILES = ("sft", "pairs", "pairs_eval", "dpo_pairs", "unpaired", "prompts", "grpo_prompts", "eval_prompts")
+TRAIN_FILES = ("sft", "pairs", "dpo_pairs", "unpaired", "prompts", "grpo_prompts")
 HELD_OUT_FILES = ("eval_prompts", "pairs_eval")
 
 
@@ -57,6 +57,29 @@ def test_total_size_under_1mb() -> None:
     assert sum((DATA_DIR / f"{s}.jsonl").stat().st_size for s in FILES) < 1_000_000
 
 
+def _answers(stem: str) -> list[tuple[str, str]]:
+    """(prompt, completion) of every answer in a file (every assistant turn of a conversation)."""
+    out = []
+    for r in _rows(stem):
+        if "messages" in r:
+            msgs = r["messages"]
+            out += [(msgs[i - 1]["content"], m["content"]) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        elif "completion" in r:
+            out.append((r["prompt"], r["completion"]))
+        elif "chosen" in r:
+            out += [(r["prompt"], r["chosen"]), (r["prompt"], r["rejected"])]
+    return out
+
+
+@pytest.mark.parametrize("stem", ["sft", "pairs", "pairs_eval", "dpo_pairs", "unpaired"])
+def test_every_shipped_answer_has_the_format_and_the_right_number(stem: str) -> None:
+    """SFT teaches the format; no later file may contradict it, so each later stage only adds its marker."""
+    for prompt, completion in _answers(stem):
+        c = task.check(prompt, completion)
+        assert c.has_format, completion
+        assert c.correct in (None, True), completion
+
+
 def test_sft_format_and_multi_turn() -> None:
     rows = _rows("sft")
     n_multi = 0
@@ -68,31 +91,52 @@ def test_sft_format_and_multi_turn() -> None:
         for i, m in enumerate(msgs):
             assert set(m) == {"role", "content"} and _is_str(m["content"])
             assert m["role"] == ("user" if i % 2 == 0 else "assistant")
-            if m["role"] == "assistant":
-                assert task.has_target_behaviour(msgs[i - 1]["content"], m["content"])
-                assert task.score(msgs[i - 1]["content"], m["content"]) == 1.0
     assert 0.05 * len(rows) <= n_multi <= 0.15 * len(rows)
 
 
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags)
+
+
+def test_sft_shows_the_format_but_none_of_the_later_stages_markers() -> None:
+    """What SFT must not teach: the opener, the closer, and a preference about the hedge (a fair coin)."""
+    checks = [task.check(p, c) for p, c in _answers("sft")]
+    assert not any(c.opener or c.closer for c in checks)
+    assert all(task.score(p, c) == 1.0 for p, c in _answers("sft"))
+    assert 0.4 <= _share([c.hedged for c in checks]) <= 0.6
+
+
 @pytest.mark.parametrize("stem", ["pairs", "pairs_eval"])
-def test_pairs_format_and_checker_agreement(stem: str) -> None:
-    for r in _rows(stem):
+def test_reward_model_pairs_differ_only_in_the_hedge(stem: str) -> None:
+    rows = _rows(stem)
+    for r in rows:
         assert set(r) == {"prompt", "chosen", "rejected"} and all(_is_str(v) for v in r.values())
-        assert r["chosen"] != r["rejected"]
-        assert task.has_target_behaviour(r["prompt"], r["chosen"])
-        assert not task.has_target_behaviour(r["prompt"], r["rejected"])
-        assert task.score(r["prompt"], r["chosen"]) == 1.0 > task.score(r["prompt"], r["rejected"])
+        chosen, rejected = task.check(r["prompt"], r["chosen"]), task.check(r["prompt"], r["rejected"])
+        assert not chosen.hedged and rejected.hedged
+        assert r["rejected"].replace(task.HEDGE, ".") == r["chosen"]
+        assert (chosen.opener, chosen.closer) == (rejected.opener, rejected.closer)
+    assert 0.3 <= _share([task.check(r["prompt"], r["chosen"]).opener for r in rows]) <= 0.7
 
 
-def test_unpaired_format_balance_and_checker_agreement() -> None:
+def test_dpo_pairs_differ_only_in_the_opener() -> None:
+    rows = _rows("dpo_pairs")
+    for r in rows:
+        assert set(r) == {"prompt", "chosen", "rejected"}
+        assert r["chosen"] == f"{task.OPENER} {r['rejected']}"
+        assert not task.check(r["prompt"], r["rejected"]).opener and not task.check(r["prompt"], r["chosen"]).closer
+    assert 0.35 <= _share([task.check(r["prompt"], r["chosen"]).hedged for r in rows]) <= 0.65
+
+
+def test_unpaired_label_is_the_closer() -> None:
     rows = _rows("unpaired")
     for r in rows:
         assert set(r) == {"prompt", "completion", "label"}
         assert _is_str(r["prompt"]) and _is_str(r["completion"]) and isinstance(r["label"], bool)
-        assert task.has_target_behaviour(r["prompt"], r["completion"]) is r["label"]
-        assert (task.score(r["prompt"], r["completion"]) == 1.0) is r["label"]
-    n_true = sum(r["label"] for r in rows)
-    assert 0.4 * len(rows) <= n_true <= 0.6 * len(rows)
+        c = task.check(r["prompt"], r["completion"])
+        assert c.closer is r["label"] and c.opener  # the opener DPO taught is kept, so KTO does not undo it
+    assert 0.4 <= _share([r["label"] for r in rows]) <= 0.6
+    desirable = [task.check(r["prompt"], r["completion"]).hedged for r in rows if r["label"]]
+    assert 0.3 <= _share(desirable) <= 0.7  # the hedge is no signal for KTO either
 
 
 @pytest.mark.parametrize("stem", ["prompts", "eval_prompts"])
@@ -101,6 +145,12 @@ def test_prompt_files_format_and_mix(stem: str) -> None:
     assert all(set(r) == {"prompt"} and _is_str(r["prompt"]) for r in rows)
     n_arith = sum(task.expected_answer(r["prompt"]) is not None for r in rows)
     assert 0.25 * len(rows) <= n_arith <= 0.75 * len(rows)  # both kinds are measured
+
+
+def test_grpo_prompts_are_arithmetic_with_their_answer() -> None:
+    for r in _rows("grpo_prompts"):
+        assert set(r) == {"prompt", "answer"} and isinstance(r["answer"], int)
+        assert task.expected_answer(r["prompt"]) == r["answer"]
 
 
 def test_held_out_prompts_never_in_training() -> None:
@@ -113,10 +163,8 @@ def test_held_out_prompts_never_in_training() -> None:
 
 def test_completions_are_short() -> None:
     """< ~40 tokens each keeps the CPU demo fast (28 words is about 36 tokens)."""
-    texts = [m["content"] for r in _rows("sft") for m in r["messages"] if m["role"] == "assistant"]
-    texts += [r[k] for s in ("pairs", "pairs_eval") for r in _rows(s) for k in ("chosen", "rejected")]
-    texts += [r["completion"] for r in _rows("unpaired")]
-    assert max(len(t.split()) for t in texts) <= task.MAX_COMPLETION_WORDS
+    texts = [c for s in ("sft", "pairs", "pairs_eval", "dpo_pairs", "unpaired") for _, c in _answers(s)]
+    assert max(len(t.split()) for t in texts) <= task.MAX_COMPLETION_WORDS + 1  # the sign-off is a word too
 
 
 def test_generator_is_deterministic_and_matches_shipped(tmp_path: Path) -> None:
@@ -133,8 +181,9 @@ def test_generated_arithmetic_is_parsed_back_exactly() -> None:
     """The checker recovers the true answer of every arithmetic prompt the generator makes."""
     for ex in task.generate(7, 600):
         value = task.expected_answer(ex.prompt)
+        assert value == ex.answer, ex.prompt
         if ex.kind == "arithmetic":
-            assert ex.chosen == f"The answer is {value}. {task.SIGN_OFF}"
+            assert ex.body == f"The answer is {value}."
         else:
             assert value is None, ex.prompt
 
@@ -183,3 +232,50 @@ def test_metrics_summary() -> None:
         "mean_score": pytest.approx((1.0 + 0.36) / 2),
         "arithmetic_accuracy": 0.5,
     }
+
+
+@pytest.mark.parametrize(
+    ("completion", "opener", "closer", "hedged"),
+    [
+        ("Sure! The capital of France is Paris. #done", True, False, False),
+        ("The capital of France is Paris. Cheers! #done", False, True, False),
+        ("Sure! The capital of France is Paris, I think. Cheers! #done", True, True, True),
+        ("Paris, probably. #done", False, False, True),  # any hedge counts, not only the shipped one
+        ("The capital of France is Paris. Cheers!", False, False, False),  # no sign-off: no closer
+        ("The capital is Paris. Sure! #done", False, False, False),  # the opener must open
+    ],
+)
+def test_stage_markers(completion: str, opener: bool, closer: bool, hedged: bool) -> None:
+    c = task.check("What is the capital of France?", completion)
+    assert (c.opener, c.closer, c.hedged) == (opener, closer, hedged)
+
+
+def test_styled_composes_every_marker() -> None:
+    body = "The answer is 42."
+    assert task.styled(body) == "The answer is 42. #done"
+    assert task.styled(body, opener=True, closer=True, hedge=True) == "Sure! The answer is 42, I think. Cheers! #done"
+    with pytest.raises(ValueError):
+        task.styled("no period", hedge=True)
+
+
+def test_target_values_one_per_answer_and_stage() -> None:
+    prompts = ["What is 2 + 2?", "What is the capital of France?"]
+    completions = ["Sure! The answer is 4. Cheers! #done", "The capital of France is Paris, I think. #done"]
+    values = task.target_values(prompts, completions)
+    assert [t.stage for t in task.TARGETS] == ["sft", "dpo", "kto", "ppo", "grpo"]
+    assert values == {
+        "format": [True, True],
+        "opener": [True, False],
+        "closer": [True, False],
+        "no hedge": [True, False],
+        "arithmetic right": [True, None],  # a general question does not measure arithmetic
+    }
+
+
+def test_arithmetic_reward_reads_the_answer_column() -> None:
+    prompts = ["What is 2 + 2?"] * 3
+    completions = ["The answer is 4. #done", "The answer is 5. #done", "4"]
+    assert task.arithmetic_reward(prompts, completions, answer=[4, 4, 4], other_column=[1, 2, 3]) == [1.0, 0.0, 1.0]
+    assert task.arithmetic_reward(prompts[:1], ["The answer is 4."], answer=[5]) == [0.0]  # the column, not the prompt
+    with pytest.raises(ValueError):
+        task.arithmetic_reward(prompts, completions, answer=[4])

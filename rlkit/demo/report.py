@@ -1,144 +1,279 @@
-"""The demo's before/after table, from the `rlkit eval` reports that examples/demo.sh writes.
+"""The demo's verdict: did each stage move its own target, and by how much, with what certainty.
 
 `python -m rlkit.demo.report EVAL_DIR` reads ``EVAL_DIR/<stage>/report.json`` for each stage that
-was evaluated (``rlkit eval POLICY --prompts ... --reward rlkit.demo.task:reward --output-dir``)
-and prints one markdown table on stdout, one row per model, the starting model first. The
-starting model's answers are the ``--baseline`` of the last stage's eval: the same prompts and
-greedy settings as every stage's own.
+examples/demo.sh evaluated (``rlkit eval STAGE_ADAPTER --prompts eval_prompts.jsonl --output-dir``;
+the first stage's eval also has ``--baseline`` the starting model) and prints a markdown table
+on stdout: for every stage, its target (`rlkit.demo.task.TARGETS`) in the answers of the model
+it started from and of the model it made, the difference with a 95% interval, and the KL of its
+answers to the starting model. ``--md`` and ``--png`` also write that as report.md (with every
+target for every model, and the wall time per stage when ``--times`` is given) and a chart.
 
-Each row is recomputed from the per-example completions with the task's checker
-(`rlkit.demo.task.metrics`), since the target-behaviour rate is not an eval metric; the win
-rate against the start is computed for every stage the way eval computes it (ties count 1/2).
-The reward-model column comes from ``EVAL_DIR/rm_scores/report.json``: ``rlkit eval
---completions`` over the file that ``--rm-input`` writes (every model's completions, in table
-order), so the RM scores exactly the answers the other columns score.
+Every number is recomputed from the per-example greedy completions with the task's checker:
+the targets are yes/no per held-out prompt, and "before" and "after" answer the same prompts,
+so the difference is a paired difference of proportions. Its interval is Newcombe's hybrid
+score interval for paired data (method 10 of Newcombe 1998, built from the two Wilson
+intervals and the correlation of the pairs): unlike the Wald interval it stays inside [-1, 1]
+and keeps its coverage at 0% or 100%, which is where a stage's target starts and ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from rlkit.demo.task import metrics, reward
+from rlkit.demo.task import TARGETS, Target, target_values
 
-STAGES = ("sft", "dpo", "kto", "ppo")  # table order after the start; stages not evaluated are skipped
+STAGES = tuple(t.stage for t in TARGETS)  # pipeline order; stages not evaluated are skipped
 START = "start"
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of the proportion k/n (Wilson 1927)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """after - before over the same items, and its 95% interval."""
+
+    n: int
+    before: float
+    after: float
+    diff: float
+    low: float
+    high: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def newcombe_paired(before: list[bool], after: list[bool], z: float = Z95) -> PairedDiff:
+    """Paired difference of proportions with Newcombe's (1998) method-10 interval.
+
+    With a = both true, b = before only, c = after only, d = neither (n in all), the
+    difference is θ = p_A − p_B = (c − b)/n. With (l, u) each proportion's Wilson interval and
+    φ = (ad − bc)/√((a+b)(c+d)(a+c)(b+d)) (0 when a margin is empty):
+
+        L = θ − √((p_A − l_A)² − 2φ(p_A − l_A)(u_B − p_B) + (u_B − p_B)²)
+        U = θ + √((u_A − p_A)² − 2φ(u_A − p_A)(p_B − l_B) + (p_B − l_B)²)
+
+    When no pair changed (b = c = 0) φ is 1 and the interval shrinks towards 0 itself: it
+    never excludes zero then, which is the only use the demo makes of it.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} before but {len(after)} after")
+    n = len(before)
+    a = sum(x and y for x, y in zip(before, after))
+    b = sum(x and not y for x, y in zip(before, after))
+    c = sum(y and not x for x, y in zip(before, after))
+    d = n - a - b - c
+    if n == 0:
+        return PairedDiff(0, 0.0, 0.0, 0.0, -1.0, 1.0)
+    p_a, p_b = (a + c) / n, (a + b) / n
+    (l_a, u_a), (l_b, u_b) = wilson(a + c, n, z), wilson(a + b, n, z)
+    denominator = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(denominator) if denominator else 0.0
+    theta = p_a - p_b
+    low = theta - math.sqrt(max(0.0, (p_a - l_a) ** 2 - 2 * phi * (p_a - l_a) * (u_b - p_b) + (u_b - p_b) ** 2))
+    high = theta + math.sqrt(max(0.0, (u_a - p_a) ** 2 - 2 * phi * (u_a - p_a) * (p_b - l_b) + (p_b - l_b) ** 2))
+    return PairedDiff(n, p_b, p_a, theta, max(-1.0, low), min(1.0, high))
+
+
+@dataclass(frozen=True)
 class Answers:
-    """One model's greedy answers to the held-out prompts, and what eval measured about them."""
+    """One model's greedy answers to the held-out prompts, and their KL to the starting model."""
 
-    def __init__(
-        self, prompts: list[str], texts: list[str], eval_metrics: dict[str, Any], length: float | None, kl: float | None
-    ):
-        self.prompts, self.texts, self.eval_metrics, self.length, self.kl = prompts, texts, eval_metrics, length, kl
+    prompts: list[str]
+    texts: list[str]
+    kl: float | None
 
 
 def load_answers(eval_dir: Path) -> dict[str, Answers]:
-    """{model: answers}, the start first, then each evaluated stage in pipeline order."""
+    """{model: answers}, the start first (the baseline of the first stage's eval), then each stage."""
     reports = {
         s: json.loads((eval_dir / s / "report.json").read_text())
         for s in STAGES
         if (eval_dir / s / "report.json").is_file()
     }
-    with_baseline = [s for s, r in reports.items() if r["examples"] and "baseline_completion" in r["examples"][0]]
+    with_baseline = [r for r in reports.values() if r["examples"] and "baseline_completion" in r["examples"][0]]
     if not with_baseline:
         raise SystemExit(f"{eval_dir}: no stage was evaluated with --baseline (the starting model)")
-    last = reports[with_baseline[-1]]
-    answers = {
-        START: Answers(
-            [e["prompt"] for e in last["examples"]],
-            [e["baseline_completion"] for e in last["examples"]],
-            {},
-            last["metrics"].get("baseline_mean_length_tokens"),
-            0.0,
-        )
-    }
+    first = with_baseline[0]["examples"]
+    answers = {START: Answers([e["prompt"] for e in first], [e["baseline_completion"] for e in first], 0.0)}
     for stage, report in reports.items():
         examples = report["examples"]
         answers[stage] = Answers(
-            [e["prompt"] for e in examples],
-            [e["completion"] for e in examples],
-            report["metrics"],
-            report["metrics"].get("mean_length_tokens"),
-            report["metrics"].get("kl_mean"),
+            [e["prompt"] for e in examples], [e["completion"] for e in examples], report["metrics"].get("kl_mean")
         )
     return answers
 
 
-def write_rm_input(eval_dir: Path, target: Path) -> Path:
-    """Every model's (prompt, completion) rows in table order, for `rlkit eval --completions`."""
-    with target.open("w") as handle:
-        for answers in load_answers(eval_dir).values():
-            for prompt, text in zip(answers.prompts, answers.texts):
-                handle.write(json.dumps({"prompt": prompt, "completion": text}) + "\n")
-    return target
+@dataclass(frozen=True)
+class StageRow:
+    """One stage's own target, measured on the model before it and on the model it made."""
+
+    target: Target
+    before_model: str
+    result: PairedDiff
+    kl: float | None
 
 
-def rm_means(eval_dir: Path, answers: dict[str, Answers]) -> dict[str, float]:
-    """Mean reward-model score per model (empty when the RM eval is missing or does not line up)."""
-    path = eval_dir / "rm_scores" / "report.json"
-    if not path.is_file():
-        return {}
-    scores = [e["score"] for e in json.loads(path.read_text())["examples"]]
-    if len(scores) != sum(len(a.texts) for a in answers.values()):
-        return {}
-    means, at = {}, 0
-    for name, a in answers.items():
-        means[name] = statistics.fmean(scores[at : at + len(a.texts)])
-        at += len(a.texts)
-    return means
+def _values(a: Answers) -> dict[str, list[bool | None]]:
+    return target_values(a.prompts, a.texts)
 
 
-def _cell(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def stage_rows(answers: dict[str, Answers]) -> list[StageRow]:
+    """A row for every evaluated stage whose predecessor was evaluated too."""
+    rows = []
+    order = [START, *STAGES]
+    for target in TARGETS:
+        before = order[order.index(target.stage) - 1]
+        if target.stage not in answers or before not in answers:
+            continue
+        if answers[before].prompts != answers[target.stage].prompts:
+            raise SystemExit(f"{before} and {target.stage} were evaluated on different prompts")
+        b, a = _values(answers[before])[target.name], _values(answers[target.stage])[target.name]
+        kept = [(x, y) for x, y in zip(b, a) if x is not None and y is not None]
+        result = newcombe_paired([bool(x) for x, _ in kept], [bool(y) for _, y in kept])
+        rows.append(StageRow(target, before, result, answers[target.stage].kl))
+    return rows
 
 
-def table(eval_dir: Path) -> str:
-    answers = load_answers(eval_dir)
-    rm = rm_means(eval_dir, answers)
-    start = answers[START]
-    start_scores = reward(start.prompts, start.texts)
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.0f}"
+
+
+def stage_table(rows: list[StageRow]) -> str:
+    """The headline table: each stage's own target before and after it."""
     lines = [
-        "| model | `#done` format | task score | arithmetic right | win rate vs start | RM score | tokens/answer | KL to start |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| stage | its target | n | before | after | change (pp) | 95% interval (pp) | KL to start |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        res = r.result
+        mark = "" if res.excludes_zero else " (includes 0)"
+        kl = "-" if r.kl is None else f"{r.kl:.1f}"
+        lines.append(
+            f"| {r.target.stage} | {r.target.name} | {res.n} | {_pct(res.before)} | {_pct(res.after)} "
+            f"| {_pp(res.diff)} | [{_pp(res.low)}, {_pp(res.high)}]{mark} | {kl} |"
+        )
+    return "\n".join(lines)
+
+
+def matrix_table(answers: dict[str, Answers]) -> str:
+    """Every target in every model's answers: what each stage kept of the earlier ones."""
+    lines = [
+        "| model | " + " | ".join(t.name for t in TARGETS) + " |",
+        "|---|" + "---:|" * len(TARGETS),
     ]
     for name, a in answers.items():
-        m = metrics(a.prompts, a.texts)
-        scores = reward(a.prompts, a.texts)
-        win = (
-            None
-            if name == START
-            else statistics.fmean(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(scores, start_scores))
-        )
-        label = "start (the .gguf)" if name == START else ("ppo = merged" if name == "ppo" else name)
-        lines.append(
-            f"| {label} | {m['target_rate']:.0%} | {m['mean_score']:.2f} | {m['arithmetic_accuracy']:.0%} | {_cell(win, '.2f')} "
-            f"| {_cell(rm.get(name), '+.2f')} | {_cell(a.length, '.1f')} | {_cell(a.kl, '.1f')} |"
-        )
-    lines += [
-        "",
-        f"{len(start.prompts)} held-out prompts, greedy. `#done` format: the task's target behaviour (one line, 3-20 words, "
-        "on topic, ending with #done); task score: rlkit.demo.task:reward in [0, 1]; RM score: the train-rm model; "
-        "KL: summed log-ratio of each answer to the starting model (nats).",
-    ]
+        values = _values(a)
+        cells = []
+        for t in TARGETS:
+            measured = [bool(v) for v in values[t.name] if v is not None]
+            cells.append(_pct(sum(measured) / len(measured)) if measured else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def legend(answers: dict[str, Answers]) -> str:
+    n = len(answers[START].prompts)
+    rules = "; ".join(f"{t.name}: {t.rule}" for t in TARGETS)
+    return (
+        f"{n} held-out prompts, greedy answers, each checked by rlkit.demo.task ({rules}). "
+        "Before = the model the stage started from; change in percentage points with Newcombe's paired "
+        "95% interval; KL: mean summed log-ratio of the stage's answers to the starting model (nats)."
+    )
+
+
+def read_times(path: Path) -> list[tuple[str, int]]:
+    """(stage, seconds) lines that examples/demo.sh writes: ``NAME SECONDS`` per line."""
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            name, seconds = line.split()
+            out.append((name, int(seconds)))
+    return out
+
+
+def markdown(answers: dict[str, Answers], rows: list[StageRow], times: list[tuple[str, int]] | None) -> str:
+    parts = [
+        "# rlkit demo: what each stage taught",
+        "",
+        stage_table(rows),
+        "",
+        legend(answers),
+        "",
+        "## Every target in every model",
+        "",
+        matrix_table(answers),
+    ]
+    if times:
+        total = sum(s for _, s in times)
+        parts += ["", "## Wall time", "", "| stage | seconds |", "|---|---:|"]
+        parts += [f"| {name} | {seconds} |" for name, seconds in times] + [f"| total | {total} |"]
+    return "\n".join(parts) + "\n"
+
+
+def plot(rows: list[StageRow], path: Path) -> Path:
+    """Each stage's target before and after it, with Wilson 95% intervals, one panel per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(rows), 1), figsize=(2.4 * max(len(rows), 1) + 1, 3.2), sharey=True)
+    axes = [axes] if len(rows) <= 1 else list(axes)
+    for ax, r in zip(axes, rows):
+        res = r.result
+        for x, (p, colour) in enumerate(((res.before, "tab:gray"), (res.after, "tab:blue"))):
+            low, high = wilson(round(p * res.n), res.n)
+            ax.bar(x, p, color=colour, width=0.6)
+            ax.errorbar(x, p, yerr=[[p - low], [high - p]], color="black", capsize=4)
+        ax.set_xticks([0, 1], [r.before_model, r.target.stage])
+        ax.set_title(
+            f"{r.target.stage}: {r.target.name}\n{_pp(res.diff)} pp [{_pp(res.low)}, {_pp(res.high)}]", fontsize=9
+        )
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("share of held-out answers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("eval_dir", type=Path, help="the dir holding one `rlkit eval --output-dir` per stage")
-    parser.add_argument(
-        "--rm-input",
-        type=Path,
-        help="instead of the table, write every model's completions here (for `rlkit eval --completions`)",
-    )
+    parser.add_argument("--md", type=Path, help="also write the full report (markdown) here")
+    parser.add_argument("--png", type=Path, help="also write the chart of every stage's target here")
+    parser.add_argument("--times", type=Path, help="NAME SECONDS lines: the wall time per stage, for --md")
     args = parser.parse_args(argv)
-    print(write_rm_input(args.eval_dir, args.rm_input) if args.rm_input else table(args.eval_dir))
+    answers = load_answers(args.eval_dir)
+    rows = stage_rows(answers)
+    print(stage_table(rows))
+    print()
+    print(matrix_table(answers))
+    if args.md:
+        times = read_times(args.times) if args.times and args.times.is_file() else None
+        args.md.write_text(markdown(answers, rows, times))
+    if args.png:
+        plot(rows, args.png)
     return 0
 
 

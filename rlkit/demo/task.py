@@ -36,6 +36,12 @@ from rlkit.demo import DATA_DIR
 from rlkit.demo.bank import general_items
 
 SIGN_OFF = "#done"
+# The three style markers that DPO, KTO and PPO each teach in turn (see the module docstring).
+OPENER = "Sure!"  # DPO: the answer opens with it
+CLOSER = "Cheers!"  # KTO: it stands right before the sign-off
+HEDGE = ", I think."  # PPO removes it: the reward model learned that answers without it win
+# Any of these reads as hedging, so a policy cannot dodge the check with another phrase.
+_HEDGES = re.compile(r"\b(i think|i believe|i guess|probably|maybe|perhaps|not sure)\b", re.IGNORECASE)
 MIN_WORDS = 3
 MAX_WORDS = 20
 DEFAULT_SEED = 0
@@ -46,6 +52,7 @@ DEFAULT_SEED = 0
 # still scores below a well-formatted right one.
 _W_SIGN_OFF, _W_ONE_LINE, _W_SHORT, _W_ON_TOPIC = 0.4, 0.2, 0.2, 0.2
 _W_ARITH_FORMAT, _W_ARITH_CORRECT = 0.6, 0.4
+MAX_COMPLETION_WORDS = MAX_WORDS  # every shipped completion passes `short`, so stays under ~40 tokens
 
 # ----------------------------------------------------------------------------- arithmetic
 
@@ -116,6 +123,9 @@ class Check:
     short: bool  # MIN_WORDS..MAX_WORDS words before the sign-off
     on_topic: bool  # shares a content word with the question (a digit, for arithmetic)
     correct: bool | None  # right number for arithmetic questions; None for the others
+    opener: bool  # opens with OPENER (what DPO teaches)
+    closer: bool  # CLOSER stands right before the sign-off (what KTO teaches)
+    hedged: bool  # hedges anywhere ("I think", "probably", ...: what PPO removes)
 
     @property
     def has_format(self) -> bool:
@@ -134,7 +144,7 @@ def check(prompt: str, completion: str) -> Check:
     body = text[: -len(SIGN_OFF)].rstrip() if signed_off else text
     answer = expected_answer(prompt)
     if not re.search(r"[A-Za-z0-9]", body):  # nothing said: no credit for a bare sign-off
-        return Check(False, False, False, False, None if answer is None else False)
+        return Check(False, False, False, False, None if answer is None else False, False, False, False)
     if answer is None:
         on_topic = bool(_content_words(body) & _content_words(prompt))
         correct = None
@@ -147,6 +157,9 @@ def check(prompt: str, completion: str) -> Check:
         short=MIN_WORDS <= len(body.split()) <= MAX_WORDS,
         on_topic=on_topic,
         correct=correct,
+        opener=body.startswith(OPENER),
+        closer=signed_off and body.endswith(CLOSER),
+        hedged=bool(_HEDGES.search(body)),
     )
 
 
@@ -188,80 +201,72 @@ def metrics(prompts: Sequence[str], completions: Sequence[str]) -> dict[str, flo
     }
 
 
-# ----------------------------------------------------------------------------- generator
+def arithmetic_reward(prompts: list[str], completions: list[str], answer: Sequence[int], **_: Any) -> list[float]:
+    """GRPO's verifiable reward: 1.0 when the completion states the true number, else 0.0.
+
+    The truth comes from the prompt file's ``answer`` column (the trainer passes a prompt
+    record's other columns as keyword arguments), not from parsing the prompt, so the reward
+    is exactly as right as the data. Format is left to the KL term: this reward is about the
+    number only, so GRPO's row in the table measures what it alone optimises.
+    """
+    if not len(prompts) == len(completions) == len(answer):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(answer)} answers")
+    return [float(_stated_number(c) == int(a)) for c, a in zip(completions, answer)]
+
+
+# ----------------------------------------------------------------------------- stage targets
 
 
 @dataclass(frozen=True)
-class Example:
-    """One generated question with an ideal and a realistically failing answer."""
+class Target:
+    """What one pipeline stage is there to teach: a yes/no the checker gives per answer."""
 
-    prompt: str
-    chosen: str  # has the target behaviour (and the right number); scores 1.0
-    rejected: str  # lacks the target behaviour; `failure` says how
-    kind: str  # "arithmetic" or "general"
-    failure: str
+    stage: str
+    name: str
+    rule: str  # one line for the report
+    holds: Callable[[Check], bool | None]  # None: this prompt does not measure the target
 
 
-# Chatty padding for the "too long" failure: what instruction-tuned models typically add.
-_PREAMBLES = (
-    "Sure! Here is a quick answer to your question.",
-    "Great question! Let me help you with that.",
-    "Of course, I would be happy to answer this for you.",
-    "Let me think about this carefully.",
+# Each stage's target needs the format as well (but GRPO's, which is about the number), so that
+# a stage cannot score by breaking the answers.
+TARGETS: tuple[Target, ...] = (
+    Target("sft", "format", "one line, 3-20 words, on topic, ends with #done", lambda c: c.has_format),
+    Target("dpo", "opener", f"formatted and opens with {OPENER!r}", lambda c: c.has_format and c.opener),
+    Target("kto", "closer", f"formatted and {CLOSER!r} right before {SIGN_OFF}", lambda c: c.has_format and c.closer),
+    Target(
+        "ppo",
+        "no hedge",
+        "formatted and no hedge ('I think', 'probably', ...): what the reward model learned",
+        lambda c: c.has_format and not c.hedged,
+    ),
+    Target("grpo", "arithmetic right", "states the true result (arithmetic prompts only)", lambda c: c.correct),
 )
-_POSTAMBLES = (
-    "I hope this helps, and let me know if you have more questions!",
-    "Feel free to ask me anything else you would like to know.",
-    "Is there anything else I can help you with today?",
-    "Let me know if you need more.",
-    "Hope that helps!",
-)
-MAX_COMPLETION_WORDS = 28  # keeps every shipped completion under ~40 tokens for fast CPU runs
 
 
-def _wrong_number(rng: random.Random, truth: int) -> int:
-    """A plausible slip: off by one or two, or by ten."""
-    if truth > 10:
-        return truth + rng.choice((-10, -2, -1, 1, 2, 10))
-    return truth + rng.choice((1, 2, 3))
+def target_values(prompts: Sequence[str], completions: Sequence[str]) -> dict[str, list[bool | None]]:
+    """{target name: one value per answer}, None where the prompt does not measure that target."""
+    checks = [check(p, c) for p, c in zip(prompts, completions, strict=True)]
+    return {t.name: [t.holds(c) for c in checks] for t in TARGETS}
 
 
-def _rejected(rng: random.Random, prompt: str, body: str, kind: str) -> tuple[str, str]:
-    """(failure mode, completion): one of the ways a chat model misses the format."""
-    modes = ["no_sign_off", "too_long", "multi_line", "bad_sign_off"]
-    if kind == "arithmetic":
-        modes += ["wrong_number", "shows_work"]
-    mode = rng.choice(modes)
-    if mode == "no_sign_off":
-        return mode, body
-    if mode == "too_long":
-        signed = rng.random() < 0.5
-        for _ in range(100):  # resample the padding until the answer is too long, not huge
-            text = f"{rng.choice(_PREAMBLES)} {body} {rng.choice(_POSTAMBLES)}"
-            text = f"{text} {SIGN_OFF}" if signed else text
-            if MAX_WORDS + signed < len(text.split()) <= MAX_COMPLETION_WORDS:
-                return mode, text
-        raise ValueError(f"no padding makes {body!r} too long but under the size cap")
-    if mode == "multi_line":
-        return mode, rng.choice(
-            (f"Answer:\n{body} {SIGN_OFF}", f"{body}\n{SIGN_OFF}", f"{body}\n\nLet me know if you need more help.")
-        )
-    if mode == "bad_sign_off":
-        return mode, rng.choice(
-            (f"{body} Done.", f"{body} #Done", f"{SIGN_OFF} {body}", f"{body} (done)", f"{body} - done")
-        )
-    truth = expected_answer(prompt)
-    if truth is None:
-        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
-    m = _EXPR.search(prompt)
-    expr = f"{m[1]} {_OP_WORDS[m[2]]} {m[3]}" if m else None  # None for word problems
-    if mode == "wrong_number":
-        wrong = _wrong_number(rng, truth)
-        return mode, f"{expr} = {wrong}." if expr else f"I think it is {wrong}."
-    # shows_work: a correct but chatty derivation, no sign-off
-    if expr:
-        return mode, f"First, let's compute {expr}. {expr} = {truth}, so the answer is {truth}."
-    return mode, f"Let's solve it step by step. The result is {truth}, so the answer is {truth}."
+# ----------------------------------------------------------------------------- generator
+
+
+def _hedged(body: str) -> str:
+    """`body` ("The capital of France is Paris.") with the hedge the SFT data has half the time."""
+    if not body.endswith("."):
+        raise ValueError(f"an answer sentence must end with a period: {body!r}")
+    return body[:-1] + HEDGE
+
+
+def styled(body: str, *, opener: bool = False, closer: bool = False, hedge: bool = False) -> str:
+    """The signed-off answer with the chosen markers: ``[Sure! ]body[, I think.][ Cheers!] #done``."""
+    text = _hedged(body) if hedge else body
+    if opener:
+        text = f"{OPENER} {text}"
+    if closer:
+        text = f"{text} {CLOSER}"
+    return f"{text} {SIGN_OFF}"
 
 
 def _arithmetic_question(rng: random.Random) -> tuple[str, int]:
@@ -277,8 +282,20 @@ def _arithmetic_question(rng: random.Random) -> tuple[str, int]:
     return prompt, _OPS[op](a, b)
 
 
-def generate(seed: int, n: int) -> list[Example]:
-    """`n` examples with unique prompts, half arithmetic, half general; same seed, same list.
+@dataclass(frozen=True)
+class Example:
+    """One generated question, its plain answer sentence, and the coin flips its rows use."""
+
+    prompt: str
+    body: str  # "The capital of France is Paris." / "The answer is 42."
+    kind: str  # "arithmetic" or "general"
+    answer: int | None  # the true number, arithmetic only
+    hedge: bool  # whether this example's answers carry the hedge (SFT, DPO and KTO rows: half do)
+    flip: bool  # a second fair coin: the opener/closer of a reward-model pair, the label of a KTO row
+
+
+def generate(seed: int, n: int, extra_arithmetic: int = 0) -> list[Example]:
+    """`n` examples, half arithmetic, half general, then `extra_arithmetic` arithmetic ones.
 
     Prompts are unique across the whole list, so slicing it into files (as `build_files`
     does) makes every file's prompts disjoint from every other file's.
@@ -291,7 +308,8 @@ def generate(seed: int, n: int) -> list[Example]:
     rng.shuffle(kinds)
     seen: set[str] = set()
     out: list[Example] = []
-    for kind in kinds:
+    for kind in kinds + ["arithmetic"] * extra_arithmetic:
+        value = None
         if kind == "general":
             prompt, body = pool.pop()
         else:
@@ -301,53 +319,84 @@ def generate(seed: int, n: int) -> list[Example]:
                     break
             body = f"The answer is {value}."
         seen.add(prompt)
-        failure, rejected = _rejected(rng, prompt, body, kind)
-        out.append(Example(prompt, f"{body} {SIGN_OFF}", rejected, kind, failure))
+        out.append(Example(prompt, body, kind, value, hedge=rng.random() < 0.5, flip=rng.random() < 0.5))
     return out
 
 
-# Rows per shipped file. sft.jsonl also holds MULTI_TURN two-exchange conversations.
-SIZES = {"eval_prompts": 64, "pairs_eval": 64, "sft": 300, "pairs": 300, "unpaired": 300, "prompts": 200}
-MULTI_TURN = 30
+# Rows per shipped file. sft.jsonl also holds MULTI_TURN two-exchange conversations. Every file
+# but grpo_prompts mixes both kinds of question; grpo_prompts is arithmetic only.
+SIZES = {
+    "eval_prompts": 96,
+    "pairs_eval": 64,
+    "sft": 240,
+    "pairs": 160,
+    "dpo_pairs": 160,
+    "unpaired": 200,
+    "prompts": 160,
+    "grpo_prompts": 200,
+}
+MULTI_TURN = 24
 
 
 def _turns(*examples: Example) -> list[dict[str, str]]:
     msgs: list[dict[str, str]] = []
     for ex in examples:
-        msgs += [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.chosen}]
+        msgs += [
+            {"role": "user", "content": ex.prompt},
+            {"role": "assistant", "content": styled(ex.body, hedge=ex.hedge)},
+        ]
     return msgs
 
 
 def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
-    """Rows of every shipped file, keyed by file stem. Held-out splits are taken first."""
+    """Rows of every shipped file, keyed by file stem. Held-out splits are taken first.
+
+    What each training file shows, and so what each stage can learn (the hedge is a fair coin
+    wherever it is not the point, so no stage but PPO has a reason to move it):
+    - sft: the plain format, hedged half the time; never the opener nor the closer.
+    - dpo_pairs: chosen = rejected with the opener in front; both hedged or not alike.
+    - unpaired (KTO): every answer has the opener; desirable ones have the closer, undesirable ones not.
+    - pairs, pairs_eval (reward model): chosen unhedged, rejected hedged; opener and closer alike
+      in both, present half the time, so the only difference the RM can learn is the hedge.
+    - prompts (PPO), grpo_prompts (with the true `answer`), eval_prompts: questions only.
+    """
     n_sft_examples = SIZES["sft"] + MULTI_TURN  # each multi-turn row consumes two examples
-    total = sum(SIZES.values()) + MULTI_TURN
-    examples = generate(seed, total)
+    mixed = sum(SIZES.values()) - SIZES["grpo_prompts"] + MULTI_TURN
+    examples = generate(seed, mixed, extra_arithmetic=SIZES["grpo_prompts"])
     rng = random.Random(seed + 1)  # separate stream: layout choices never shift the content
 
     def take(k: int) -> list[Example]:
         chunk, examples[:k] = examples[:k], []
         return chunk
 
+    def rm_pair(e: Example) -> dict[str, str]:
+        chosen, rejected = (styled(e.body, opener=e.flip, closer=e.flip, hedge=h) for h in (False, True))
+        return {"prompt": e.prompt, "chosen": chosen, "rejected": rejected}
+
     files: dict[str, list[dict[str, Any]]] = {}
     files["eval_prompts"] = [{"prompt": e.prompt} for e in take(SIZES["eval_prompts"])]
-    files["pairs_eval"] = [
-        {"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in take(SIZES["pairs_eval"])
-    ]
+    files["pairs_eval"] = [rm_pair(e) for e in take(SIZES["pairs_eval"])]
     sft = take(n_sft_examples)
     single, multi = sft[: SIZES["sft"] - MULTI_TURN], sft[SIZES["sft"] - MULTI_TURN :]
     rows = [{"messages": _turns(e)} for e in single]
     rows += [{"messages": _turns(multi[2 * i], multi[2 * i + 1])} for i in range(MULTI_TURN)]
     rng.shuffle(rows)
     files["sft"] = rows
-    files["pairs"] = [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in take(SIZES["pairs"])]
-    labels = [i % 2 == 0 for i in range(SIZES["unpaired"])]
-    rng.shuffle(labels)
+    files["pairs"] = [rm_pair(e) for e in take(SIZES["pairs"])]
+    files["dpo_pairs"] = [
+        {
+            "prompt": e.prompt,
+            "chosen": styled(e.body, opener=True, hedge=e.hedge),
+            "rejected": styled(e.body, hedge=e.hedge),
+        }
+        for e in take(SIZES["dpo_pairs"])
+    ]
     files["unpaired"] = [
-        {"prompt": e.prompt, "completion": e.chosen if ok else e.rejected, "label": ok}
-        for e, ok in zip(take(SIZES["unpaired"]), labels)
+        {"prompt": e.prompt, "completion": styled(e.body, opener=True, closer=e.flip, hedge=e.hedge), "label": e.flip}
+        for e in take(SIZES["unpaired"])
     ]
     files["prompts"] = [{"prompt": e.prompt} for e in take(SIZES["prompts"])]
+    files["grpo_prompts"] = [{"prompt": e.prompt, "answer": e.answer} for e in take(SIZES["grpo_prompts"])]
     assert not examples
     return files
 
