@@ -30,16 +30,17 @@ CPU). With flash-attention's varlen kernels a row's cost is linear, so `capacity
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from rlkit.data.formats import Messages, split_pair
+from rlkit.data.formats import Messages, shown, split_pair
 from rlkit.data.packing import best_fit_decreasing
 from rlkit.data.templates import ChatTemplate, prompt_text, render_segments
-from rlkit.data.tokenize import IGNORE, finish_ids, wants_bos
+from rlkit.data.tokenize import IGNORE, encode_clipped, finish_ids, wants_bos
 from rlkit.errors import InputError
 
 #: Columns of a tokenised pair; `margin` (reward models) and reference log-probs are optional.
@@ -58,10 +59,13 @@ class PairStats:
     truncated: int = 0  # pairs with at least one completion cut at --max-length
     dropped: int = 0  # pairs whose prompt alone fills --max-length
     dropped_records: list[int] = field(default_factory=list)  # first few 1-based record numbers
+    identical: int = 0  # kept pairs whose chosen and rejected completions are the same text
 
     def as_dict(self) -> dict[str, int]:
         counts = asdict(self)
         counts.pop("dropped_records")
+        if not counts["identical"]:  # clean data keeps the counts it always had
+            counts.pop("identical")
         return counts
 
 
@@ -108,14 +112,15 @@ Rendered = list[list[tuple[str, bool]]]  # [prompt segments, completion segments
 
 
 def encode_rendered(
-    rendered: list[Rendered], tokenizer: Any
+    rendered: list[Rendered], tokenizer: Any, max_length: int
 ) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
     """Per record: the prompt's ids (single-BOS rule of SFT) and each completion's (ids, labels).
 
-    All segments of all records go through the tokenizer in one call (fast tokenizers batch it).
+    All segments of all records go through the tokenizer in one call (fast tokenizers batch it),
+    each cut first to what can matter within `max_length` tokens (`encode_clipped`).
     """
     flat = [text for parts in rendered for segs in parts for text, _ in segs]
-    encoded = iter(tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+    encoded = iter(encode_clipped(tokenizer, flat, max_length))
     bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
     out = []
     for parts in rendered:
@@ -158,7 +163,9 @@ def tokenize_pairs(
     records = list(records)
     rendered = [_render_pair(r, tokenizer, template, f"{source} record {i + 1}") for i, r in enumerate(records)]
     stats, rows = PairStats(), []
-    for number, (record, (prompt_ids, encoded)) in enumerate(zip(records, encode_rendered(rendered, tokenizer)), 1):
+    for number, (record, (prompt_ids, encoded)) in enumerate(
+        zip(records, encode_rendered(rendered, tokenizer, max_length)), 1
+    ):
         completions = [fit_completion(prompt_ids, ids, labels, max_length) for ids, labels in encoded]
         if not all(has_label(labels) for _, labels, _ in completions):  # the prompt alone fills max_length
             stats.dropped += 1
@@ -170,9 +177,13 @@ def tokenize_pairs(
             row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labels
             stats.tokens += len(prompt_ids) + len(ids)
             stats.completion_tokens += sum(1 for label in labels if label != IGNORE)
-        if record.get("margin") is not None:
-            row["margin"] = float(record["margin"])
+        margin = record.get("margin")
+        if margin is not None:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                raise InputError(f"{source} record {number}: 'margin' must be a finite number, got {shown(margin)}")
+            row["margin"] = float(margin)
         stats.truncated += any(cut for _, _, cut in completions)
+        stats.identical += encoded[0] == encoded[1]
         stats.pairs += 1
         rows.append(row)
     if any("margin" in row for row in rows) and not all("margin" in row for row in rows):
@@ -322,7 +333,18 @@ def describe_pair_data(metadata: dict[str, Any]) -> tuple[str, list[str]]:
         f"{counts['truncated']} truncated, {counts['dropped']} dropped"
         + (f"; eval: {counts['eval_pairs']} pairs" if counts.get("eval_pairs") else "")
     )
-    return line, dropped_warnings(metadata, "pairs", "pair")
+    return line, dropped_warnings(metadata, "pairs", "pair") + identical_warnings(counts)
+
+
+def identical_warnings(counts: dict[str, Any]) -> list[str]:
+    """One warning when some pairs prefer a completion to itself: legal, but they teach nothing."""
+    n = counts.get("identical", 0)
+    if not n:
+        return []
+    return [
+        f"{n} of {counts['pairs']} pairs have a chosen completion identical to the rejected one; they carry no "
+        "preference (their DPO/reward-model loss cannot move the margin) and only dilute the batches; drop them"
+    ]
 
 
 def dropped_warnings(metadata: dict[str, Any], unit: str, noun: str) -> list[str]:

@@ -51,6 +51,28 @@ def finish_ids(ids: list[int], labels: list[int], bos_id: int | None) -> tuple[l
     return ids, labels
 
 
+def char_budget(tokenizer: Any, max_length: int) -> int:
+    """Characters that hold more than `max_length` tokens of any text, so cutting a text there
+    before tokenising leaves its first `max_length` tokens as they were.
+
+    No token is longer than the longest vocabulary entry (in characters; a byte-level entry has
+    one character per byte), so `max_length` tokens never span more characters than that many
+    entries; the factor 2 covers normalisers that shorten text. A 50 MB record then costs what
+    its first tokens cost, not gigabytes of ids and offsets that truncation throws away.
+    """
+    longest = max((len(entry) for entry in tokenizer.get_vocab()), default=1)
+    return 2 * max_length * max(longest, 1)
+
+
+def encode_clipped(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, each cut to `char_budget` characters first (ids past `max_length` are
+    truncated by every caller anyway)."""
+    if not texts:
+        return []
+    budget = char_budget(tokenizer, max_length)
+    return tokenizer([t if len(t) <= budget else t[:budget] for t in texts], add_special_tokens=False).input_ids
+
+
 def _segments(
     record: dict[str, Any], fmt: Format, tokenizer: Any, template: ChatTemplate | None, where: str
 ) -> list[tuple[str, bool]]:
@@ -72,8 +94,7 @@ def tokenize_sft(
     """Tokenize SFT examples segment by segment; examples longer than `max_length` are truncated,
     and examples left with no trainable token are dropped (both counted)."""
     per_record = [_segments(r, fmt, tokenizer, template, f"{source} record {i + 1}") for i, r in enumerate(records)]
-    flat = [text for segs in per_record for text, _ in segs]
-    encoded = iter(tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+    encoded = iter(encode_clipped(tokenizer, [text for segs in per_record for text, _ in segs], max_length))
     bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
     stats, examples = TokenStats(), []
     for segs in per_record:

@@ -121,7 +121,7 @@ def _from_labelled(
         flags.append(parse_label(record["label"], where))
     stats, rows = UnpairedStats(), []
     for number, ((prompt_ids, [(ids, labels)]), desirable) in enumerate(
-        zip(encode_rendered(rendered, tokenizer), flags), 1
+        zip(encode_rendered(rendered, tokenizer, max_length), flags), 1
     ):
         ids, labels, cut = fit_completion(prompt_ids, ids, labels, max_length)
         if not has_label(labels):

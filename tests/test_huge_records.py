@@ -1,0 +1,63 @@
+"""One huge record costs what its first --max-length tokens cost (texts are cut by characters first).
+
+The peak-memory test runs `rlkit pack` in a fresh interpreter, so ru_maxrss is that run's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+from rlkit.data.tokenize import char_budget, encode_clipped
+
+WORDS = "the quick brown fox jumps over the lazy dog "
+
+
+def test_clipping_keeps_the_first_max_length_tokens_exactly(tiny_tokenizer):
+    long = WORDS * 2000 + "caf\u00e9 " * 500
+    for max_length in (8, 64, 300):
+        full = tiny_tokenizer(long, add_special_tokens=False).input_ids
+        [clipped] = encode_clipped(tiny_tokenizer, [long], max_length)
+        assert len(long) > char_budget(tiny_tokenizer, max_length)  # it was cut
+        assert len(clipped) > max_length and clipped[:max_length] == full[:max_length]
+    short = ["short text", ""]
+    assert encode_clipped(tiny_tokenizer, short, 8) == tiny_tokenizer(short, add_special_tokens=False).input_ids
+
+
+PACK_ONE_HUGE_LINE = """
+import json, resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from conftest import build_tokenizer
+from typer.testing import CliRunner
+from rlkit.cli import app
+root = Path(sys.argv[1])
+build_tokenizer().save_pretrained(root / "tok")
+result = CliRunner().invoke(app, ["pack", str(root / "big.jsonl"), "--tokenizer", str(root / "tok"),
+                                  "-o", str(root / "out"), "--max-length", "128"])
+print(json.dumps({"exit": result.exit_code, "output": result.output[-500:],
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_a_50mb_line_packs_under_1gb_peak_rss(tmp_path):
+    """Tokenised whole, this line peaked at 9.8 GB RSS (and took 3 minutes); cut first, ~0.65 GB."""
+    text = WORDS * (50_000_000 // len(WORDS))
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "a short one"}) + "\n")
+    del text
+    run = subprocess.run(
+        [sys.executable, "-c", PACK_ONE_HUGE_LINE, str(tmp_path), str(REPO / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RLKIT_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["exit"] == 0, report["output"]
+    assert (tmp_path / "out").is_dir()
+    assert report["peak_mib"] < 1024, report
