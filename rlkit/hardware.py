@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from rlkit.performance import switches
 
 
 def accelerator_available() -> bool:
@@ -45,7 +46,7 @@ def cpu_bf16_hint(flag: str, measured: str) -> str | None:
 def _malloc_trim() -> Callable[[int], Any] | None:
     """glibc's malloc_trim, or None where there is none (macOS, Windows, musl) or the user turned
     it off with RLKIT_MALLOC_TRIM=0."""
-    if not sys.platform.startswith("linux") or os.environ.get("RLKIT_MALLOC_TRIM", "1") == "0":
+    if not sys.platform.startswith("linux") or not switches().malloc_trim:
         return None
     try:
         return getattr(ctypes.CDLL(None), "malloc_trim", None)

@@ -29,6 +29,7 @@ import yaml
 from rlkit import __version__
 from rlkit.console import is_main_process, warn
 from rlkit.errors import InputError
+from rlkit.performance import switches
 
 CONFIG_FILE = "rlkit_config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -192,7 +193,10 @@ def open_run_dir(output: Path, resume: bool) -> Path:
 
 
 def write_config(run_dir: Path, command: str, config: dict[str, Any]) -> None:
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({"command": command, **config}, sort_keys=False))
+    """The resolved options, and the performance switches the environment set (rlkit.performance),
+    so the file describes the run that wrote it. `--config` skips both `command` and `performance`."""
+    record = {"command": command, **config, "performance": switches().record()}
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
@@ -217,6 +221,7 @@ Trained with `rlkit {command}` (rlkit {__version__}).
 - **Base model:** `{base_model}`
 - **Data:** {", ".join(f"`{d}`" for d in data)}
 - **Command:** `{invocation}`
+- **Performance settings:** {", ".join(f"`{k}={int(v) if isinstance(v, bool) else v}`" for k, v in switches().record().items())}
 
 {extra}
 ## Final metrics

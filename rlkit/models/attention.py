@@ -19,12 +19,12 @@ forward, masks and KV-cache handling stay the stock `sdpa` ones.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from rlkit.hardware import accelerator_available
+from rlkit.performance import switches
 
 NAME = "rlkit_sdpa"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -124,7 +124,8 @@ def use_fp32_attention_backward(model: torch.nn.Module) -> bool:
     another attention (eager, flash-attention) are left as they are. `RLKIT_FP32_ATTENTION_BACKWARD`
     `=0` or `=1` forces it either way.
     """
-    if os.environ.get("RLKIT_FP32_ATTENTION_BACKWARD", "0" if accelerator_available() else "1") == "0":
+    forced = switches().fp32_attention_backward
+    if forced is False or (forced is None and accelerator_available()):
         return False
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)

@@ -26,12 +26,13 @@ and backward (rlkit.hardware): SmolLM2 LoRA PPO in bf16, 1,675-1,696 MiB against
 
 from __future__ import annotations
 
-import os
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from rlkit.performance import switches
 
 # Classes whose forward is, line for line, LlamaRMSNorm.forward / LlamaMLP.forward (a test checks it
 # against the installed transformers).
@@ -96,7 +97,7 @@ def _is_silu(module: torch.nn.Module) -> bool:
 
 def use_lean_blocks(model: torch.nn.Module) -> int:
     """Give the known RMSNorm and SwiGLU modules of `model` their lean forward; returns how many."""
-    if os.environ.get("RLKIT_LEAN_BLOCKS", "1") == "0":
+    if not switches().lean_blocks:  # RLKIT_LEAN_BLOCKS=0
         return 0
     changed = 0
     for module in model.modules():
