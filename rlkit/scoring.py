@@ -1,26 +1,29 @@
-"""Rewards for sampled completions: a reward-model dir, or a Python function.
+"""Rewards for sampled completions: a reward model, or a Python function. One loader, one scorer.
 
-`load_reward(spec, ...)` turns what the user passed to `--reward` into a `Reward`:
+`load_reward(spec, ...)` turns what the user passed to `--reward` into a `Reward`, for `ppo`
+and `eval` alike:
 
-- a `train-rm` output dir (or any sequence-classification model with one label, full or a
-  LoRA adapter with task_type SEQ_CLS): the conversation is rendered with the reward
-  model's OWN tokenizer and template (its saved chat template, else the policy's template),
-  tokenised exactly as `train-rm` tokenised pairs (prompt segment, then the completion's
-  segments with EOS, one leading BOS when the tokenizer wants one), and scored at the last
-  token. Re-rendering text rather than reusing the policy's token ids is what keeps the score
-  right when the two tokenizers or templates differ, and is identical when they do not.
+- a reward model (a `train-rm` output dir, any one-score sequence classifier, full or a LoRA
+  adapter with task_type SEQ_CLS, or a .gguf file): loaded by `load_sequence_classifier`,
+  the one loader (the PPO critic `--critic rm` and eval's pair accuracy use it too). The
+  conversation is rendered with the reward model's OWN tokenizer and template (its saved chat
+  template, else `--template`, else the policy's), tokenised by train-rm's own code
+  (`rlkit.data.pairs.tokenize_pairs`), and scored by train-rm's own `RewardScorer` at the
+  sequence's last non-pad token. Re-rendering text rather than reusing the policy's token ids
+  is what keeps the score right when the two tokenizers or templates differ, and is identical
+  when they do not; sharing train-rm's code is what makes a completion score in PPO and eval
+  what the same text scored as a chosen reply in training.
 - `module:function`: a function `(prompts, completions) -> list[float]` for rule-based or
   verifiable rewards (e.g. `rlkit.demo.task:reward`). Prompts are given as the plain text of the
   user's prompt (the message content for a single-message prompt, else the rendered prompt).
 
 Both take `(conversations, completions)`: the prompt messages and the completion strings,
-and return scores [B]. `eval` scores functions with the same `FunctionReward`.
+and return scores [B].
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import sys
@@ -31,10 +34,20 @@ from typing import Any, Protocol
 import torch
 
 from rlkit.data.formats import Messages
-from rlkit.data.pairs import completion_segments
+from rlkit.data.pairs import collate_sequences, last_token_index, prompted_sequence, tokenize_pairs
 from rlkit.data.templates import ChatTemplate, prompt_text, resolve_template
-from rlkit.data.tokenize import IGNORE, finish_ids, wants_bos
 from rlkit.errors import InputError, RunError
+from rlkit.models.inference import adapter_score_labels
+from rlkit.models.load import (
+    ModelSource,
+    adapter_config,
+    is_reward_model,
+    load_tokenizer,
+    loading,
+    resolve_source,
+    strip_gguf_marker,
+)
+from rlkit.models.modes import model_device, to_device
 
 
 class Reward(Protocol):
@@ -95,55 +108,7 @@ class FunctionReward:
         return values
 
 
-class ModelReward:
-    """A one-score sequence classifier, scoring text rendered with its own tokenizer and template."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        template: ChatTemplate,
-        batch_size: int = 16,
-        max_length: int = 4096,
-    ):
-        self.model, self.tokenizer, self.template = model.eval().requires_grad_(False), tokenizer, template
-        self.batch_size, self.max_length = batch_size, max_length
-        self.bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
-
-    def encode(self, messages: Messages, completion: str) -> list[int]:
-        """Token ids exactly as `train-rm` built them for a (prompt, completion) pair."""
-        tok = self.tokenizer
-        segments = [(prompt_text(tok, self.template, messages), False)]
-        segments += completion_segments(
-            tok, self.template, messages, [{"role": "assistant", "content": completion}], "reward"
-        )
-        pieces = tok([text for text, _ in segments], add_special_tokens=False).input_ids
-        prompt_ids, _ = finish_ids(list(pieces[0]), [IGNORE] * len(pieces[0]), self.bos_id)
-        ids = prompt_ids + [i for piece in pieces[1:] for i in piece]
-        return ids[-self.max_length :]
-
-    @torch.no_grad()
-    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        scores = []
-        rows = [self.encode(m, c) for m, c in zip(conversations, completions)]
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(chunk):  # right padding; the score is read at each row's last real token
-                ids[i, : len(row)], mask[i, : len(row)] = torch.as_tensor(row), 1
-            ids, mask = ids.to(device), mask.to(device)
-            hf = unwrap_peft(self.model)
-            hidden = getattr(hf, hf.base_model_prefix)(
-                input_ids=ids, attention_mask=mask, use_cache=False
-            ).last_hidden_state
-            last = mask.sum(1) - 1
-            h = hidden[torch.arange(len(chunk), device=device), last]
-            scores.append(hf.score(h).squeeze(-1).float().cpu())
-        return torch.cat(scores)
+# ---- reward models ---------------------------------------------------------------------------
 
 
 def unwrap_peft(model: torch.nn.Module) -> Any:
@@ -154,76 +119,185 @@ def unwrap_peft(model: torch.nn.Module) -> Any:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def has_score_head(model: torch.nn.Module) -> bool:
+    hf = unwrap_peft(model)
+    return hasattr(hf, "score") and hasattr(hf, hf.base_model_prefix)
+
+
+class RewardScorer(torch.nn.Module):
+    """Scores of every sequence of a batch laid out by `rlkit.data.pairs.collate_sequences`, [N].
+
+    Why the score is gathered here rather than by the HF head: sequences are batched
+    padding-free (several per row), and the HF head finds one last token per ROW. So this runs
+    the head's own trunk, takes the hidden state at the last non-pad token of each SEQUENCE (the
+    HF rule, applied per sequence, so a saved model scores a lone sequence exactly as training
+    did) and applies the head's own `score` layer there: no compute on padding, and the head's
+    matmul on N vectors instead of every position. train-rm trains this module (so DDP/FSDP see
+    one forward); ppo and eval score with it.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_id: int | None, merge: bool = True):
+        super().__init__()
+        self.model, self.pad_id, self.merge = model, pad_id, merge
+        if not has_score_head(model):
+            hf = unwrap_peft(model)
+            raise InputError(
+                f"{type(hf).__name__} has no `score` head over a `{hf.base_model_prefix}` trunk; rlkit train-rm needs a decoder model"
+            )
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_index: torch.Tensor, num_sequences: int
+    ) -> torch.Tensor:
+        hf = unwrap_peft(self.model)
+        trunk = getattr(hf, hf.base_model_prefix)
+        hidden = trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        last = last_token_index(input_ids, seq_index, self.pad_id, num_sequences)
+        return hf.score(hidden.reshape(-1, hidden.size(-1))[last]).squeeze(-1).float()
+
+    def save_pretrained(self, directory: str, **kwargs: Any) -> None:
+        """The HF model (LoRA merged unless --no-merge), loadable without rlkit."""
+        from peft import PeftModel
+
+        model = self.model
+        if isinstance(model, PeftModel) and self.merge:
+            model = model.merge_and_unload()
+        model.save_pretrained(directory, **kwargs)
+
+
+def classifier_from_pretrained(
+    source: ModelSource,
+    pad_token_id: int | None,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    num_labels: int | None = None,
+    name: str | None = None,
+) -> torch.nn.Module:
+    """`AutoModelForSequenceClassification` of `source`'s base weights, with the pad id its head needs.
+
+    `num_labels` None keeps the config's; train-rm asks for 1 (a new head on a causal LM).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "pad_token_id": pad_token_id, "trust_remote_code": trust_remote_code}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    with loading(name or source.name, "it as a sequence classifier"):
+        model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs, **source.kwargs())
+    strip_gguf_marker(model)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def load_sequence_classifier(
+    spec: str | ModelSource,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    option: str = "--reward",
+) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of a reward model: a full sequence classifier or a SEQ_CLS LoRA adapter (merged).
+
+    `option` names where the user gave it, for the error lines ("--reward DIR: ...", or the
+    bare name for eval's MODEL).
+    """
+    source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
+    name = f"{option} {source.name}" if option else source.name
+    if source.adapter_dir:
+        task = adapter_config(source.adapter_dir).get("task_type")
+        if task != "SEQ_CLS":
+            raise InputError(f"{name}: a LoRA adapter of task {task!r}, not a reward model (SEQ_CLS)")
+    elif not is_reward_model(source):
+        raise InputError(
+            f"{name}: not a reward model (no *ForSequenceClassification architecture); pass a `rlkit train-rm` output dir or module:function"
+        )
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    labels = adapter_score_labels(source.adapter_dir) if source.adapter_dir else None
+    model = classifier_from_pretrained(source, tokenizer.pad_token_id, dtype, trust_remote_code, labels, name)
+    if source.adapter_dir:
+        from peft import PeftModel
+
+        with loading(name, "its adapter"):
+            model = PeftModel.from_pretrained(model, source.adapter_dir).merge_and_unload()
+    if model.config.num_labels != 1:
+        raise InputError(f"{name}: the model has {model.config.num_labels} labels; a reward model has one score")
+    if not has_score_head(model):
+        raise InputError(f"{name}: {type(model).__name__} has no `score` head over a trunk")
+    return model, tokenizer
+
+
+class ModelReward:
+    """A one-score sequence classifier scoring (prompt, completion) text as train-rm scored pairs."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        template: ChatTemplate,
+        batch_size: int = 16,
+        max_length: int = 4096,
+        name: str = "the reward model",
+    ):
+        self.tokenizer, self.template, self.name = tokenizer, template, name
+        self.scorer = RewardScorer(model.eval().requires_grad_(False), tokenizer.pad_token_id)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def tokenize(self, conversations: list[Messages], completions: list[str]) -> list[list[int]]:
+        """Token ids of each prompt + completion: the chosen sequence train-rm builds for that pair."""
+        records = [{"prompt": m, "chosen": c, "rejected": c} for m, c in zip(conversations, completions)]
+        rows, stats = tokenize_pairs(records, self.tokenizer, self.template, self.max_length, source=self.name)
+        if stats.dropped:
+            raise InputError(
+                f"{stats.dropped} prompt(s) alone fill --max-length {self.max_length} tokens of {self.name} (record {stats.dropped_records[0]}); raise --max-length"
+            )
+        return [prompted_sequence(r["prompt_input_ids"], r["chosen_input_ids"], r["chosen_labels"])[0] for r in rows]
+
+    def encode(self, messages: Messages, completion: str) -> list[int]:
+        return self.tokenize([messages], [completion])[0]
+
+    @torch.no_grad()
+    def score_sequences(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Score of each token sequence [N], float32 on CPU; one sequence per right-padded row."""
+        pad = self.tokenizer.pad_token_id
+        device = model_device(self.scorer.model)
+        scores = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = [(ids, ids) for ids in sequences[start : start + self.batch_size]]  # labels unused
+            batch = to_device(collate_sequences(chunk, pad, padding_free=False), device)
+            scores.append(self.scorer(batch["input_ids"], batch["position_ids"], batch["seq_index"], len(chunk)).cpu())
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+    def __call__(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
+        return self.score_sequences(self.tokenize(conversations, completions))
+
+
 def is_model_dir(spec: str) -> bool:
     path = Path(spec)
     return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
 
 
-def load_sequence_classifier(
-    path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) of a reward model dir: a full sequence classifier or a SEQ_CLS LoRA adapter."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    directory = Path(path)
-    try:
-        if (directory / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            adapter = json.loads((directory / "adapter_config.json").read_text())
-            if adapter.get("task_type") != "SEQ_CLS":
-                raise InputError(
-                    f"--reward {path}: a LoRA adapter of task {adapter.get('task_type')!r}, not a reward model (SEQ_CLS)"
-                )
-            base = adapter.get("base_model_name_or_path")
-            tok_dir = path if (directory / "tokenizer_config.json").is_file() else base
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            model = AutoModelForSequenceClassification.from_pretrained(
-                base,
-                num_labels=1,
-                pad_token_id=tokenizer.pad_token_id,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-            )
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code
-            )
-    except (OSError, ValueError) as err:
-        raise InputError(
-            f"--reward {path}: cannot load it as a sequence-classification reward model ({str(err).splitlines()[0]})"
-        )
-    if model.config.num_labels != 1:
-        raise InputError(
-            f"--reward {path}: the model has {model.config.num_labels} labels; a reward model has one score"
-        )
-    if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
-        raise InputError(f"--reward {path}: {type(model).__name__} has no `score` head over a trunk")
-    return model, tokenizer
-
-
 def load_reward(
     spec: str,
-    policy_tokenizer: Any,
-    policy_template: ChatTemplate,
+    policy_tokenizer: Any = None,
+    policy_template: ChatTemplate | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     batch_size: int = 16,
     trust_remote_code: bool = False,
+    *,
+    max_length: int = 4096,
+    template: str | None = None,
 ) -> Reward:
-    """`--reward DIR` or `--reward module:function` -> a `Reward`."""
-    if is_model_dir(spec):
+    """`--reward PATH` (a reward model) or `--reward module:function` -> a `Reward`.
+
+    The policy's tokenizer and template render multi-message prompts for a function, and are
+    a reward model's template when it has none of its own and no `template` (`--template`) is given.
+    """
+    if Path(spec).exists() or spec.endswith(".gguf"):
         model, tokenizer = load_sequence_classifier(spec, dtype, trust_remote_code)
-        template = resolve_template(None, tokenizer) if getattr(tokenizer, "chat_template", None) else policy_template
-        return ModelReward(model.to(device), tokenizer, template, batch_size)
-    if ":" in spec and not Path(spec).exists():
-        return FunctionReward(spec, lambda messages: prompt_string(messages, policy_tokenizer, policy_template))
-    raise InputError(
-        f"--reward {spec}: neither a reward model dir (config.json / adapter_config.json) nor module:function"
-    )
+        if getattr(tokenizer, "chat_template", None):
+            rm_template = resolve_template(None, tokenizer, spec)  # what it was trained with
+        elif template is not None or policy_template is None:
+            rm_template = resolve_template(template, tokenizer, spec)
+        else:
+            rm_template = policy_template
+        return ModelReward(model.to(device), tokenizer, rm_template, batch_size, max_length, spec)
+    return FunctionReward(spec, lambda messages: prompt_string(messages, policy_tokenizer, policy_template))

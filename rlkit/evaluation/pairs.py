@@ -24,6 +24,7 @@ from rlkit.errors import InputError
 from rlkit.losses.preference import implicit_reward_accuracy
 from rlkit.models.modes import to_device
 from rlkit.preference.logps import pair_logps
+from rlkit.scoring import RewardScorer
 
 
 def tokenized_pairs(
@@ -62,9 +63,7 @@ def summarise(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
 def reward_model_scores(
     model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected scores of every pair, [N] each, by train-rm's scorer."""
-    from rlkit.recipes.reward_model import RewardScorer
-
+    """Chosen and rejected scores of every pair, [N] each, by the scorer train-rm trains (and ppo uses)."""
     scorer = RewardScorer(model, pad_id)
     device = next(model.parameters()).device
     chosen, rejected = [], []

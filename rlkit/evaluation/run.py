@@ -39,9 +39,9 @@ from rlkit.models.inference import (
     inference_dtype,
     is_reward_model,
     load_causal_lm_for_inference,
-    load_sequence_classifier,
 )
 from rlkit.models.load import ModelSource, load_tokenizer, resolve_source
+from rlkit.scoring import load_sequence_classifier
 from rlkit.tools.generation import SamplingConfig, generate_rollouts
 
 Result = tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[float]]]  # metrics, examples, distributions
@@ -84,12 +84,8 @@ def eval_pairs(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> R
             raise InputError(
                 f"--ref is the reference of a policy's implicit reward; {config.model} is a reward model, scored directly"
             )
-        model = (
-            load_sequence_classifier(source, tokenizer.pad_token_id, dtype)
-            .to(inference_device())
-            .eval()
-            .requires_grad_(False)
-        )
+        model, _ = load_sequence_classifier(source, dtype, option="")
+        model = model.to(inference_device()).eval().requires_grad_(False)
         chosen, rejected = reward_model_scores(model, rows, tokenizer.pad_token_id, config.batch_size)
         metrics = {
             "question": "reward_model_accuracy",

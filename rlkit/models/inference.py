@@ -8,18 +8,16 @@ directory holds (a causal LM or a one-score sequence classifier) before loading 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from rlkit.errors import InputError
 from rlkit.hardware import cpu_bf16_hint
-from rlkit.models.load import (  # noqa: F401  (adapter_config, is_reward_model re-exported: chat, eval, merge, scoring)
+from rlkit.models.load import (  # noqa: F401  (adapter_config, is_reward_model re-exported: chat, eval, merge)
     ModelSource,
     adapter_config,
     is_reward_model,
     load_causal_lm,
-    strip_gguf_marker,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,25 +59,3 @@ def adapter_score_labels(adapter_dir: str) -> int:
             if key.endswith("score.weight") or key.endswith("score.modules_to_save.weight"):
                 return int(handle.get_slice(key).get_shape()[0])
     return 1
-
-
-def load_sequence_classifier(
-    source: ModelSource, pad_token_id: int | None, dtype: torch.dtype, *, trainable_adapter: bool = False
-) -> torch.nn.Module:
-    """A reward model dir (or a SEQ_CLS adapter on its base), with the pad id its head needs."""
-    from transformers import AutoModelForSequenceClassification
-
-    kwargs: dict[str, Any] = {"dtype": dtype, "pad_token_id": pad_token_id}
-    if source.adapter_dir:
-        kwargs["num_labels"] = adapter_score_labels(source.adapter_dir)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs, **source.kwargs())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{source.name}: cannot load it as a sequence classifier ({str(err).splitlines()[0]})")
-    strip_gguf_marker(model)
-    model.config.pad_token_id = pad_token_id
-    if source.adapter_dir:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, source.adapter_dir, is_trainable=trainable_adapter)
-    return model

@@ -6,13 +6,10 @@ and without a pad id it cannot find it (batches fail, or scores land on padding 
 collapses). With LoRA, peft's SEQ_CLS task puts the new score head in `modules_to_save`, so
 it is trained in full next to the adapter.
 
-Why the score is gathered here rather than by the HF head: pairs are batched padding-free
-(several sequences per row, `rlkit.data.pairs`), and the HF head finds one last token per
-ROW. So `RewardScorer` runs the head's own trunk, takes the hidden state at the last non-pad
-token of each SEQUENCE (the HF rule, applied per sequence, so the saved model scores a lone
-sequence exactly as training did) and applies the head's own `score` layer there: no compute
-on padding, and the head's matmul on 2B vectors instead of every position. The scorer is an
-`nn.Module` wrapping the HF model and is what the engine trains, so DDP/FSDP see one forward.
+What the engine trains is `rlkit.scoring.RewardScorer`, the one scorer: it reads each
+padding-free pair sequence's score at its last non-pad token (why, there), and `ppo` and
+`eval` score completions with it, tokenised by the same `rlkit.data.pairs` code, so a reward
+model scores in use exactly what it scored on its eval split here.
 
 The output is a full sequence-classification dir by default (LoRA merged), which
 `AutoModelForSequenceClassification.from_pretrained(OUT)` loads as is, score head, one label and
@@ -27,56 +24,18 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from transformers import AutoModelForSequenceClassification
 
 from rlkit.console import warn
-from rlkit.data.pairs import last_token_index
 from rlkit.errors import InputError
 from rlkit.losses import bradley_terry_loss
 from rlkit.losses.preference import implicit_reward_accuracy
-from rlkit.models.load import add_lora, load_causal_lm, strip_gguf_marker
+from rlkit.models.load import add_lora, load_causal_lm
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.pairs import load_pairs, pair_collate
 from rlkit.recipes.reward_model_config import RewardModelConfig
+from rlkit.scoring import RewardScorer, classifier_from_pretrained
 from rlkit.training.engine import Evaluation, StepOutput
 from rlkit.training.run import TrainingRun, prepare_for_training
-
-
-def _hf_model(model: torch.nn.Module) -> Any:
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-class RewardScorer(torch.nn.Module):
-    """Scores of every sequence of a pair batch, [2B]: chosen first, then rejected."""
-
-    def __init__(self, model: torch.nn.Module, pad_id: int | None, merge: bool = True):
-        super().__init__()
-        self.model, self.pad_id, self.merge = model, pad_id, merge
-        hf = _hf_model(model)
-        if not hasattr(hf, "score") or not hasattr(hf, hf.base_model_prefix):
-            raise InputError(
-                f"{type(hf).__name__} has no `score` head over a `{hf.base_model_prefix}` trunk; rlkit train-rm needs a decoder model"
-            )
-
-    def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_index: torch.Tensor, num_sequences: int
-    ) -> torch.Tensor:
-        hf = _hf_model(self.model)
-        trunk = getattr(hf, hf.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        last = last_token_index(input_ids, seq_index, self.pad_id, num_sequences)
-        return hf.score(hidden.reshape(-1, hidden.size(-1))[last]).squeeze(-1).float()
-
-    def save_pretrained(self, directory: str, **kwargs: Any) -> None:
-        """The HF model (LoRA merged unless --no-merge), loadable without rlkit."""
-        from peft import PeftModel
-
-        model = self.model
-        if isinstance(model, PeftModel) and self.merge:
-            model = model.merge_and_unload()
-        model.save_pretrained(directory, **kwargs)
 
 
 class RewardObjective:
@@ -109,18 +68,7 @@ def load_reward_model(run: TrainingRun, tokenizer: Any) -> torch.nn.Module:
     """A one-score sequence classifier from MODEL, LoRA-wrapped (score head trained) or full."""
     c, source = run.config, run.source
     dtype = run.weights_dtype
-    kwargs = {
-        "num_labels": 1,
-        "pad_token_id": tokenizer.pad_token_id,
-        "dtype": dtype,
-        "trust_remote_code": c.trust_remote_code,
-    }
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source.path, **kwargs, **source.kwargs())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{source.name}: cannot load it as a sequence classifier ({str(err).splitlines()[0]})")
-    strip_gguf_marker(model)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = classifier_from_pretrained(source, tokenizer.pad_token_id, dtype, c.trust_remote_code, num_labels=1)
     if source.adapter_dir:  # an SFT adapter: its trunk, merged, under the new head
         causal = load_causal_lm(source, dtype, c.trust_remote_code).merge_and_unload()
         trunk = getattr(model, model.base_model_prefix)
