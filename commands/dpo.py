@@ -1,10 +1,10 @@
 """`rlkit dpo MODEL PAIRS... -o OUT [--ref REF]`."""
 
 from rlkit.config import command_from_config
-from rlkit.recipes.dpo import DPOConfig, run_dpo
+from rlkit.recipes.dpo_config import DPOConfig
 
 HELP = """Direct preference optimisation (sigmoid/cDPO, IPO, hinge, robust, SimPO; + RPO's SFT term) on preference pairs.
 
 The reference is --ref, else MODEL as it starts (with LoRA: the base with the adapter disabled); its log-probs are precomputed once and cached. Chosen and rejected share one padding-free forward. Prints OUT on stdout."""
 
-command = command_from_config(DPOConfig, run_dpo, HELP)
+command = command_from_config(DPOConfig, "rlkit.recipes.dpo:run_dpo", HELP)

@@ -1,10 +1,10 @@
 """`rlkit sft MODEL DATA... -o OUT`."""
 
 from rlkit.config import command_from_config
-from rlkit.recipes.sft import SFTConfig, run_sft
+from rlkit.recipes.sft_config import SFTConfig
 
 HELP = """Supervised fine-tuning (full or LoRA) on text, conversations or prompt/completion data.
 
 Loss on completion/assistant tokens only; examples packed into rows by default. Prints OUT on stdout."""
 
-command = command_from_config(SFTConfig, run_sft, HELP)
+command = command_from_config(SFTConfig, "rlkit.recipes.sft:run_sft", HELP)
