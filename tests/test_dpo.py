@@ -364,3 +364,60 @@ def test_tulu_recipe_is_expressible_as_flags(tmp_path):
         3,
     )
     assert (config.adam_beta1, config.adam_beta2, config.adam_epsilon) == (0.9, 0.999, 1e-8)
+
+
+# ---- losses from their records -------------------------------------------------------------
+
+
+def test_weighted_losses_sum_their_components_and_log_each(base, pair_rows, tiny_tokenizer):
+    """`--loss sigmoid,sft --loss-weights 1,0.5` is `--loss sigmoid --sft-weight 0.5`, with each part logged."""
+    batch = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id)
+    policy = _perturbed_lora(base)
+    with torch.no_grad():
+        combined = DPOObjective(_config("sigmoid,sft", loss_weights="1,0.5"), DisabledAdapterReference()).loss(
+            policy, batch
+        )
+        rpo = DPOObjective(_config(sft_weight=0.5), DisabledAdapterReference()).loss(policy, batch)
+        pol = pair_logps(policy, batch)
+    assert combined.loss.item() == pytest.approx(rpo.loss.item(), rel=1e-10)
+    sigmoid = DPOObjective(_config(), DisabledAdapterReference()).loss(policy, batch).loss
+    assert combined.metrics["loss/sigmoid"].item() == pytest.approx(sigmoid.item(), rel=1e-10)
+    assert combined.metrics["loss/sft"].item() == pytest.approx((-pol.chosen / pol.chosen_tokens).sum().item())
+    for key in rpo.metrics:
+        assert combined.metrics[key].item() == pytest.approx(rpo.metrics[key].item(), rel=1e-10), key
+    assert "loss/sigmoid" not in rpo.metrics  # one loss: its value is `loss`
+
+
+def test_the_docs_table_lists_every_loss():
+    """docs/dpo.md has one row per record, naming its options, its log-probs and whether it needs a reference."""
+    from conftest import REPO
+
+    from rlkit.losses.preference import PREFERENCE_LOSSES
+
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in (REPO / "docs" / "dpo.md").read_text().splitlines()
+        if line.startswith("| `")
+    }
+    for name, record in PREFERENCE_LOSSES.items():
+        row = rows.get(f"`{name}`")
+        assert row is not None, f"docs/dpo.md has no row for --loss {name}"
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert all(f"`{flag}`" in cells[4] for flag in record.flags), (name, cells[4])
+        assert cells[2] == ("per-token mean" if record.length_normalised else "summed"), name
+        assert cells[3] == ("none" if record.reference_free else "yes"), name
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"loss": "sigmod"}, "unknown sigmod"),
+        ({"loss": "sigmoid,sft", "loss_weights": "1"}, "--loss-weights"),
+    ],
+)
+def test_bad_loss_options_are_refused(options, message):
+    from rlkit.errors import InputError
+    from rlkit.recipes.dpo import check_options
+
+    with pytest.raises(InputError, match=message):
+        check_options(_config(**options))

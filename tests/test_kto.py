@@ -24,7 +24,7 @@ from rlkit.data.unpaired import (
     with_kl_completions,
 )
 from rlkit.errors import InputError
-from rlkit.losses import kto_loss
+from rlkit.losses.kto import kto_loss
 from rlkit.preference.logps import sequence_logps
 from rlkit.preference.reference import PrecomputedReference
 from rlkit.recipes.kto import KTO_LOGPS, KTOConfig, KTOObjective

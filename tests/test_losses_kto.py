@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlkit.losses import desirable_weight_hint, kl_reference_point, kto_loss
+from rlkit.losses.kto import desirable_weight_hint, kl_reference_point, kto_loss
 
 
 def sig(x: float) -> float:

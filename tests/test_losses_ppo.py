@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlkit.losses import (
+from rlkit.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
     clipped_policy_loss,

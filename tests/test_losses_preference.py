@@ -9,14 +9,15 @@ import math
 import pytest
 import torch
 
-from rlkit.losses import (
-    LENGTH_NORMALISED,
+from rlkit.losses.preference import (
     PREFERENCE_LOSSES,
-    REFERENCE_FREE,
+    PreferenceLoss,
     add_sft_term,
     hinge_loss,
     ipo_loss,
+    loss_terms,
     robust_loss,
+    sft_term,
     sigmoid_loss,
     simpo_loss,
 )
@@ -84,25 +85,46 @@ def test_robust_dpo_rejects_bad_epsilon(eps):
 def test_simpo_is_reference_free():
     pc, pr = torch.tensor([-0.5]), torch.tensor([-1.5])  # mean per-token log-probs
     # β(π_c - π_r) - γ = 2*1 - 1 = 1
-    losses, chosen_r, rejected_r = simpo_loss(pc, pr, None, None, beta=2.0, gamma=1.0)
+    losses, chosen_r, rejected_r = simpo_loss(pc, pr, beta=2.0, gamma=1.0)
     assert losses.item() == pytest.approx(NEG_LOGSIG_1, abs=1e-6)
     assert chosen_r.item() == pytest.approx(-1.0)
     assert rejected_r.item() == pytest.approx(-3.0)
-    # reference log-probs are ignored
-    with_ref = simpo_loss(pc, pr, torch.tensor([5.0]), torch.tensor([-9.0]), beta=2.0, gamma=1.0)[0]
-    assert with_ref.item() == pytest.approx(losses.item())
-    assert "simpo" in REFERENCE_FREE
+    # it takes no reference log-probs at all, so its record needs no reference model
+    assert PREFERENCE_LOSSES["simpo"].reference_free
 
 
-def test_registry_shares_one_signature():
-    assert set(PREFERENCE_LOSSES) == {"sigmoid", "ipo", "hinge", "robust", "simpo"}
-    assert LENGTH_NORMALISED == {"ipo", "simpo"}
+def test_records_build_every_call_from_the_config():
+    """Each record's function takes exactly the inputs and hyperparameters the record names."""
+    from rlkit.recipes.dpo_config import DPOConfig
+
+    config = DPOConfig(model="m", data=["d"], label_smoothing=0.1)
     pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
-    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
-    for name, fn in PREFERENCE_LOSSES.items():
-        losses, chosen_r, rejected_r = fn(pc, pr, rc, rr, beta=0.1, label_smoothing=0.1, gamma=0.5)
-        assert losses.shape == chosen_r.shape == rejected_r.shape == (2,), name
-        assert torch.isfinite(losses).all(), name
+    inputs = {
+        "policy_chosen_logps": pc,
+        "policy_rejected_logps": pr,
+        "reference_chosen_logps": torch.tensor([-2.0, -3.0]),
+        "reference_rejected_logps": torch.tensor([-2.0, -3.0]),
+        "chosen_tokens": torch.tensor([3, 4]),
+    }
+    for name, record in PREFERENCE_LOSSES.items():
+        assert record.name == name
+        out = record(inputs, record.hyperparameters_of(config))
+        losses = out[0] if record.standalone else out
+        assert losses.shape == (2,) and torch.isfinite(losses).all(), name
+        if record.standalone:
+            assert out[1].shape == out[2].shape == (2,), name
+        assert all(hasattr(config, field) for field in record.hyperparameters.values()), name
+    normalised = {n for n, r in PREFERENCE_LOSSES.items() if r.length_normalised}
+    reference_free = {n for n, r in PREFERENCE_LOSSES.items() if r.reference_free}
+    assert normalised == {"ipo", "simpo"}
+    assert reference_free == {"simpo", "sft"}
+
+
+def test_a_record_cannot_drift_from_its_function():
+    with pytest.raises(TypeError, match="hyperparameters"):  # SimPO's gamma not declared
+        PreferenceLoss("x", simpo_loss, "x")
+    with pytest.raises(TypeError, match="INPUTS"):
+        PreferenceLoss("x", lambda policy_logps, *, beta: policy_logps, "x")
 
 
 def test_add_sft_term():
@@ -115,3 +137,39 @@ def test_add_sft_term():
     # empty completion: length clamped to 1, no inf
     out = add_sft_term(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0]), alpha=1.0)
     assert torch.isfinite(out).all()
+
+
+def test_sft_term():
+    assert sft_term(torch.tensor([-6.0, -2.0]), torch.tensor([3, 0])).tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_loss_terms_parse_combinations():
+    terms = loss_terms("sigmoid, sft", "1,0.5")
+    assert [(record.name, weight) for record, weight in terms] == [("sigmoid", 1.0), ("sft", 0.5)]
+    assert [(r.name, w) for r, w in loss_terms("ipo", None)] == [("ipo", 1.0)]
+    for loss, weights, message in [
+        ("sigmod", None, "unknown sigmod; choose from sigmoid, ipo"),
+        ("sft", None, "rlkit sft"),
+        ("sigmoid,sigmoid", None, "twice"),
+        ("sigmoid,sft", "1", "1 weights for 2 losses"),
+        ("sigmoid,sft", "1,x", "comma-separated numbers"),
+        ("sigmoid,sft", "0,0", "not all 0"),
+        ("sigmoid,sft", "1,-1", ">= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            loss_terms(loss, weights)
+
+
+def test_the_dpo_options_load_without_running_torch():
+    """`rlkit dpo --help` reads the loss records: importing them must not execute torch (a lazy
+    module is bound, torch._C is not loaded), nor load transformers or datasets."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rlkit.recipes.dpo_config, rlkit.recipes.kto_config, rlkit.losses.preference\n"
+        "loaded = [m for m in ('torch._C', 'transformers', 'datasets') if m in sys.modules]\n"
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

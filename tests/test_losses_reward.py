@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlkit.losses import bradley_terry_loss
+from rlkit.losses.reward import bradley_terry_loss
 
 
 def softplus(x: float) -> float:

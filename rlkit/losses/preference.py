@@ -1,47 +1,100 @@
-"""DPO-family preference losses on per-sequence log-probabilities.
+"""DPO-family preference losses on per-sequence log-probabilities, and one record per loss.
 
-Every loss here shares one signature so a trainer can pick one by name::
+A loss is a pure tensor function plus a `PreferenceLoss` record in `PREFERENCE_LOSSES`. The
+record says what `rlkit dpo` needs to know without reading the function: its name (the `--loss`
+value), a one-line description (for `--help` and the docs table), the config fields it takes,
+whether it wants length-normalised log-probs, and whether it needs a reference. `--loss` choices
+and help, the option checks and the DPO objective's call are all built from the records, so a new
+loss is one function and one record.
 
-    losses, chosen_rewards, rejected_rewards = PREFERENCE_LOSSES[name](
-        policy_chosen_logps, policy_rejected_logps,
-        reference_chosen_logps, reference_rejected_logps,
-        beta=beta, label_smoothing=eps, gamma=gamma,
-    )
+Each function takes only what it uses. Its positional parameters are named from `INPUTS`, which
+the DPO objective provides:
 
-Inputs are shape [B]: the log-probability of each completion under the policy
-or the frozen reference, summed over completion tokens -- except for the
-losses in ``rlkit.losses.LENGTH_NORMALISED`` ("ipo", "simpo"), for which the
-caller passes the *average* per-token log-prob instead. The functions do not
-care which they get; the choice is the caller's. Keyword arguments a loss does
-not use (e.g. ``gamma`` for sigmoid) are accepted and ignored.
+- ``policy_chosen_logps``, ``policy_rejected_logps`` [B]: log π(y|x) of each completion, summed over
+  its tokens -- or the mean per token when the record is ``length_normalised``;
+- ``reference_chosen_logps``, ``reference_rejected_logps`` [B]: the same under the frozen
+  reference (a loss without them is reference-free: no reference model is loaded);
+- ``chosen_tokens`` [B]: completion token counts of the chosen side;
 
-Outputs: per-pair ``losses`` [B] (unreduced) and the implicit rewards
-``beta * (policy - reference)`` for chosen and rejected, detached, for logging
-(reward accuracy / margins).
+Its keyword-only parameters are its hyperparameters; the record maps each to the config field it
+comes from (e.g. SimPO's ``gamma`` is ``--simpo-gamma``). A pair loss returns per-pair ``losses``
+[B] (unreduced) and the implicit rewards of chosen and rejected, detached, for logging (accuracy,
+margins): β·log(π/π_ref), or β·π for the reference-free losses. A *term* (``standalone=False``,
+``sft``) returns per-pair values only and is added to a pair loss, as TRL's list-valued
+``loss_type`` does: ``--loss sigmoid,sft --loss-weights 1,0.5``.
 
-SFT term (``--sft-weight α``, RPO): Pang et al. 2024 ("Iterative Reasoning
-Preference Optimization", the DPO+NLL objective) add α times the length-normalised NLL of the
-chosen completion to the DPO loss, which stops DPO from lowering the chosen
-completion's likelihood along with the rejected one. Use ``add_sft_term`` on
-the per-pair losses; pass *summed* chosen log-probs and the token counts.
+SFT term (``--sft-weight α``, RPO): Pang et al. 2024 ("Iterative Reasoning Preference
+Optimization", the DPO+NLL objective) add α times the length-normalised NLL of the chosen
+completion to the DPO loss, which stops DPO from lowering the chosen completion's likelihood along
+with the rejected one. Use ``add_sft_term`` on the per-pair losses; pass *summed* chosen log-probs
+and the token counts.
+
+torch is bound lazily (see `rlkit.losses._lazy`): reading the records, as `rlkit dpo --help` does,
+does not execute it.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-LossOutput = tuple[Tensor, Tensor, Tensor]
+from rlkit.losses._lazy import lazy_import
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    LossOutput = tuple[Tensor, Tensor, Tensor]
+
+torch = lazy_import("torch")
+
+#: The tensors a loss may ask for by positional parameter name (see the module docstring).
+INPUTS = (
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+    "chosen_tokens",
+)
 
 
-def _logits(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> Tensor:
-    """h = (π_c - ref_c) - (π_r - ref_r): the policy's log-ratio margin over the reference."""
-    return (pc - rc) - (pr - rr)
+def _logsigmoid(x: Tensor) -> Tensor:
+    return torch.nn.functional.logsigmoid(x)
 
 
-def _rewards(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _logratios(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
+    """a = π_c - ref_c, b = π_r - ref_r: how far the policy has moved from the reference on each side.
+
+    h = a - b is the policy's log-ratio margin over the reference.
+    """
+    return pc - rc, pr - rr
+
+
+def _with_rewards(losses: Tensor, a: Tensor, b: Tensor, beta: float) -> LossOutput:
+    """Per-pair losses with the implicit DPO rewards β·a, β·b (Rafailov et al. 2023, Eq. 5), detached."""
+    return losses, beta * a.detach(), beta * b.detach()
+
+
+def implicit_rewards(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """Implicit DPO rewards β·log(π/π_ref) (Rafailov et al. 2023, Eq. 5), detached."""
-    return beta * (pc - rc).detach(), beta * (pr - rr).detach()
+    a, b = _logratios(pc, pr, rc, rr)
+    return beta * a.detach(), beta * b.detach()
+
+
+def _soft_label_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
+    """-(1-ε)logσ(x) - ε logσ(-x): the logistic loss on a label flipped with probability ε."""
+    return -(1 - label_smoothing) * _logsigmoid(logits) - label_smoothing * _logsigmoid(-logits)
+
+
+def chosen_nll(policy_chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """The per-token NLL of the chosen completion, -log π(y_c|x) / |y_c| (the `sft` term).
+
+    Why per token: a term added to a per-pair preference loss should not grow with the length of
+    the completion. ``policy_chosen_logps`` are summed; lengths are clamped to >= 1.
+    """
+    return -policy_chosen_logps / chosen_tokens.clamp(min=1).to(policy_chosen_logps.dtype)
 
 
 def sigmoid_loss(
@@ -52,7 +105,6 @@ def sigmoid_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
-    gamma: float = 0.0,
 ) -> LossOutput:
     """DPO: -logσ(β h) (Rafailov et al. 2023, Eq. 7).
 
@@ -61,14 +113,11 @@ def sigmoid_loss(
     loss on the policy. With ``label_smoothing`` ε > 0 this is conservative DPO
     (cDPO, Mitchell 2023): labels are assumed flipped with probability ε, so the
     target is a soft label, -(1-ε)logσ(βh) - ε logσ(-βh), and the loss stops
-    pushing h to infinity. ``gamma`` is unused.
+    pushing h to infinity.
     """
-    h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return (
-        losses,
-        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
-    )
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = a - b
+    return _with_rewards(_soft_label_sigmoid(beta * h, label_smoothing), a, b, beta)
 
 
 def ipo_loss(
@@ -78,8 +127,6 @@ def ipo_loss(
     reference_rejected_logps: Tensor,
     *,
     beta: float,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.0,
 ) -> LossOutput:
     """IPO: (h - 1/(2β))^2 (Azar et al. 2023, Eq. 17).
 
@@ -87,14 +134,10 @@ def ipo_loss(
     preferences it overfits and ignores the KL anchor; IPO regresses h onto a
     finite target 1/(2β) instead. Here β is the paper's τ. rlkit passes
     length-normalised (mean per-token) log-probs for IPO, as TRL does.
-    ``label_smoothing`` and ``gamma`` are unused.
     """
-    h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    losses = (h - 1 / (2 * beta)) ** 2
-    return (
-        losses,
-        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
-    )
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = a - b
+    return _with_rewards((h - 1 / (2 * beta)) ** 2, a, b, beta)
 
 
 def hinge_loss(
@@ -104,22 +147,16 @@ def hinge_loss(
     reference_rejected_logps: Tensor,
     *,
     beta: float,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.0,
 ) -> LossOutput:
     """Hinge / SLiC: relu(1 - β h) (Zhao et al. 2023, SLiC-HF rank-calibration loss).
 
     Why: a margin loss gives exactly zero gradient once a pair is separated by
     1/β, so well-ranked pairs stop moving the policy. Computed on the
     reference-normalised margin h as in the DPO paper's SLiC baseline.
-    ``label_smoothing`` and ``gamma`` are unused.
     """
-    h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    losses = F.relu(1 - beta * h)
-    return (
-        losses,
-        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
-    )
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = a - b
+    return _with_rewards(torch.relu(1 - beta * h), a, b, beta)
 
 
 def robust_loss(
@@ -130,36 +167,24 @@ def robust_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
-    gamma: float = 0.0,
 ) -> LossOutput:
     """Robust DPO: [(1-ε)ℓ(h) - ε ℓ(-h)] / (1-2ε), ℓ(x) = -logσ(βx) (Chowdhury et al. 2024, Sec. 3).
 
     Why: if each label is flipped with known rate ε, this combination is an
     *unbiased* estimate of the clean-label DPO loss (unlike cDPO, which is the
     loss on soft labels). It is undefined at ε = 1/2, hence the check.
-    ε = ``label_smoothing``; ``gamma`` is unused.
+    ε = ``label_smoothing``.
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     eps = label_smoothing
-    h = _logits(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    losses = ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    return (
-        losses,
-        *_rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta),
-    )
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    h = a - b
+    losses = ((1 - eps) * -_logsigmoid(beta * h) - eps * -_logsigmoid(-beta * h)) / (1 - 2 * eps)
+    return _with_rewards(losses, a, b, beta)
 
 
-def simpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor | None = None,
-    reference_rejected_logps: Tensor | None = None,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.0,
-) -> LossOutput:
+def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, beta: float, gamma: float) -> LossOutput:
     """SimPO: -logσ(β(π_c - π_r) - γ) (Meng et al. 2024, Eq. 6).
 
     Why: the reward the policy is scored by at generation time is its average
@@ -167,13 +192,20 @@ def simpo_loss(
     mean log-probs) as the implicit reward -- no reference model -- and asks for
     a target margin γ between chosen and rejected. ``gamma`` is the paper's
     plain γ (as TRL's CPOConfig ``simpo_gamma``; the SimPO authors' scripts take
-    ``gamma_beta_ratio`` = γ/β instead). Reference log-probs
-    are accepted (may be None) and ignored; rewards are β·π, detached.
-    ``label_smoothing`` is unused.
+    ``gamma_beta_ratio`` = γ/β instead). Rewards are β·π, detached.
     """
     logits = beta * (policy_chosen_logps - policy_rejected_logps) - gamma
-    losses = -F.logsigmoid(logits)
-    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+    return -_logsigmoid(logits), beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+def sft_term(policy_chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """The `sft` term: -log π(y_c|x)/|y_c|, the chosen completion's per-token NLL (RPO, Pang et al. 2024, Eq. 1).
+
+    Why a term: on its own it is SFT on the chosen side (`rlkit sft`); added to a preference
+    loss it keeps the chosen likelihood from falling. ``--loss sigmoid,sft --loss-weights 1,α``
+    is ``--loss sigmoid --sft-weight α``.
+    """
+    return chosen_nll(policy_chosen_logps, chosen_tokens)
 
 
 def add_sft_term(losses: Tensor, chosen_logps: Tensor, chosen_lengths: Tensor, alpha: float) -> Tensor:
@@ -185,8 +217,7 @@ def add_sft_term(losses: Tensor, chosen_logps: Tensor, chosen_lengths: Tensor, a
     """
     if not alpha:
         return losses
-    nll = -chosen_logps / chosen_lengths.clamp(min=1).to(chosen_logps.dtype)
-    return losses + alpha * nll
+    return losses + alpha * chosen_nll(chosen_logps, chosen_lengths)
 
 
 def implicit_reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
@@ -196,3 +227,113 @@ def implicit_reward_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -
     is exactly the policy at step 0, where every implicit reward β·log(π/π_ref) is zero.
     """
     return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+
+
+def _beta() -> dict[str, str]:
+    return {"beta": "beta"}
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """What `rlkit dpo` knows about one `--loss`: the function and how to call it.
+
+    ``hyperparameters`` maps each keyword-only parameter of ``fn`` to the config field it is
+    read from; ``check`` refuses values of those (named by keyword) the loss cannot use.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    description: str
+    hyperparameters: dict[str, str] = field(default_factory=_beta)
+    length_normalised: bool = False
+    standalone: bool = True  # False: a term added to a pair loss (--loss sigmoid,sft), not a loss alone
+    check: Callable[[dict[str, float]], str | None] | None = None
+
+    def __post_init__(self) -> None:
+        """A record cannot drift from its function: inputs from INPUTS, keywords = the hyperparameters."""
+        params = inspect.signature(self.fn).parameters.values()
+        unknown = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in INPUTS]
+        keywords = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        if unknown or keywords != set(self.hyperparameters):
+            raise TypeError(
+                f"loss {self.name!r}: {self.fn.__name__} takes inputs {unknown} not in INPUTS, or keywords "
+                f"{sorted(keywords)} that are not its hyperparameters {sorted(self.hyperparameters)}"
+            )
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The tensors the function takes, in order, named from INPUTS."""
+        params = inspect.signature(self.fn).parameters.values()
+        return tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+
+    @property
+    def reference_free(self) -> bool:
+        return "reference_chosen_logps" not in self.inputs
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The options its hyperparameters come from, e.g. ('--beta', '--simpo-gamma')."""
+        return tuple("--" + name.replace("_", "-") for name in self.hyperparameters.values())
+
+    def hyperparameters_of(self, config: Any) -> dict[str, float]:
+        """The keyword arguments of ``fn``, read from ``config``."""
+        return {keyword: getattr(config, name) for keyword, name in self.hyperparameters.items()}
+
+    def __call__(self, inputs: dict[str, Any], hyperparameters: dict[str, float]) -> Any:
+        return self.fn(*(inputs[name] for name in self.inputs), **hyperparameters)
+
+
+_SMOOTHED = {"beta": "beta", "label_smoothing": "label_smoothing"}
+
+#: One record per `--loss` value, in the order `--help` and the docs list them.
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    record.name: record
+    for record in (
+        PreferenceLoss("sigmoid", sigmoid_loss, "DPO; cDPO with --label-smoothing", _SMOOTHED),
+        PreferenceLoss("ipo", ipo_loss, "IPO", length_normalised=True),
+        PreferenceLoss("hinge", hinge_loss, "SLiC hinge"),
+        PreferenceLoss("robust", robust_loss, "robust DPO (rDPO), ε = --label-smoothing", _SMOOTHED),
+        PreferenceLoss(
+            "simpo",
+            simpo_loss,
+            "SimPO, reference-free",
+            {"beta": "beta", "gamma": "simpo_gamma"},
+            length_normalised=True,
+        ),
+        PreferenceLoss("sft", sft_term, "the chosen's per-token NLL, a term to combine", {}, standalone=False),
+    )
+}
+
+
+def loss_terms(loss: str, weights: str | None) -> list[tuple[PreferenceLoss, float]]:
+    """`--loss a,b --loss-weights wa,wb` as (record, weight) pairs, or ValueError saying what to change.
+
+    One name without weights is that loss with weight 1. A combination is the weighted sum of
+    its components' per-pair losses, as TRL's list-valued ``loss_type`` with ``loss_weights``.
+    """
+    names = [name.strip() for name in loss.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PREFERENCE_LOSSES]
+    if not names or unknown:
+        raise ValueError(
+            f"--loss {loss}: {'unknown ' + ', '.join(unknown) if unknown else 'no loss named'}; "
+            f"choose from {', '.join(PREFERENCE_LOSSES)} (or several, comma-separated)"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"--loss {loss}: a loss is named twice; give each once, with its weight in --loss-weights")
+    if not any(PREFERENCE_LOSSES[name].standalone for name in names):
+        raise ValueError(
+            f"--loss {loss}: sft is a term added to a preference loss (e.g. --loss sigmoid,sft); "
+            "for SFT alone use `rlkit sft`"
+        )
+    if weights is None or not weights.strip():
+        values = [1.0] * len(names)
+    else:
+        try:
+            values = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--loss-weights {weights}: give comma-separated numbers, one per --loss name")
+        if len(values) != len(names):
+            raise ValueError(f"--loss-weights {weights}: {len(values)} weights for {len(names)} losses ({loss})")
+        if any(not math.isfinite(w) or w < 0 for w in values) or not any(values):
+            raise ValueError(f"--loss-weights {weights}: weights must be finite, >= 0 and not all 0")
+    return [(PREFERENCE_LOSSES[name], weight) for name, weight in zip(names, values)]

@@ -23,10 +23,15 @@ from accelerate.utils import set_seed
 from rlkit.console import info, warn
 from rlkit.data.prepare import PreparedData
 from rlkit.errors import InputError
-from rlkit.losses import LENGTH_NORMALISED, PREFERENCE_LOSSES, REFERENCE_FREE, add_sft_term
-from rlkit.losses.preference import implicit_reward_accuracy
+from rlkit.losses.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceLoss,
+    add_sft_term,
+    implicit_reward_accuracy,
+    loss_terms,
+)
 from rlkit.models.modes import disable_dropout, model_device, to_device
-from rlkit.preference.logps import pair_logps
+from rlkit.preference.logps import PairLogps, pair_logps
 from rlkit.preference.pairs import load_pairs, pair_collate
 from rlkit.preference.reference import Reference, setup_reference
 from rlkit.recipes.dpo_config import DPOConfig
@@ -35,19 +40,38 @@ from rlkit.training.run import TrainingRun
 
 
 class DPOObjective:
-    """Per-pair preference loss of the chosen loss; metric sums per pair for the engine to average."""
+    """Per-pair preference loss of the chosen loss (or weighted losses); metric sums per pair for the engine."""
 
     def __init__(self, config: DPOConfig, reference: Reference | None):
-        self.name, self.reference = config.loss, reference
-        self.beta, self.label_smoothing, self.gamma, self.sft_weight = (
-            config.beta,
-            config.label_smoothing,
-            config.simpo_gamma,
-            config.sft_weight,
-        )
+        self.reference, self.beta, self.sft_weight = reference, config.beta, config.sft_weight
+        self.terms = [
+            (record, weight, record.hyperparameters_of(config))
+            for record, weight in loss_terms(config.loss, config.loss_weights)
+        ]
 
     def weight(self, batch: dict[str, Any]) -> float:
         return float(batch["num_pairs"])
+
+    def _inputs(
+        self,
+        record: PreferenceLoss,
+        policy: PairLogps,
+        reference: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of `rlkit.losses.preference.INPUTS`, length-normalised if the loss asks for it."""
+        chosen, rejected = policy.normalised() if record.length_normalised else (policy.chosen, policy.rejected)
+        inputs = {
+            "policy_chosen_logps": chosen,
+            "policy_rejected_logps": rejected,
+            "chosen_tokens": policy.chosen_tokens,
+        }
+        if reference is not None:
+            ref_chosen, ref_rejected = reference
+            if record.length_normalised:
+                ref_chosen = ref_chosen / policy.chosen_tokens.clamp(min=1)
+                ref_rejected = ref_rejected / policy.rejected_tokens.clamp(min=1)
+            inputs.update(reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected)
+        return inputs
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         batch = to_device(batch, model_device(model))
@@ -55,25 +79,16 @@ class DPOObjective:
             self.reference.logps(model, batch) if self.reference is not None else None
         )  # before the policy forward
         policy = pair_logps(model, batch)
-        chosen, rejected = policy.chosen, policy.rejected
-        ref_chosen, ref_rejected = reference if reference is not None else (None, None)
-        if self.name in LENGTH_NORMALISED:
-            chosen, rejected = policy.normalised()
-            if reference is not None:
-                ref_chosen, ref_rejected = (
-                    ref_chosen / policy.chosen_tokens.clamp(min=1),
-                    ref_rejected / policy.rejected_tokens.clamp(min=1),
-                )
-        losses, chosen_rewards, rejected_rewards = PREFERENCE_LOSSES[self.name](
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-        )
+        losses, rewards, parts = torch.zeros_like(policy.chosen), None, {}
+        for record, weight, hyperparameters in self.terms:
+            out = record(self._inputs(record, policy, reference), hyperparameters)
+            values = out[0] if record.standalone else out
+            if rewards is None and record.standalone:
+                rewards = out[1:]
+            losses = losses + weight * values
+            parts[f"loss/{record.name}"] = values.detach().sum()
         losses = add_sft_term(losses, policy.chosen, policy.chosen_tokens, self.sft_weight)
+        chosen_rewards, rejected_rewards = rewards
         metrics = {
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
@@ -81,28 +96,41 @@ class DPOObjective:
             "rewards/accuracies": implicit_reward_accuracy(chosen_rewards, rejected_rewards).sum(),
             "logps/chosen": policy.chosen.detach().sum(),
             "logps/rejected": policy.rejected.detach().sum(),
+            **(parts if len(parts) > 1 else {}),
         }
         return StepOutput(loss=losses.sum(), metrics=metrics)
 
 
 def check_options(config: DPOConfig) -> None:
-    """Refuse option values the losses cannot use, before any model is loaded."""
+    """Refuse option values the losses cannot use, before any model is loaded (what each takes: its record)."""
+    try:
+        terms = loss_terms(config.loss, config.loss_weights)
+    except ValueError as err:
+        raise InputError(str(err))
     if config.beta <= 0:
         raise InputError(f"--beta {config.beta}: must be > 0")
     if not 0 <= config.label_smoothing < 0.5:
         raise InputError(f"--label-smoothing {config.label_smoothing}: must be in [0, 0.5)")
-    if config.label_smoothing and config.loss not in ("sigmoid", "robust"):
-        warn(f"--label-smoothing is used by --loss sigmoid and robust only; --loss {config.loss} ignores it")
     if config.sft_weight < 0:
         raise InputError(f"--sft-weight {config.sft_weight}: must be >= 0")
-    if config.loss in REFERENCE_FREE and config.ref:
+    for record, _ in terms:
+        message = record.check(record.hyperparameters_of(config)) if record.check else None
+        if message:
+            raise InputError(message)
+    taken = {name for record, _ in terms for name in record.hyperparameters.values()}
+    if config.label_smoothing and "label_smoothing" not in taken:
+        users = ", ".join(
+            name for name, r in PREFERENCE_LOSSES.items() if "label_smoothing" in r.hyperparameters.values()
+        )
+        warn(f"--label-smoothing is used by --loss {users} only; --loss {config.loss} ignores it")
+    if config.ref and all(record.reference_free for record, _ in terms):
         warn(f"--loss {config.loss} uses no reference model; --ref is ignored")
 
 
 def setup_dpo_reference(
     config: DPOConfig, run: TrainingRun, policy: torch.nn.Module, data: PreparedData, tokenizer: Any, collate: Any
 ) -> tuple[Reference | None, PreparedData, str]:
-    if config.loss in REFERENCE_FREE:
+    if all(record.reference_free for record, _ in loss_terms(config.loss, config.loss_weights)):
         return None, data, "none (reference-free loss)"
     return setup_reference(config, run, policy, data, tokenizer, collate)
 
@@ -125,11 +153,13 @@ def run_dpo(config: DPOConfig) -> Path:
     metrics = run.train(
         policy, objective, run.dataset_steps(data.train, collate), default_lr, Evaluation.of(data.eval, collate)
     )
+    terms = loss_terms(config.loss, config.loss_weights)
+    taken = dict.fromkeys(name for record, _ in terms for name in record.hyperparameters.values())
     card = (
         "## Preference optimisation\n\n"
-        f"- loss: `{config.loss}`, beta {config.beta}"
-        + (f", label smoothing {config.label_smoothing}" if config.label_smoothing else "")
-        + (f", SimPO gamma {config.simpo_gamma}" if config.loss == "simpo" else "")
+        f"- loss: `{config.loss}`"
+        + (f" (weights {', '.join(f'{weight:g}' for _, weight in terms)})" if len(terms) > 1 else "")
+        + "".join(f", {name.replace('_', ' ')} {getattr(config, name)}" for name in taken)
         + (f", SFT weight {config.sft_weight}" if config.sft_weight else "")
         + f"\n- reference: {described}\n"
         + (

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlkit.config import arg, opt
+from rlkit.losses.preference import PREFERENCE_LOSSES
 from rlkit.preference.config import ReferenceConfig
 
 
@@ -18,8 +19,12 @@ class DPOConfig(ReferenceConfig):
     )
     loss: str = opt(
         "sigmoid",
-        "Preference loss: sigmoid (DPO; cDPO with --label-smoothing), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).",
-        choices=("sigmoid", "ipo", "hinge", "robust", "simpo"),
+        "Preference loss, or several comma-separated and summed with --loss-weights (e.g. sigmoid,sft): "
+        + "; ".join(f"{name} ({record.description})" for name, record in PREFERENCE_LOSSES.items())
+        + ".",
+    )
+    loss_weights: Optional[str] = opt(
+        None, "Weights of the --loss components, comma-separated, one per name (e.g. 1,0.5); default 1 each."
     )
     beta: float = opt(
         0.1,

@@ -29,7 +29,7 @@ from rlkit.console import info, warn
 from rlkit.data.prepare import DataOptions, PreparedData, prepare_unpaired_data
 from rlkit.data.unpaired import collate_unpaired, describe_unpaired_data, with_kl_completions
 from rlkit.errors import InputError
-from rlkit.losses import desirable_weight_hint, kl_reference_point, kto_loss
+from rlkit.losses.kto import desirable_weight_hint, kl_reference_point, kto_loss
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.logps import sequence_logps
 from rlkit.preference.reference import LogpsSpec, Reference, setup_reference

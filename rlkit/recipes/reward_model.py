@@ -27,8 +27,8 @@ from accelerate.utils import set_seed
 
 from rlkit.console import warn
 from rlkit.errors import InputError
-from rlkit.losses import bradley_terry_loss
 from rlkit.losses.preference import implicit_reward_accuracy
+from rlkit.losses.reward import bradley_terry_loss
 from rlkit.models.load import add_lora, load_causal_lm
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.pairs import load_pairs, pair_collate
