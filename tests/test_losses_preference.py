@@ -16,6 +16,7 @@ from rlkit.losses.preference import (
     hinge_loss,
     ipo_loss,
     loss_terms,
+    orpo_loss,
     robust_loss,
     sft_term,
     sigmoid_loss,
@@ -116,8 +117,8 @@ def test_records_build_every_call_from_the_config():
         assert all(hasattr(config, field) for field in record.hyperparameters.values()), name
     normalised = {n for n, r in PREFERENCE_LOSSES.items() if r.length_normalised}
     reference_free = {n for n, r in PREFERENCE_LOSSES.items() if r.reference_free}
-    assert normalised == {"ipo", "simpo"}
-    assert reference_free == {"simpo", "sft"}
+    assert normalised == {"ipo", "simpo", "orpo"}
+    assert reference_free == {"simpo", "orpo", "sft"}
 
 
 def test_a_record_cannot_drift_from_its_function():
@@ -137,6 +138,24 @@ def test_add_sft_term():
     # empty completion: length clamped to 1, no inf
     out = add_sft_term(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0]), alpha=1.0)
     assert torch.isfinite(out).all()
+
+
+# --- the losses ported from TRL
+
+
+def softplus(x: float) -> float:
+    """-logσ(-x) = log(1 + e^x)."""
+    return math.log1p(math.exp(x))
+
+
+def test_orpo_odds_ratio_plus_chosen_nll():
+    pc, pr = torch.tensor([-0.5]), torch.tensor([-1.5])  # mean per-token log-probs
+    log_odds = (-0.5 - math.log(1 - math.exp(-0.5))) - (-1.5 - math.log(1 - math.exp(-1.5)))
+    losses, chosen_r, rejected_r = orpo_loss(pc, pr, beta=0.1)
+    assert losses.item() == pytest.approx(0.5 + 0.1 * softplus(-log_odds), abs=1e-6)
+    assert (chosen_r.item(), rejected_r.item()) == pytest.approx((-0.05, -0.15))
+    assert orpo_loss(pc, pr, beta=0.0)[0].item() == pytest.approx(0.5)  # λ = 0: the chosen NLL alone
+    assert torch.isfinite(orpo_loss(torch.tensor([0.0]), pr, beta=0.1)[0]).all()  # empty completion
 
 
 def test_sft_term():

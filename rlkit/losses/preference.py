@@ -198,6 +198,23 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, be
     return -_logsigmoid(logits), beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
 
 
+def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, beta: float) -> LossOutput:
+    """ORPO: -π̄_c - λ logσ(log odds(y_c) - log odds(y_r)), odds(y) = P/(1-P), log P = π̄ (Hong et al. 2024, Eq. 6-8).
+
+    Why: an SFT loss alone raises the likelihood of rejected completions too; ORPO adds a
+    penalty on the odds ratio of chosen over rejected, which needs no reference model, so
+    one stage replaces SFT + preference tuning. P(y|x) is the geometric mean per-token
+    probability (pass mean per-token log-probs π̄), so the first term is the chosen
+    completion's per-token NLL. λ = ``beta`` (as TRL's ORPOConfig, 0.1 there too).
+    log(1 - P) = log(-expm1(π̄)); π̄ is clamped just below 0 so an empty completion
+    (π̄ = 0) gives a large finite odds, not an infinite one. Rewards are β·π̄, detached.
+    """
+    chosen, rejected = policy_chosen_logps.clamp(max=-1e-6), policy_rejected_logps.clamp(max=-1e-6)
+    log_odds = (chosen - torch.log(-torch.expm1(chosen))) - (rejected - torch.log(-torch.expm1(rejected)))
+    losses = -policy_chosen_logps - beta * _logsigmoid(log_odds)
+    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
 def sft_term(policy_chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
     """The `sft` term: -log π(y_c|x)/|y_c|, the chosen completion's per-token NLL (RPO, Pang et al. 2024, Eq. 1).
 
@@ -300,6 +317,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
             {"beta": "beta", "gamma": "simpo_gamma"},
             length_normalised=True,
         ),
+        PreferenceLoss("orpo", orpo_loss, "ORPO: odds ratio + chosen NLL, reference-free", length_normalised=True),
         PreferenceLoss("sft", sft_term, "the chosen's per-token NLL, a term to combine", {}, standalone=False),
     )
 }
