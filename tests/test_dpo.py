@@ -388,6 +388,122 @@ def test_weighted_losses_sum_their_components_and_log_each(base, pair_rows, tiny
     assert "loss/sigmoid" not in rpo.metrics  # one loss: its value is `loss`
 
 
+def test_length_normalised_and_reference_free_records_get_their_inputs(base, pair_rows, tiny_tokenizer):
+    """sigmoid_norm: TRL's formula on mean per-token log-ratios; orpo: no reference, mean log-probs."""
+    batch = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id)
+    policy = _perturbed_lora(base)
+    with torch.no_grad():
+        pol = pair_logps(policy, batch)
+        ref_c, ref_r = DisabledAdapterReference().logps(policy, batch)
+        n_c, n_r = pol.chosen_tokens, pol.rejected_tokens
+        got = DPOObjective(_config("sigmoid_norm", beta=0.1), DisabledAdapterReference()).loss(policy, batch)
+        h_norm = (pol.chosen - ref_c) / n_c - (pol.rejected - ref_r) / n_r
+        assert got.loss.item() == pytest.approx((-F.logsigmoid(0.1 * h_norm)).sum().item(), rel=1e-10)
+        got = DPOObjective(_config("orpo", beta=0.1), None).loss(policy, batch)
+        pc, pr = pol.chosen / n_c, pol.rejected / n_r
+        log_odds = (pc - torch.log1p(-torch.exp(pc))) - (pr - torch.log1p(-torch.exp(pr)))
+        assert got.loss.item() == pytest.approx((-pc - 0.1 * F.logsigmoid(log_odds)).sum().item(), rel=1e-8)
+        assert got.metrics["rewards/chosen"].item() == pytest.approx((0.1 * pc).sum().item(), rel=1e-10)
+
+
+def test_bco_reward_shift_is_the_mean_of_training_rewards_and_is_checkpointed(tmp_path):
+    from accelerate import Accelerator
+
+    from rlkit.recipes.dpo import RewardShift
+
+    shift = RewardShift()
+    assert shift(torch.tensor([1.0, 3.0]), update=False).item() == pytest.approx(2.0)  # nothing seen: the batch's
+    assert shift(torch.tensor([1.0, 3.0]), update=True).item() == pytest.approx(2.0)
+    assert shift(torch.tensor([5.0, 7.0, 9.0, 11.0]), update=True).item() == pytest.approx(6.0)  # 36 / 6
+    assert shift(torch.tensor([100.0]), update=False).item() == pytest.approx(6.0)  # evaluation only reads it
+    accelerator = Accelerator(cpu=True)
+    accelerator.register_for_checkpointing(shift)
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    shift.load_state_dict({"total": 0.0, "count": 0.0})
+    accelerator.load_state(str(tmp_path / "checkpoint"))
+    assert shift.state_dict() == {"total": 36.0, "count": 6.0}
+
+
+def _tiny_dpo(tiny_model_dir, out, **options):
+    """A few steps of dpo in this process, one thread."""
+    from rlkit.recipes.dpo import run_dpo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = DPOConfig(
+            model=str(tiny_model_dir),
+            data=[str(DEMO_DATA / "pairs_eval.jsonl")],
+            output=str(out),
+            batch_size=4,
+            lr=1e-3,
+            log_every=1000,
+            **options,
+        )
+        return run_dpo(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bco_pair_resumes_with_its_reward_shift(tiny_model_dir, tmp_path, monkeypatch):
+    """Interrupted after step 3 and resumed, BCO ends where the uninterrupted run does: δ was in the checkpoint."""
+    from safetensors.torch import load_file
+
+    import rlkit.training.run as run_module
+    from rlkit.errors import RunError
+
+    monkeypatch.setenv("RLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    options = {"loss": "bco_pair", "max_steps": 4, "save_every": 1}
+    whole = _tiny_dpo(tiny_model_dir, tmp_path / "whole", **options)
+
+    def crash(*args, **kwargs):
+        raise RunError("simulated crash before the output was written")
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "finalize", crash)
+        with pytest.raises(RunError):
+            _tiny_dpo(tiny_model_dir, out, **options)
+    checkpoint = sorted((tmp_path / "resumed.partial" / "checkpoints").iterdir())[-1]
+    assert torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)["count"] == 2 * 4 * 3
+    _tiny_dpo(tiny_model_dir, out, resume=True, **options)
+    expected, got = load_file(whole / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["reward_shift"] == pytest.approx(
+        json.loads((whole / "final_metrics.json").read_text())["reward_shift"]
+    )
+
+
+NEW_LOSSES = [
+    "orpo",
+    "cpo",
+    "cpo_simpo",
+    "apo_zero",
+    "apo_down",
+    "nca_pair",
+    "bco_pair",
+    "exo_pair",
+    "sppo_hard",
+    "discopop",
+    "sigmoid_norm",
+    "ipo,sft",
+]
+
+
+@pytest.mark.parametrize("loss", NEW_LOSSES)
+def test_every_ported_loss_trains_and_writes_its_output(tiny_model_dir, tmp_path, monkeypatch, loss):
+    monkeypatch.setenv("RLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    options = {"label_smoothing": 0.1} if loss == "exo_pair" else {}
+    if "," in loss:
+        options["loss_weights"] = "1,0.5"
+    out = _tiny_dpo(tiny_model_dir, tmp_path / "out", loss=loss, max_steps=2, **options)
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert math.isfinite(final["loss"]) and (out / "adapter_model.safetensors").is_file()
+    assert f"loss: `{loss}`" in (out / "README.md").read_text()
+
+
 def test_the_docs_table_lists_every_loss():
     """docs/dpo.md has one row per record, naming its options, its log-probs and whether it needs a reference."""
     from conftest import REPO
@@ -412,7 +528,9 @@ def test_the_docs_table_lists_every_loss():
     "options, message",
     [
         ({"loss": "sigmod"}, "unknown sigmod"),
+        ({"loss": "exo_pair"}, "--label-smoothing ε > 0"),
         ({"loss": "sigmoid,sft", "loss_weights": "1"}, "--loss-weights"),
+        ({"discopop_tau": 0.0}, "--discopop-tau"),
     ],
 )
 def test_bad_loss_options_are_refused(options, message):

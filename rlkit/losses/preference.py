@@ -15,6 +15,7 @@ the DPO objective provides:
 - ``reference_chosen_logps``, ``reference_rejected_logps`` [B]: the same under the frozen
   reference (a loss without them is reference-free: no reference model is loaded);
 - ``chosen_tokens`` [B]: completion token counts of the chosen side;
+- ``reward_shift`` (scalar): BCO's running mean δ of the implicit rewards, kept by the objective.
 
 Its keyword-only parameters are its hyperparameters; the record maps each to the config field it
 comes from (e.g. SimPO's ``gamma`` is ``--simpo-gamma``). A pair loss returns per-pair ``losses``
@@ -57,6 +58,7 @@ INPUTS = (
     "reference_chosen_logps",
     "reference_rejected_logps",
     "chosen_tokens",
+    "reward_shift",
 )
 
 
@@ -113,7 +115,7 @@ def sigmoid_loss(
     loss on the policy. With ``label_smoothing`` ε > 0 this is conservative DPO
     (cDPO, Mitchell 2023): labels are assumed flipped with probability ε, so the
     target is a soft label, -(1-ε)logσ(βh) - ε logσ(-βh), and the loss stops
-    pushing h to infinity.
+    pushing h to infinity. On length-normalised log-probs it is `sigmoid_norm`.
     """
     a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     h = a - b
@@ -215,6 +217,188 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, bet
     return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
 
 
+def cpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_tokens: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """CPO: -logσ(β(π_c - π_r)) - log π(y_c|x)/|y_c| (Xu et al. 2024, Eq. 3 and the NLL term of Eq. 6).
+
+    Why: DPO's reference model costs memory and a forward; CPO drops it (the preference
+    term is DPO with a uniform reference) and keeps the policy on the chosen data with a
+    behaviour-cloning NLL instead. Summed log-probs in the preference term, as TRL; the
+    NLL is per token (as TRL's cross-entropy, with its cpo_alpha = 1). With
+    ``label_smoothing`` ε the preference term has soft labels, as in cDPO and TRL.
+    Rewards are β·π, detached.
+    """
+    losses = _soft_label_sigmoid(beta * (policy_chosen_logps - policy_rejected_logps), label_smoothing)
+    losses = losses + chosen_nll(policy_chosen_logps, chosen_tokens)
+    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+def cpo_simpo_loss(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, beta: float, gamma: float
+) -> LossOutput:
+    """CPO-SimPO: -logσ(β(π̄_c - π̄_r) - γ) - π̄_c (SimPO, Meng et al. 2024, Eq. 6, plus CPO's NLL, Xu et al. 2024).
+
+    Why: SimPO's length-normalised, reference-free margin with CPO's behaviour-cloning term,
+    which keeps the chosen likelihood from falling (TRL's CPOTrainer with loss_type="simpo"
+    and its default cpo_alpha = 1). On mean per-token log-probs π̄ the NLL term is -π̄_c.
+    """
+    losses, chosen_rewards, rejected_rewards = simpo_loss(
+        policy_chosen_logps, policy_rejected_logps, beta=beta, gamma=gamma
+    )
+    return losses - policy_chosen_logps, chosen_rewards, rejected_rewards
+
+
+def apo_zero_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """APO-zero: (1 - σ(β a)) + σ(β b), a = π_c - ref_c, b = π_r - ref_r (D'Oosterlinck et al. 2024, Eq. 7).
+
+    Why: DPO only moves the margin, so both likelihoods may fall. When the chosen
+    completions are better than what the model writes now, APO-zero anchors each side to
+    zero: it raises the chosen likelihood and lowers the rejected one, separately.
+    """
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    return _with_rewards((1 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b), a, b, beta)
+
+
+def apo_down_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """APO-down: σ(β a) + (1 - σ(β(a - b))), a = π_c - ref_c, b = π_r - ref_r (D'Oosterlinck et al. 2024, Eq. 8).
+
+    Why: when even the chosen completions are worse than the model's own, APO-down lowers the
+    chosen likelihood and the rejected one more, keeping the margin a - b growing.
+    """
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    return _with_rewards(torch.sigmoid(beta * a) + (1 - torch.sigmoid(beta * (a - b))), a, b, beta)
+
+
+def nca_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """NCA (pairwise): -logσ(r_c) - ½logσ(-r_c) - ½logσ(-r_r), r = β(π - ref) (Chen et al. 2024, Eq. 12, K = 2).
+
+    Why: DPO's relative margin lets the chosen likelihood fall as long as the rejected one
+    falls faster; noise-contrastive alignment scores each completion's own reward against
+    a zero anchor, so the optimum raises the chosen likelihood in absolute terms.
+    """
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    chosen_rewards, rejected_rewards = beta * a, beta * b
+    losses = -_logsigmoid(chosen_rewards) - 0.5 * _logsigmoid(-chosen_rewards) - 0.5 * _logsigmoid(-rejected_rewards)
+    return _with_rewards(losses, a, b, beta)
+
+
+def bco_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    reward_shift: Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """BCO (pairwise): -logσ(r_c - δ) - logσ(-(r_r - δ)), r = β(π - ref) (Jung et al. 2024, Eq. 5 and Sec. 3.2).
+
+    Why: binary classifier optimisation trains a classifier whose logit is the implicit
+    reward, chosen as class 1 and rejected as class 0; the reward shift δ, the running mean
+    of the rewards seen so far (``reward_shift``, kept by the caller, detached), centres the
+    logits so that the classifier's boundary follows the rewards as they drift.
+    """
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    chosen_rewards, rejected_rewards = beta * a, beta * b
+    shift = reward_shift.detach()
+    losses = -_logsigmoid(chosen_rewards - shift) - _logsigmoid(-(rejected_rewards - shift))
+    return _with_rewards(losses, a, b, beta)
+
+
+def exo_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float,
+) -> LossOutput:
+    """EXO (pairwise): σ(βh)(logσ(βh) - log(1-ε)) + σ(-βh)(logσ(-βh) - log ε) (Ji et al. 2024, Eq. 16, K = 2).
+
+    Why: DPO minimises the forward KL between the preference distribution and the policy's,
+    which averages over modes; EXO minimises the reverse KL(p_θ ‖ p_ε) between the policy's
+    two-way softmax over {chosen, rejected} and the target [1-ε, ε], which seeks the
+    preferred mode. ε = ``label_smoothing`` must be > 0 (log ε); β is both the paper's β_π
+    and β_r, as in TRL.
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"EXO needs 0 < label_smoothing < 1 (it takes log ε), got {label_smoothing}")
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    logits = beta * (a - b)
+    losses = torch.sigmoid(logits) * (_logsigmoid(logits) - math.log1p(-label_smoothing)) + torch.sigmoid(-logits) * (
+        _logsigmoid(-logits) - math.log(label_smoothing)
+    )
+    return _with_rewards(losses, a, b, beta)
+
+
+def sppo_hard_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """SPPO (hard labels): (a - 1/(2β))² + (b + 1/(2β))², a = π_c - ref_c, b = π_r - ref_r (Wu et al. 2024, Eq. 4.7).
+
+    Why: self-play preference optimisation regresses each completion's log-ratio onto
+    η(P(y wins) - ½); with hard win probabilities (1 for chosen, 0 for rejected) and η = 1/β
+    the targets are +1/(2β) and -1/(2β), one per side, so neither likelihood can drift freely.
+    """
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    return _with_rewards((a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2, a, b, beta)
+
+
+def discopop_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    tau: float,
+) -> LossOutput:
+    """DiscoPOP / LRML: (1 - w)(-logσ(βh)) + w·exp(-βh), w = σ(βh/τ) (Chen et al. 2024, Eq. 5; τ = 0.05).
+
+    Why: found by an LLM-driven search over objectives, this log-ratio modulated loss blends
+    DPO's logistic loss (where the margin βh is negative) with an exponential one (where it
+    is positive), a non-convex mix that scored best on MT-Bench in the paper. τ = ``tau``.
+    """
+    a, b = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    logits = beta * (a - b)
+    weight = torch.sigmoid(logits / tau)
+    losses = (1 - weight) * -_logsigmoid(logits) + weight * torch.exp(-logits)
+    return _with_rewards(losses, a, b, beta)
+
+
 def sft_term(policy_chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
     """The `sft` term: -log π(y_c|x)/|y_c|, the chosen completion's per-token NLL (RPO, Pang et al. 2024, Eq. 1).
 
@@ -300,6 +484,12 @@ class PreferenceLoss:
         return self.fn(*(inputs[name] for name in self.inputs), **hyperparameters)
 
 
+def _exo_needs_epsilon(values: dict[str, float]) -> str | None:
+    if values["label_smoothing"] > 0:
+        return None
+    return "--loss exo_pair needs --label-smoothing ε > 0: EXO's target is [1-ε, ε] and it takes log ε (the EXO paper recommends 1e-3)"
+
+
 _SMOOTHED = {"beta": "beta", "label_smoothing": "label_smoothing"}
 
 #: One record per `--loss` value, in the order `--help` and the docs list them.
@@ -318,6 +508,26 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
             length_normalised=True,
         ),
         PreferenceLoss("orpo", orpo_loss, "ORPO: odds ratio + chosen NLL, reference-free", length_normalised=True),
+        PreferenceLoss("cpo", cpo_loss, "CPO: reference-free DPO + chosen NLL", _SMOOTHED),
+        PreferenceLoss(
+            "cpo_simpo",
+            cpo_simpo_loss,
+            "CPO-SimPO: SimPO + chosen NLL, reference-free",
+            {"beta": "beta", "gamma": "simpo_gamma"},
+            length_normalised=True,
+        ),
+        PreferenceLoss("apo_zero", apo_zero_loss, "APO-zero: raise chosen, lower rejected"),
+        PreferenceLoss("apo_down", apo_down_loss, "APO-down: lower both, rejected more"),
+        PreferenceLoss("nca_pair", nca_pair_loss, "NCA, pairwise"),
+        PreferenceLoss("bco_pair", bco_pair_loss, "BCO, pairwise, with its running reward shift"),
+        PreferenceLoss(
+            "exo_pair", exo_pair_loss, "EXO, pairwise, ε = --label-smoothing > 0", _SMOOTHED, check=_exo_needs_epsilon
+        ),
+        PreferenceLoss("sppo_hard", sppo_hard_loss, "SPPO with hard win probabilities"),
+        PreferenceLoss("discopop", discopop_loss, "DiscoPOP (LRML)", {"beta": "beta", "tau": "discopop_tau"}),
+        PreferenceLoss(
+            "sigmoid_norm", sigmoid_loss, "DPO on length-normalised log-probs", _SMOOTHED, length_normalised=True
+        ),
         PreferenceLoss("sft", sft_term, "the chosen's per-token NLL, a term to combine", {}, standalone=False),
     )
 }

@@ -14,6 +14,7 @@ The Tulu 2.5 recipe, as flags (global batch 32 = 8 x 4 on one device):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from rlkit.losses.preference import (
     PreferenceLoss,
     add_sft_term,
     implicit_reward_accuracy,
+    implicit_rewards,
     loss_terms,
 )
 from rlkit.models.modes import disable_dropout, model_device, to_device
@@ -39,15 +41,51 @@ from rlkit.training.engine import Evaluation, StepOutput
 from rlkit.training.run import TrainingRun
 
 
+class RewardShift:
+    """BCO's reward shift δ: the mean of every implicit reward of training so far (Jung et al. 2024, Sec. 3.2).
+
+    Updated by training micro-batches only (evaluation reads it), summed over processes so every
+    process shifts by the same δ. It has a `state_dict`, and `run_dpo` registers it with the
+    accelerator, so a checkpoint holds it and `--resume` continues from it.
+    """
+
+    def __init__(self, across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.total, self.count, self.across_processes = 0.0, 0.0, across_processes
+
+    def __call__(self, rewards: torch.Tensor, update: bool) -> torch.Tensor:
+        rewards = rewards.detach().float()
+        if update:
+            moments = torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()), device=rewards.device)])
+            if self.across_processes is not None:
+                moments = self.across_processes(moments)
+            self.total, self.count = self.total + float(moments[0]), self.count + float(moments[1])
+        if not self.count:  # an evaluation before the first step: this batch's own mean
+            return rewards.mean()
+        return torch.tensor(self.total / self.count, device=rewards.device)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.total, self.count = float(state["total"]), float(state["count"])
+
+
 class DPOObjective:
     """Per-pair preference loss of the chosen loss (or weighted losses); metric sums per pair for the engine."""
 
-    def __init__(self, config: DPOConfig, reference: Reference | None):
+    def __init__(
+        self,
+        config: DPOConfig,
+        reference: Reference | None,
+        across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.reference, self.beta, self.sft_weight = reference, config.beta, config.sft_weight
         self.terms = [
             (record, weight, record.hyperparameters_of(config))
             for record, weight in loss_terms(config.loss, config.loss_weights)
         ]
+        needs_shift = any("reward_shift" in record.inputs for record, _, _ in self.terms)
+        self.reward_shift = RewardShift(across_processes) if needs_shift else None
 
     def weight(self, batch: dict[str, Any]) -> float:
         return float(batch["num_pairs"])
@@ -57,6 +95,7 @@ class DPOObjective:
         record: PreferenceLoss,
         policy: PairLogps,
         reference: tuple[torch.Tensor, torch.Tensor] | None,
+        training: bool,
     ) -> dict[str, torch.Tensor]:
         """The tensors of `rlkit.losses.preference.INPUTS`, length-normalised if the loss asks for it."""
         chosen, rejected = policy.normalised() if record.length_normalised else (policy.chosen, policy.rejected)
@@ -71,6 +110,9 @@ class DPOObjective:
                 ref_chosen = ref_chosen / policy.chosen_tokens.clamp(min=1)
                 ref_rejected = ref_rejected / policy.rejected_tokens.clamp(min=1)
             inputs.update(reference_chosen_logps=ref_chosen, reference_rejected_logps=ref_rejected)
+            if self.reward_shift is not None and "reward_shift" in record.inputs:
+                rewards = implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+                inputs["reward_shift"] = self.reward_shift(torch.cat(rewards), update=training)
         return inputs
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
@@ -79,9 +121,10 @@ class DPOObjective:
             self.reference.logps(model, batch) if self.reference is not None else None
         )  # before the policy forward
         policy = pair_logps(model, batch)
+        training = model.training and torch.is_grad_enabled()
         losses, rewards, parts = torch.zeros_like(policy.chosen), None, {}
         for record, weight, hyperparameters in self.terms:
-            out = record(self._inputs(record, policy, reference), hyperparameters)
+            out = record(self._inputs(record, policy, reference, training), hyperparameters)
             values = out[0] if record.standalone else out
             if rewards is None and record.standalone:
                 rewards = out[1:]
@@ -98,6 +141,10 @@ class DPOObjective:
             "logps/rejected": policy.rejected.detach().sum(),
             **(parts if len(parts) > 1 else {}),
         }
+        if self.reward_shift is not None and self.reward_shift.count:  # a sum per pair, as the engine averages
+            metrics["reward_shift"] = torch.tensor(
+                self.reward_shift.total / self.reward_shift.count * len(policy.chosen)
+            )
         return StepOutput(loss=losses.sum(), metrics=metrics)
 
 
@@ -111,6 +158,8 @@ def check_options(config: DPOConfig) -> None:
         raise InputError(f"--beta {config.beta}: must be > 0")
     if not 0 <= config.label_smoothing < 0.5:
         raise InputError(f"--label-smoothing {config.label_smoothing}: must be in [0, 0.5)")
+    if config.discopop_tau <= 0:
+        raise InputError(f"--discopop-tau {config.discopop_tau}: must be > 0")
     if config.sft_weight < 0:
         raise InputError(f"--sft-weight {config.sft_weight}: must be >= 0")
     for record, _ in terms:
@@ -148,7 +197,10 @@ def run_dpo(config: DPOConfig) -> Path:
     collate = pair_collate(config, tokenizer)
     reference, data, described = setup_dpo_reference(config, run, policy, data, tokenizer, collate)
     info(f"reference: {described}")
-    objective = DPOObjective(config, reference)
+    acc = run.accelerator
+    objective = DPOObjective(config, reference, (lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None)
+    if objective.reward_shift is not None:  # saved in every checkpoint, so --resume continues δ
+        acc.register_for_checkpointing(objective.reward_shift)
     default_lr = 5e-6 if config.lora else 5e-7
     metrics = run.train(
         policy, objective, run.dataset_steps(data.train, collate), default_lr, Evaluation.of(data.eval, collate)

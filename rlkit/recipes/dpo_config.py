@@ -33,7 +33,7 @@ class DPOConfig(ReferenceConfig):
     )
     label_smoothing: float = opt(
         0.0,
-        "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid, robust DPO with --loss robust (0 <= ε < 0.5).",
+        "ε, the assumed rate of flipped labels: conservative DPO with --loss sigmoid (and cpo, sigmoid_norm), robust DPO with --loss robust, EXO's target [1-ε, ε] with --loss exo_pair (0 <= ε < 0.5).",
         min=0,
         below=0.5,
     )
@@ -41,6 +41,9 @@ class DPOConfig(ReferenceConfig):
         0.5,
         "SimPO's target reward margin γ (the paper's γ, as TRL's CPOConfig simpo_gamma; not the SimPO scripts' gamma_beta_ratio).",
         min=0,
+    )
+    discopop_tau: float = opt(
+        0.05, "τ of --loss discopop: the temperature of its mix of logistic and exponential loss.", above=0
     )
     sft_weight: float = opt(
         0.0, "α of the RPO term: adds α x the per-token NLL of the chosen completion to each pair's loss.", min=0
