@@ -149,7 +149,7 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     reference = ModelReference(ref_model, response_logps(config.temperature))
     loop = PPOLoop(config, run, tok, template, conversations, encoded, reward, reference, objective, 1)
     loop._prompt_indices = lambda step: [0, 1]
-    buffer = loop.rollout(0, wrapper)["tensors"]
+    buffer = loop.rollout(0, wrapper).update_tensors()
     mask = buffer["response_mask"]
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
     after = ~mask.bool()
@@ -459,11 +459,13 @@ def test_efficacy_ppo_with_a_trained_reward_model_raises_its_held_out_score(tiny
 
 
 def recorded_lengths(prompts: list[str], completions: list[str]) -> list[float]:
-    """Reward = completion length, each call's scores appended to $RLKIT_TEST_SCORES.<rank>."""
+    """Reward = completion length (+ 100 on rank 1, so the two processes' scores always differ),
+    each call's scores appended to $RLKIT_TEST_SCORES.<rank>."""
     import os
 
-    scores = [float(len(c)) for c in completions]
-    with open(f"{os.environ['RLKIT_TEST_SCORES']}.{os.environ.get('RANK', '0')}", "a") as f:
+    rank = int(os.environ.get("RANK", "0"))
+    scores = [float(len(c)) + 100.0 * rank for c in completions]
+    with open(f"{os.environ['RLKIT_TEST_SCORES']}.{rank}", "a") as f:
         f.write(json.dumps(scores) + "\n")
     return scores
 
@@ -533,3 +535,67 @@ def test_two_processes_summarise_the_whole_rollout(tiny_model_dir, tmp_path):
     assert summary["score/std"] == pytest.approx(torch.tensor(everything).std().item(), rel=1e-5)
     # standardised over all 6 scores: the shaped mean is ~0 whatever each process's own mean is
     assert abs(summary["score/shaped_mean"]) < 1e-5
+
+
+def test_advantage_choices_are_the_registered_estimators():
+    from dataclasses import fields
+
+    from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS
+    from rlkit.recipes.ppo import PPOConfig
+
+    field = next(f for f in fields(PPOConfig) if f.name == "advantage")
+    assert field.metadata["choices"] == tuple(ADVANTAGE_ESTIMATORS)
+    assert field.default in ADVANTAGE_ESTIMATORS
+
+
+def test_without_a_value_function_there_is_no_value_forward_and_no_value_loss(tiny_model_dir, tmp_path):
+    from rlkit.models.load import load_causal_lm, resolve_source
+    from rlkit.recipes.ppo import PolicyValue, PPOObjective
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(resolve_source(str(tiny_model_dir)))
+    seen = []
+    policy.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs.get("output_hidden_states")), with_kwargs=True
+    )
+    wrapper = PolicyValue(policy, None, None, 0.1)
+    ids = torch.randint(5, 100, (2, 7))
+    responses = ids[:, -3:]
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "responses": responses,
+        "response_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]),
+        "advantages": torch.tensor([[1.0, -0.5, 9.0], [0.25, 2.0, -1.0]]),
+    }
+    with torch.no_grad():
+        logprobs, _, values = wrapper(ids, batch["attention_mask"], responses, 1.0)
+    assert values is None and seen == [False]  # no hidden states asked for: no value head to feed
+    batch["old_logprobs"] = logprobs
+    objective = PPOObjective(_config(tiny_model_dir, tmp_path / "unused"))
+    out = objective.loss(wrapper, batch)
+    assert "value_loss" not in out.metrics and "value_clipfrac" not in out.metrics
+    # ratio 1: the clipped loss is -A, a token mean over the 5 response tokens, returned as a sum (x 5)
+    assert float(out.loss) == pytest.approx(-(1.0 - 0.5 + 0.25 + 2.0 - 1.0))
+    assert torch.equal(out.loss.detach(), out.metrics["policy_loss"])
+
+
+def test_prompt_order_in_groups_of_g():
+    """G completions per prompt: each prompt G times in a row; G = 1 is PPO's order, unchanged."""
+    from rlkit.training.rollout import RolloutSteps
+
+    def indices(group_size, batch_size, rank=0, world=1, step=0):
+        config = SimpleNamespace(batch_size=batch_size, grad_accum=1, seed=3)
+        acc = SimpleNamespace(num_processes=world, process_index=rank)
+        steps = RolloutSteps(
+            config, SimpleNamespace(accelerator=acc), None, [[]] * 10, [], None, None, None, 2,
+            epochs=1, mini_batches=1, group_size=group_size,
+        )  # fmt: skip
+        return steps._prompt_indices(step)
+
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
+    assert indices(1, 4) == order[:4] and indices(1, 4, step=1) == order[4:8]
+    assert indices(1, 2, rank=1, world=2) == order[2:4]
+    assert indices(2, 4) == [order[0]] * 2 + [order[1]] * 2
+    assert indices(2, 4, step=1) == [order[2]] * 2 + [order[3]] * 2
+    assert indices(2, 2, rank=1, world=2) == [order[1]] * 2

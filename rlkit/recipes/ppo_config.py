@@ -72,6 +72,11 @@ class PPOConfig(TrainConfig):
         above=0,
     )
     kl_horizon: int = opt(10000, "Horizon (in sampled sequences) of the adaptive KL controller.", min=1)
+    advantage: str = opt(
+        "gae",
+        "Advantage estimator: gae (generalised advantage estimation over the value function's values, then whitened over the rollout).",
+        choices=("gae",),
+    )
     gamma: float = opt(1.0, "Discount factor of GAE.", min=0, max=1)
     lam: float = opt(0.95, "GAE lambda.", min=0, max=1)
     cliprange: float = opt(0.2, "PPO clip range of the policy ratio.", above=0)

@@ -102,15 +102,7 @@ class TrainingRun:
         """The supervised step source over `train` (refuses too few rows before anything is written)."""
         return DatasetSteps(train, collate, self.config, self.accelerator)
 
-    def train(self, model: torch.nn.Module, objective: Objective, source: Any, *args: Any, **kwargs: Any) -> Any:
-        # transitional, removed with the PPO seam: PPO's old positional call, until rlkit/recipes/ppo.py passes its source
-        if source is None:
-            loop = kwargs["step_source"]
-            loop.steps_per_epoch = loop.total_steps
-            return self.train_new(model, objective, loop, args[2], None, kwargs.get("engine_config"))
-        return self.train_new(model, objective, source, *args, **kwargs)
-
-    def train_new(
+    def train(
         self,
         model: torch.nn.Module,
         objective: Objective,

@@ -1,0 +1,160 @@
+"""`rlkit ppo`: setup (tokenizer, prompts, policy, value function, reference, reward), the engine, OUT."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from rlkit.console import info, warn
+from rlkit.data.formats import Messages, as_messages
+from rlkit.data.load import load_records
+from rlkit.data.prompts import encode_prompt
+from rlkit.data.templates import resolve_template
+from rlkit.errors import InputError
+from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS
+from rlkit.models.attention import use_fp32_attention_backward
+from rlkit.models.modes import disable_dropout
+from rlkit.preference.reference import on_the_fly_reference
+from rlkit.recipes.ppo.loop import PPOLoop
+from rlkit.recipes.ppo.model import CRITIC_DIR, VALUE_HEAD_FILE, PolicyValue, make_value_head
+from rlkit.recipes.ppo.objective import PPOObjective
+from rlkit.recipes.ppo_config import PPOConfig
+from rlkit.scoring import is_model_dir, load_reward, load_sequence_classifier
+from rlkit.training.rollout import response_logps
+from rlkit.training.run import TrainingRun
+from rlkit.training.samples import SAMPLES_FILE
+
+
+def load_prompts(config: PPOConfig) -> list[Messages]:
+    records = load_records(config.data, config.columns)
+    if len(records) == 0:
+        raise InputError(f"{', '.join(config.data)}: no prompts")
+    columns = records.column_names
+    conversations: list[Messages] = []
+    for i, record in enumerate(records):
+        where = f"{', '.join(config.data)} row {i + 1}"
+        if "prompt" in columns:
+            messages = as_messages(record["prompt"], "user", where)
+        elif "messages" in columns:
+            messages = as_messages(record["messages"], "user", where)
+            while messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+        else:
+            raise InputError(
+                f"{', '.join(config.data)}: no `prompt` or `messages` column (found {', '.join(columns)}); use --columns prompt=NAME"
+            )
+        if not messages:
+            raise InputError(f"{where}: empty prompt")
+        conversations.append(messages)
+    return conversations
+
+
+def _check(config: PPOConfig) -> None:
+    if not config.reward:
+        raise InputError("missing --reward: a reward model dir (rlkit train-rm output) or module:function")
+    checks = [
+        (config.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
+        (config.mini_batches >= 1, "--mini-batches must be >= 1"),
+        (config.batch_size >= 1 and config.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+        (config.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (config.temperature >= 0, "--temperature must be >= 0"),
+        (0 < config.top_p <= 1, "--top-p must be in (0, 1]"),
+        (config.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (config.target_kl is None or config.target_kl > 0, "--target-kl must be > 0"),
+        (config.kl_horizon > 0, "--kl-horizon must be > 0"),
+        (config.cliprange > 0 and config.cliprange_value > 0, "--cliprange and --cliprange-value must be > 0"),
+        (
+            config.critic == "shared" or is_model_dir(config.reward),
+            "--critic rm needs --reward to be a reward model dir",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+
+
+def value_function(
+    config: PPOConfig, run: TrainingRun, policy: torch.nn.Module
+) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(critic, value head): `--critic rm`'s critic, a head on the policy's trunk, or neither when
+    the advantage estimator needs no values (then no value forward and no value loss run)."""
+    if not ADVANTAGE_ESTIMATORS[config.advantage].needs_values:
+        info(f"value function: none (--advantage {config.advantage} needs no values)")
+        return None, None
+    if config.critic == "rm":
+        critic, _ = load_sequence_classifier(config.reward, torch.float32, config.trust_remote_code)
+        critic.requires_grad_(True)
+        disable_dropout(critic)
+        use_fp32_attention_backward(critic)
+        info(f"critic: initialised from {config.reward} (trained in full)")
+        return critic, None
+    return None, make_value_head(policy, [run.source.adapter_dir, run.source.path])
+
+
+def run_ppo(config: PPOConfig) -> Path:
+    """Setup (tokenizer, prompts, policy, value function, reference, reward), train with the engine, write OUT."""
+    _check(config)
+    run = TrainingRun("ppo", config, config.model, config.data)
+    set_seed(config.seed)
+    tokenizer = run.load_tokenizer()
+    template = resolve_template(config.template, tokenizer, config.model or "the policy")
+    conversations = load_prompts(config)
+    room = config.max_length - config.max_new_tokens
+    encoded = [encode_prompt(tokenizer, template, m) for m in conversations]
+    kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
+    if len(kept) < len(encoded):
+        warn(
+            f"{len(encoded) - len(kept)} of {len(encoded)} prompts are longer than --max-length - --max-new-tokens ({room} tokens) and were dropped"
+        )
+    conversations, encoded = [conversations[i] for i in kept], [encoded[i] for i in kept]
+    rollout_size = config.batch_size * config.grad_accum * config.mini_batches
+    world = run.accelerator.num_processes
+    if len(conversations) < rollout_size * world:
+        raise InputError(
+            f"{len(conversations)} usable prompts are fewer than one rollout ({rollout_size * world} = batch-size {config.batch_size} "
+            f"x grad-accum {config.grad_accum} x mini-batches {config.mini_batches} x {world} processes); lower them"
+        )
+    ppo_steps = config.max_steps or config.epochs * (len(conversations) // (rollout_size * world))
+    info(
+        f"prompts: {len(conversations)}; {ppo_steps} PPO steps of {rollout_size * world} rollouts, {config.ppo_epochs} epochs x {config.mini_batches} mini-batches each"
+    )
+
+    policy = run.load_policy()
+    disable_dropout(policy)  # PPO's ratio must be 1 before the first update (Huang et al. 2024)
+    reference, described = on_the_fly_reference(config, run, policy, tokenizer, response_logps(config.temperature))
+    info(f"reference: {described}")
+    device = run.accelerator.device
+    reward = load_reward(
+        config.reward, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code
+    )
+    critic, value_head = value_function(config, run, policy)
+    model = PolicyValue(policy, value_head, critic, config.kl_coef)
+    objective = PPOObjective(config)
+    loop = PPOLoop(config, run, tokenizer, template, conversations, encoded, reward, reference, objective, ppo_steps)
+    updates = loop.updates
+    engine_config = replace(config, max_steps=ppo_steps * updates, save_every=config.save_every * updates)
+    default_lr = 1.4e-5 if config.lora else 3e-6
+    metrics = run.train(model, objective, loop, default_lr, engine_config=engine_config)
+    metrics["ppo_steps"] = ppo_steps
+    card = (
+        "## PPO\n\n"
+        f"- reward: `{config.reward}`; reference: {described}; critic: {config.critic}\n"
+        f"- KL: {config.kl_estimator}, coef {config.kl_coef}"
+        + (f" adaptive to {config.target_kl}" if config.target_kl else " fixed")
+        + "\n"
+        f"- advantages: {config.advantage}"
+        + (f"; the value head is in `{VALUE_HEAD_FILE}` beside the policy" if value_head is not None else "")
+        + (f"; the critic in `{CRITIC_DIR}/`" if critic is not None else "")
+        + "\n"
+        f"- samples: `{SAMPLES_FILE}`\n\n"
+    )
+    return run.finish(
+        tokenizer,
+        chat_template=template.source,
+        metrics=metrics,
+        data_info={"counts": {"prompts": len(conversations)}},
+        extra_card=card,
+    )

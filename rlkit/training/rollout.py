@@ -1,0 +1,391 @@
+"""The on-policy seam: sample from the policy being trained, score, turn scores into advantages, update.
+
+`RolloutSteps` is the engine's `StepSource` for every recipe whose data comes from the model it
+trains. One RL step = one rollout followed by `epochs` passes over it in `mini_batches` shuffled
+mini-batches, each pass's mini-batch one engine step (one optimizer update, itself accumulated
+over `--grad-accum` micro-batches). A rollout runs four named phases, each a method:
+
+    generate -> score -> advantages -> summary
+
+and returns a `Rollout` (the tensors of the rollout; the updates' mini-batches are cut from
+`Rollout.update_tensors()`). The engine keeps accumulation, clipping, NaN checks, SIGTERM,
+checkpoints and `--resume`: a run resumed in the middle of an RL step collects a fresh rollout
+for that step's remaining updates (checkpoints taken every N RL steps fall on step boundaries,
+where resuming is exact).
+
+How another recipe plugs in (PPO: rlkit.recipes.ppo; GRPO builds on the same parts):
+
+- The trained module exposes `.policy` (the causal LM; a PEFT model with LoRA) and its forward
+  `(input_ids, attention_mask, responses, temperature)` returns `(logprobs, entropy, values)`
+  [B, R] for the response ending each left-padded row, `values` None without a value function
+  (`rlkit.recipes.ppo.PolicyValue(policy, None, None, kl_coef)` is such a module).
+- Pass the config (reads seed, batch_size, grad_accum, max_new_tokens, temperature, top_p, and
+  top_k, sample_every, num_samples where it has them), the `TrainingRun`, the tokenizer, the
+  conversations and their encoded prompt ids, a reward `(conversations, completions) -> scores`,
+  a `rlkit.preference.reference.Reference` measuring `response_logps(temperature)` (or None: no
+  reference forward), the number of RL steps, `epochs`, `mini_batches` and `group_size` (G
+  completions per prompt, laid out group by group: rows g*G .. g*G+G-1 share prompt g).
+- Override `advantages(rollout, model)` (required: fill `rollout.advantages`, and `returns` when
+  there is a value function); optionally `shape_scores` (penalties, normalisation), `score` (other
+  reward signatures), `summary` (the step's logged metrics), `sample_rows` (the samples table)
+  and `step_line` (the line printed after each RL step).
+
+Masking: response tokens are those up to and including the first EOS (`first_eos_mask`);
+everything after it (the padding `generate` emits once a row has finished) has mask 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlkit.console import console
+from rlkit.data.formats import Messages
+from rlkit.hardware import release_freed_host_memory
+from rlkit.models.merged_lora import lora_merged_for_generation
+from rlkit.preference.reference import LogpsSpec
+from rlkit.tools.generation import left_pad
+from rlkit.training.logprobs import response_logprobs
+from rlkit.training.samples import SAMPLES_FILE, show_samples
+
+
+def response_logps(temperature: float) -> LogpsSpec:
+    """What a rollout's reference measures (`rlkit.preference.reference` holds the strategies): the
+    [B, R] log-probs of the responses that end a rollout's rows, at the sampling temperature."""
+
+    def measure(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        ids, mask, responses = batch["input_ids"], batch["attention_mask"], batch["responses"]
+        return response_logprobs(model, ids, mask, responses, temperature, want_entropy=False)[0]
+
+    return LogpsSpec(measure, unit="rollouts")
+
+
+def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, R]: 1 up to and including the first EOS, or everywhere when there is none; has_eos [B])."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    width = responses.shape[1]
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), width - 1)
+    mask = torch.arange(width, device=responses.device).unsqueeze(0) <= first.unsqueeze(1)
+    return mask.long(), has_eos
+
+
+@dataclass
+class Rollout:
+    """One process's share of a rollout. Token tensors are [B, R] over response tokens (B rows,
+    `query_*` [B, P] left-padded prompts); each phase fills its fields."""
+
+    indices: list[int]
+    conversations: list[Messages]
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor
+    # the rollout-time forward: the policy's log-probs and entropy, values (None: no value function),
+    # the reference's log-probs (None: no reference)
+    old_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    # score: the texts, the reward as returned [B], the scores the advantages use [B]
+    completions: list[str] = field(default_factory=list)
+    raw_scores: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    # advantages: per-token rewards (if the estimator uses them), advantages, value targets
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    # what a recipe adds for its summary: per-row tensors (e.g. the KL penalty), scalars (the mean KL)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    # the phases' wall times
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.responses], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, torch.ones_like(self.responses)], dim=1)
+
+    def update_tensors(self) -> dict[str, torch.Tensor]:
+        """What the updates' mini-batches are cut from (row-aligned; absent parts left out)."""
+        tensors = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "responses": self.responses,
+            "response_mask": self.response_mask,
+            "old_logprobs": self.old_logprobs,
+            "old_values": self.values,
+            "ref_logprobs": self.ref_logprobs,
+            "advantages": self.advantages,
+            "returns": self.returns,
+        }
+        return {k: v for k, v in tensors.items() if v is not None}
+
+
+class RolloutSteps:
+    """The engine's `StepSource` for on-policy RL: a rollout at the start of every RL step, then its mini-batches."""
+
+    #: names the RL step in logs ("ppo step 3", "samples at PPO step 3")
+    name = "rl"
+
+    def __init__(
+        self,
+        config: Any,
+        run: Any,
+        tokenizer: Any,
+        conversations: list[Messages],
+        prompt_ids: list[list[int]],
+        reward: Any,
+        reference: Any,
+        objective: Any,
+        rl_steps: int,
+        *,
+        epochs: int,
+        mini_batches: int,
+        group_size: int = 1,
+    ):
+        self.c, self.run, self.acc = config, run, run.accelerator
+        self.tokenizer, self.reward, self.reference, self.objective = tokenizer, reward, reference, objective
+        self.conversations, self.prompt_ids = conversations, prompt_ids
+        self.mini_batches, self.group_size = mini_batches, group_size
+        self.updates = epochs * mini_batches
+        self.total_steps = self.steps_per_epoch = rl_steps * self.updates
+        self.rollout_size = config.batch_size * config.grad_accum * mini_batches
+        self.buffer: dict[str, torch.Tensor] | None = None
+        self.buffer_step = -1
+        self.pending: dict[str, float] = {}
+        self.training_s = 0.0
+        self._t_batches = time.time()
+        self._last_step = -1
+
+    # ---- StepSource -----------------------------------------------------------------------
+    def batches(self, step: int, model: torch.nn.Module) -> list[dict[str, Any]]:
+        rl_step, update = divmod(step, self.updates)
+        if self.buffer is None or self.buffer_step != rl_step:
+            self.buffer = self.rollout(rl_step, model).update_tensors()
+            self.buffer_step = rl_step
+            self.training_s = 0.0
+        epoch, mb = divmod(update, self.mini_batches)
+        order = torch.randperm(
+            self.rollout_size, generator=torch.Generator().manual_seed(self.c.seed * 1000003 + rl_step * 101 + epoch)
+        )
+        if self.mini_batches == 1:
+            order = torch.arange(self.rollout_size)  # one mini-batch: the rollout itself, in rollout order
+        size = self.rollout_size // self.mini_batches
+        chosen = order[mb * size : (mb + 1) * size]
+        micro = []
+        bs = self.c.batch_size
+        for a in range(self.c.grad_accum):
+            idx = chosen[a * bs : (a + 1) * bs].to(self.acc.device)
+            batch = {k: v.index_select(0, idx) for k, v in self.buffer.items()}
+            batch["num_tokens"] = int(batch["response_mask"].sum())
+            micro.append(batch)
+        self._last_step = step
+        release_freed_host_memory(self.acc.device)  # the rollout's KV caches and logits
+        self._t_batches = time.time()
+        return micro
+
+    def step_metrics(self) -> dict[str, float]:
+        self.training_s += time.time() - self._t_batches
+        rl_step, update = divmod(self._last_step, self.updates)
+        metrics: dict[str, float] = {f"{self.name}_step": rl_step + 1}
+        if update == self.updates - 1:  # the RL step is complete: its summary
+            metrics.update(self.pending)
+            metrics.update(self.objective.take_means())
+            gen, total = (
+                self.pending.get("time/generation_s", 0.0),
+                self.pending.get("time/rollout_s", 0.0) + self.training_s,
+            )
+            metrics["time/training_s"] = self.training_s
+            metrics["time/generation_share"] = gen / max(total, 1e-9)
+            metrics[f"{self.name}_tokens_per_s"] = self.pending.get("response_tokens", 0.0) / max(total, 1e-9)
+            if self.acc.is_main_process:
+                console.print(self.step_line(rl_step, metrics, gen))
+        return metrics
+
+    def step_line(self, rl_step: int, metrics: dict[str, float], generation_s: float) -> str:
+        """The line printed after each RL step (the KL where the recipe logs one)."""
+        nan = float("nan")
+        kl = f"kl {metrics['kl']:.3f}  " if "kl" in metrics else ""
+        return (
+            f"{self.name} step {rl_step + 1}: score {metrics.get('score/mean', nan):.3f} ± {metrics.get('score/std', nan):.3f}  "
+            f"{kl}entropy {metrics.get('entropy', nan):.3f}  len {metrics.get('response_length', nan):.1f}  "
+            f"gen {generation_s:.1f}s train {self.training_s:.1f}s"
+        )
+
+    # ---- the rollout ------------------------------------------------------------------------
+    def _prompt_indices(self, rl_step: int) -> list[int]:
+        """This process's rows' prompts: each epoch a seeded permutation, each prompt `group_size` times in a row."""
+        world, rank = self.acc.num_processes, self.acc.process_index
+        prompts = self.rollout_size // self.group_size
+        per_step = prompts * world
+        per_epoch = max(1, len(self.conversations) // per_step)
+        epoch, k = divmod(rl_step, per_epoch)
+        order = torch.randperm(
+            len(self.conversations), generator=torch.Generator().manual_seed(self.c.seed + epoch)
+        ).tolist()
+        start = k * per_step + rank * prompts
+        return [order[(start + i) % len(order)] for i in range(prompts) for _ in range(self.group_size)]
+
+    @torch.no_grad()
+    def rollout(self, rl_step: int, model: torch.nn.Module) -> Rollout:
+        """generate -> score -> advantages -> summary (and the samples table), with the module in eval mode."""
+        wrapper = self.acc.unwrap_model(model)
+        was_training = wrapper.training
+        wrapper.eval()
+        t0 = time.time()
+        rollout = self.generate(rl_step, wrapper)
+        self.forward(rollout, wrapper)
+        self.score(rollout)
+        self.advantages(rollout, wrapper)
+        wrapper.train(was_training)
+        rollout.timings["rollout_s"] = time.time() - t0
+        self.pending = self.summary(rollout)
+        self._samples(rl_step, rollout)
+        return rollout
+
+    def generate(self, rl_step: int, wrapper: torch.nn.Module) -> Rollout:
+        """Sample a response per row with the KV cache and the LoRA weights folded in (base-model decoding speed)."""
+        c, acc, tok = self.c, self.acc, self.tokenizer
+        t0 = time.time()
+        indices = self._prompt_indices(rl_step)
+        query_ids, query_mask = left_pad([self.prompt_ids[i] for i in indices], tok.pad_token_id)
+        query_ids, query_mask = query_ids.to(acc.device), query_mask.to(acc.device)
+        sample = c.temperature > 0
+        top_k = getattr(c, "top_k", 0) or None
+        responses = []
+        with lora_merged_for_generation(wrapper.policy) as generator:
+            for start in range(0, len(indices), c.batch_size):
+                ids, mask = query_ids[start : start + c.batch_size], query_mask[start : start + c.batch_size]
+                with acc.autocast():
+                    out = generator.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=c.max_new_tokens,
+                        do_sample=sample,
+                        temperature=c.temperature if sample else None,
+                        top_p=c.top_p if sample else None,
+                        top_k=top_k if sample else None,
+                        eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id,
+                        use_cache=True,
+                    )
+                responses.append(out[:, ids.shape[1] :])
+        width = max(r.shape[1] for r in responses)
+        responses = torch.cat([F.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses])
+        response_mask, has_eos = first_eos_mask(responses, tok.eos_token_id)
+        rollout = Rollout(
+            indices, [self.conversations[i] for i in indices], query_ids, query_mask, responses, response_mask, has_eos
+        )
+        rollout.timings["generation_s"] = time.time() - t0
+        return rollout
+
+    def forward(self, rollout: Rollout, wrapper: torch.nn.Module) -> None:
+        """Log-probs, entropy, values and reference log-probs: the same forward the updates run, no gradient."""
+        c, acc = self.c, self.acc
+        t0 = time.time()
+        input_ids, attention_mask, responses = rollout.input_ids, rollout.attention_mask, rollout.responses
+        logprobs, entropies, values, ref_logprobs = [], [], [], []
+        for start in range(0, len(rollout.indices), c.batch_size):
+            sl = slice(start, start + c.batch_size)
+            with acc.autocast():
+                lp, ent, v = wrapper(input_ids[sl], attention_mask[sl], responses[sl], c.temperature)
+                if self.reference is not None:
+                    rows = {
+                        "input_ids": input_ids[sl],
+                        "attention_mask": attention_mask[sl],
+                        "responses": responses[sl],
+                    }
+                    ref_logprobs.append(self.reference.logps(wrapper.policy, rows))
+            logprobs.append(lp)
+            entropies.append(ent)
+            if v is not None:
+                values.append(v)
+        rollout.old_logprobs, rollout.entropy = torch.cat(logprobs), torch.cat(entropies)
+        rollout.values = torch.cat(values) if values else None
+        rollout.ref_logprobs = torch.cat(ref_logprobs) if ref_logprobs else None
+        rollout.timings["forward_s"] = time.time() - t0
+
+    def score(self, rollout: Rollout) -> None:
+        """Decode each response up to its first EOS and score it; `shape_scores` makes the scores used."""
+        tok = self.tokenizer
+        t0 = time.time()
+        for row, m in zip(rollout.responses.tolist(), rollout.response_mask.sum(1).tolist()):
+            kept = [t for t in row[:m] if t != tok.eos_token_id]
+            rollout.completions.append(tok.decode(kept, skip_special_tokens=True).strip())
+        scores = self.reward(rollout.conversations, rollout.completions)
+        rollout.raw_scores = torch.as_tensor(scores, dtype=torch.float32).to(self.acc.device)
+        rollout.scores = self.shape_scores(rollout)
+        rollout.timings["scoring_s"] = time.time() - t0
+
+    def shape_scores(self, rollout: Rollout) -> torch.Tensor:
+        """The scores the advantages are computed from (default: the reward's, unchanged)."""
+        assert rollout.raw_scores is not None
+        return rollout.raw_scores.clone()
+
+    def advantages(self, rollout: Rollout, wrapper: torch.nn.Module) -> None:
+        """Fill `rollout.advantages` (and `returns` with a value function): the recipe's estimator."""
+        raise NotImplementedError(f"{type(self).__name__} must define advantages()")
+
+    # ---- the summary ------------------------------------------------------------------------
+    def across(self) -> Any:
+        """Sum over processes (None with one): statistics of every process's rollout, as one process would have them."""
+        return (lambda t: self.acc.reduce(t, reduction="sum")) if self.acc.num_processes > 1 else None
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's rows (equal-sized shares), in rank order."""
+        return self.acc.gather(tensor) if self.acc.num_processes > 1 else tensor
+
+    def summary(self, rollout: Rollout) -> dict[str, float]:
+        """The logged metrics of the whole rollout, every process's sequences and tokens."""
+        assert rollout.raw_scores is not None and rollout.entropy is not None
+        across, mask = self.across(), rollout.response_mask
+        all_scores = self.gather(rollout.raw_scores)
+        token_sums = torch.stack(
+            [torch.where(mask.bool(), rollout.entropy, 0).sum(), mask.sum().to(rollout.entropy.dtype)]
+        )
+        entropy_sum, n_all_tokens = (across(token_sums) if across else token_sums).tolist()
+        t = rollout.timings
+        return {
+            "score/mean": float(all_scores.mean()),
+            "score/std": float(all_scores.std()) if len(all_scores) > 1 else 0.0,
+            "entropy": entropy_sum / max(n_all_tokens, 1.0),
+            "response_length": n_all_tokens / len(all_scores),
+            "eos_rate": float(self.gather(rollout.has_eos.float()).mean()),
+            "response_tokens": float(mask.sum(1).float().sum()),
+            "time/generation_s": t["generation_s"],
+            "time/forward_s": t["forward_s"],
+            "time/scoring_s": t["scoring_s"],
+            "time/rollout_s": t["rollout_s"],
+            "generation_tokens_per_s": float(rollout.responses.numel()) / max(t["generation_s"], 1e-9),
+        }
+
+    # ---- samples ------------------------------------------------------------------------------
+    def sample_rows(self, rollout: Rollout) -> list[dict[str, Any]]:
+        """The samples table's rows (written to the samples file as they are, with the step)."""
+        assert rollout.raw_scores is not None
+        return [
+            {"prompt": messages[-1]["content"], "response": completion, "score": score}
+            for messages, completion, score in zip(
+                rollout.conversations, rollout.completions, rollout.raw_scores.tolist()
+            )
+        ]
+
+    def _samples(self, rl_step: int, rollout: Rollout) -> None:
+        c = self.c
+        if not c.sample_every or rl_step % c.sample_every != 0 or not self.acc.is_main_process:
+            return
+        if self.run.run_dir is None:
+            return
+        rows = self.sample_rows(rollout)[: c.num_samples]
+        show_samples(
+            f"samples at {self.name.upper()} step {rl_step + 1}", rl_step + 1, rows, self.run.run_dir / SAMPLES_FILE
+        )
