@@ -16,6 +16,8 @@ and `eval` alike:
 - `module:function`: a function `(prompts, completions) -> list[float]` for rule-based or
   verifiable rewards (e.g. `rlkit.demo.task:reward`). Prompts are given as the plain text of the
   user's prompt (the message content for a single-message prompt, else the rendered prompt).
+  `grpo` also passes the prompt records' other columns as keyword arguments (`answer=[...]`)
+  and accepts None for "no score" (see `FunctionReward.__call__`).
 
 Both take `(conversations, completions)`: the prompt messages and the completion strings,
 and return scores [B].
@@ -24,6 +26,7 @@ and return scores [B].
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -92,20 +95,53 @@ class FunctionReward:
             raise InputError(f"--reward {spec}: {module_name} has no function {function_name!r}")
         self.name, self.function, self.render = spec, function, render
 
-    def __call__(self, conversations: list[Messages], completions: list[str]) -> list[float]:
+    def __call__(
+        self,
+        conversations: list[Messages],
+        completions: list[str],
+        columns: dict[str, list[Any]] | None = None,
+        allow_none: bool = False,
+    ) -> list[float | None]:
+        """Scores of the completions. `columns` (the prompt records' other columns, one value per
+        completion) are passed as keyword arguments, the way TRL passes dataset columns: all of
+        them to a function with `**kwargs`, else those it names. With `allow_none` (grpo) a None
+        score means "no opinion on this completion" and is returned as None."""
+        kwargs = self._keywords(columns or {})
         try:
-            scores = list(self.function([self.render(c) for c in conversations], list(completions)))
+            scores = list(self.function([self.render(c) for c in conversations], list(completions), **kwargs))
         except Exception as err:  # the user's code: report it as a run failure, not a traceback
             raise RunError(f"--reward {self.name} failed: {type(err).__name__}: {err}")
         if len(scores) != len(completions):
             raise RunError(f"--reward {self.name} returned {len(scores)} scores for {len(completions)} completions")
         try:
-            values = [float(v) for v in scores]
+            values = [None if v is None and allow_none else float(v) for v in scores]
         except (TypeError, ValueError):
-            raise RunError(f"--reward {self.name} returned non-numbers (e.g. {scores[0]!r}); it must return floats")
-        if not all(math.isfinite(v) for v in values):
+            bad = next(v for v in scores if not _is_number(v))
+            allowed = "floats or None" if allow_none else "floats"
+            raise RunError(f"--reward {self.name} returned non-numbers (e.g. {bad!r}); it must return {allowed}")
+        if not all(v is None or math.isfinite(v) for v in values):
             raise RunError(f"--reward {self.name} returned NaN or infinite scores")
         return values
+
+    def _keywords(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not columns:
+            return {}
+        try:
+            parameters = inspect.signature(self.function).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C function: give it everything
+            return dict(columns)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return dict(columns)
+        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return {k: v for k, v in columns.items() if k in named}
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # ---- reward models ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO, run_cli
+from conftest import DEMO_DATA, REPO, run_cli, write_jsonl
 
 PROMPTS = DEMO_DATA / "grpo_prompts.jsonl"
 TESTS = Path(__file__).parent
@@ -355,3 +355,89 @@ def test_missing_reward_and_bad_weights_are_refused(tiny_model_dir, tmp_path):
         result = run_cli("grpo", str(tiny_model_dir), str(PROMPTS), "-o", str(out), *extra)
         assert result.returncode == 2 and words in result.stderr, result.stderr
         assert not out.exists()
+
+
+def test_extra_columns_reach_the_reward_function(tiny_model_dir, tmp_path):
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"prompt": f"What is {i} plus 1?", "answer": i + 1, "tag": f"t{i}"} for i in range(8)],
+    )
+    seen = tmp_path / "seen.jsonl"
+    out = tmp_path / "cols"
+    result = run_cli(
+        "grpo",
+        str(tiny_model_dir),
+        str(data),
+        "-o",
+        str(out),
+        "--reward",
+        "test_grpo:record_columns",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "4",
+        env={"PYTHONPATH": str(TESTS), "RLKIT_TEST_SEEN": str(seen)},
+    )
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(calls) == 1
+    call = calls[0]
+    assert sorted(call["columns"]) == ["answer", "tag"]
+    # each completion sees its own prompt's columns, G times in a row
+    for prompt, answer, tag in zip(call["prompts"], call["answer"], call["tag"]):
+        n = int(prompt.split()[2])
+        assert answer == n + 1 and tag == f"t{n}"
+    assert call["answer"][0] == call["answer"][1]
+
+
+def record_columns(prompts, completions, **columns):
+    with open(os.environ["RLKIT_TEST_SEEN"], "a") as f:
+        f.write(json.dumps({"prompts": prompts, "columns": sorted(columns), **columns}) + "\n")
+    return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+
+def named_only(prompts, completions, answer):
+    return [float(c == str(a)) for c, a in zip(completions, answer)]
+
+
+def sometimes_none(prompts, completions, **columns):
+    return [None, 1.0]
+
+
+def test_function_reward_columns_and_none():
+    from rlkit.errors import RunError
+    from rlkit.scoring import FunctionReward
+
+    sys.path.insert(0, str(TESTS))
+    conversations = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    columns = {"answer": [3, 4], "tag": ["a", "b"]}
+    # a function without **kwargs gets only the columns it names
+    assert FunctionReward("test_grpo:named_only")(conversations, ["3", "5"], columns=columns) == [1.0, 0.0]
+    # None is "no opinion" where the caller allows it (grpo), a non-number elsewhere (ppo, eval)
+    reward = FunctionReward("test_grpo:sometimes_none")
+    assert reward(conversations, ["x", "y"], columns=columns, allow_none=True) == [None, 1.0]
+    with pytest.raises(RunError, match="test_grpo:sometimes_none returned non-numbers"):
+        reward(conversations, ["x", "y"])
+
+
+def test_weighted_rewards_with_none_terms(tiny_tokenizer):
+    from rlkit.recipes.grpo import RewardSet
+    from rlkit.scoring import FunctionReward
+
+    sys.path.insert(0, str(TESTS))
+    rewards = RewardSet(
+        [FunctionReward("test_grpo:sometimes_none"), FunctionReward("test_grpo:named_only")],
+        ["sometimes_none", "named_only"],
+        [2.0, 0.5],
+    )
+    conversations = [[{"role": "user", "content": "q"}]] * 2
+    per_function = rewards(conversations, ["3", "4"], [{"answer": 3}, {"answer": 5}])
+    assert math.isnan(per_function[0, 0]) and per_function[1, 0] == 1.0
+    assert per_function[:, 1].tolist() == [1.0, 0.0]
+    from rlkit.losses.group_advantages import combine_rewards
+
+    assert combine_rewards(per_function, rewards.weights).tolist() == [0.5, 2.0]

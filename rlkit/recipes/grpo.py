@@ -65,7 +65,7 @@ from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import Reference, on_the_fly_reference
 from rlkit.recipes.grpo_config import GRPOConfig
 from rlkit.recipes.ppo import first_eos_mask, response_logps
-from rlkit.scoring import Reward, is_model_dir, load_reward
+from rlkit.scoring import FunctionReward, Reward, is_model_dir, load_reward
 from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
 from rlkit.training.logprobs import response_logprobs
@@ -152,13 +152,12 @@ class RewardSet:
 def score_with_columns(
     reward: Reward, conversations: list[Messages], completions: list[str], columns: list[dict[str, Any]]
 ) -> list[float | None]:
-    """Scores of one reward; a function also gets each other prompt column as a keyword argument (TRL's way)."""
-    accepts = getattr(reward, "accepts_columns", False)
-    if accepts and columns:
-        keyed = {k: [row.get(k) for row in columns] for k in columns[0]}
-        values = reward(conversations, completions, **keyed)
-    else:
-        values = reward(conversations, completions)
+    """Scores of one reward; a function also gets each other prompt column as a keyword argument (TRL's way)
+    and may say None (no opinion on that completion)."""
+    if isinstance(reward, FunctionReward):
+        keyed = {k: [row.get(k) for row in columns] for k in (columns[0] if columns else {})}
+        return reward(conversations, completions, columns=keyed, allow_none=True)
+    values = reward(conversations, completions)
     return values.tolist() if isinstance(values, torch.Tensor) else list(values)
 
 
