@@ -173,9 +173,8 @@ def _batch(tokenizer, n=6):
     return ds
 
 
-def test_kl_is_detached_and_the_loss_matches_the_formula(tiny_tokenizer):
-    """The gradient equals that of the KTO loss with z0 a constant: no gradient through the KL pairs."""
-    torch.manual_seed(0)
+def _policy_and_precomputed_batch(tiny_tokenizer):
+    """A policy and a batch carrying another model's log-probs as its precomputed reference."""
     policy, reference = (
         build_model(len(tiny_tokenizer), seed=1).double(),
         build_model(len(tiny_tokenizer), seed=2).double(),
@@ -185,7 +184,13 @@ def test_kl_is_detached_and_the_loss_matches_the_formula(tiny_tokenizer):
     with torch.no_grad():
         ref_logps, ref_kl = KTO_LOGPS.measure(reference, collate(ds))
     ds = ds.add_column("ref_completion_logps", ref_logps.tolist()).add_column("ref_kl_logps", ref_kl.tolist())
-    batch = collate(ds)
+    return policy, collate(ds), len(ds), ref_logps, ref_kl
+
+
+def test_kl_is_detached_and_the_loss_matches_the_formula(tiny_tokenizer):
+    """The gradient equals that of the KTO loss with z0 a constant: no gradient through the KL pairs."""
+    torch.manual_seed(0)
+    policy, batch, n, ref_logps, ref_kl = _policy_and_precomputed_batch(tiny_tokenizer)
     config = KTOConfig(model="m", data=["d"], beta=0.5, desirable_weight=1.3, undesirable_weight=0.7)
     objective = KTOObjective(config, PrecomputedReference(KTO_LOGPS), lambda value: value)
     out = objective.loss(policy, batch)
@@ -193,7 +198,6 @@ def test_kl_is_detached_and_the_loss_matches_the_formula(tiny_tokenizer):
     got = {name: p.grad.clone() for name, p in policy.named_parameters()}
     policy.zero_grad()
 
-    n = len(ds)
     with torch.no_grad():
         z0 = (sequence_logps(policy, batch, n, "kl_")[0] - ref_kl).mean().clamp(min=0)
     logps = sequence_logps(policy, batch, n)[0]
@@ -210,6 +214,22 @@ def test_kl_is_detached_and_the_loss_matches_the_formula(tiny_tokenizer):
     assert float(out.metrics["kl"]) == pytest.approx(float(z0) * n)
     assert float(out.counts["rewards/chosen"]) == int(desirable.sum())
     assert float(out.metrics["rewards/chosen"]) == pytest.approx(float((0.5 * r.detach())[desirable].sum()))
+
+
+def test_apo_zero_unpaired_objective_runs_no_mismatched_forward(tiny_tokenizer):
+    """--loss apo_zero_unpaired: the APO-zero formula, no z0 (no `kl` metric), one policy forward."""
+    policy, batch, n, ref_logps, _ = _policy_and_precomputed_batch(tiny_tokenizer)
+    config = KTOConfig(model="m", data=["d"], loss="apo_zero_unpaired", beta=0.5, desirable_weight=1.3)
+    forwards = []
+    handle = policy.register_forward_hook(lambda *_: forwards.append(1))
+    out = KTOObjective(config, PrecomputedReference(KTO_LOGPS), lambda value: value).loss(policy, batch)
+    handle.remove()
+    with torch.no_grad():
+        r = sequence_logps(policy, batch, n)[0] - ref_logps
+    desirable = batch["label"].bool()
+    by_hand = torch.where(desirable, 1.3 * (1 - torch.sigmoid(0.5 * r)), torch.sigmoid(0.5 * r))
+    assert out.loss.item() == pytest.approx(by_hand.sum().item(), rel=1e-10)
+    assert "kl" not in out.metrics and len(forwards) == 1
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -270,6 +290,16 @@ def test_pairs_train_kto_and_reference_logps_are_cached(tiny_model_dir, tmp_path
     assert "reference log-probs: cached" in second.stderr
     a, b = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab")
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+def test_apo_zero_unpaired_trains_and_names_its_loss(tiny_model_dir, tmp_path):
+    out = tmp_path / "apo"
+    args = [str(tiny_model_dir), str(UNPAIRED), "-o", str(out), "--loss", "apo_zero_unpaired", "--max-steps", "2"]
+    result = rlkit("kto", *args, "--batch-size", "4", "--max-length", "128")
+    assert result.returncode == 0, result.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "kl" not in metrics[0] and {"loss", "rewards/chosen", "rewards/rejected"} <= set(metrics[0])
+    assert "- loss `apo_zero_unpaired`" in (out / "README.md").read_text()
 
 
 def test_on_the_fly_reference_matches_precomputed(tiny_model_dir, tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlkit.losses.kto import desirable_weight_hint, kl_reference_point, kto_loss
+from rlkit.losses.kto import apo_zero_unpaired_loss, desirable_weight_hint, kl_reference_point, kto_loss
 
 
 def sig(x: float) -> float:
@@ -78,3 +78,11 @@ def test_weight_hint():
     assert 1.0 <= lam_d * 300 / (lam_u * 100) <= 4 / 3 + 1e-9
     with pytest.raises(ValueError):
         desirable_weight_hint(10, 10, 0.0, 1.0)
+
+
+def test_apo_zero_unpaired_anchors_rewards_at_zero():
+    policy, ref, desirable = batch()
+    losses, rewards = apo_zero_unpaired_loss(policy, ref, desirable, beta=2.0, desirable_weight=1.5)
+    # r = 1, βr = 2: desirable 1.5 (1 - σ(2)); undesirable σ(2)
+    assert losses.tolist() == pytest.approx([1.5 * (1 - sig(2.0)), sig(2.0)], abs=1e-6)
+    assert rewards.tolist() == pytest.approx([2.0, 2.0]) and not rewards.requires_grad

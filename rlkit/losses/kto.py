@@ -40,6 +40,27 @@ def kto_loss(
     return losses, beta * r.detach()
 
 
+def apo_zero_unpaired_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    desirable: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-example APO-zero on unpaired data (D'Oosterlinck et al. 2024, Eq. 7, one side per example).
+
+    Why: when the desirable completions are better than what the model writes now, anchor
+    each example's implicit reward r = log π/π_ref at zero: desirable λ_D(1 - σ(βr)) raises its
+    likelihood, undesirable λ_U σ(βr) = λ_U(1 - σ(-βr)) lowers it. That is KTO's loss with the
+    reference point z0 = 0, so no KL is estimated (TRL's KTO ``loss_type="apo_zero_unpaired"``).
+
+    Same inputs as ``kto_loss`` less ``kl``. Returns (losses [B], rewards β·r [B] detached).
+    """
+    zero = torch.zeros((), dtype=policy_logps.dtype, device=policy_logps.device)
+    return kto_loss(policy_logps, reference_logps, desirable, zero, beta, desirable_weight, undesirable_weight)
+
+
 def kl_reference_point(policy_kl_logps: Tensor, reference_kl_logps: Tensor, clamp: bool = True) -> Tensor:
     """Estimate the KTO reference point z0 = KL(π‖π_ref) from mismatched pairs (Ethayarajh et al. 2024).
 

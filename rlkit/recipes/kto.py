@@ -29,7 +29,7 @@ from rlkit.console import info, warn
 from rlkit.data.prepare import DataOptions, PreparedData, prepare_unpaired_data
 from rlkit.data.unpaired import collate_unpaired, describe_unpaired_data, with_kl_completions
 from rlkit.errors import InputError
-from rlkit.losses.kto import desirable_weight_hint, kl_reference_point, kto_loss
+from rlkit.losses.kto import apo_zero_unpaired_loss, desirable_weight_hint, kl_reference_point, kto_loss
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.logps import sequence_logps
 from rlkit.preference.reference import LogpsSpec, Reference, setup_reference
@@ -57,13 +57,14 @@ def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], to
 
 
 class KTOObjective:
-    """Per-example KTO loss; rewards and log-probs averaged over desirable / undesirable examples."""
+    """Per-example KTO (or APO-zero) loss; rewards and log-probs averaged over desirable / undesirable examples."""
 
     def __init__(
         self, config: KTOConfig, reference: Reference, across_processes: Callable[[torch.Tensor], torch.Tensor]
     ):
         self.reference, self.across_processes = reference, across_processes
         self.beta, self.weights = config.beta, (config.desirable_weight, config.undesirable_weight)
+        self.uses_kl = config.loss == "kto"  # apo_zero_unpaired anchors the rewards at 0: no z0
 
     def weight(self, batch: dict[str, Any]) -> float:
         return float(batch["num_examples"])
@@ -72,16 +73,21 @@ class KTOObjective:
         batch = to_device(batch, model_device(model))
         n = int(batch["num_examples"])
         ref_logps, ref_kl_logps = self.reference.logps(model, batch)  # before the policy forward
-        with torch.no_grad():
-            kl_logps, _ = sequence_logps(model, batch, n, prefix="kl_")
-        # z0: this micro-batch's mean over its mismatched pairs, then the mean over processes.
-        z0 = self.across_processes(kl_reference_point(kl_logps, ref_kl_logps, clamp=False)).clamp(min=0)
-        logps, _ = sequence_logps(model, batch, n)
         desirable = batch["label"].bool()
-        losses, rewards = kto_loss(logps, ref_logps, desirable, z0, self.beta, *self.weights)
+        metrics = {}
+        if self.uses_kl:
+            with torch.no_grad():
+                kl_logps, _ = sequence_logps(model, batch, n, prefix="kl_")
+            # z0: this micro-batch's mean over its mismatched pairs, then the mean over processes.
+            z0 = self.across_processes(kl_reference_point(kl_logps, ref_kl_logps, clamp=False)).clamp(min=0)
+            logps, _ = sequence_logps(model, batch, n)
+            losses, rewards = kto_loss(logps, ref_logps, desirable, z0, self.beta, *self.weights)
+            metrics["kl"] = z0 * n
+        else:
+            logps, _ = sequence_logps(model, batch, n)
+            losses, rewards = apo_zero_unpaired_loss(logps, ref_logps, desirable, self.beta, *self.weights)
         undesirable = ~desirable
-        metrics = {
-            "kl": z0 * n,
+        metrics |= {
             "rewards/chosen": rewards[desirable].sum(),
             "rewards/rejected": rewards[undesirable].sum(),
             "logps/chosen": logps.detach()[desirable].sum(),
@@ -193,7 +199,7 @@ def run_kto(config: KTOConfig) -> Path:
     counts = data.metadata["counts"]
     card = (
         "## Kahneman-Tversky optimisation\n\n"
-        f"- beta {config.beta}, desirable weight {config.desirable_weight}, undesirable weight {config.undesirable_weight}\n"
+        f"- loss `{config.loss}`, beta {config.beta}, desirable weight {config.desirable_weight}, undesirable weight {config.undesirable_weight}\n"
         f"- data: {counts['desirable']} desirable and {counts['undesirable']} undesirable examples"
         + (f" (from {counts['from_pairs']} pairs)" if counts.get("from_pairs") else "")
         + f"\n- reference: {described}\n"

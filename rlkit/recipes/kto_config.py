@@ -28,6 +28,12 @@ class KTOConfig(ReferenceConfig):
         "Examples per device per micro-batch, at least 2: z0 is averaged over the micro-batch's mismatched pairs (and over processes).",
         min=2,
     )
+    loss: str = opt(
+        "kto",
+        "kto (Kahneman-Tversky, rewards against the KL reference point z0) or apo_zero_unpaired (APO-zero, one side "
+        "per example: rewards anchored at 0, so no z0 is estimated and the policy's mismatched forward is skipped).",
+        choices=("kto", "apo_zero_unpaired"),
+    )
     beta: float = opt(
         0.1, "β: how strongly the policy is held to the reference; scales the implicit reward log π/π_ref.", above=0
     )
