@@ -18,6 +18,7 @@ from typing import Any
 import datasets
 import pyarrow.parquet
 
+from rlkit.data.formats import text_of
 from rlkit.data.text import decode_lines, read_utf8
 from rlkit.errors import InputError
 
@@ -79,6 +80,41 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
+MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
+
+
+def _text_parts_joined(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """Messages whose content is a list of text parts get it as one string, before Arrow sees them:
+    Arrow cannot hold a string content on one message and a list on another."""
+    for column in MESSAGE_COLUMNS:
+        value = record.get(column)
+        if isinstance(value, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in value):
+            record[column] = [
+                {**m, "content": text_of(m["content"], f"{column!r} message {k}'s content", where)}
+                if isinstance(m, dict) and isinstance(m.get("content"), list)
+                else m
+                for k, m in enumerate(value, 1)
+            ]
+    return record
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+
+
+def _first_clash(records: list[dict[str, Any]]) -> str:
+    """`: record N has 'col' as a list, earlier records a str`, for the first top-level clash found."""
+    seen: dict[str, str] = {}
+    for number, record in enumerate(records, 1):
+        for key, value in record.items():
+            kind = _kind(value)
+            if kind == "null":
+                continue
+            if seen.setdefault(key, kind) != kind:
+                return f": record {number} has {key!r} as {kind}, earlier records {seen[key]}"
+    return ""
+
+
 SOURCE_WITH_SPLIT = re.compile(r"^(?P<base>.+?):(?P<split>[A-Za-z_][\w.-]*(\[[^\]]*\])?)$")
 
 
@@ -137,10 +173,13 @@ def _load_one(source: str) -> datasets.Dataset:
             raise InputError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
         if not records:
             raise InputError(f"{path}: no records in the file")
+        records = [_text_parts_joined(r, f"{path} record {i}") for i, r in enumerate(records, 1)]
         try:
             return datasets.Dataset.from_list(records)
         except (TypeError, ValueError, Exception) as err:  # Arrow type clashes between lines
-            raise InputError(f"{path}: records do not share one layout ({str(err).splitlines()[0]})")
+            raise InputError(
+                f"{path}: records do not share one layout{_first_clash(records)} ({str(err).splitlines()[0]})"
+            )
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/")):
         raise InputError(f"{source}: no such file")
     try:
