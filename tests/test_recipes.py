@@ -49,6 +49,7 @@ RECIPES = {
         "dpo": ("model.safetensors", "config.json") + CARD,
     },
     "kto-iterated": {"kto-1": ADAPTER + CARD, "kto-2": ADAPTER + CARD, "kto-3": ADAPTER + CARD},
+    "grpo-arithmetic": {"sft": ADAPTER + CARD, "grpo": ADAPTER + ("samples.jsonl",) + CARD},
 }
 
 # recipe name -> {file the recipe wrote under OUT/data: columns of the original dataset's layout}
