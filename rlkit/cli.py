@@ -17,9 +17,13 @@ import typer
 from rich.markup import escape
 
 from rlkit import __version__
+from rlkit.cli_help import RlkitCommand, RlkitGroup
 from rlkit.console import console, is_main_process, quiet_libraries
 from rlkit.errors import RlkitError
 from rlkit.output import release_output_locks
+from rlkit.performance import wait_without_spinning
+
+wait_without_spinning()  # before any command's module loads torch and, with it, OpenMP
 
 # (name, module in rlkit.commands): only commands that work are listed.
 COMMANDS = [
@@ -42,6 +46,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    cls=RlkitGroup,
 )
 
 
@@ -54,7 +59,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit.", metavar=""
     ),
 ) -> None:
     """rlkit COMMAND INPUTS... -o OUT [options] [--config FILE.yaml]"""
@@ -87,7 +92,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
 # registering all of them costs milliseconds; the run function's module loads when it runs.
 for name, module in COMMANDS:
     command = importlib.import_module(f"rlkit.commands.{module}")
-    app.command(name, help=command.HELP)(guarded(command.command))
+    app.command(name, help=command.HELP, cls=RlkitCommand)(guarded(command.command))
 
 
 def main() -> None:

@@ -120,6 +120,14 @@ def field_panels(cls: type) -> dict[str, str]:
     return panels
 
 
+def option_flags(f: dataclasses.Field, base: Any) -> list[str]:
+    """The flag declarations of an option field: its own, else `--name`; a bool as `--name/--no-name`."""
+    flags = list(f.metadata["flags"]) or ["--" + f.name.replace("_", "-")]
+    if base is bool and "/" not in flags[0]:
+        flags = [f"{flags[0]}/--no-{flags[0][2:]}"] + flags[1:]
+    return flags
+
+
 def _typer_parameter(f: dataclasses.Field, tp: Any, panel: str | None) -> inspect.Parameter:
     """Typer's view of one field. Typer always receives None as the default, so `resolve_config`
     can tell a flag given from one left out; the real default is written into the help instead
@@ -133,10 +141,7 @@ def _typer_parameter(f: dataclasses.Field, tp: Any, panel: str | None) -> inspec
         info = typer.Argument(None, help=escape(meta["help"]), metavar=meta["metavar"], show_default=False)
         annotation = Optional[list[str]] if is_list else Optional[str]
     else:
-        flags = list(meta["flags"]) or ["--" + f.name.replace("_", "-")]
-        if base is bool and "/" not in flags[0]:
-            name = flags[0]
-            flags = [f"{name}/--no-{name[2:]}"] + flags[1:]
+        flags = option_flags(f, base)
         shown = default_text(f)
         help = escape(meta["help"]) + (f" [dim]\\[default: {escape(shown)}][/dim]" if shown is not None else "")
         # a switch needs no type column: --flag/--no-flag says it all

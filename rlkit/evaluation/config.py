@@ -12,6 +12,7 @@ from typing import Optional
 
 from rlkit.config import arg, opt
 from rlkit.errors import InputError
+from rlkit.performance import THREADS_HELP
 
 QUESTIONS = (
     "--pairs FILE (reward-model accuracy, or with a policy its implicit-reward accuracy against --ref), "
@@ -64,14 +65,18 @@ class EvalConfig:
     template: Optional[str] = opt(
         None,
         "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+        panel="Data",
     )
     columns: Optional[str] = opt(
-        None, "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k."
+        None,
+        "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k.",
+        panel="Data",
     )
     max_length: int = opt(
         1024,
         "Maximum tokens per scored sequence (longer completions are truncated; pairs whose prompt fills it are dropped and counted).",
         min=2,
+        panel="Data",
     )
     max_new_tokens: int = opt(128, "Most tokens generated per completion (--prompts).", min=1)
     temperature: float = opt(0.0, "Sampling temperature for --prompts (0: greedy).", min=0)
@@ -83,10 +88,13 @@ class EvalConfig:
         "auto",
         "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",
         choices=("auto", "float32", "bfloat16", "float16"),
+        panel="Speed and memory",
     )
+    threads: Optional[int] = opt(None, THREADS_HELP, min=1, panel="Speed and memory")
     output_dir: Optional[str] = opt(
         None,
         "Also write report.json (metrics and per-example scores) and scores.png (score distributions) into this dir.",
+        panel="Inputs and outputs",
     )
 
 

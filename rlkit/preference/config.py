@@ -27,15 +27,18 @@ class PairTrainConfig(TrainConfig):
     padding_free: bool = opt(
         True,
         "Lay the chosen and rejected sequences of a micro-batch end to end in rows, with per-sequence position_ids (--no-padding-free: one padded row per sequence).",
+        panel="Speed and memory",
     )
     row_tokens: int = opt(
         0,
         "Width of a padding-free row in tokens (0: the longest sequence of the micro-batch; raise it with flash-attention, whose cost per row is linear).",
         min=0,
+        panel="Speed and memory",
     )
     dropout: bool = opt(
         False,
         "Keep dropout active in training (off by default: pairs are compared through their log-probs or scores, and dropout only adds noise to them).",
+        panel="Model and LoRA",
     )
 
 
@@ -46,8 +49,10 @@ class ReferenceConfig(PairTrainConfig):
     ref: Optional[str] = opt(
         None,
         "Reference model (HF dir, hub name, adapter dir or .gguf). Default: MODEL as it starts; with a fresh LoRA adapter, the base with the adapter disabled.",
+        panel="Reference",
     )
     precompute_ref: bool = opt(
         True,
         "Compute the reference log-probs in one pass before training and cache them next to the data, so training holds no reference model (--no-precompute-ref: a reference forward every step).",
+        panel="Reference",
     )

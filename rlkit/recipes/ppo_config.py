@@ -28,6 +28,7 @@ class PPOConfig(TrainConfig):
     ref: Optional[str] = opt(
         None,
         "Reference model for the KL penalty (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).",
+        panel="Reference",
     )
     critic: str = opt(
         "shared",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlkit.config import arg, opt
+from rlkit.performance import THREADS_HELP
 
 
 @dataclass
@@ -16,6 +17,7 @@ class ChatConfig:
     template: Optional[str] = opt(
         None,
         "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+        panel="Data",
     )
     system: Optional[str] = opt(
         None, "System message put before every conversation (piped: unless a line's messages have their own)."
@@ -36,4 +38,6 @@ class ChatConfig:
         "auto",
         "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",
         choices=("auto", "float32", "bfloat16", "float16"),
+        panel="Speed and memory",
     )
+    threads: Optional[int] = opt(None, THREADS_HELP, min=1, panel="Speed and memory")

@@ -14,7 +14,10 @@ class PackConfig:
         "Data to pack: JSONL/JSON/Parquet/CSV files, save_to_disk dirs or dataset names.", metavar="DATA...", default=[]
     )
     output: Optional[str] = opt(
-        None, "Output `datasets` dir (with rlkit_pack.json metadata); optional with --show.", flags=("-o", "--output")
+        None,
+        "Output `datasets` dir (with rlkit_pack.json metadata); optional with --show.",
+        flags=("-o", "--output"),
+        panel="Inputs and outputs",
     )
     tokenizer: Optional[str] = opt(
         None, "Model whose tokenizer to use: an HF dir, hub name, adapter dir or .gguf file."
@@ -37,5 +40,7 @@ class PackConfig:
         choices=("auto", "sft", "pairs", "unpaired"),
     )
     show: int = opt(0, "Print N rendered examples, trainable tokens in colour and masked ones dimmed.", min=0)
-    overwrite: bool = opt(False, "Replace an existing output dir.")
-    trust_remote_code: bool = opt(False, "Allow the tokenizer's repository to run its own code.")
+    overwrite: bool = opt(False, "Replace an existing output dir.", panel="Inputs and outputs")
+    trust_remote_code: bool = opt(
+        False, "Allow the tokenizer's repository to run its own code.", panel="Model and LoRA"
+    )

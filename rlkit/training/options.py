@@ -10,66 +10,125 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlkit.config import opt
+from rlkit.performance import THREADS_HELP
 from rlkit.training.schedule import SCHEDULES
 
 
 @dataclass
 class TrainConfig:
     output: Optional[str] = opt(
-        None, "Output directory (written under OUT.partial, renamed when complete).", flags=("-o", "--output")
+        None,
+        "Output directory (written under OUT.partial, renamed when complete).",
+        flags=("-o", "--output"),
+        panel="Inputs and outputs",
     )
-    overwrite: bool = opt(False, "Replace an existing output directory (or an interrupted run) instead of refusing.")
-    resume: bool = opt(False, "Continue from the latest checkpoint of an interrupted run of the same output.")
-    seed: int = opt(42, "Seed for initialisation, data order and dropout; same seed, same result.", min=0)
-    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
-    epochs: int = opt(1, "Passes over the training data.", min=1)
+    overwrite: bool = opt(
+        False,
+        "Replace an existing output directory (or an interrupted run) instead of refusing.",
+        panel="Inputs and outputs",
+    )
+    resume: bool = opt(
+        False,
+        "Continue from the latest checkpoint of an interrupted run of the same output.",
+        panel="Inputs and outputs",
+    )
+    seed: int = opt(
+        42, "Seed for initialisation, data order and dropout; same seed, same result.", min=0, panel="Optimisation"
+    )
+    max_steps: Optional[int] = opt(
+        None, "Stop after this many optimizer steps (overrides --epochs).", min=1, panel="Optimisation"
+    )
+    epochs: int = opt(1, "Passes over the training data.", min=1, panel="Optimisation")
     lr: Optional[float] = opt(
-        None, "Peak learning rate (default depends on the command and on --lora/--full).", above=0
+        None, "Peak learning rate (default depends on the command and on --lora/--full).", above=0, panel="Optimisation"
     )
-    batch_size: int = opt(8, "Rows per device per micro-batch (a packed row holds several examples).", min=1)
+    batch_size: int = opt(
+        8, "Rows per device per micro-batch (a packed row holds several examples).", min=1, panel="Optimisation"
+    )
     grad_accum: int = opt(
         1,
         "Micro-batches accumulated per optimizer step; global batch = batch-size x grad-accum x processes.",
         min=1,
+        panel="Optimisation",
     )
-    max_length: int = opt(1024, "Maximum tokens per example (and per packed row).", min=2)
-    lora: bool = opt(True, "Train a LoRA adapter (--lora) or all weights (--full).", flags=("--lora/--full",))
-    lora_r: int = opt(16, "LoRA rank.", min=1)
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).", min=1)
-    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.", min=0, below=1)
-    lora_targets: str = opt("all-linear", "Modules LoRA adapts: all-linear, or comma-separated names (q_proj,v_proj).")
+    max_length: int = opt(1024, "Maximum tokens per example (and per packed row).", min=2, panel="Data")
+    lora: bool = opt(
+        True, "Train a LoRA adapter (--lora) or all weights (--full).", flags=("--lora/--full",), panel="Model and LoRA"
+    )
+    lora_r: int = opt(16, "LoRA rank.", min=1, panel="Model and LoRA")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).", min=1, panel="Model and LoRA")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.", min=0, below=1, panel="Model and LoRA")
+    lora_targets: str = opt(
+        "all-linear",
+        "Modules LoRA adapts: all-linear, or comma-separated names (q_proj,v_proj).",
+        panel="Model and LoRA",
+    )
     template: Optional[str] = opt(
         None,
         "Chat template: the tokenizer's own by default; chatml, tulu, llama-2, zephyr, stack-exchange, raw, or a .jinja file.",
+        panel="Data",
     )
     columns: Optional[str] = opt(
-        None, "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k."
+        None,
+        "Map columns onto the standard names, e.g. prompt=question,chosen=response_j,rejected=response_k.",
+        panel="Data",
     )
     eval_data: Optional[str] = opt(
-        None, "Held-out data file or dir, evaluated every --eval-every steps and at the end."
+        None, "Held-out data file or dir, evaluated every --eval-every steps and at the end.", panel="Data"
     )
     eval_fraction: float = opt(
-        0.0, "Hold out this fraction of the training data for evaluation instead of --eval-data.", min=0, below=1
+        0.0,
+        "Hold out this fraction of the training data for evaluation instead of --eval-data.",
+        min=0,
+        below=1,
+        panel="Data",
     )
-    eval_every: int = opt(0, "Evaluate every N steps (0: only at the end, when there is eval data).", min=0)
-    save_every: int = opt(0, "Save a resumable checkpoint every N steps (0: only on interruption).", min=0)
-    keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep while training.", min=1)
+    eval_every: int = opt(
+        0,
+        "Evaluate every N steps (0: only at the end, when there is eval data).",
+        min=0,
+        panel="Logging and checkpoints",
+    )
+    save_every: int = opt(
+        0,
+        "Save a resumable checkpoint every N steps (0: only on interruption).",
+        min=0,
+        panel="Logging and checkpoints",
+    )
+    keep_checkpoints: int = opt(
+        2, "How many of the latest checkpoints to keep while training.", min=1, panel="Logging and checkpoints"
+    )
     report_to: str = opt(
-        "none", "Also log metrics to: none, tensorboard or wandb.", choices=("none", "tensorboard", "wandb")
+        "none",
+        "Also log metrics to: none, tensorboard or wandb.",
+        choices=("none", "tensorboard", "wandb"),
+        panel="Logging and checkpoints",
     )
-    scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULES)
-    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps.", min=0, max=1)
-    warmup_steps: int = opt(0, "Warmup steps (wins over --warmup-ratio when > 0).", min=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only; not biases or norms).", min=0)
-    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0, below=1)
-    adam_beta2: float = opt(0.999, "AdamW beta2.", min=0, below=1)
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", above=0)
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).", min=0)
-    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    scheduler: str = opt("linear", "Learning-rate schedule after warmup.", choices=SCHEDULES, panel="Optimisation")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of all steps.", min=0, max=1, panel="Optimisation")
+    warmup_steps: int = opt(0, "Warmup steps (wins over --warmup-ratio when > 0).", min=0, panel="Optimisation")
+    weight_decay: float = opt(
+        0.0, "AdamW weight decay (matrices only; not biases or norms).", min=0, panel="Optimisation"
+    )
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0, below=1, panel="Optimisation")
+    adam_beta2: float = opt(0.999, "AdamW beta2.", min=0, below=1, panel="Optimisation")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", above=0, panel="Optimisation")
+    max_grad_norm: float = opt(
+        1.0, "Clip the global gradient norm to this (0: no clipping).", min=0, panel="Optimisation"
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Recompute activations in the backward pass to save memory.", panel="Speed and memory"
+    )
     precision: str = opt(
         "auto",
         "Compute precision: auto (bf16 where the GPU supports it, else fp32), bf16, fp16, fp32.",
         choices=("auto", "bf16", "fp16", "fp32"),
+        panel="Speed and memory",
     )
-    log_every: int = opt(10, "Print a progress line every N steps when stderr is not a terminal.", min=1)
-    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code.")
+    threads: Optional[int] = opt(None, THREADS_HELP, min=1, panel="Speed and memory")
+    log_every: int = opt(
+        10, "Print a progress line every N steps when stderr is not a terminal.", min=1, panel="Logging and checkpoints"
+    )
+    trust_remote_code: bool = opt(
+        False, "Allow model repositories to run their own Python code.", panel="Model and LoRA"
+    )
