@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from rlkit.data.collate import collate_rows
 from rlkit.data.tokenize import IGNORE
+from rlkit.models.modes import model_device, to_device
+from rlkit.preference.reference import LogpsSpec, Reference
 from rlkit.tools.generation import Rollout
 from rlkit.training.logprobs import label_logprobs
 
@@ -39,30 +40,36 @@ def win_rate(policy: list[float], baseline: list[float]) -> float:
     return statistics.fmean(wins)
 
 
+def _completion_sums(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    logps, _ = label_logprobs(model, batch["input_ids"], batch["position_ids"], batch["labels"])
+    return logps.double().sum(dim=1)
+
+
+COMPLETION_LOGPS = LogpsSpec(_completion_sums, unit="completions")  # what eval's reference measures for the KL
+
+
 @torch.no_grad()
 def completion_logps(
-    model: Any, rollouts: list[Rollout], pad_id: int, batch_size: int, context: Callable[[], Any]
+    model: Any, rollouts: list[Rollout], pad_id: int, batch_size: int, reference: Reference | None = None
 ) -> list[float]:
-    """log π(completion | prompt) summed over each rollout's generated tokens."""
-    device = next(model.parameters()).device
+    """log π(completion | prompt) summed over each rollout's generated tokens: the model's own,
+    or, given its `reference` (a `COMPLETION_LOGPS` strategy), the reference's."""
+    device = model_device(model)
     sums: list[float] = []
-    with context():
-        for start in range(0, len(rollouts), batch_size):
-            rows = []
-            for r in rollouts[start : start + batch_size]:
-                ids = r.prompt_ids + r.completion_ids
-                rows.append(
-                    {
-                        "input_ids": ids,
-                        "labels": [IGNORE] * len(r.prompt_ids) + r.completion_ids,
-                        "position_ids": list(range(len(ids))),
-                    }
-                )
-            batch = collate_rows(rows, pad_id)
-            logps, _ = label_logprobs(
-                model, batch["input_ids"].to(device), batch["position_ids"].to(device), batch["labels"].to(device)
+    for start in range(0, len(rollouts), batch_size):
+        rows = []
+        for r in rollouts[start : start + batch_size]:
+            ids = r.prompt_ids + r.completion_ids
+            rows.append(
+                {
+                    "input_ids": ids,
+                    "labels": [IGNORE] * len(r.prompt_ids) + r.completion_ids,
+                    "position_ids": list(range(len(ids))),
+                }
             )
-            sums += logps.double().sum(dim=1).cpu().tolist()
+        batch = to_device(collate_rows(rows, pad_id), device)
+        measured = reference.logps(model, batch) if reference is not None else _completion_sums(model, batch)
+        sums += measured.cpu().tolist()
     return sums
 
 

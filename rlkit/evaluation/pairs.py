@@ -6,14 +6,14 @@ accuracy`), so a model with no preference reads 50%.
 
 The implicit reward of a DPO/KTO policy is r(x, y) = β (log π(y|x) − log π_ref(y|x)), with
 log-probs summed over the completion tokens (`rlkit.preference.logps`). Its reference is `--ref`,
-or, for an adapter policy, the base with the adapter disabled (no second copy of the base).
+or, for an adapter policy, the base with the adapter disabled (no second copy of the base):
+the strategies, and the tokenizer check, of `rlkit.preference.reference`, as in training.
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,8 +22,8 @@ from rlkit.console import info, warn
 from rlkit.data.pairs import collate_pairs, tokenize_pairs
 from rlkit.errors import InputError
 from rlkit.losses.preference import implicit_reward_accuracy
-from rlkit.models.modes import to_device
-from rlkit.preference.logps import pair_logps
+from rlkit.models.modes import model_device, to_device
+from rlkit.preference.reference import PAIR_LOGPS, Reference
 from rlkit.scoring import RewardScorer
 
 
@@ -78,20 +78,17 @@ def reward_model_scores(
 
 @torch.no_grad()
 def summed_logps(
-    model: Any,
-    rows: list[dict[str, Any]],
-    pad_id: int,
-    batch_size: int,
-    context: Callable[[], Any] = contextlib.nullcontext,
+    model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int, reference: Reference | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of chosen and rejected, [N] each (float64 on CPU)."""
-    device = next(model.parameters()).device
+    """Summed completion log-probs of chosen and rejected, [N] each (float64 on CPU): the model's
+    own, or, given its `reference` (a `PAIR_LOGPS` strategy), the reference's."""
+    device = model_device(model)
     chosen, rejected = [], []
-    with context():
-        for batch in _batches(rows, batch_size, pad_id):
-            out = pair_logps(model, to_device(batch, device))
-            chosen.append(out.chosen.double().cpu())
-            rejected.append(out.rejected.double().cpu())
+    for batch in _batches(rows, batch_size, pad_id):
+        batch = to_device(batch, device)
+        first, second = reference.logps(model, batch) if reference is not None else PAIR_LOGPS.measure(model, batch)
+        chosen.append(first.double().cpu())
+        rejected.append(second.double().cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 

@@ -7,22 +7,19 @@ reference, for the KL).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlkit.console import info
-from rlkit.data.prepare import tokenizer_fingerprint
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError
 from rlkit.evaluation import data as eval_data
 from rlkit.evaluation.config import EvalConfig, question
-from rlkit.evaluation.generation import completion_logps, kl_summary, score_summary, win_rate
+from rlkit.evaluation.generation import COMPLETION_LOGPS, completion_logps, kl_summary, score_summary, win_rate
 from rlkit.evaluation.pairs import (
     implicit_reward_metrics,
     reward_model_scores,
@@ -41,6 +38,14 @@ from rlkit.models.inference import (
     load_causal_lm_for_inference,
 )
 from rlkit.models.load import ModelSource, load_tokenizer, resolve_source
+from rlkit.preference.reference import (
+    PAIR_LOGPS,
+    DisabledAdapterReference,
+    LogpsSpec,
+    ModelReference,
+    Reference,
+    load_reference_model,
+)
 from rlkit.scoring import load_sequence_classifier
 from rlkit.tools.generation import SamplingConfig, generate_rollouts
 
@@ -55,18 +60,18 @@ def _free() -> None:
 
 
 def _reference(
-    config: EvalConfig, source: ModelSource, policy: Any, tokenizer: Any, dtype: torch.dtype, required: bool
-) -> tuple[Any, Callable[[], Any], str] | None:
-    """(reference model, context that makes it the reference, description); None when there is none."""
+    config: EvalConfig, source: ModelSource, tokenizer: Any, dtype: torch.dtype, required: bool, spec: LogpsSpec
+) -> tuple[Reference, str] | None:
+    """(the policy's reference, measuring `spec`, and its description); None when there is none.
+
+    The strategies of training's reference: `--ref` a separate frozen model (same tokenizer
+    required), an adapter policy's base its own forward with the adapter off.
+    """
     if config.ref:
-        ref_source = resolve_source(config.ref)
-        if tokenizer_fingerprint(load_tokenizer(ref_source)) != tokenizer_fingerprint(tokenizer):
-            raise InputError(
-                f"--ref {config.ref}: its tokenizer differs from {config.model}'s; the reference must share the policy's tokens"
-            )
-        return load_causal_lm_for_inference(ref_source, dtype), contextlib.nullcontext, config.ref
+        ref = load_reference_model(resolve_source(config.ref), tokenizer, config.model or "", dtype)
+        return ModelReference(ref.to(inference_device()), spec), config.ref
     if source.adapter_dir:
-        return policy, policy.disable_adapter, f"{source.weights} (the base, adapter disabled)"
+        return DisabledAdapterReference(spec), f"{source.weights} (the base, adapter disabled)"
     if required:
         raise InputError(
             f"{config.model} is a full model; pass --ref REF (the model it was trained from) to compute its implicit reward"
@@ -96,12 +101,12 @@ def eval_pairs(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> R
         kind = "score"
     else:
         policy = load_causal_lm_for_inference(source, dtype)
-        ref = _reference(config, source, policy, tokenizer, dtype, required=True)
+        ref = _reference(config, source, tokenizer, dtype, required=True, spec=PAIR_LOGPS)
         assert ref is not None
-        ref_model, context, described = ref
+        reference, described = ref
         info(f"reference: {described}")
         policy_logps = summed_logps(policy, rows, tokenizer.pad_token_id, config.batch_size)
-        ref_logps = summed_logps(ref_model, rows, tokenizer.pad_token_id, config.batch_size, context)
+        ref_logps = summed_logps(policy, rows, tokenizer.pad_token_id, config.batch_size, reference)
         summary, chosen, rejected = implicit_reward_metrics(policy_logps, ref_logps, config.beta)
         metrics = {
             "question": "implicit_reward_accuracy",
@@ -160,18 +165,16 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
     }
-    ref = _reference(config, source, policy, tokenizer, dtype, required=False)
+    ref = _reference(config, source, tokenizer, dtype, required=False, spec=COMPLETION_LOGPS)
     kl = None
     if ref is not None:
-        ref_model, context, described = ref
+        reference, described = ref
         info(f"reference for KL: {described}")
-        policy_logps = completion_logps(
-            policy, rollouts, tokenizer.pad_token_id, config.batch_size, contextlib.nullcontext
-        )
-        ref_logps = completion_logps(ref_model, rollouts, tokenizer.pad_token_id, config.batch_size, context)
+        policy_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size)
+        ref_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size, reference)
         kl = [p - r for p, r in zip(policy_logps, ref_logps)]
         metrics["ref"] = described
-        del ref_model, ref, context
+        del reference, ref
     del policy
     _free()
     baseline_rollouts = None

@@ -1,10 +1,10 @@
-"""The frozen reference of dpo, kto and ppo: precomputed log-prob columns, or a model per step.
+"""The frozen reference of dpo, kto, ppo and eval: precomputed log-prob columns, or a model per step.
 
 One implementation, generic over what it measures (a `LogpsSpec`): DPO the summed log-probs of
 each pair's chosen and rejected completion, KTO each example's completion and its mismatched
 one, PPO each response token's log-prob at the sampling temperature ([B, R], never
-precomputed: its rollouts are new every step). Whatever the trainer, `--ref DIR` must share
-the policy's tokenizer, and is refused otherwise.
+precomputed: its rollouts are new every step), eval a policy's pairs or sampled completions.
+Whatever the command, `--ref DIR` must share the policy's tokenizer, and is refused otherwise.
 
 Why precompute (the default): the reference never changes, so its log-probs of the training
 and eval pairs are data. One no-grad pass before training (sharded over processes) turns
@@ -286,14 +286,22 @@ class ReferenceOptions(Protocol):
     lora: bool
 
 
-def load_reference_model(ref: ModelSource, policy_tokenizer: Any, run: TrainingRun) -> torch.nn.Module:
-    tokenizer = load_tokenizer(ref, run.config.trust_remote_code)
+def load_reference_model(
+    ref: ModelSource, policy_tokenizer: Any, policy_name: str, dtype: torch.dtype, trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """`--ref`'s model, frozen; refused (before its weights load) unless it shares the policy's tokenizer,
+    since a log-prob ratio of two models is meaningless over different tokens."""
+    tokenizer = load_tokenizer(ref, trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
         raise InputError(
-            f"--ref {ref.name}: its tokenizer differs from {run.source.name}'s; the reference must share the policy's tokens"
+            f"--ref {ref.name}: its tokenizer differs from {policy_name}'s; the reference must share the policy's tokens"
         )
-    model = load_causal_lm(ref, run.weights_dtype, run.config.trust_remote_code)
+    model = load_causal_lm(ref, dtype, trust_remote_code)
     return model.eval().requires_grad_(False)
+
+
+def _load_for_run(ref: ModelSource, policy_tokenizer: Any, run: TrainingRun) -> torch.nn.Module:
+    return load_reference_model(ref, policy_tokenizer, run.source.name, run.weights_dtype, run.config.trust_remote_code)
 
 
 def _reference_source(config: ReferenceOptions, run: TrainingRun) -> tuple[ModelSource, bool, str]:
@@ -318,7 +326,7 @@ def on_the_fly_reference(
     """
     ref_source, ref_is_start, described = _reference_source(config, run)
     if config.ref and not (ref_is_start and config.lora):
-        return ModelReference(load_reference_model(ref_source, tokenizer, run), spec), f"{described}, on the fly"
+        return ModelReference(_load_for_run(ref_source, tokenizer, run), spec), f"{described}, on the fly"
     if config.lora and run.source.adapter_dir:
         return AdapterReference(policy, run.source.adapter_dir, spec), f"{described} (its adapter, frozen), on the fly"
     if config.lora:
@@ -353,7 +361,7 @@ def setup_reference(
 
     def compute(dataset: Any) -> dict[str, list[float]]:
         if "model" not in loaded:
-            loaded["model"] = policy if ref_is_start else load_reference_model(ref_source, tokenizer, run)
+            loaded["model"] = policy if ref_is_start else _load_for_run(ref_source, tokenizer, run)
         return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator, spec)
 
     key = reference_key(ref_source, run.weights_dtype, run.accelerator) + cache_tag
