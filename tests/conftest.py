@@ -111,6 +111,16 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RLKIT_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _output_locks_released():
+    """A run called in process (not through the CLI, which releases them) keeps its OUT locked
+    until the process ends; release them after each test so no test sees another's lock."""
+    yield
+    from rlkit.output import release_output_locks
+
+    release_output_locks()
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:

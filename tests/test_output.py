@@ -19,12 +19,6 @@ from rlkit.output import aside_dir, check_output, finalize, lock_path, open_run_
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _no_lock_left():
-    yield
-    release_output_locks()
-
-
 def _snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
