@@ -1,39 +1,38 @@
 """Online RL from verifiable rewards: GRPO and its family (Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++).
 
 One GRPO step = one rollout of the global batch (batch-size x grad-accum x processes
-completions: --num-generations G per prompt, sampled with the KV cache on the merged LoRA
-weights), scored by every --reward, turned into advantages by the chosen estimator (group
-mean and std, leave-one-out, or batch-normalised returns: `rlkit.losses.group_advantages`), then
---num-iterations optimizer updates on it with the clipped importance ratio
-(`rlkit.losses.grpo`). There is no critic: the group is the baseline.
+completions: --num-generations G per prompt), scored by every --reward, turned into advantages
+by the chosen estimator (group mean and std, leave-one-out, or batch-normalised returns:
+`rlkit.losses.group_advantages`), then --num-iterations optimizer updates on it with the
+clipped importance ratio (`rlkit.losses.grpo`). There is no critic: the group is the baseline.
 
-The shared engine drives it through a `StepSource`, as it drives PPO: an engine step is one
-optimizer update, `GRPOLoop.batches(step, model)` makes the rollout when a GRPO step starts and
-hands out its micro-batches, and everything else (accumulation, clipping, NaN checks, SIGTERM,
-checkpoints, `--resume`, metrics, progress) is the engine's. `--max-steps` and `--save-every`
-count GRPO steps; the engine is given them in updates.
+It runs on PPO's on-policy seam, `rlkit.training.rollout.RolloutSteps` (generate -> score ->
+advantages -> summary; merged-LoRA generation with left padding, first-EOS masks, decoding, the
+mini-batches, resume mid-rollout), and trains `PolicyValue(policy, None, None, beta)`, the
+critic-free module; `GRPOSteps` supplies only what differs:
 
-Why sampling is seeded per generation chunk: a rollout's rows are cut into chunks of
---batch-size in global order (chunk k of step s is the same rows whatever the number of
-processes), and each chunk is sampled from a generator seeded by (seed, s, k). So a run on two
-processes samples exactly what one process samples with the same global batch, and a resumed run
-samples what the uninterrupted one did -- neither depends on what ran before. Micro-batches are
-those chunks, each padded to its own width, so their forward passes are the same tensors too.
+- the prompt layout: the global rollout group by group, each process taking its slice, so a
+  prompt's G completions may be spread over processes (the global batch must divide by G);
+- seeded sampling: chunk k of step s (rows of --batch-size, in global order) is sampled from a
+  generator seeded by (seed, s, k), so two processes sample exactly what one process samples
+  with the same global batch, and a resumed run what the uninterrupted one did;
+- the rollout-time forward only where it is needed: with --num-iterations 1 the update's own
+  log-probs are the rollout's (same weights, no dropout), so none is run and the ratio is
+  exactly 1 (as TRL); the reference (for --beta) is the starting policy -- with LoRA the adapter
+  disabled, never a copy -- and is not run at all when --beta is 0;
+- the rewards: every --reward on this process's completions with the prompt records' other
+  columns as keyword arguments, weighted, with DAPO's overlong penalty; a failure on any process
+  stops every process with its one line;
+- the advantages from every process's rewards (a group statistic needs all G completions;
+  gathering N numbers is cheap), this process keeping its rows, and the loss mask (truncated
+  completions, zero-variance groups);
+- the summary and the samples table the issue lists.
 
-Why the rewards are gathered: a prompt's G completions may live on different processes, and a
-group statistic needs all of them; every process gathers the whole rollout's rewards, computes
-the advantages of all of it (cheap: N numbers) and keeps its own rows.
-
-With --num-iterations 1 the rollout-time log-probs equal the update's (same weights, no
-dropout), so no separate forward computes them and the ratio is exactly 1 (as TRL does); with
-more, one no-grad forward at rollout time records them. The reference (for --beta) is the
-starting policy -- with LoRA the adapter disabled, never a copy -- and is not run at all when
---beta is 0.
+`--max-steps` and `--save-every` count GRPO steps; the engine is given them in updates.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -41,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object, set_seed
 
-from rlkit.console import console, info, warn
+from rlkit.console import info, warn
 from rlkit.data.formats import Messages, as_messages
 from rlkit.data.load import load_records
 from rlkit.data.prompts import encode_prompt
@@ -60,19 +58,15 @@ from rlkit.losses.group_advantages import (
 )
 from rlkit.losses.grpo import grpo_loss, loss_mask, loss_units
 from rlkit.losses.ppo import kl_penalty
-from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import Reference, on_the_fly_reference
 from rlkit.recipes.grpo_config import GRPOConfig
-from rlkit.recipes.ppo import first_eos_mask, response_logps
+from rlkit.recipes.ppo import PolicyValue
 from rlkit.scoring import FunctionReward, Reward, is_model_dir, load_reward
-from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
-from rlkit.training.logprobs import response_logprobs
+from rlkit.training.rollout import Rollout, RolloutSteps, response_logps
 from rlkit.training.run import TrainingRun
-
-SAMPLES_FILE = "samples.jsonl"
-
+from rlkit.training.samples import SAMPLES_FILE
 
 # ---- prompts -------------------------------------------------------------------------------
 
@@ -176,9 +170,7 @@ class GRPOObjective:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         c = self.c
-        logps, entropy, _ = response_logprobs(
-            model, batch["input_ids"], batch["attention_mask"], batch["responses"], c.temperature
-        )
+        logps, entropy, _ = model(batch["input_ids"], batch["attention_mask"], batch["responses"], c.temperature)
         old = batch.get("old_logprobs")
         out = grpo_loss(
             logps,
@@ -200,19 +192,24 @@ class GRPOObjective:
         counts["entropy"] = mask.sum().float()
         return StepOutput(loss=out.loss, metrics=metrics, counts=counts)
 
-
-# ---- rollouts and the step source ------------------------------------------------------------
-
-
-def _trim(batch: dict[str, torch.Tensor], prompt_width: int) -> dict[str, torch.Tensor]:
-    """Drop the left columns no row of the micro-batch uses (its own padding, not the rollout's)."""
-    used = batch["attention_mask"][:, :prompt_width].any(0).nonzero()
-    first = int(used[0]) if len(used) else prompt_width
-    return {k: v[:, first:] if k in ("input_ids", "attention_mask") else v for k, v in batch.items()}
+    def take_means(self) -> dict[str, float]:
+        """Nothing kept per RL step: the engine logs every update's loss metrics itself."""
+        return {}
 
 
-class GRPOLoop:
-    """The engine's `StepSource` for GRPO: a rollout at the start of every GRPO step, then its updates."""
+# ---- the rollout, on the on-policy seam -------------------------------------------------------
+
+
+class GRPOSteps(RolloutSteps):
+    """GRPO's phases on `rlkit.training.rollout.RolloutSteps`: its prompt layout, seeded sampling,
+    weighted rewards with the prompt columns, group advantages, and its summary and samples.
+
+    The seam does the rest as it does for PPO: merged-LoRA generation with left padding, the
+    first-EOS masks, the rollout-time forward (here only where it is needed), decoding, the
+    mini-batches of each of the --num-iterations updates, resume mid-rollout.
+    """
+
+    name = "grpo"
 
     def __init__(
         self,
@@ -224,253 +221,81 @@ class GRPOLoop:
         prompt_ids: list[list[int]],
         rewards: RewardSet,
         reference: Reference | None,
+        objective: GRPOObjective,
         steps: int,
     ):
-        self.c, self.run, self.acc = config, run, run.accelerator
-        self.tokenizer, self.rewards, self.reference = tokenizer, rewards, reference
-        self.conversations, self.columns, self.prompt_ids = conversations, columns, prompt_ids
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        self.local = config.batch_size * config.grad_accum
-        self.global_batch = self.local * self.world
-        self.prompts_per_step = self.global_batch // config.num_generations
-        self.updates = config.num_iterations
-        self.total_steps = steps * self.updates
-        self.steps_per_epoch = max(1, len(conversations) // self.prompts_per_step) * self.updates
-        self.buffer: list[dict[str, torch.Tensor]] | None = None
-        self.buffer_step = -1
-        self.pending: dict[str, float] = {}
-        self.training_s = 0.0
-        self._t_batches = time.time()
-        self._last_step = -1
-
-    # -- StepSource
-    def batches(self, step: int, model: torch.nn.Module) -> list[dict[str, Any]]:
-        grpo_step = step // self.updates
-        if self.buffer is None or self.buffer_step != grpo_step:
-            self.buffer = self.rollout(grpo_step, model)
-            self.buffer_step = grpo_step
-            self.training_s = 0.0
-        self._last_step = step
-        self._t_batches = time.time()
-        return [dict(b, num_tokens=int(b["response_mask"].sum())) for b in self.buffer]
-
-    def step_metrics(self) -> dict[str, float]:
-        self.training_s += time.time() - self._t_batches
-        grpo_step, iteration = divmod(self._last_step, self.updates)
-        metrics: dict[str, float] = {"grpo_step": grpo_step + 1}
-        if iteration == self.updates - 1:  # the rollout's last update: its summary
-            metrics.update(self.pending)
-            gen = self.pending["time/generation_s"]
-            total = self.pending["time/rollout_s"] + self.training_s
-            metrics["time/training_s"] = self.training_s
-            metrics["time/generation_share"] = gen / max(total, 1e-9)
-            metrics["grpo_tokens_per_s"] = self.pending["rollout_tokens"] / max(total, 1e-9)
-            metrics["training_tokens_per_s"] = (
-                self.pending["rollout_tokens"] * self.updates / max(self.training_s, 1e-9)
-            )
-            if self.acc.is_main_process:
-                console.print(
-                    f"grpo step {grpo_step + 1}: reward {metrics['reward/mean']:.3f} ± {metrics['reward/std']:.3f}  "
-                    f"zero-var {metrics['frac_zero_variance_groups']:.2f}  len {metrics['completion_length/mean']:.1f}  "
-                    f"gen {gen:.1f}s train {self.training_s:.1f}s"
-                )
-        return metrics
-
-    # -- the rollout
-    def _prompt_indices(self, grpo_step: int) -> list[int]:
-        """The prompts of a step (global, in order): a seeded permutation per epoch, cut into steps."""
-        per_epoch = max(1, len(self.conversations) // self.prompts_per_step)
-        epoch, k = divmod(grpo_step, per_epoch)
-        order = torch.randperm(
-            len(self.conversations), generator=torch.Generator().manual_seed(self.c.seed + epoch)
-        ).tolist()
-        return [order[(k * self.prompts_per_step + i) % len(order)] for i in range(self.prompts_per_step)]
-
-    def _sample(self, generator: Any, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
-        c, tok = self.c, self.tokenizer
-        devices = [self.acc.device] if self.acc.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            with self.acc.autocast():
-                out = generator.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=c.max_new_tokens,
-                    do_sample=True,
-                    temperature=c.temperature,
-                    top_p=c.top_p,
-                    top_k=c.top_k or None,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                    use_cache=True,
-                )
-        return out[:, ids.shape[1] :]
-
-    @torch.no_grad()
-    def rollout(self, grpo_step: int, model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
-        c, acc, tok = self.c, self.acc, self.tokenizer
-        policy = acc.unwrap_model(model)
-        device, G, bs = acc.device, c.num_generations, c.batch_size
-        prompts = self._prompt_indices(grpo_step)
-        rows = [p for p in prompts for _ in range(G)]  # the global rollout, group by group
-        start = self.rank * self.local
-        mine = rows[start : start + self.local]
-        was_training = policy.training
-        policy.eval()
-
-        # generation: chunk k of the global rollout from a generator seeded by (seed, step, k)
-        t0 = time.time()
-        micro: list[dict[str, torch.Tensor]] = []
-        with lora_merged_for_generation(policy) as generator:
-            for a in range(c.grad_accum):
-                chunk = mine[a * bs : (a + 1) * bs]
-                ids, mask = left_pad([self.prompt_ids[i] for i in chunk], tok.pad_token_id)
-                ids, mask = ids.to(device), mask.to(device)
-                k = (start + a * bs) // bs
-                responses = self._sample(generator, ids, mask, c.seed * 1_000_003 + grpo_step * 10_007 + k)
-                response_mask, has_eos = first_eos_mask(responses, tok.eos_token_id)
-                micro.append(
-                    {
-                        "input_ids": torch.cat([ids, responses], dim=1),
-                        "attention_mask": torch.cat([mask, torch.ones_like(responses)], dim=1),
-                        "responses": responses,
-                        "response_mask": response_mask,
-                        "truncated": ~has_eos,
-                        "prompt_width": torch.tensor(ids.shape[1]),
-                    }
-                )
-        t_gen = time.time() - t0
-
-        # rollout-time log-probs (reused by --num-iterations > 1 and the KL in the reward) and the reference's
-        t1 = time.time()
-        need_old = c.num_iterations > 1 or (c.kl_in_reward and c.beta > 0)
-        for b in micro:
-            with acc.autocast():
-                if need_old:
-                    b["old_logprobs"] = response_logprobs(
-                        policy, b["input_ids"], b["attention_mask"], b["responses"], c.temperature, want_entropy=False
-                    )[0].float()
-                if self.reference is not None:
-                    b["ref_logprobs"] = self.reference.logps(policy, b).float()
-        t_fwd = time.time() - t1
-        policy.train(was_training)
-
-        # rewards of this process's completions, then of the whole rollout
-        t2 = time.time()
-        completions, lengths, truncated = [], [], []
-        for b in micro:
-            for row, m in zip(b["responses"].tolist(), b["response_mask"].sum(1).tolist()):
-                kept = [t for t in row[:m] if t != tok.eos_token_id]
-                completions.append(tok.decode(kept, skip_special_tokens=True).strip())
-            lengths.append(b["response_mask"].sum(1))
-            truncated.append(b["truncated"])
-        local_lengths, local_truncated = torch.cat(lengths), torch.cat(truncated)
-        per_function = self._score(
-            [self.conversations[i] for i in mine], completions, [self.columns[i] for i in mine]
-        ).to(device)
-        everyone = acc.gather if self.world > 1 else (lambda t: t)
-        all_scores = everyone(per_function)
-        all_lengths, all_truncated = everyone(local_lengths), everyone(local_truncated.long()).bool()
-        rewards = combine_rewards(all_scores, self.rewards.weights.to(device))
-        penalty = overlong_penalty(all_lengths, c.max_new_tokens, c.overlong_penalty)
-        rewards = rewards + penalty
-        seq_kl = None
-        if c.kl_in_reward and c.beta > 0:
-            local_kl = torch.cat(
-                [torch.where(b["response_mask"].bool(), b["old_logprobs"] - b["ref_logprobs"], 0).sum(1) for b in micro]
-            )
-            seq_kl = everyone(local_kl)
-        t_score = time.time() - t2
-
-        # advantages (rlkit.losses.group_advantages), of every process's completions; this process keeps its rows
-        flat = zero_variance_groups(rewards, G)
-        mine_slice = slice(start, start + self.local)
-        scale = self._scale()
-        if c.advantage == "reinforce++":
-            across = (lambda t: acc.reduce(t, reduction="sum")) if self.world > 1 else None
-            local_scores = rewards[mine_slice]
-            kl_tokens = None
-            if seq_kl is not None:
-                kl_tokens = [kl_penalty(b["old_logprobs"], b["ref_logprobs"], "k1") for b in micro]
-            advantages = self._reinforce_pp(micro, local_scores, kl_tokens, across)
-        else:
-            shaped = rewards if seq_kl is None else rewards - c.beta * seq_kl
-            estimator = group_advantages if c.advantage == "group" else rloo_advantages
-            all_advantages = estimator(shaped, G, scale)
-            local = all_advantages[mine_slice]
-            advantages = [local[a * bs : (a + 1) * bs] for a in range(c.grad_accum)]
-            self._advantage_stats = all_advantages
-        for a, b in enumerate(micro):
-            b["advantages"] = advantages[a]
-            sl = slice(a * bs, (a + 1) * bs)
-            b["loss_mask"] = loss_mask(
-                b["response_mask"],
-                b["truncated"],
-                flat[mine_slice][sl],
-                c.mask_truncated_completions,
-                c.skip_zero_variance_groups,
-            )
-            if self.reference is None or c.kl_in_reward:
-                b.pop("ref_logprobs", None)
-            if c.num_iterations == 1:
-                b.pop("old_logprobs", None)
-        micro = [_trim(b, int(b.pop("prompt_width"))) for b in micro]
-        for b in micro:
-            b.pop("truncated")
-
-        rollout_s = time.time() - t0
-        tokens = torch.tensor(
-            [float(sum(int(b["attention_mask"].sum()) for b in micro))], device=device
-        )  # prompt + completion tokens
-        total_tokens = float(everyone(tokens).sum())
-        self.pending = self._summary(all_scores, rewards, penalty, flat, all_lengths, all_truncated)
-        self.pending.update(
-            {
-                "rollout_tokens": total_tokens,
-                "time/generation_s": t_gen,
-                "time/forward_s": t_fwd,
-                "time/scoring_s": t_score,
-                "time/rollout_s": rollout_s,
-                "generation_tokens_per_s": float(everyone(local_lengths.sum().reshape(1).float()).sum())
-                / max(t_gen, 1e-9),
-            }
+        super().__init__(
+            config,
+            run,
+            tokenizer,
+            conversations,
+            prompt_ids,
+            self._score_rows,
+            reference,
+            objective,
+            steps,
+            epochs=config.num_iterations,
+            mini_batches=1,
+            group_size=config.num_generations,
         )
-        if c.advantage != "reinforce++":
-            self.pending["advantage/std"] = float(self._advantage_stats.std())
-            self.pending["advantage/abs_mean"] = float(self._advantage_stats.abs().mean())
-        self._write_samples(grpo_step, mine, completions, per_function, advantages, micro)
-        return micro
+        self.rewards, self.columns = rewards, columns
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.global_batch = self.rollout_size * self.world
+        self.prompts_per_step = self.global_batch // config.num_generations
+        # the rollout-time log-probs are needed to reuse a rollout, or for the KL in the reward
+        self.needs_old = config.num_iterations > 1 or (config.kl_in_reward and config.beta > 0)
+        self._rows: list[int] = []
 
-    def _scale(self) -> str:
+    @property
+    def scale(self) -> str:
         c = self.c
         if c.scale_rewards != "auto":
             return c.scale_rewards
         return {"group": "group", "rloo": "none", "reinforce++": "batch"}[c.advantage]
 
-    def _reinforce_pp(
-        self,
-        micro: list[dict[str, torch.Tensor]],
-        scores: torch.Tensor,
-        kl_tokens: list[torch.Tensor] | None,
-        across: Any,
-    ) -> list[torch.Tensor]:
-        """REINFORCE++ over this process's rows, statistics over every process's tokens."""
-        bs = self.c.batch_size
-        width = max(b["responses"].shape[1] for b in micro)
-        mask = torch.cat([F.pad(b["response_mask"], (0, width - b["response_mask"].shape[1])) for b in micro])
-        kl = None
-        if kl_tokens is not None:
-            kl = torch.cat([F.pad(k, (0, width - k.shape[1])) for k in kl_tokens])
-        adv = reinforce_pp_advantages(scores, mask, kl, self.c.beta if kl is not None else 0.0, reduce=across)
-        return [adv[a * bs : (a + 1) * bs, : b["responses"].shape[1]] for a, b in enumerate(micro)]
+    # -- generate: the global rollout group by group, this process's slice of it, seeded chunks
+    def _prompt_indices(self, rl_step: int) -> list[int]:
+        per_epoch = max(1, len(self.conversations) // self.prompts_per_step)
+        epoch, k = divmod(rl_step, per_epoch)
+        order = torch.randperm(
+            len(self.conversations), generator=torch.Generator().manual_seed(self.c.seed + epoch)
+        ).tolist()
+        prompts = [order[(k * self.prompts_per_step + i) % len(order)] for i in range(self.prompts_per_step)]
+        rows = [p for p in prompts for _ in range(self.group_size)]
+        start = self.rank * self.rollout_size
+        return rows[start : start + self.rollout_size]
 
-    def _score(
-        self, conversations: list[Messages], completions: list[str], columns: list[dict[str, Any]]
-    ) -> torch.Tensor:
-        """This process's [n, K] rewards; a failure on any process stops every process with its line."""
+    def sample_seed(self, rl_step: int, start: int) -> int:
+        chunk = (self.rank * self.rollout_size + start) // self.c.batch_size  # the chunk's place in the global rollout
+        return self.c.seed * 1_000_003 + rl_step * 10_007 + chunk
+
+    # -- forward: the policy's only where a rollout is reused or the KL goes into the reward
+    def forward(self, rollout: Rollout, wrapper: torch.nn.Module) -> None:
+        if self.needs_old:
+            super().forward(rollout, wrapper)
+            return
+        t0, bs = time.time(), self.c.batch_size
+        if self.reference is not None:
+            ids, mask, responses = rollout.input_ids, rollout.attention_mask, rollout.responses
+            parts = []
+            for start in range(0, len(rollout.indices), bs):
+                rows = {k: v[start : start + bs] for k, v in (("input_ids", ids), ("attention_mask", mask))}
+                rows["responses"] = responses[start : start + bs]
+                with self.acc.autocast():
+                    parts.append(self.reference.logps(wrapper.policy, rows))
+            rollout.ref_logprobs = torch.cat(parts)
+        rollout.timings["forward_s"] = time.time() - t0
+
+    # -- score: every reward on this process's completions, with the prompts' other columns
+    def score(self, rollout: Rollout) -> None:
+        self._rows = rollout.indices
+        super().score(rollout)
+
+    def _score_rows(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
+        """[n, K] rewards of this process's rows; a failure on any process stops every process with its line."""
         problem, scores = None, None
         try:
-            scores = self.rewards(conversations, completions, columns)
+            scores = self.rewards(conversations, completions, [self.columns[i] for i in self._rows])
         except RlkitError as err:
             problem = str(err)
         if self.world > 1:
@@ -481,92 +306,129 @@ class GRPOLoop:
         assert scores is not None
         return scores
 
-    def _summary(
-        self,
-        per_function: torch.Tensor,
-        rewards: torch.Tensor,
-        penalty: torch.Tensor,
-        flat: torch.Tensor,
-        lengths: torch.Tensor,
-        truncated: torch.Tensor,
-    ) -> dict[str, float]:
-        """The rollout's numbers (every process's completions): what the issue asks each step to show."""
+    def shape_scores(self, rollout: Rollout) -> torch.Tensor:
+        """The combined reward: weighted terms, + the overlong penalty, - beta x the summed KL with --kl-in-reward."""
+        c = self.c
+        assert rollout.raw_scores is not None
+        per_function = rollout.raw_scores
+        rollout.extras["per_function"] = per_function
+        rollout.raw_scores = combine_rewards(per_function, self.rewards.weights.to(per_function.device))
+        lengths = rollout.response_mask.sum(1)
+        penalty = overlong_penalty(lengths, c.max_new_tokens, c.overlong_penalty).to(per_function.device)
+        rollout.extras["overlong_penalty"] = penalty
+        shaped = rollout.raw_scores + penalty
+        if c.kl_in_reward and c.beta > 0 and c.advantage != "reinforce++":
+            assert rollout.old_logprobs is not None and rollout.ref_logprobs is not None
+            kl = torch.where(rollout.response_mask.bool(), rollout.old_logprobs - rollout.ref_logprobs, 0).sum(1)
+            shaped = shaped - c.beta * kl
+        return shaped
 
-        def stats(x: torch.Tensor) -> tuple[float, float]:
-            x = x[~torch.isnan(x)]
-            if len(x) == 0:
-                return math.nan, math.nan
-            return float(x.mean()), float(x.std()) if len(x) > 1 else 0.0
+    # -- advantages: from every process's rewards; this process keeps its rows
+    def advantages(self, rollout: Rollout, wrapper: torch.nn.Module) -> None:
+        c = self.c
+        assert rollout.scores is not None
+        rewards = self.gather(rollout.scores)
+        flat = zero_variance_groups(rewards, self.group_size)
+        mine = slice(self.rank * self.rollout_size, (self.rank + 1) * self.rollout_size)
+        if c.advantage == "reinforce++":
+            kl = None
+            if c.kl_in_reward and c.beta > 0:
+                assert rollout.old_logprobs is not None and rollout.ref_logprobs is not None
+                kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, "k1")
+            rollout.advantages = reinforce_pp_advantages(
+                rollout.scores, rollout.response_mask, kl, c.beta if kl is not None else 0.0, reduce=self.across()
+            )
+        else:
+            estimator = group_advantages if c.advantage == "group" else rloo_advantages
+            everyone = estimator(rewards, self.group_size, self.scale)
+            rollout.advantages = everyone[mine]
+            rollout.stats["advantage/std"] = float(everyone.std())
+            rollout.stats["advantage/abs_mean"] = float(everyone.abs().mean())
+        rollout.extras["zero_variance"] = flat
+        rollout.update_extras["loss_mask"] = loss_mask(
+            rollout.response_mask,
+            ~rollout.has_eos,
+            flat[mine],
+            c.mask_truncated_completions,
+            c.skip_zero_variance_groups,
+        )
+        if c.num_iterations == 1:  # the update's own log-probs are the rollout's (ratio exactly 1)
+            rollout.old_logprobs = None
 
+    # -- what each step shows
+    def summary(self, rollout: Rollout) -> dict[str, float]:
+        """The rollout's numbers over every process's completions (the issue's list)."""
+        c, G = self.c, self.group_size
+        assert rollout.raw_scores is not None and rollout.scores is not None
+        per_function = self.gather(rollout.extras["per_function"])
+        lengths = self.gather(rollout.response_mask.sum(1).float())
+        flat = rollout.extras["zero_variance"].reshape(-1, G)[:, 0]
         summary: dict[str, float] = {}
         for k, name in enumerate(self.rewards.names):
-            summary[f"rewards/{name}/mean"], summary[f"rewards/{name}/std"] = stats(per_function[:, k])
-        if self.c.overlong_penalty:
-            summary["rewards/overlong_penalty/mean"] = float(penalty.mean())
-        summary["reward/mean"], summary["reward/std"] = stats(rewards)
-        summary["frac_zero_variance_groups"] = float(flat.float().reshape(-1, self.c.num_generations)[:, 0].mean())
-        summary["zero_variance_groups"] = float(flat.reshape(-1, self.c.num_generations)[:, 0].sum())
-        summary["frac_unscorable"] = float(torch.isnan(rewards).float().mean())
-        lengths = lengths.float()
+            summary[f"rewards/{name}/mean"], summary[f"rewards/{name}/std"] = _nan_stats(per_function[:, k])
+        if c.overlong_penalty:
+            summary["rewards/overlong_penalty/mean"] = float(self.gather(rollout.extras["overlong_penalty"]).mean())
+        summary["reward/mean"], summary["reward/std"] = _nan_stats(self.gather(rollout.scores))
+        summary["frac_zero_variance_groups"] = float(flat.float().mean())
+        summary["zero_variance_groups"] = float(flat.sum())
+        summary["frac_unscorable"] = float(torch.isnan(self.gather(rollout.raw_scores)).float().mean())
         summary["completion_length/mean"] = float(lengths.mean())
         summary["completion_length/min"] = float(lengths.min())
         summary["completion_length/max"] = float(lengths.max())
-        summary["frac_truncated"] = float(truncated.float().mean())
+        summary["frac_truncated"] = float(self.gather((~rollout.has_eos).float()).mean())
+        summary.update(rollout.stats)
+        t = rollout.timings
+        all_tokens = self.gather(rollout.attention_mask.sum().reshape(1).float()).sum()  # prompt + completion
+        summary.update(
+            {
+                "response_tokens": float(rollout.response_mask.sum()),
+                "rollout_tokens": float(all_tokens),
+                "time/generation_s": t["generation_s"],
+                "time/forward_s": t["forward_s"],
+                "time/scoring_s": t["scoring_s"],
+                "time/rollout_s": t["rollout_s"],
+                "generation_tokens_per_s": float(lengths.sum()) / max(t["generation_s"], 1e-9),
+            }
+        )
         return summary
 
-    def _write_samples(
-        self,
-        grpo_step: int,
-        mine: list[int],
-        completions: list[str],
-        per_function: torch.Tensor,
-        advantages: list[torch.Tensor],
-        micro: list[dict[str, torch.Tensor]],
-    ) -> None:
-        c = self.c
-        if not c.sample_every or grpo_step % c.sample_every != 0 or not self.acc.is_main_process:
-            return
-        if self.run.run_dir is None:
-            return
-        from rich.table import Table
+    def step_metrics(self) -> dict[str, float]:
+        metrics = super().step_metrics()
+        if "rollout_tokens" in metrics:  # the RL step is complete: the training side of its throughput
+            metrics["training_tokens_per_s"] = (
+                metrics["rollout_tokens"] * self.updates / max(metrics["time/training_s"], 1e-9)
+            )
+        return metrics
 
-        per_row = torch.cat(
-            [
-                a
-                if a.dim() == 1
-                else torch.where(b["response_mask"].bool(), a, 0).sum(1) / b["response_mask"].sum(1).clamp(min=1)
-                for a, b in zip(advantages, micro)
-            ]
-        ).tolist()
-        table = Table(title=f"samples at GRPO step {grpo_step + 1}", show_lines=False, expand=False)
-        table.add_column("prompt", max_width=40, overflow="fold")
-        table.add_column("completion", max_width=60, overflow="fold")
-        for name in self.rewards.names:
-            table.add_column(name, justify="right")
-        table.add_column("advantage", justify="right")
-        lines = []
-        for i in range(min(c.num_samples, len(completions))):
-            prompt = self.conversations[mine[i]][-1]["content"]
-            scores = {name: _number(per_function[i, k]) for k, name in enumerate(self.rewards.names)}
-            lines.append(
-                {
-                    "step": grpo_step + 1,
-                    "prompt": prompt,
-                    "completion": completions[i],
-                    "rewards": scores,
-                    "advantage": per_row[i],
-                }
-            )
-            table.add_row(
-                prompt,
-                completions[i],
-                *("-" if v is None else f"{v:.3f}" for v in scores.values()),
-                f"{per_row[i]:+.3f}",
-            )
-        console.print(table)
-        with open(Path(self.run.run_dir) / SAMPLES_FILE, "a", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+    def step_line(self, rl_step: int, metrics: dict[str, float], generation_s: float) -> str:
+        return (
+            f"grpo step {rl_step + 1}: reward {metrics['reward/mean']:.3f} ± {metrics['reward/std']:.3f}  "
+            f"zero-variance groups {metrics['frac_zero_variance_groups']:.2f}  "
+            f"len {metrics['completion_length/mean']:.1f}  gen {generation_s:.1f}s train {self.training_s:.1f}s"
+        )
+
+    def sample_rows(self, rollout: Rollout) -> list[dict[str, Any]]:
+        assert rollout.advantages is not None
+        per_function = rollout.extras["per_function"]
+        advantages = rollout.advantages
+        if advantages.dim() == 2:  # reinforce++: the mean over the completion's tokens
+            m = rollout.response_mask.bool()
+            advantages = torch.where(m, advantages, 0).sum(1) / m.sum(1).clamp(min=1)
+        rows = []
+        for i, (messages, completion) in enumerate(zip(rollout.conversations, rollout.completions)):
+            row: dict[str, Any] = {"prompt": messages[-1]["content"], "completion": completion}
+            row.update({name: _number(per_function[i, k]) for k, name in enumerate(self.rewards.names)})
+            row["advantage"] = float(advantages[i])
+            rows.append(row)
+        return rows
+
+
+def _nan_stats(x: torch.Tensor) -> tuple[float, float]:
+    """(mean, std) of the non-NaN entries (NaN when there are none)."""
+    x = x[~torch.isnan(x)]
+    if len(x) == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std()) if len(x) > 1 else 0.0
 
 
 def _number(value: torch.Tensor) -> float | None:
@@ -653,12 +515,14 @@ def run_grpo(config: GRPOConfig) -> Path:
     if config.beta > 0:
         reference, described = on_the_fly_reference(config, run, policy, tokenizer, response_logps(config.temperature))
     info(f"reference: {described}")
-    loop = GRPOLoop(config, run, tokenizer, conversations, columns, encoded, rewards, reference, steps)
+    objective = GRPOObjective(config)
+    loop = GRPOSteps(config, run, tokenizer, conversations, columns, encoded, rewards, reference, objective, steps)
     engine_config = replace(config, max_steps=steps * loop.updates, save_every=config.save_every * loop.updates)
     default_lr = 1e-5 if config.lora else 1e-6
-    metrics = run.train(policy, GRPOObjective(config), loop, default_lr, engine_config=engine_config)
+    model = PolicyValue(policy, None, None, config.beta)  # critic-free: no value forward, no value loss
+    metrics = run.train(model, objective, loop, default_lr, engine_config=engine_config)
     metrics["grpo_steps"] = steps
-    scale = loop._scale()
+    scale = loop.scale
     card = (
         "## GRPO\n\n"
         f"- rewards: {', '.join(f'`{s}` (weight {w:g})' for s, w in zip(config.reward, weights))}\n"

@@ -37,6 +37,8 @@ everything after it (the padding `generate` emits once a row has finished) has m
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +76,17 @@ def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, 
     return mask.long(), has_eos
 
 
+@contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Sample from a generator seeded with `seed` and leave the running one as it was (no-op for None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @dataclass
 class Rollout:
     """One process's share of a rollout. Token tensors are [B, R] over response tokens (B rows,
@@ -105,6 +118,8 @@ class Rollout:
     stats: dict[str, float] = field(default_factory=dict)
     # the phases' wall times
     timings: dict[str, float] = field(default_factory=dict)
+    # per-row tensors the updates need besides the standard ones (GRPO's loss mask), cut into mini-batches too
+    update_extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -127,7 +142,7 @@ class Rollout:
             "advantages": self.advantages,
             "returns": self.returns,
         }
-        return {k: v for k, v in tensors.items() if v is not None}
+        return {**{k: v for k, v in tensors.items() if v is not None}, **self.update_extras}
 
 
 class RolloutSteps:
@@ -265,7 +280,7 @@ class RolloutSteps:
         with lora_merged_for_generation(wrapper.policy) as generator:
             for start in range(0, len(indices), c.batch_size):
                 ids, mask = query_ids[start : start + c.batch_size], query_mask[start : start + c.batch_size]
-                with acc.autocast():
+                with seeded(self.sample_seed(rl_step, start), acc.device), acc.autocast():
                     out = generator.generate(
                         input_ids=ids,
                         attention_mask=mask,
@@ -287,6 +302,13 @@ class RolloutSteps:
         )
         rollout.timings["generation_s"] = time.time() - t0
         return rollout
+
+    def sample_seed(self, rl_step: int, start: int) -> int | None:
+        """The seed the chunk of rows from `start` is sampled with (None: the running generator, PPO's way).
+
+        A recipe that returns one makes sampling independent of what ran before and of how the
+        rows are split over processes (GRPO: two processes sample what one does; resume too)."""
+        return None
 
     def forward(self, rollout: Rollout, wrapper: torch.nn.Module) -> None:
         """Log-probs, entropy, values and reference log-probs: the same forward the updates run, no gradient."""
