@@ -34,6 +34,7 @@ class GRPOConfig(TrainConfig):
     ref: Optional[str] = opt(
         None,
         "Reference model for --beta (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).",
+        panel="Reference",
     )
     max_steps: Optional[int] = opt(
         None, "Stop after this many GRPO steps (rollouts; default: --epochs passes over the prompts).", min=1
@@ -77,7 +78,10 @@ class GRPOConfig(TrainConfig):
         None, "Upper clip at 1 + epsilon-high instead (DAPO's clip-higher: 0.28; default: --epsilon).", above=0
     )
     beta: float = opt(
-        0.0, "KL coefficient to the reference (k3 per token in the loss; 0: no reference forward at all).", min=0
+        0.0,
+        "KL coefficient to the reference (k3 per token in the loss; 0: no reference forward at all).",
+        min=0,
+        panel="Reference",
     )
     kl_in_reward: bool = opt(
         False,
