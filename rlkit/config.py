@@ -248,6 +248,12 @@ def _checked(f: dataclasses.Field, value: Any, config_file: Optional[Path]) -> A
     raise InputError(f"{flag_name(f)} {value!r}: {problem}")
 
 
+def check_config(config: Any) -> None:
+    """Hold a config built in code (not through `resolve_config`) to its fields' declarations."""
+    for f in dataclasses.fields(config):
+        _checked(f, getattr(config, f.name), None)
+
+
 def load_yaml_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"--config {path}: no such file")
@@ -277,7 +283,9 @@ def resolve_config(cls: type[T], cli_values: dict[str, Any], config_file: Option
     for key, value in cli_values.items():
         if value is None or (isinstance(value, (list, tuple)) and not value):
             continue
-        coerced = _coerce(flag_name(fields[key]), list(value) if isinstance(value, tuple) else value, hints[key])
+        if isinstance(value, (list, tuple)):  # a repeated option (--tags a,b --tags c) splits like one comma list
+            value = list(value) if fields[key].metadata.get("positional") else ",".join(map(str, value))
+        coerced = _coerce(flag_name(fields[key]), value, hints[key])
         merged[key] = _checked(fields[key], coerced, None)
     for name, f in fields.items():
         meta = f.metadata

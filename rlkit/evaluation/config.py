@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from rlkit.config import arg, opt
+from rlkit.config import arg, check_config, opt
 from rlkit.errors import InputError
 from rlkit.performance import THREADS_HELP
 
@@ -100,6 +100,7 @@ class EvalConfig:
 
 def question(config: EvalConfig) -> str:
     """`pairs`, `prompts`, `completions` or `data`, after refusing every contradictory flag."""
+    check_config(config)
     given = [name for name in ("pairs", "prompts", "completions", "data") if getattr(config, name)]
     if len(given) != 1:
         what = "none was given" if not given else f"got {', '.join('--' + g for g in given)}"
