@@ -39,7 +39,8 @@ def _classifier(vocab_size: int, pad_id: int) -> LlamaForSequenceClassification:
 
 @pytest.fixture(scope="module")
 def pair_rows(tiny_tokenizer):
-    records = [json.loads(line) for line in (DEMO_DATA / "pairs.jsonl").read_text().splitlines()[:5]]
+    # eight pairs of the demo's varied lengths, so that padding-free rows hold several sequences
+    records = [json.loads(line) for line in (DEMO_DATA / "pairs.jsonl").read_text().splitlines()[:8]]
     return tokenize_pairs(records, tiny_tokenizer, resolve_template(None, tiny_tokenizer), 1024)[0]
 
 
