@@ -52,21 +52,21 @@ def aside_dir(output: Path) -> Path:
 _held: dict[Path, tuple[int, list[Path]]] = {}
 
 
-def _check_creatable(out: Path) -> None:
-    """OUT must be (or become) a directory: not a file, not under one, in a place that can be written."""
+def check_creatable(out: Path, flag: str = "-o") -> None:
+    """`out` must be (or become) a directory: not a file, not under one, in a place that can be written."""
     if out.exists() and not out.is_dir():
         raise InputError(
-            f"-o {out}: is a file, not a directory; give a directory path (--overwrite replaces only a directory)"
+            f"{flag} {out}: is a file, not a directory; give a directory path (--overwrite replaces only a directory)"
         )
     ancestor = out.absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise InputError(
-            f"-o {out}: {ancestor} is a file, so no directory can be created under it; choose another path"
+            f"{flag} {out}: {ancestor} is a file, so no directory can be created under it; choose another path"
         )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputError(f"-o {out}: cannot be created, {ancestor} is not writable; choose another path")
+        raise InputError(f"{flag} {out}: cannot be created, {ancestor} is not writable; choose another path")
 
 
 def _make_parents(out: Path) -> list[Path]:
@@ -166,7 +166,7 @@ def check_output(output: str | None, overwrite: bool, resume: bool) -> Path:
     if not output:
         raise InputError("missing -o/--output DIR")
     out = Path(output)
-    _check_creatable(out)
+    check_creatable(out)
     acquire_output_lock(out)
     try:
         _recover_aside(out)

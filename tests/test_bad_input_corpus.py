@@ -263,6 +263,14 @@ CASES: dict[str, Case] = {
         files={"p.jsonl": _jsonl([{"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"}] * 2)},
         output=None,
     ),
+    "eval_output_dir_is_a_file": Case(
+        [*EVAL_ARGS, "--output-dir", "{root}/sft.jsonl"], ["--output-dir", "is a file, not a directory"], output=None
+    ),
+    "eval_output_dir_under_a_file": Case(
+        [*EVAL_ARGS, "--output-dir", "{root}/sft.jsonl/report"],
+        ["sft.jsonl is a file"],
+        output="{root}/sft.jsonl/report",
+    ),
     "eval_truncated_weights": Case(["eval", "{truncated}", "--data", "{root}/sft.jsonl"], ["damaged"], output=None),
 }
 

@@ -8,10 +8,12 @@ a line saying which question it belongs to, so a wrong combination is never half
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from rlkit.config import arg, check_config, opt
 from rlkit.errors import InputError
+from rlkit.output import check_creatable
 from rlkit.performance import THREADS_HELP
 
 QUESTIONS = (
@@ -101,6 +103,8 @@ class EvalConfig:
 def question(config: EvalConfig) -> str:
     """`pairs`, `prompts`, `completions` or `data`, after refusing every contradictory flag."""
     check_config(config)
+    if config.output_dir:  # before any model is loaded, not after the whole evaluation
+        check_creatable(Path(config.output_dir), "--output-dir")
     given = [name for name in ("pairs", "prompts", "completions", "data") if getattr(config, name)]
     if len(given) != 1:
         what = "none was given" if not given else f"got {', '.join('--' + g for g in given)}"
