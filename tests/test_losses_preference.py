@@ -16,6 +16,7 @@ from rlkit.losses.preference import (
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
+    chosen_nll,
     cpo_loss,
     cpo_simpo_loss,
     discopop_loss,
@@ -26,7 +27,6 @@ from rlkit.losses.preference import (
     nca_pair_loss,
     orpo_loss,
     robust_loss,
-    sft_term,
     sigmoid_loss,
     simpo_loss,
     sppo_hard_loss,
@@ -242,8 +242,8 @@ def test_cpo_and_cpo_simpo():
     assert losses.item() == pytest.approx(NEG_LOGSIG_1 + 0.5, abs=1e-6)
 
 
-def test_sft_term_and_sigmoid_norm():
-    assert sft_term(torch.tensor([-6.0, -2.0]), torch.tensor([3, 0])).tolist() == pytest.approx([2.0, 2.0])
+def test_chosen_nll_and_sigmoid_norm():
+    assert chosen_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 0])).tolist() == pytest.approx([2.0, 2.0])
     norm = PREFERENCE_LOSSES["sigmoid_norm"]
     assert norm.fn is sigmoid_loss and norm.length_normalised and not PREFERENCE_LOSSES["sigmoid"].length_normalised
 

@@ -91,10 +91,13 @@ def _soft_label_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
 
 
 def chosen_nll(policy_chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
-    """The per-token NLL of the chosen completion, -log π(y_c|x) / |y_c| (the `sft` term).
+    """The `sft` term: -log π(y_c|x)/|y_c|, the chosen completion's per-token NLL (RPO, Pang et al. 2024, Eq. 1).
 
-    Why per token: a term added to a per-pair preference loss should not grow with the length of
-    the completion. ``policy_chosen_logps`` are summed; lengths are clamped to >= 1.
+    Why a term: on its own it is SFT on the chosen side (`rlkit sft`); added to a preference loss
+    it keeps the chosen likelihood from falling (``--loss sigmoid,sft --loss-weights 1,α`` is
+    ``--loss sigmoid --sft-weight α``), and CPO and ORPO build it in. Per token, so that it does
+    not grow with the completion's length. ``policy_chosen_logps`` are summed; lengths are
+    clamped to >= 1.
     """
     return -policy_chosen_logps / chosen_tokens.clamp(min=1).to(policy_chosen_logps.dtype)
 
@@ -399,16 +402,6 @@ def discopop_loss(
     return _with_rewards(losses, a, b, beta)
 
 
-def sft_term(policy_chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
-    """The `sft` term: -log π(y_c|x)/|y_c|, the chosen completion's per-token NLL (RPO, Pang et al. 2024, Eq. 1).
-
-    Why a term: on its own it is SFT on the chosen side (`rlkit sft`); added to a preference
-    loss it keeps the chosen likelihood from falling. ``--loss sigmoid,sft --loss-weights 1,α``
-    is ``--loss sigmoid --sft-weight α``.
-    """
-    return chosen_nll(policy_chosen_logps, chosen_tokens)
-
-
 def add_sft_term(losses: Tensor, chosen_logps: Tensor, chosen_lengths: Tensor, alpha: float) -> Tensor:
     """Add the RPO NLL term α·(-log π(y_c|x) / |y_c|) (Pang et al. 2024, DPO+NLL) to per-pair losses.
 
@@ -499,7 +492,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
         PreferenceLoss("sigmoid", sigmoid_loss, "DPO; cDPO with --label-smoothing", _SMOOTHED),
         PreferenceLoss("ipo", ipo_loss, "IPO", length_normalised=True),
         PreferenceLoss("hinge", hinge_loss, "SLiC hinge"),
-        PreferenceLoss("robust", robust_loss, "robust DPO (rDPO), ε = --label-smoothing", _SMOOTHED),
+        PreferenceLoss("robust", robust_loss, "rDPO, ε = --label-smoothing", _SMOOTHED),
         PreferenceLoss(
             "simpo",
             simpo_loss,
@@ -512,7 +505,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
         PreferenceLoss(
             "cpo_simpo",
             cpo_simpo_loss,
-            "CPO-SimPO: SimPO + chosen NLL, reference-free",
+            "SimPO + chosen NLL, reference-free",
             {"beta": "beta", "gamma": "simpo_gamma"},
             length_normalised=True,
         ),
@@ -523,12 +516,14 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
         PreferenceLoss(
             "exo_pair", exo_pair_loss, "EXO, pairwise, ε = --label-smoothing > 0", _SMOOTHED, check=_exo_needs_epsilon
         ),
-        PreferenceLoss("sppo_hard", sppo_hard_loss, "SPPO with hard win probabilities"),
-        PreferenceLoss("discopop", discopop_loss, "DiscoPOP (LRML)", {"beta": "beta", "tau": "discopop_tau"}),
+        PreferenceLoss("sppo_hard", sppo_hard_loss, "SPPO, hard win probabilities"),
         PreferenceLoss(
-            "sigmoid_norm", sigmoid_loss, "DPO on length-normalised log-probs", _SMOOTHED, length_normalised=True
+            "discopop", discopop_loss, "DiscoPOP, τ = --discopop-tau", {"beta": "beta", "tau": "discopop_tau"}
         ),
-        PreferenceLoss("sft", sft_term, "the chosen's per-token NLL, a term to combine", {}, standalone=False),
+        PreferenceLoss(
+            "sigmoid_norm", sigmoid_loss, "DPO on per-token mean log-probs", _SMOOTHED, length_normalised=True
+        ),
+        PreferenceLoss("sft", chosen_nll, "the chosen's per-token NLL, only added to a loss", {}, standalone=False),
     )
 }
 
