@@ -300,28 +300,20 @@ def test_error_line_keeps_square_brackets(capsys, message):
 # --- the validation layer: each field declares what it accepts, flags and --config alike ----------
 
 
-def _all_configs():
-    from rlkit.evaluation.config import EvalConfig
-    from rlkit.recipes.dpo_config import DPOConfig
-    from rlkit.recipes.kto_config import KTOConfig
-    from rlkit.recipes.ppo_config import PPOConfig
-    from rlkit.recipes.reward_model_config import RewardModelConfig
-    from rlkit.recipes.sft_config import SFTConfig
-    from rlkit.tools.chat_config import ChatConfig
-    from rlkit.tools.merge_config import MergeConfig
-    from rlkit.tools.pack_config import PackConfig
+def _all_configs() -> list[type]:
+    """Every options dataclass of rlkit: those its *_config.py, config.py and options.py modules define."""
+    import importlib
+    from pathlib import Path
 
-    return [
-        SFTConfig,
-        DPOConfig,
-        KTOConfig,
-        PPOConfig,
-        RewardModelConfig,
-        ChatConfig,
-        MergeConfig,
-        PackConfig,
-        EvalConfig,
-    ]
+    package = Path(__file__).resolve().parents[1] / "rlkit"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if not (path.name.endswith("_config.py") or path.name in ("config.py", "options.py")) or path.parent == package:
+            continue
+        module = importlib.import_module(".".join(path.relative_to(package.parent).with_suffix("").parts))
+        found += [v for v in vars(module).values() if dataclasses.is_dataclass(v) and v.__module__ == module.__name__]
+    assert len(found) >= 10
+    return found
 
 
 def test_every_numeric_option_declares_its_range_and_its_default_is_in_it():
