@@ -65,6 +65,7 @@ SFT_ARGS = ["sft", "{model}", "{root}/sft.jsonl", *OUT, "--max-steps", "1"]
 RM_ARGS = ["train-rm", "{model}", "{root}/pairs.jsonl", *OUT, "--max-steps", "1"]
 DPO_ARGS = ["dpo", "{model}", "{root}/pairs.jsonl", *OUT, "--max-steps", "1"]
 KTO_ARGS = ["kto", "{model}", "{root}/unpaired.jsonl", *OUT, "--max-steps", "1"]
+GRPO_ARGS = ["grpo", "{model}", "{root}/prompts.jsonl", "--reward", "{rm}", *OUT, "--max-steps", "1"]
 PPO_ARGS = ["ppo", "{model}", "{root}/prompts.jsonl", "--reward", "{rm}", *OUT, "--max-steps", "1"]
 PACK_ARGS = ["pack", "{root}/sft.jsonl", "--tokenizer", "{model}", *OUT]
 MERGE_ARGS = ["merge-lora", "{adapter}", *OUT]
@@ -210,6 +211,10 @@ CASES: dict[str, Case] = {
     "ppo_reward_model_as_policy": Case(
         ["ppo", "{rm}", "{root}/prompts.jsonl", "--reward", "{rm}", *OUT, "--max-steps", "1"], ["is a reward model"]
     ),
+    # --- grpo
+    "grpo_num_generations_one": Case([*GRPO_ARGS, "--num-generations", "1"], ["--num-generations 1", ">= 2"]),
+    "grpo_yaml_loss_type": yaml_case(GRPO_ARGS, "loss_type: ppo\n", ["loss_type = 'ppo'", "grpo, bnpo, dapo"]),
+    "grpo_temperature_zero": Case([*GRPO_ARGS, "--temperature", "0"], ["--temperature 0.0", "> 0"]),
     # --- merge-lora
     "merge_yaml_dtype": yaml_case(MERGE_ARGS, "dtype: float8\n", ["dtype = 'float8'", "float32, bfloat16, float16"]),
     "merge_tolerance_negative": Case([*MERGE_ARGS, "--tolerance", "-1"], ["--tolerance -1.0", ">= 0"]),
@@ -370,7 +375,7 @@ def test_bad_input_case(name, tmp_path, dirs):
 
 def test_the_corpus_covers_every_command_with_40_cases():
     commands = {case.args[0] for case in CASES.values()}
-    assert commands == {"pack", "sft", "train-rm", "dpo", "kto", "ppo", "merge-lora", "chat", "eval"}
+    assert commands == {"pack", "sft", "train-rm", "dpo", "kto", "ppo", "grpo", "merge-lora", "chat", "eval"}
     assert len(CASES) >= 40
 
 
