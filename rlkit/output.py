@@ -7,9 +7,9 @@ OUT is always a finished, loadable result and a Makefile target can depend on it
 The output path is checked before any slow work (`check_output`), and the run then holds an
 exclusive lock on `OUT.lock` until it ends, so two runs on one OUT cannot interleave their
 files; the kernel drops the lock of a killed run, so a stale lock file is simply taken over.
-Replacing an old OUT (--overwrite) moves it aside to `OUT.old` before the new one is renamed
+Replacing an old OUT (--overwrite) moves it aside to `OUT.rlkit-old` before the new one is renamed
 in, so a kill at any moment leaves either result whole, and the next run puts a stranded
-`OUT.old` back.
+`OUT.rlkit-old` back.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def lock_path(output: Path) -> Path:
 
 
 def aside_dir(output: Path) -> Path:
-    """Where --overwrite moves the old OUT while the new one is renamed in."""
-    return output.with_name(output.name + ".old")
+    """Where --overwrite moves the old OUT while the new one is renamed in (a name no user picks,
+    since a run that finds it without OUT moves it back)."""
+    return output.with_name(output.name + ".rlkit-old")
 
 
 # output (absolute) -> (fd of its held lock file, dirs this process created to hold it)
