@@ -374,7 +374,7 @@ def test_weighted_losses_sum_their_components_and_log_each(base, pair_rows, tiny
     batch = collate_pairs(pair_rows, tiny_tokenizer.pad_token_id)
     policy = _perturbed_lora(base)
     with torch.no_grad():
-        combined = DPOObjective(_config("sigmoid,sft", loss_weights="1,0.5"), DisabledAdapterReference()).loss(
+        combined = DPOObjective(_config("sigmoid,sft", loss_weights=["1", "0.5"]), DisabledAdapterReference()).loss(
             policy, batch
         )
         rpo = DPOObjective(_config(sft_weight=0.5), DisabledAdapterReference()).loss(policy, batch)
@@ -497,7 +497,7 @@ def test_every_ported_loss_trains_and_writes_its_output(tiny_model_dir, tmp_path
     monkeypatch.setenv("RLKIT_CACHE_DIR", str(tmp_path / "cache"))
     options = {"label_smoothing": 0.1} if loss == "exo_pair" else {}
     if "," in loss:
-        options["loss_weights"] = "1,0.5"
+        options["loss_weights"] = ["1", "0.5"]
     out = _tiny_dpo(tiny_model_dir, tmp_path / "out", loss=loss, max_steps=2, **options)
     final = json.loads((out / "final_metrics.json").read_text())
     assert math.isfinite(final["loss"]) and (out / "adapter_model.safetensors").is_file()
@@ -529,7 +529,7 @@ def test_the_docs_table_lists_every_loss():
     [
         ({"loss": "sigmod"}, "unknown sigmod"),
         ({"loss": "exo_pair"}, "--label-smoothing ε > 0"),
-        ({"loss": "sigmoid,sft", "loss_weights": "1"}, "--loss-weights"),
+        ({"loss": "sigmoid,sft", "loss_weights": ["1"]}, "--loss-weights 1: 1 weights for 2 losses"),
         ({"discopop_tau": 0.0}, "--discopop-tau"),
     ],
 )

@@ -251,7 +251,8 @@ def test_chosen_nll_and_sigmoid_norm():
 def test_loss_terms_parse_combinations():
     terms = loss_terms("sigmoid, sft", "1,0.5")
     assert [(record.name, weight) for record, weight in terms] == [("sigmoid", 1.0), ("sft", 0.5)]
-    assert [(r.name, w) for r, w in loss_terms("ipo", None)] == [("ipo", 1.0)]
+    assert [(r.name, w) for r, w in loss_terms("ipo", [])] == [("ipo", 1.0)]
+    assert [w for _, w in loss_terms("sigmoid,sft", ["2", " 0.25"])] == [2.0, 0.25]  # a YAML list
     for loss, weights, message in [
         ("sigmod", None, "unknown sigmod; choose from sigmoid, ipo"),
         ("sft", None, "rlkit sft"),

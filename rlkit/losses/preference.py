@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -528,11 +528,12 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
 }
 
 
-def loss_terms(loss: str, weights: str | None) -> list[tuple[PreferenceLoss, float]]:
+def loss_terms(loss: str, weights: Sequence[str] | str | None = None) -> list[tuple[PreferenceLoss, float]]:
     """`--loss a,b --loss-weights wa,wb` as (record, weight) pairs, or ValueError saying what to change.
 
     One name without weights is that loss with weight 1. A combination is the weighted sum of
     its components' per-pair losses, as TRL's list-valued ``loss_type`` with ``loss_weights``.
+    ``weights`` is the config's list (or one comma-separated string); empty means 1 each.
     """
     names = [name.strip() for name in loss.split(",") if name.strip()]
     unknown = [name for name in names if name not in PREFERENCE_LOSSES]
@@ -548,15 +549,17 @@ def loss_terms(loss: str, weights: str | None) -> list[tuple[PreferenceLoss, flo
             f"--loss {loss}: sft is a term added to a preference loss (e.g. --loss sigmoid,sft); "
             "for SFT alone use `rlkit sft`"
         )
-    if weights is None or not weights.strip():
+    given = [w.strip() for w in (weights.split(",") if isinstance(weights, str) else weights or []) if w.strip()]
+    shown = ",".join(given)
+    if not given:
         values = [1.0] * len(names)
     else:
         try:
-            values = [float(w) for w in weights.split(",")]
+            values = [float(w) for w in given]
         except ValueError:
-            raise ValueError(f"--loss-weights {weights}: give comma-separated numbers, one per --loss name")
+            raise ValueError(f"--loss-weights {shown}: give comma-separated numbers, one per --loss name")
         if len(values) != len(names):
-            raise ValueError(f"--loss-weights {weights}: {len(values)} weights for {len(names)} losses ({loss})")
+            raise ValueError(f"--loss-weights {shown}: {len(values)} weights for {len(names)} losses ({loss})")
         if any(not math.isfinite(w) or w < 0 for w in values) or not any(values):
-            raise ValueError(f"--loss-weights {weights}: weights must be finite, >= 0 and not all 0")
+            raise ValueError(f"--loss-weights {shown}: weights must be finite, >= 0 and not all 0")
     return [(PREFERENCE_LOSSES[name], weight) for name, weight in zip(names, values)]

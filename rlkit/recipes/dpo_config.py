@@ -23,8 +23,8 @@ class DPOConfig(ReferenceConfig):
         + "; ".join(f"{name} ({record.description})" for name, record in PREFERENCE_LOSSES.items())
         + ".",
     )
-    loss_weights: Optional[str] = opt(
-        None, "Weights of the --loss components, comma-separated, one per name (e.g. 1,0.5); default 1 each."
+    loss_weights: list[str] = opt(
+        [], "Weights of the --loss components, comma-separated in the same order (e.g. 1,0.5; default: 1 each)."
     )
     beta: float = opt(
         0.1,
