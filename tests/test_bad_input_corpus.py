@@ -159,6 +159,16 @@ CASES: dict[str, Case] = {
         ["is a file, not a directory", "--overwrite replaces only a directory"],
         output=None,
     ),
+    "sft_damaged_pack_dir": Case(
+        ["sft", "{model}", "{root}/packed", *OUT, "--max-steps", "1"],
+        ["{root}/packed/rlkit_pack.json:1:", "not valid JSON", "re-run `rlkit pack`"],
+        files={"packed/rlkit_pack.json": b'{"kind": "sft",'},
+    ),
+    "kto_damaged_pack_dir": Case(
+        ["kto", "{model}", "{root}/packed", *OUT, "--max-steps", "1"],
+        ["{root}/packed/rlkit_pack.json:1:", "not valid JSON"],
+        files={"packed/rlkit_pack.json": b"["},
+    ),
     "sft_content_parts_not_text": Case(
         ["sft", "{model}", "{root}/m.jsonl", *OUT, "--max-steps", "1"],
         ["{root}/m.jsonl record 1", "message 2's content must be a string"],
@@ -349,6 +359,7 @@ def test_bad_input_case(name, tmp_path, dirs):
     write_jsonl(root / "unpaired.jsonl", UNPAIRED)
     write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in SFT])
     for rel, content in case.files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(content)
     before, models_before = _snapshot(root), {k: _snapshot(Path(v)) for k, v in dirs.items()}
 

@@ -30,6 +30,7 @@ from rlkit.data.load import load_records
 from rlkit.data.packing import fill_ratio, pack_examples, unpacked_rows
 from rlkit.data.pairs import PairStats, tokenize_pairs
 from rlkit.data.templates import ChatTemplate, resolve_template
+from rlkit.data.text import read_utf8
 from rlkit.data.tokenize import TokenStats, tokenize_sft
 from rlkit.data.unpaired import UnpairedStats, split_pair_data, tokenize_unpaired
 from rlkit.errors import InputError
@@ -72,6 +73,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def is_packed_dir(path: str) -> bool:
     return (Path(path) / METADATA).is_file()
+
+
+def packed_metadata(directory: str) -> dict[str, Any]:
+    """A `rlkit pack` dir's metadata, or one line saying the dir is damaged."""
+    path = Path(directory) / METADATA
+    try:
+        metadata = json.loads(read_utf8(path))
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path}:{err.lineno}: not valid JSON ({err.msg}); the pack dir is damaged, re-run `rlkit pack`"
+        )
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: expected a JSON object; the pack dir is damaged, re-run `rlkit pack`")
+    return metadata
 
 
 def _needs_template(fmt: Format) -> bool:
@@ -292,7 +307,7 @@ _KIND_WORDS = {"sft": "SFT rows", "pairs": "preference pairs", "unpaired": "unpa
 def load_packed(directory: str, tokenizer: Any, model_name: str, kind: str | None = None) -> PreparedData:
     """A `rlkit pack` dir, refused when it was made with another tokenizer than the model's,
     or holds another kind of data than the command trains on (when `kind` is given)."""
-    metadata = json.loads((Path(directory) / METADATA).read_text())
+    metadata = packed_metadata(directory)
     found = metadata.get("kind", "sft")
     if kind is not None and found != kind:
         raise InputError(
@@ -363,7 +378,7 @@ def prepare_unpaired_data(opts: DataOptions, tokenizer: Any, tokenizer_name: str
     A dir of packed pairs is split here, row by row, so one `rlkit pack` serves dpo and kto.
     """
     if len(opts.sources) == 1 and is_packed_dir(opts.sources[0]):
-        found = json.loads((Path(opts.sources[0]) / METADATA).read_text()).get("kind")
+        found = packed_metadata(opts.sources[0]).get("kind")
         if found == "pairs":
             pairs = load_packed(opts.sources[0], tokenizer, tokenizer_name, kind="pairs")
             train, eval_split, metadata = split_pair_data(pairs.train, pairs.eval, pairs.metadata)
