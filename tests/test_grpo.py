@@ -175,6 +175,65 @@ def test_efficacy_rule_based_reward_rises(tiny_model_dir, tmp_path):
     assert all(math.isfinite(r) for r in rewards)
 
 
+SMOLLM2 = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _held_out_score(model: str, tmp_path: Path, name: str) -> float:
+    """The demo checker's mean score of greedy completions on the held-out prompts (`rlkit eval`)."""
+    result = run_cli(
+        "eval",
+        model,
+        "--prompts",
+        str(DEMO_DATA / "eval_prompts.jsonl"),
+        "--reward",
+        "rlkit.demo.task:reward",
+        "--max-new-tokens",
+        "48",
+        "--output-dir",
+        str(tmp_path / name),
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["score_mean"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason="needs the demo model (`make demo-model`)")
+def test_efficacy_smollm2_demo_checker_raises_the_held_out_score(tmp_path):
+    """SmolLM2-135M with the demo task's checker: the training reward and the held-out score rise."""
+    before = _held_out_score(str(SMOLLM2), tmp_path, "before")
+    out = tmp_path / "grpo"
+    result = run_cli(
+        "grpo",
+        str(SMOLLM2),
+        str(DEMO_DATA / "prompts.jsonl"),
+        "-o",
+        str(out),
+        "--reward",
+        "rlkit.demo.task:reward",
+        "--num-generations",
+        "8",
+        "--batch-size",
+        "16",
+        "--grad-accum",
+        "2",
+        "--max-new-tokens",
+        "48",
+        "--max-steps",
+        "30",
+        "--lr",
+        "2e-4",
+        "--sample-every",
+        "10",
+        timeout=7200,
+    )
+    assert result.returncode == 0, result.stderr
+    rewards = [m["reward/mean"] for m in _summaries(out)]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5, rewards
+    after = _held_out_score(str(out), tmp_path, "after")
+    assert after > before + 0.05, (before, after)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
