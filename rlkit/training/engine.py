@@ -4,6 +4,8 @@ A trainer hands over an `Objective`: how many loss units a micro-batch holds (to
 SFT, pairs for DPO) and the summed loss of a micro-batch. Everything else lives here once:
 data order and sharding, gradient accumulation, the optimizer and schedule, clipping,
 checkpoints and resume, interruption, NaN detection, evaluation, metrics and progress.
+Batches reach the engine one way, from a `StepSource`: `DatasetSteps` cuts them from a data set,
+an RL recipe makes them from rollouts of the model being trained (rlkit.training.rollout).
 
 The loss of an optimizer step is the sum over every accumulated micro-batch on every
 process divided by the total number of units, so a step means the same thing whatever the
@@ -317,13 +319,15 @@ class Engine:
             warn(f"skipping {scratch}: an incomplete checkpoint (the run stopped while saving it)")
         found = checkpoints_in(self.run_dir)
         for path in reversed(found):
+            reason = None
             try:
                 acc.load_state(str(path))
-            except (
-                Exception
-            ) as err:  # a truncated or missing file: torch, pickle and safetensors differ in what they raise
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                warn(f"skipping checkpoint {path}: it cannot be read ({reason[:200]})")
+            # a truncated or missing file: torch, pickle and safetensors differ in what they raise
+            except Exception as err:
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            # every process resumes from the same checkpoint, so one that fails anywhere is skipped everywhere
+            if self._reduce({"failed": float(reason is not None)})["failed"] > 0:
+                warn(f"skipping checkpoint {path}: it cannot be read ({reason or 'on another process'})")
                 continue
             if acc.is_main_process:
                 console.print(f"resuming from {path} (step {self.state.step})")
