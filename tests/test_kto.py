@@ -284,7 +284,7 @@ def test_pairs_train_kto_and_reference_logps_are_cached(tiny_model_dir, tmp_path
     args = [str(tiny_model_dir), str(PAIRS), "--max-steps", "2", "--batch-size", "4", "--max-length", "128"]
     first = rlkit("kto", *args, "-o", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
-    assert "data: 600 examples (300 desirable, 300 undesirable; from 300 pairs)" in first.stderr
+    assert "data: 320 examples (160 desirable, 160 undesirable; from 160 pairs)" in first.stderr
     second = rlkit("kto", *args, "-o", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr
     assert "reference log-probs: cached" in second.stderr
