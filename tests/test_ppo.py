@@ -599,3 +599,50 @@ def test_prompt_order_in_groups_of_g():
     assert indices(2, 4) == [order[0]] * 2 + [order[1]] * 2
     assert indices(2, 4, step=1) == [order[2]] * 2 + [order[3]] * 2
     assert indices(2, 2, rank=1, world=2) == [order[1]] * 2
+
+
+def test_a_critic_free_recipe_plugs_into_the_rollout_seam(tiny_model_dir, tmp_path):
+    """What GRPO-style recipes rely on: G samples per prompt, no value function, no reference, one
+    overridden phase (advantages); the rollout's update tensors then train through PPOObjective."""
+    from accelerate import Accelerator
+
+    from rlkit.data.prompts import encode_prompt
+    from rlkit.data.templates import resolve_template
+    from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
+    from rlkit.recipes.ppo import PolicyValue, PPOObjective
+    from rlkit.training.rollout import RolloutSteps
+
+    class GroupMeanSteps(RolloutSteps):
+        name = "group"
+
+        def advantages(self, rollout, wrapper):
+            grouped = rollout.scores.view(-1, self.group_size)
+            centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1, 1)
+            rollout.advantages = torch.where(rollout.response_mask.bool(), centred, 0)
+
+    torch.manual_seed(0)
+    source = resolve_source(str(tiny_model_dir))
+    tok = load_tokenizer(source)
+    template = resolve_template(None, tok)
+    wrapper = PolicyValue(load_causal_lm(source), None, None, 0.0)
+    config = _config(tiny_model_dir, tmp_path / "unused", batch_size=4, ppo_epochs=1, temperature=1.0)
+    conversations = [[{"role": "user", "content": f"Say {w}."}] for w in ("yes", "no", "maybe", "hello")]
+    encoded = [encode_prompt(tok, template, c) for c in conversations]
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), run_dir=None)
+    reward = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
+    steps = GroupMeanSteps(
+        config, run, tok, conversations, encoded, reward, None, PPOObjective(config), 1,
+        epochs=1, mini_batches=1, group_size=2,
+    )  # fmt: skip
+    rollout = steps.rollout(0, wrapper)
+    assert rollout.indices[0] == rollout.indices[1] and rollout.indices[2] == rollout.indices[3]
+    assert rollout.values is None and rollout.ref_logprobs is None and rollout.returns is None
+    per_group = rollout.advantages.sum(dim=1) / rollout.response_mask.sum(dim=1)
+    assert per_group.view(-1, 2).sum(dim=1).abs().max() < 1e-5  # centred within each group
+    tensors = rollout.update_tensors()
+    assert {"old_values", "returns", "ref_logprobs"}.isdisjoint(tensors)
+    assert steps.pending["score/mean"] == pytest.approx(float(rollout.raw_scores.mean()))
+    micro = steps.batches(0, wrapper)
+    out = steps.objective.loss(wrapper, micro[0])
+    assert torch.isfinite(out.loss) and "value_loss" not in out.metrics
+    assert steps.step_metrics()["group_step"] == 1
