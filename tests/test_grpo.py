@@ -251,6 +251,8 @@ def test_two_processes_log_what_one_process_logs(tiny_model_dir, tmp_path):
         "2",
         "--batch-size",
         "2",
+        "--generation-batch-size",
+        "4",  # the same sampling chunks whether a process holds 8 rows or 4
         "--num-generations",
         "4",
         "--max-new-tokens",

@@ -13,9 +13,10 @@ critic-free module; `GRPOSteps` supplies only what differs:
 
 - the prompt layout: the global rollout group by group, each process taking its slice, so a
   prompt's G completions may be spread over processes (the global batch must divide by G);
-- seeded sampling: chunk k of step s (rows of --batch-size, in global order) is sampled from a
-  generator seeded by (seed, s, k), so two processes sample exactly what one process samples
-  with the same global batch, and a resumed run what the uninterrupted one did;
+- seeded sampling in chunks of --generation-batch-size (default: a process's whole rollout, in
+  one `generate` call, as TRL): chunk k of step s (in global order) is sampled from a generator
+  seeded by (seed, s, k), so with the same chunk size two processes sample exactly what one
+  process samples with the same global batch, and a resumed run what the uninterrupted one did;
 - the rollout-time forward only where it is needed: with --num-iterations 1 the update's own
   log-probs are the rollout's (same weights, no dropout), so none is run and the ratio is
   exactly 1 (as TRL); the reference (for --beta) is the starting policy -- with LoRA the adapter
@@ -265,8 +266,11 @@ class GRPOSteps(RolloutSteps):
         start = self.rank * self.rollout_size
         return rows[start : start + self.rollout_size]
 
+    def generation_chunk(self) -> int:
+        return self.c.generation_batch_size or self.rollout_size
+
     def sample_seed(self, rl_step: int, start: int) -> int:
-        chunk = (self.rank * self.rollout_size + start) // self.c.batch_size  # the chunk's place in the global rollout
+        chunk = (self.rank * self.rollout_size + start) // self.generation_chunk()  # its place in the global rollout
         return self.c.seed * 1_000_003 + rl_step * 10_007 + chunk
 
     # -- forward: the policy's only where a rollout is reused or the KL goes into the reward
@@ -486,6 +490,12 @@ def run_grpo(config: GRPOConfig) -> Path:
         [columns[i] for i in kept],
         [encoded[i] for i in kept],
     )
+    local = config.batch_size * config.grad_accum
+    if config.generation_batch_size and local % config.generation_batch_size:
+        raise InputError(
+            f"--generation-batch-size {config.generation_batch_size} does not divide a process's rollout of {local} "
+            f"completions (batch-size {config.batch_size} x grad-accum {config.grad_accum})"
+        )
     prompts_per_step = global_batch // config.num_generations
     if len(conversations) < prompts_per_step:
         raise InputError(

@@ -49,6 +49,11 @@ class GRPOConfig(TrainConfig):
     )
     save_every: int = opt(0, "Save a resumable checkpoint every N GRPO steps (0: only on interruption).", min=0)
     num_generations: int = opt(8, "Completions sampled per prompt (the group size G).", min=2)
+    generation_batch_size: int = opt(
+        0,
+        "Completions sampled per generate call (0: all of a process's rollout at once, as TRL; must divide it).",
+        min=0,
+    )
     max_new_tokens: int = opt(128, "Longest completion; sampling stops earlier at EOS.", min=1)
     temperature: float = opt(1.0, "Sampling temperature (log-probs are computed at the same temperature).", above=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.", above=0, max=1)

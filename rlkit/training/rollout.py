@@ -278,8 +278,9 @@ class RolloutSteps:
         top_k = getattr(c, "top_k", 0) or None
         responses = []
         with lora_merged_for_generation(wrapper.policy) as generator:
-            for start in range(0, len(indices), c.batch_size):
-                ids, mask = query_ids[start : start + c.batch_size], query_mask[start : start + c.batch_size]
+            chunk = self.generation_chunk()
+            for start in range(0, len(indices), chunk):
+                ids, mask = query_ids[start : start + chunk], query_mask[start : start + chunk]
                 with seeded(self.sample_seed(rl_step, start), acc.device), acc.autocast():
                     out = generator.generate(
                         input_ids=ids,
@@ -302,6 +303,10 @@ class RolloutSteps:
         )
         rollout.timings["generation_s"] = time.time() - t0
         return rollout
+
+    def generation_chunk(self) -> int:
+        """Rows sampled per `generate` call (default: --batch-size, PPO's generation chunk)."""
+        return self.c.batch_size
 
     def sample_seed(self, rl_step: int, start: int) -> int | None:
         """The seed the chunk of rows from `start` is sampled with (None: the running generator, PPO's way).
