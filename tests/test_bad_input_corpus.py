@@ -286,6 +286,12 @@ CASES: dict[str, Case] = {
         ["sft.jsonl is a file"],
         output="{root}/sft.jsonl/report",
     ),
+    "eval_completion_message_without_content": Case(
+        ["eval", "--completions", "{root}/c.jsonl", "--reward", "{rm}"],
+        ["{root}/c.jsonl record 1", "message 1 (assistant) has no content"],
+        files={"c.jsonl": _jsonl([{"prompt": "q", "completion": [{"role": "assistant", "content": None}]}] * 2)},
+        output=None,
+    ),
     "eval_truncated_weights": Case(["eval", "{truncated}", "--data", "{root}/sft.jsonl"], ["damaged"], output=None),
 }
 

@@ -48,7 +48,7 @@ def read_completions(path: str, columns: str | None, limit: int) -> tuple[list[A
         where = f"{path} record {i + 1}"
         completion = record.get("completion")
         if isinstance(completion, list):  # a message list: the reply text
-            completion = "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+            completion = "".join(m["content"] for m in as_messages(completion, "assistant", where))
         if not isinstance(completion, str):
             raise InputError(f"{where}: 'completion' must be a string, got {json.dumps(completion)[:40]}")
         given.append(record.get("prompt") if record.get("prompt") is not None else record.get("messages"))
