@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# The built-in demo: the whole preference-tuning pipeline on the real SmolLM2-135M-Instruct, on CPU
-# (10 to 14 minutes on 2 cores), every stage a LoRA adapter chained into the next:
-#   pack -> sft -> train-rm -> dpo (SFT adapter continued, frozen SFT as reference)
-#   -> kto (DPO adapter continued, --ref DPO) -> ppo (KTO adapter, reward = the train-rm model)
-#   -> merge-lora -> eval of every stage on held-out prompts -> one piped `chat` -> before/after table.
-# Few steps, short sequences and small batches: it shows the pipeline and a measurable change,
+# The built-in demo: the whole preference-tuning pipeline on the real SmolLM2-135M-Instruct, on CPU,
+# every stage a LoRA adapter chained into the next, and every stage teaching its own behaviour:
+#   sft      the answer format: one line ending with #done      (sft.jsonl; hedged half the time)
+#   train-rm a reward model that prefers answers without "I think"   (pairs.jsonl)
+#   dpo      open with "Sure!"                                  (dpo_pairs.jsonl: chosen = "Sure! " + rejected)
+#   kto      "Cheers!" before the sign-off                      (unpaired.jsonl: thumbs up = it is there)
+#   ppo      stop hedging: rollouts scored by the train-rm model (prompts.jsonl)
+#   grpo     right arithmetic: the task's checker is the reward  (grpo_prompts.jsonl, its `answer` column)
+# Each stage's greedy answers to held-out prompts are checked by rlkit.demo.task right after it; the
+# end is a table of each stage's target before and after it with a 95% interval (report.md, report.png).
+# Few steps, short sequences and small batches: it shows the pipeline and measurable changes,
 # it is not a recipe. Usage: bash examples/demo.sh [MODEL.gguf] [OUT_DIR]
 set -euo pipefail
 MODEL=${1:-.cache/demo/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${2:-demo-out}
 DATA=$(python -c "from rlkit.demo import DATA_DIR; print(DATA_DIR)")
 mkdir -p "$OUT/eval"
+: >"$OUT/times.txt"
 export TQDM_DISABLE=1  # no library progress bars between rlkit's own lines
 
 STARTED=$SECONDS
-STAGE_STARTED=$SECONDS
-TIMES=()
-stage() {  # stage N/10 NAME: what -- prints a header and records the previous stage's wall time
-    if [[ -n ${STAGE_NAME:-} ]]; then TIMES+=("$STAGE_NAME $((SECONDS - STAGE_STARTED))s"); fi
+stage() {  # stage N/9 NAME: what -- prints a header and records the previous stage's wall time
+    if [[ -n ${STAGE_NAME:-} ]]; then echo "$STAGE_NAME $((SECONDS - STAGE_STARTED))" >>"$OUT/times.txt"; fi
     STAGE_NAME=$2 STAGE_STARTED=$SECONDS
     echo "== $1 $2: $3  [$(date +%H:%M:%S), +$((SECONDS - STARTED))s]" >&2
 }
@@ -25,64 +29,64 @@ quiet() {  # quiet LOG CMD...: run CMD with its stderr in LOG, shown only if it 
     local log=$1; shift
     "$@" 2>"$log" || { cat "$log" >&2; echo "failed: $* (log: $log)" >&2; return 1; }
 }
-EVAL=(--prompts "$DATA/eval_prompts.jsonl" --reward rlkit.demo.task:reward --max-new-tokens 40)
-# Every trainer: LoRA (the default), short sequences (the demo's examples are under 100 tokens).
+# Greedy answers to the held-out prompts, short (the answers are under 30 tokens), batched.
+EVAL=(--prompts "$DATA/eval_prompts.jsonl" --reward rlkit.demo.task:reward --max-new-tokens 32 --batch-size 16)
+evaluate() {  # evaluate NAME [EXTRA...]: the stage's answers and their KL to the start, then its target's change
+    local name=$1 began=$SECONDS; shift
+    # An adapter's KL is to its base with the adapter off: the starting model.
+    quiet "$OUT/eval/$name.log" rlkit eval "$OUT/$name" "${EVAL[@]}" "$@" --output-dir "$OUT/eval/$name" >/dev/null
+    echo "eval:$name $((SECONDS - began))" >>"$OUT/times.txt"
+    echo "   $(python -m rlkit.demo.report "$OUT/eval" --stage "$name")  [eval $((SECONDS - began))s]" >&2
+}
+# Every trainer: LoRA (the default), short sequences (the demo's answers are under 40 tokens).
 COMMON=(--max-length 128 --overwrite)
 
-stage 1/10 pack "tokenize, template and pack the SFT conversations (one shown: trainable tokens green)"
+stage 1/9 pack "tokenize, template and pack the SFT conversations (one shown: trainable tokens green)"
 PACKED=$(rlkit pack "$DATA/sft.jsonl" --tokenizer "$MODEL" -o "$OUT/packed" --max-length 256 --show 1 --overwrite)
 
-stage 2/10 sft "LoRA fine-tuning on the packed rows"
+stage 2/9 sft "LoRA fine-tuning on the packed rows: the one-line #done format"
 SFT=$(rlkit sft "$MODEL" "$PACKED" -o "$OUT/sft" --max-length 256 --overwrite \
     --max-steps 16 --batch-size 4 --lr 5e-4 --warmup-steps 2 --log-every 4)
+evaluate sft --baseline "$MODEL"  # the starting model's answers too, same prompts and settings
 
-stage 3/10 train-rm "reward model from the SFT model, on preference pairs (held-out accuracy at the end)"
+stage 3/9 train-rm "reward model from the SFT model: answers without a hedge win (held-out accuracy at the end)"
 RM=$(rlkit train-rm "$SFT" "$DATA/pairs.jsonl" -o "$OUT/rm" "${COMMON[@]}" \
     --eval-data "$DATA/pairs_eval.jsonl" --max-steps 12 --batch-size 8 --lr 3e-4 --log-every 4)
 
-stage 4/10 dpo "continue the SFT adapter on the pairs; the frozen SFT adapter is the reference"
-DPO=$(rlkit dpo "$SFT" "$DATA/pairs.jsonl" -o "$OUT/dpo" "${COMMON[@]}" \
-    --max-steps 10 --batch-size 8 --lr 5e-5 --beta 0.1 --no-precompute-ref --log-every 5)
+# --sft-weight (RPO's NLL term on the chosen answers) keeps DPO from unlearning the answers themselves
+# while it pushes the rejected ones down: without it, lr 2e-4 gave 'Sure! #done' and repeated sign-offs.
+stage 4/9 dpo "continue the SFT adapter on pairs that differ only in a leading 'Sure!'; frozen SFT as reference"
+DPO=$(rlkit dpo "$SFT" "$DATA/dpo_pairs.jsonl" -o "$OUT/dpo" "${COMMON[@]}" \
+    --max-steps 12 --batch-size 8 --lr 1e-4 --beta 0.1 --sft-weight 1.0 --no-precompute-ref --log-every 4)
+evaluate dpo
 
-stage 5/10 kto "continue the DPO adapter on thumbs-up/down completions, --ref the DPO adapter"
+stage 5/9 kto "continue the DPO adapter on thumbs-up/down answers (up: 'Cheers!' before #done), --ref DPO"
 KTO=$(rlkit kto "$DPO" "$DATA/unpaired.jsonl" -o "$OUT/kto" --ref "$DPO" "${COMMON[@]}" \
-    --max-steps 10 --batch-size 8 --lr 5e-5 --beta 0.1 --no-precompute-ref --log-every 5)
+    --max-steps 12 --batch-size 8 --lr 1e-4 --beta 0.1 --no-precompute-ref --log-every 4)
+evaluate kto
 
-stage 6/10 ppo "continue the KTO adapter with rollouts scored by the reward model, KL to the frozen KTO adapter"
+stage 6/9 ppo "continue the KTO adapter with rollouts scored by the reward model, KL to the frozen KTO adapter"
 PPO=$(rlkit ppo "$KTO" "$DATA/prompts.jsonl" -o "$OUT/ppo" --reward "$RM" "${COMMON[@]}" \
-    --max-steps 6 --batch-size 8 --ppo-epochs 2 --max-new-tokens 24 --lr 2e-5 --kl-coef 0.05 \
-    --missing-eos-penalty 1.0 --sample-every 6 --num-samples 3 --log-every 4)
+    --max-steps 10 --batch-size 8 --ppo-epochs 2 --max-new-tokens 24 --lr 1.5e-4 --kl-coef 0.05 \
+    --missing-eos-penalty 1.0 --sample-every 10 --num-samples 2 --log-every 2)
+evaluate ppo
 
-stage 7/10 merge-lora "fold the final adapter into a full model dir"
-MERGED=$(rlkit merge-lora "$PPO" -o "$OUT/merged" --overwrite)
+stage 7/9 grpo "continue the PPO adapter: groups of 8 answers per arithmetic question, the task's checker as reward"
+GRPO=$(rlkit grpo "$PPO" "$DATA/grpo_prompts.jsonl" -o "$OUT/grpo" --reward rlkit.demo.task:arithmetic_reward \
+    "${COMMON[@]}" --max-steps 10 --batch-size 16 --num-generations 8 --max-new-tokens 20 --temperature 0.7 \
+    --lr 1e-4 --sample-every 10 --num-samples 2 --log-every 2)
+evaluate grpo
 
-stage 8/10 eval "greedy answers to $(wc -l < "$DATA/eval_prompts.jsonl") held-out prompts, scored by the task's checker and the reward model"
-for name in sft dpo kto; do
-    dir=$OUT/$name
-    quiet "$OUT/eval/$name.log" rlkit eval "$dir" "${EVAL[@]}" --output-dir "$OUT/eval/$name" > "$OUT/eval/$name.json"
-    echo "   $name: $(python -c "import json,sys; m=json.load(open(sys.argv[1])); print(f\"task score {m['score_mean']:.3f}, KL to start {m['kl_mean']:.1f}\")" "$OUT/eval/$name.json")" >&2
-done
-# The final model against the starting one (--baseline): same prompts, same settings.
-quiet "$OUT/eval/ppo.log" rlkit eval "$MERGED" "${EVAL[@]}" --baseline "$MODEL" --ref "$MODEL" \
-    --output-dir "$OUT/eval/ppo" > "$OUT/eval/ppo.json"
-python -c "import json,sys; m=json.load(open(sys.argv[1])); print(f\"   merged (ppo): task score {m['score_mean']:.3f} vs start {m['baseline_score_mean']:.3f}, win rate {m['win_rate']:.2f}\")" "$OUT/eval/ppo.json" >&2
-# Every model's completions scored by the reward model of stage 3.
-python -m rlkit.demo.report "$OUT/eval" --rm-input "$OUT/eval/all_completions.jsonl" > /dev/null
-quiet "$OUT/eval/rm_scores.log" rlkit eval --completions "$OUT/eval/all_completions.jsonl" --reward "$RM" \
-    --output-dir "$OUT/eval/rm_scores" > "$OUT/eval/rm_scores.json"
+stage 8/9 chat "one question through a pipe to the final adapter (JSONL out)"
+echo "What is the capital of Italy?" | rlkit chat "$GRPO" --max-new-tokens 24 | tee "$OUT/chat.jsonl"
 
-stage 9/10 chat "one question through a pipe (JSONL out)"
-echo "How many legs does a spider have?" | rlkit chat "$MERGED" --max-new-tokens 32 | tee "$OUT/chat.jsonl"
-
-stage 10/10 report "before/after on the held-out prompts"
-TIMES+=("$STAGE_NAME $((SECONDS - STAGE_STARTED))s")
-python -m rlkit.demo.report "$OUT/eval" | tee "$OUT/report.md"
+stage 9/9 report "each stage's target before and after it, with a 95% interval"
+echo "$STAGE_NAME $((SECONDS - STAGE_STARTED))" >>"$OUT/times.txt"
+python -m rlkit.demo.report "$OUT/eval" --md "$OUT/report.md" --png "$OUT/report.png" --times "$OUT/times.txt"
 {
     echo
     echo "reward model held-out pair accuracy: $(python -c "import json,sys; print(f\"{json.load(open(sys.argv[1]))['eval/accuracy']:.2f}\")" "$RM/final_metrics.json")"
-    echo "training curves:"
-    for dir in "$SFT" "$RM" "$DPO" "$KTO" "$PPO"; do echo "  $dir/training_curves.png"; done
-    echo "final model: $MERGED   (rlkit chat $MERGED)"
-    echo "eval reports: $OUT/eval/<stage>/report.json and scores.png"
-    echo "wall time: $((SECONDS - STARTED))s (${TIMES[*]})"
+    echo "training curves: $OUT/<stage>/training_curves.png; final adapter: $GRPO (rlkit chat $GRPO)"
+    echo "report: $OUT/report.md and $OUT/report.png; every answer: $OUT/eval/<stage>/report.json"
+    echo "wall time: $((SECONDS - STARTED))s ($(awk '{printf "%s%s %ss", (NR > 1 ? ", " : ""), $1, $2}' "$OUT/times.txt"))"
 } >&2

@@ -122,3 +122,11 @@ def test_load_answers_needs_the_baseline(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit):
         report.load_answers(tmp_path)
+
+
+def test_stage_line_for_the_progress_log(tmp_path: Path) -> None:
+    eval_dir = _fake_eval_dir(tmp_path / "eval")
+    rows = {r.target.stage: r for r in report.stage_rows(report.load_answers(eval_dir))}
+    line = report.stage_line(rows["dpo"])
+    assert line.startswith("dpo: opener 0% -> 100% (+100 pp, 95% [+")
+    assert line.endswith("n=4, KL to start 3.0)")

@@ -158,6 +158,16 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.0f}"
 
 
+def stage_line(row: StageRow) -> str:
+    """One stage's verdict in a line, for the progress log."""
+    res = row.result
+    kl = "" if row.kl is None else f", KL to start {row.kl:.1f}"
+    return (
+        f"{row.target.stage}: {row.target.name} {_pct(res.before)} -> {_pct(res.after)} "
+        f"({_pp(res.diff)} pp, 95% [{_pp(res.low)}, {_pp(res.high)}]; n={res.n}{kl})"
+    )
+
+
 def stage_table(rows: list[StageRow]) -> str:
     """The headline table: each stage's own target before and after it."""
     lines = [
@@ -263,9 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, help="also write the full report (markdown) here")
     parser.add_argument("--png", type=Path, help="also write the chart of every stage's target here")
     parser.add_argument("--times", type=Path, help="NAME SECONDS lines: the wall time per stage, for --md")
+    parser.add_argument("--stage", choices=STAGES, help="instead of the tables, print this stage's verdict in a line")
     args = parser.parse_args(argv)
     answers = load_answers(args.eval_dir)
     rows = stage_rows(answers)
+    if args.stage:
+        print(next((stage_line(r) for r in rows if r.target.stage == args.stage), f"{args.stage}: not evaluated"))
+        return 0
     print(stage_table(rows))
     print()
     print(matrix_table(answers))
