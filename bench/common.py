@@ -114,6 +114,60 @@ def pool(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def write_step_result(path: str | Path, steps: list[dict[str, float]], warmup: int, extra: dict[str, Any]) -> None:
+    """A child's JSON result of per-step records: the first `warmup` steps left out (one is always
+    kept), the torch threads and the process's peak RSS."""
+    import torch
+
+    skip = min(warmup, max(len(steps) - 1, 0))
+    result = {
+        "steps": steps[skip:],
+        "warmup_steps": skip,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mib": peak_rss_mib(),
+        **extra,
+    }
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def combine_runs(summaries: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """A configuration's numbers: the median over its runs of each run's median (peak RSS: median of
+    the peaks), the spread of the step time over runs and the steps measured in all."""
+    out: dict[str, Any] = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
+    out["runs"] = len(summaries)
+    out["step_s_range"] = (min(s["step_s"] for s in summaries), max(s["step_s"] for s in summaries))
+    out["steps_measured"] = sum(s["steps_measured"] for s in summaries)
+    return out
+
+
+def run_header(meta: dict[str, Any], settings: dict[str, str], notes: Sequence[str]) -> list[str]:
+    """The lines above a bench table: when and how it was measured, the machine and its load, the
+    versions (with `meta["trl"]` where a TRL venv ran), then one line per setting and per note."""
+    info = machine_info()
+    vers = versions(["torch", "transformers", "peft", "accelerate"])
+    loads = meta.get("run_loads") or []
+    trl_v = meta.get("trl")
+    header = [
+        f"Measured on {meta['date']} with `{meta['command']}`, which took {meta['minutes']:.0f} min.",
+        "",
+        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, {'GPU ' + info['gpu'] if info['gpu'] else 'no GPU'}; "
+        f"{meta['threads'] or 'default'} torch thread(s) per run; load average {' / '.join(f'{x:.1f}' for x in meta['load_before'])} before and "
+        f"{' / '.join(f'{x:.1f}' for x in meta['load_after'])} after (1/5/15 min)"
+        + (
+            f"; the 1-min load average at the start of the runs ranged {min(loads):.1f}-{max(loads):.1f} (this bench adds 1)."
+            if loads
+            else "."
+        ),
+        "- Versions: "
+        + ", ".join(f"{k} {v}" for k, v in vers.items())
+        + (f", trl {trl_v}" if trl_v else "")
+        + f", Python {info['python']}.",
+    ]
+    header += [f"- {label}: {text}." for label, text in settings.items()]
+    header += [f"- {n}" for n in notes]
+    return header
+
+
 def write_result(path: str | Path, result: dict[str, Any]) -> None:
     result = {**result, "peak_rss_mib": peak_rss_mib()}
     Path(path).write_text(json.dumps(result, indent=1) + "\n")

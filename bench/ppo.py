@@ -48,17 +48,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO,
     bench_model,
+    combine_runs,
     command_line,
     ensure_venv_with,
     log,
-    machine_info,
     markdown_table,
-    peak_rss_mib,
     replace_block,
     run_child,
+    run_header,
     run_plain,
     trl_run_args,
     versions,
+    write_step_result,
 )
 
 DEFAULT_GGUF = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,17 +171,7 @@ class PPOClock:
 
 
 def finish(result_path: str, clock: PPOClock, warmup: int, extra: dict[str, Any]) -> None:
-    import torch
-
-    skip = min(warmup, max(len(clock.steps) - 1, 0))
-    result = {
-        "steps": clock.steps[skip:],
-        "warmup_steps": skip,
-        "torch_threads": torch.get_num_threads(),
-        "peak_rss_mib": peak_rss_mib(),
-        **extra,
-    }
-    Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
+    write_step_result(result_path, clock.steps, warmup, extra)
 
 
 def ppo_argv(spec: dict[str, Any], critic: str) -> list[str]:
@@ -513,15 +504,6 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def combine(summaries: list[dict[str, float]]) -> dict[str, Any]:
-    """A configuration's numbers: the median over its runs of each run's median (peak RSS: median of the peaks)."""
-    out: dict[str, Any] = {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
-    out["runs"] = len(summaries)
-    out["step_s_range"] = (min(s["step_s"] for s in summaries), max(s["step_s"] for s in summaries))
-    out["steps_measured"] = sum(s["steps_measured"] for s in summaries)
-    return out
-
-
 def fmt(x: float, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
@@ -760,7 +742,7 @@ def main(argv: list[str]) -> int:
                         f"{one['generated_tokens_per_s']:.0f} generated tok/s, peak RSS {one['peak_rss_mib']:.0f} MiB"
                     )
                     runs.setdefault(trainer, []).append(one)
-            table[label] = [(t, combine(runs[t])) for t in trainers if runs.get(t)]
+            table[label] = [(t, combine_runs(runs[t])) for t in trainers if runs.get(t)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -872,27 +854,7 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
         ["model", "who", "what is timed", "s / step", "sampled tok / step", "tok/s", "vs plain generate"], gen_rows
     )
     print(f"{t1}\n\n{t2}")
-    info = machine_info()
-    vers = versions(["torch", "transformers", "peft", "accelerate"])
-    loads = meta.get("run_loads") or []
-    header = [
-        f"Measured on {meta['date']} with `{meta['command']}`, which took {meta['minutes']:.0f} min.",
-        "",
-        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM, {'GPU ' + info['gpu'] if info['gpu'] else 'no GPU'}; "
-        f"{meta['threads'] or 'default'} torch thread(s) per run; load average {' / '.join(f'{x:.1f}' for x in meta['load_before'])} before and "
-        f"{' / '.join(f'{x:.1f}' for x in meta['load_after'])} after (1/5/15 min)"
-        + (
-            f"; the 1-min load average at the start of the runs ranged {min(loads):.1f}-{max(loads):.1f} (this bench adds 1)."
-            if loads
-            else "."
-        ),
-        "- Versions: "
-        + ", ".join(f"{k} {v}" for k, v in vers.items())
-        + (f", trl {trl_v}" if trl_v else "")
-        + f", Python {info['python']}.",
-    ]
-    header += [f"- {label}: {text}." for label, text in summary["settings"].items()]
-    header += [f"- {n}" for n in summary["notes"]]
+    header = run_header(meta, summary["settings"], summary["notes"])
     block = "\n".join(header) + "\n\n" + t1 + "\n\n" + t2
     if doc is not None:
         name = "ppo" + variant(
