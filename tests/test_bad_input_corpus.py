@@ -169,6 +169,13 @@ CASES: dict[str, Case] = {
         ["{root}/packed/rlkit_pack.json:1:", "not valid JSON"],
         files={"packed/rlkit_pack.json": b"["},
     ),
+    "sft_unknown_lora_targets": Case(
+        [*SFT_ARGS, "--lora-targets", "qq_proj"], ["--lora-targets qq_proj", "not found", "q_proj", "all-linear"]
+    ),
+    "sft_truncated_adapter_weights": Case(
+        ["sft", "{cut_adapter}", "{root}/sft.jsonl", *OUT, "--max-steps", "1"],
+        ["{cut_adapter}", "truncated or damaged"],
+    ),
     "sft_content_parts_not_text": Case(
         ["sft", "{model}", "{root}/m.jsonl", *OUT, "--max-steps", "1"],
         ["{root}/m.jsonl record 1", "message 2's content must be a string"],
@@ -230,6 +237,9 @@ CASES: dict[str, Case] = {
     "merge_tolerance_negative": Case([*MERGE_ARGS, "--tolerance", "-1"], ["--tolerance -1.0", ">= 0"]),
     "merge_corrupt_adapter_config": Case(
         ["merge-lora", "{bad_adapter}", *OUT], ["{bad_adapter}", "adapter_config.json"]
+    ),
+    "merge_truncated_adapter_weights": Case(
+        ["merge-lora", "{cut_adapter}", *OUT], ["{cut_adapter}", "truncated or damaged", "SafetensorError"]
     ),
     "merge_output_is_a_file": Case(
         ["merge-lora", "{adapter}", "-o", "{root}/sft.jsonl", "--overwrite"],
@@ -324,6 +334,21 @@ def dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer) -> dict[str, str]:
     (adapter / "adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": str(tiny_model_dir), "task_type": "CAUSAL_LM", "peft_type": "LORA"})
     )
+    cut_adapter = root / "cut-adapter"  # a LoRA adapter whose weights file was cut short
+    cut_adapter.mkdir()
+    (cut_adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": str(tiny_model_dir),
+                "task_type": "CAUSAL_LM",
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+            }
+        )
+    )
+    (cut_adapter / "adapter_model.safetensors").write_bytes(b"\x00\x01")
     bad_tokenizer = root / "bad-tokenizer"
     shutil.copytree(tiny_model_dir, bad_tokenizer)
     (bad_tokenizer / "tokenizer.json").write_text('{"version": ')
@@ -333,6 +358,7 @@ def dirs(tmp_path_factory, tiny_model_dir, tiny_tokenizer) -> dict[str, str]:
         "truncated": str(truncated),
         "bad_adapter": str(bad_adapter),
         "adapter": str(adapter),
+        "cut_adapter": str(cut_adapter),
         "bad_tokenizer": str(bad_tokenizer),
     }
 

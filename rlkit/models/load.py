@@ -49,17 +49,21 @@ class ModelSource:
 DAMAGED = (SafetensorError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError)
 
 
+def damaged(name: str, what: str, err: BaseException) -> InputError:
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    return InputError(
+        f"{name}: cannot load {what}: a file in it is truncated or damaged ({type(err).__name__}: {first}); "
+        "re-create or re-download it"
+    )
+
+
 @contextlib.contextmanager
 def loading(name: str, what: str) -> Iterator[None]:
     """Turn a library's failure to load `name` as `what` into one line; a damaged file says so."""
     try:
         yield
     except DAMAGED as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise InputError(
-            f"{name}: cannot load {what}: a file in it is truncated or damaged ({type(err).__name__}: {first}); "
-            "re-create or re-download it"
-        )
+        raise damaged(name, what, err)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise InputError(f"{name}: cannot load {what} ({(str(err).splitlines() or [type(err).__name__])[0]})")
 
@@ -193,7 +197,14 @@ def add_lora(
         return model
     target_modules: Any = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise InputError(
+            f"--lora-targets {targets}: {(str(err).splitlines() or ['no such modules'])[0]} "
+            f"(its linear layers: {', '.join(linear)}; or all-linear)"
+        )
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

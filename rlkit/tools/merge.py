@@ -23,7 +23,7 @@ from rlkit.config import config_to_dict
 from rlkit.console import info
 from rlkit.errors import InputError, RunError
 from rlkit.models.inference import DTYPES, adapter_config, adapter_score_labels
-from rlkit.models.load import ModelSource, load_tokenizer, resolve_source, strip_gguf_marker
+from rlkit.models.load import DAMAGED, ModelSource, damaged, load_tokenizer, resolve_source, strip_gguf_marker
 from rlkit.output import check_output, finalize, open_run_dir, write_config, write_model_card
 from rlkit.tools.merge_config import MergeConfig
 
@@ -135,6 +135,8 @@ def run_merge(config: MergeConfig) -> Path:
     base = _load_base(source, task, config.adapter, dtype, tokenizer.pad_token_id, config.trust_remote_code)
     try:
         model = PeftModel.from_pretrained(base, config.adapter, is_trainable=False)
+    except DAMAGED as err:  # a truncated adapter file is not a wrong base
+        raise damaged(config.adapter, "the LoRA adapter", err)
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(
             f"{config.adapter}: does not fit base {base_name} ({str(err).splitlines()[0]}); pass the right --base"
