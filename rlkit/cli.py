@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from rlkit import __version__
 from rlkit.cli_help import RlkitCommand, RlkitGroup
-from rlkit.console import console, is_main_process, quiet_libraries
+from rlkit.console import console, is_main_process
 from rlkit.errors import RlkitError
 from rlkit.output import release_output_locks
 from rlkit.performance import wait_without_spinning
@@ -70,7 +70,6 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        quiet_libraries()  # here, not at start: it imports transformers, which `--help` must not wait for
         try:
             result = command(*args, **kwargs)
         except RlkitError as err:

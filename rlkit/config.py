@@ -311,8 +311,9 @@ def command_from_config(cls: type[T], run: Callable[[T], Any] | str, doc: str) -
     """Build the function typer turns into a command: one parameter per config field.
 
     `run` is the function, or its `module:function` name so that building the command (for
-    `--help`) imports nothing heavy. A config with a `threads` field has it applied before the
-    run function's module is even imported (rlkit.performance)."""
+    `--help`) imports nothing heavy. When the command runs, its options are resolved and checked
+    first, then a config's `threads` field is applied (rlkit.performance), the libraries are
+    quieted, and only then is the run function's module imported."""
     hints = typing.get_type_hints(cls)
     panels = field_panels(cls)
     rank = {name: i for i, name in enumerate((COMMAND_PANEL, *PANELS))}
@@ -338,13 +339,16 @@ def command_from_config(cls: type[T], run: Callable[[T], Any] | str, doc: str) -
 
     def command(**kwargs: Any) -> Any:
         config_file = kwargs.pop("config", None)
-        config = resolve_config(cls, kwargs, config_file)
+        config = resolve_config(cls, kwargs, config_file)  # a bad flag is refused before anything heavy loads
         if hasattr(config, "threads"):
             from rlkit.performance import use_threads
 
             use_threads(config.threads)  # type: ignore[attr-defined]
         return _load(run)(config)
 
+        from rlkit.console import quiet_libraries
+
+        quiet_libraries()  # imports transformers and datasets
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc

@@ -33,9 +33,11 @@ for args in json.loads(sys.argv[1]):
 """
 
 
-def test_help_and_version_import_no_heavy_library():
-    """`rlkit --help`, `rlkit CMD --help` for every command and `rlkit --version`, in one fresh process."""
-    runs = [["--help"], ["--version"], *[[name, "--help"] for name, _ in COMMANDS]]
+def test_help_version_and_a_bad_flag_import_no_heavy_library():
+    """`rlkit --help`, `rlkit CMD --help` for every command, `rlkit --version` and a refused flag, in one
+    fresh process: none of them waits for torch."""
+    bad_flag = ["sft", "model", "data.jsonl", "-o", "out", "--lr", "nan"]
+    runs = [["--help"], ["--version"], *[[name, "--help"] for name, _ in COMMANDS], bad_flag]
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     result = subprocess.run(
         [sys.executable, "-c", _PROBE.format(heavy=HEAVY), json.dumps(runs)],
@@ -49,6 +51,7 @@ def test_help_and_version_import_no_heavy_library():
     assert [args for args, _ in seen] == runs, result.stderr
     assert all(not loaded for _, loaded in seen), seen
     assert "rlkit 0.1.0" in result.stdout and "Usage: rlkit dpo" in result.stdout
+    assert "error: --lr nan" in result.stderr
 
 
 def _help(*args: str) -> str:
