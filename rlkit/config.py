@@ -179,6 +179,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return bool(value)
         if base in (int, float) and isinstance(value, bool):
             raise ValueError(value)  # YAML `true` is not the number 1
+        if base in (int, float, str) and isinstance(value, (list, dict)):
+            raise ValueError(value)  # str({"a": 1}) would pass for a value
         if base is int and isinstance(value, float):
             if not value.is_integer():
                 raise ValueError(value)  # int(2.5) would quietly train with 2
@@ -344,11 +346,11 @@ def command_from_config(cls: type[T], run: Callable[[T], Any] | str, doc: str) -
             from rlkit.performance import use_threads
 
             use_threads(config.threads)  # type: ignore[attr-defined]
-        return _load(run)(config)
-
         from rlkit.console import quiet_libraries
 
         quiet_libraries()  # imports transformers and datasets
+        return _load(run)(config)
+
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc

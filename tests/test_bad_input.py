@@ -373,6 +373,8 @@ def test_flag_values_out_of_range_are_refused_with_the_flag_named(given, line):
         ("max_steps: -3\n", ["max_steps = -3", ">= 1"]),
         ("batch_size: 2.5\n", ["batch_size", "cannot read 2.5 as int"]),
         ("epochs: true\n", ["epochs", "cannot read True as int"]),
+        ("template: {name: chatml}\n", ["template", "cannot read {'name': 'chatml'} as str"]),
+        ("lr: [0.1]\n", ["lr", "cannot read [0.1] as float"]),
     ],
 )
 def test_yaml_values_are_checked_like_flags(tmp_path, text, needles):
