@@ -412,6 +412,7 @@ def test_missing_reward_and_bad_weights_are_refused(tiny_model_dir, tmp_path):
         ([], "missing --reward"),
         (["--reward", "rlkit.demo.task:reward", "--reward-weights", "1,2"], "2 values for 1 --reward"),
         (["--reward", "rlkit.demo.task:reward", "--epsilon", "0.3", "--epsilon-high", "0.2"], "--epsilon-high"),
+        (["--reward", "rlkit.demo.task:reward", "--ref", str(tiny_model_dir)], "give --beta > 0"),
     ):
         result = run_cli("grpo", str(tiny_model_dir), str(PROMPTS), "-o", str(out), *extra)
         assert result.returncode == 2 and words in result.stderr, result.stderr
@@ -502,3 +503,27 @@ def test_weighted_rewards_with_none_terms(tiny_tokenizer):
     from rlkit.losses.group_advantages import combine_rewards
 
     assert combine_rewards(per_function, rewards.weights).tolist() == [0.5, 2.0]
+
+
+def test_a_reward_model_dir_beside_a_function(tiny_model_dir, tmp_path):
+    """`--reward RM_DIR` is scored by the scorer ppo and eval use, and logged under the dir's name."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlkit.recipes.grpo import run_grpo
+
+    rm = tmp_path / "tiny-rm"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, pad_token_id=tok.pad_token_id
+    )
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.save_pretrained(rm)
+    tok.save_pretrained(rm)
+    out = tmp_path / "rm"
+    sys.path.insert(0, str(TESTS))
+    run_grpo(_config(tiny_model_dir, out, reward=[str(rm), "test_grpo:letters"], reward_weights=["0.5,1"], max_steps=1))
+    last = _summaries(out)[-1]
+    assert math.isfinite(last["rewards/tiny-rm/mean"]) and last["rewards/tiny-rm/std"] > 0
+    expected = 0.5 * last["rewards/tiny-rm/mean"] + last["rewards/letters/mean"]
+    assert last["reward/mean"] == pytest.approx(expected, abs=1e-5)

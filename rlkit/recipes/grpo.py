@@ -63,7 +63,7 @@ from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import Reference, on_the_fly_reference
 from rlkit.recipes.grpo_config import GRPOConfig
 from rlkit.recipes.ppo import PolicyValue
-from rlkit.scoring import FunctionReward, Reward, is_model_dir, load_reward
+from rlkit.scoring import FunctionReward, Reward, load_reward
 from rlkit.training.engine import StepOutput
 from rlkit.training.rollout import Rollout, RolloutSteps, response_logps
 from rlkit.training.run import TrainingRun
@@ -103,7 +103,8 @@ def reward_names(specs: list[str]) -> list[str]:
     """Short unique names for the metrics: a function's name, a reward model dir's name."""
     names: list[str] = []
     for spec in specs:
-        name = Path(spec.rstrip("/")).name if is_model_dir(spec) else spec.rpartition(":")[2]
+        is_model = Path(spec).exists() or spec.endswith(".gguf")  # as `load_reward` tells them apart
+        name = Path(spec.rstrip("/")).name if is_model else spec.rpartition(":")[2]
         base, k = name, 2
         while name in names:
             name, k = f"{base}_{k}", k + 1
@@ -459,6 +460,8 @@ def _check(config: GRPOConfig) -> list[float]:
         raise InputError("--advantage reinforce++ normalises over the batch; --scale-rewards must be auto or batch")
     if config.kl_in_reward and config.beta == 0:
         raise InputError("--kl-in-reward needs --beta > 0 (the KL coefficient)")
+    if config.ref and config.beta == 0:
+        raise InputError(f"--ref {config.ref} is only used for the KL to the reference; give --beta > 0 as well")
     return weights
 
 
