@@ -19,9 +19,9 @@ def _flag(field: dataclasses.Field) -> str:
 
 
 def _default(field: dataclasses.Field) -> str:
-    if field.metadata.get("positional"):
-        return "required"
     value: Any = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    if field.metadata.get("positional"):
+        return "required" if value in (None, []) else "optional"  # eval's MODEL: not given with --completions
     return "-" if value is None else f"`{value}`"
 
 
