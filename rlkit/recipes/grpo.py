@@ -460,6 +460,10 @@ def _check(config: GRPOConfig) -> list[float]:
         raise InputError("--advantage reinforce++ normalises over the batch; --scale-rewards must be auto or batch")
     if config.kl_in_reward and config.beta == 0:
         raise InputError("--kl-in-reward needs --beta > 0 (the KL coefficient)")
+    if config.eval_data or config.eval_fraction:
+        raise InputError(
+            "grpo has no held-out loss to evaluate; measure the result with `rlkit eval OUT --prompts FILE --reward R`"
+        )
     if config.ref and config.beta == 0:
         raise InputError(f"--ref {config.ref} is only used for the KL to the reference; give --beta > 0 as well")
     return weights
