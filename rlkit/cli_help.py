@@ -21,12 +21,11 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
-from rlkit.config import COMMAND_PANEL, PANELS, _unwrap_optional, default_text, field_panels, option_flags
+from rlkit.config import COMMAND_PANEL, CONFIG_HELP, PANELS, _unwrap_optional, default_text, field_panels, option_flags
 
 TYPES = {int: "INT", float: "FLOAT", str: "TEXT"}
 MAX_FLAG_WIDTH = 30
 SHORT_CHOICES = 28  # longer choice lists are named in the help text instead of in the flag cell
-CONFIG_HELP = "YAML file of option: value; flags override it."
 
 
 def _flag(f: dataclasses.Field, base: Any) -> str:

@@ -27,6 +27,8 @@ from rlkit.errors import InputError
 
 T = TypeVar("T")
 
+CONFIG_HELP = "YAML file of option: value; flags override it."  # every command's --config
+
 # The help panels of the shared options, in the order `--help` shows them after the command's own.
 COMMAND_PANEL = "Options"
 PANELS = (
@@ -331,7 +333,7 @@ def command_from_config(cls: type[T], run: Callable[[T], Any] | str, doc: str) -
             default=typer.Option(
                 None,
                 "--config",
-                help="YAML file of option: value; flags override it.",
+                help=CONFIG_HELP,
                 show_default=False,
                 rich_help_panel=PANELS[0],
             ),

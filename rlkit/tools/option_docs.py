@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rlkit.config import CONFIG_HELP
+
 
 def _flag(field: dataclasses.Field) -> str:
     meta = field.metadata
@@ -29,7 +31,7 @@ def options_table(cls: type) -> str:
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for field in dataclasses.fields(cls):
         rows.append(f"| {_flag(field)} | {_default(field)} | {field.metadata.get('help', '')} |")
-    rows.append("| `--config` | - | YAML file of option: value; flags override it. |")
+    rows.append(f"| `--config` | - | {CONFIG_HELP} |")
     return "\n".join(rows)
 
 
