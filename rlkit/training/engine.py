@@ -33,6 +33,7 @@ from rlkit.console import console, warn
 from rlkit.errors import InputError, RunError
 from rlkit.hardware import accelerator_available, cpu_bf16_hint, release_freed_host_memory
 from rlkit.models.modes import to_device
+from rlkit.training import sharding
 from rlkit.training.metrics import MetricsSink, ProgressDisplay
 from rlkit.training.options import TrainConfig
 from rlkit.training.schedule import lr_multiplier, warmup_steps_for
@@ -204,6 +205,16 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
+def shards_itself(config: TrainConfig, accelerator: Accelerator) -> bool:
+    """Whether the engine applies FSDP2 itself: `--fsdp` with several processes that accelerate does
+    not shard (a torchrun launch on CPUs is MULTI_CPU whatever plugin it is given; GPUs launched
+    without an FSDP config are MULTI_GPU). Under accelerate's FSDP or DeepSpeed, they shard."""
+    from accelerate.utils import DistributedType
+
+    sharded_by_accelerate = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return config.fsdp and accelerator.num_processes > 1 and not sharded_by_accelerate
+
+
 def _fused_adam_supported(params: list[torch.Tensor], device: torch.device) -> bool:
     """The fused AdamW kernel (one pass over each tensor instead of a dozen elementwise ops;
     ~2.5x faster optimizer steps on CPU) exists for floating tensors on CPU and CUDA, where
@@ -253,12 +264,14 @@ class Engine:
         self.config, self.accelerator, self.run_dir = config, accelerator, run_dir
         self.lr = config.lr if config.lr is not None else default_lr
         self.state = TrainerState()
+        self.shards_itself = shards_itself(config, accelerator)
 
     # ---- setup ------------------------------------------------------------------------
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RunError("the model has no trainable parameters")
+        fused = _fused_adam_supported(params, self.accelerator.device) and not self.shards_itself
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         c = self.config
@@ -267,16 +280,27 @@ class Engine:
             lr=self.lr,
             betas=(c.adam_beta1, c.adam_beta2),
             eps=c.adam_epsilon,
-            **({"fused": True} if _fused_adam_supported(params, self.accelerator.device) else {}),
+            **({"fused": True} if fused else {}),
         )
 
     def _prepare(self, model: torch.nn.Module, total: int) -> tuple[torch.nn.Module, Any, Any]:
         """The optimizer and schedule, everything handed to accelerate and registered for checkpoints."""
         c, acc = self.config, self.accelerator
+        if self.shards_itself:
+            # FSDP2 applied here (accelerate would wrap the model in DDP): the optimizer is built over
+            # the sharded parameters, and neither is handed to accelerate, whose checkpoints would
+            # hold one process's shards; save_sharded/load_sharded keep them instead.
+            model = sharding.shard(model, acc.device)
+            local, whole = sharding.local_share(model)
+            # every process says what it holds: the proof that the sharding is real
+            console.print(
+                f"fsdp: process {acc.process_index} of {acc.num_processes} holds {local:,} of {whole:,} parameter elements"
+            )
         optimizer = self._optimizer(model)
         warmup = warmup_steps_for(total, c.warmup_steps, c.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(c.scheduler, total, warmup))
-        model, optimizer = acc.prepare(model, optimizer)
+        if not self.shards_itself:
+            model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler, self.state)
         return model, optimizer, scheduler
 
@@ -300,6 +324,8 @@ class Engine:
             shutil.rmtree(scratch, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(scratch), safe_serialization=False)
+        if self.shards_itself:
+            sharding.save_sharded(scratch, self.model, self.optimizer)
         acc.wait_for_everyone()
         if acc.is_main_process:
             if path.exists():  # the same step saved again after a resume fell back past it
@@ -322,6 +348,8 @@ class Engine:
             reason = None
             try:
                 acc.load_state(str(path))
+                if self.shards_itself:
+                    sharding.load_sharded(path, self.model, self.optimizer)
             # a truncated or missing file: torch, pickle and safetensors differ in what they raise
             except Exception as err:
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -447,6 +475,7 @@ class Engine:
         c, acc = self.config, self.accelerator
         total = source.total_steps
         model, optimizer, scheduler = self._prepare(model, total)
+        self.model, self.optimizer = model, optimizer  # what checkpoints of a self-sharded run hold
         self._resume()
         params = [p for p in model.parameters() if p.requires_grad]
         display = ProgressDisplay(total, self.state.step, c.log_every, acc.is_main_process)
@@ -460,6 +489,7 @@ class Engine:
                     micro = source.batches(self.state.step, model)
                     units, sums = self._accumulate_step(model, objective, micro)
                     grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf"))
+                    grad_norm = sharding.total_norm(grad_norm)
                     sums = self._reduce(sums)
                     grad_norm = None if grad_norm is None else float(grad_norm)  # DeepSpeed does not report it
                     self._check_finite(sums["loss"], grad_norm, optimizer)

@@ -125,6 +125,11 @@ class TrainConfig:
         choices=("auto", "bf16", "fp16", "fp32"),
         panel="Speed and memory",
     )
+    fsdp: bool = opt(
+        False,
+        "Shard weights, gradients and optimizer state over the processes (FSDP2; torchrun or accelerate launch).",
+        panel="Speed and memory",
+    )
     threads: Optional[int] = opt(None, THREADS_HELP, min=1, panel="Speed and memory")
     log_every: int = opt(
         10, "Print a progress line every N steps when stderr is not a terminal.", min=1, panel="Logging and checkpoints"

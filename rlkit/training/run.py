@@ -41,6 +41,7 @@ from rlkit.training.engine import (
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 from rlkit.training.plots import plot_training_curves
+from rlkit.training.sharding import full_state_dict, is_sharded
 
 
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str) -> torch.nn.Module:
@@ -62,6 +63,19 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str
     if hint:
         info(hint)
     return model
+
+
+def gathered_weights(model: torch.nn.Module, adapter_only: bool) -> dict[str, Any]:
+    """`save_pretrained`'s state_dict for a sharded model (gathered on process 0; every process
+    calls this), none for an unsharded one (it saves its own parameters).
+
+    A sharded model's own `state_dict()` holds each process's shard only, which is how FSDP saves
+    end up with zero-size or partial tensors; the gathered one is the whole model. For a LoRA
+    adapter only the trainable parameters are gathered.
+    """
+    if not is_sharded(model):
+        return {}
+    return {"state_dict": full_state_dict(model, trainable_only=adapter_only)}
 
 
 class TrainingRun:
@@ -170,10 +184,12 @@ class TrainingRun:
         """Write the finished result on the main process; every process returns OUT."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        assert self.model is not None
+        state = gathered_weights(self.model, self.config.lora)  # every process takes part
         if acc.is_main_process:
-            assert self.run_dir is not None and self.model is not None
+            assert self.run_dir is not None
             model = acc.unwrap_model(self.model)
-            model.save_pretrained(str(self.run_dir), safe_serialization=True)
+            model.save_pretrained(str(self.run_dir), safe_serialization=True, **state)
             if chat_template:
                 tokenizer.chat_template = chat_template
             tokenizer.save_pretrained(str(self.run_dir))

@@ -1,0 +1,118 @@
+"""FSDP2 sharding the engine applies itself, and the saves a sharded model needs.
+
+Why the engine shards at all: accelerate configured with `cpu=True` (how a torchrun launch without
+GPUs gets gloo) reports MULTI_CPU and ignores an FSDP plugin, so `--fsdp` on CPUs, or on GPUs
+launched without an accelerate FSDP config, is done here with `torch.distributed.fsdp.fully_shard`:
+each transformer block is one FSDP unit (its parameters all-gathered for its forward and backward,
+then freed), the root holds the rest (embeddings, head, norms). Under `accelerate launch
+--config_file examples/accelerate/fsdp.yaml` accelerate's FSDP2 plugin shards instead and nothing
+here runs, except the saves, which work on either (both make DTensor parameters).
+
+Saves: a sharded parameter is a DTensor holding 1/world of the rows on each process, so neither
+`unwrap_model().state_dict()` nor `save_pretrained` on one process sees the weights. The final
+save gathers a full state dict (every process takes part, process 0 receives it on the CPU);
+checkpoints stay sharded (torch.distributed.checkpoint: each process writes its own shard, and a
+resumed run reads them back into the same layout).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Where a checkpoint keeps the sharded model and optimizer state (beside accelerate's files).
+SHARDED_DIR = "sharded"
+
+
+def _dtensor() -> type:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any parameter is a DTensor (FSDP2, by the engine or by accelerate's plugin)."""
+    dtensor = _dtensor()
+    return any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def _block_classes(model: torch.nn.Module) -> set[str]:
+    """The transformer block classes of every HF model inside `model` (`_no_split_modules`:
+    the unit HF itself never splits across devices)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Shard `model` in place over every process (one FSDP unit per transformer block, then the root).
+
+    Must run before the optimizer is built: the optimizer has to hold the sharded parameters.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 warns when the root returns a view (HF's logits slice): only an in-place op on it
+    # would skip the all-gather, and none follows (tests/test_fsdp.py checks the weights against
+    # a one-process run)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = _block_classes(model)
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local_share(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this process holds, elements of the whole model) over the sharded parameters."""
+    dtensor = _dtensor()
+    local = total = 0
+    for p in model.parameters():
+        if isinstance(p, dtensor):
+            local += p.to_local().numel()
+            total += p.numel()
+    return local, total
+
+
+def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on process 0 (empty elsewhere); every process must call it.
+
+    `trainable_only` (a LoRA adapter's save) leaves the frozen base out: gathering frozen FSDP2
+    parameters is also where full-state-dict saves of LoRA runs hang (pytorch issue 169448).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
+
+
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state in the distributed checkpoint format: one shard file per process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / SHARDED_DIR))
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read `save_sharded`'s files back into the (identically sharded) model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def total_norm(norm: Any) -> Any:
+    """A gradient norm clip_grad_norm_ returns as a DTensor, made an ordinary (replicated) tensor."""
+    return norm.full_tensor() if isinstance(norm, _dtensor()) else norm

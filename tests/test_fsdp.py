@@ -1,0 +1,187 @@
+"""FSDP2 on two gloo processes (`torchrun --nproc_per_node 2 -m rlkit sft ... --fsdp`): the sharding is
+real, the final output is an ordinary HF dir equal to a one-process run's, checkpoints are sharded
+and resume to the same weights, and merge-lora takes the LoRA output."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_DATA = REPO / "rlkit" / "demo" / "data" / "sft.jsonl"
+STEPS = 30  # long enough for the resume test's signal to land mid-run
+COMMON = ["--max-length", "128", "--precision", "fp32", "--lora-dropout", "0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    return [*launch, str(_free_port()), "-m", "rlkit", *args]
+
+
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _two(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun(*args), capture_output=True, text=True, timeout=600, env=_ENV, cwd=REPO)
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (directory / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(directory / name))
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-5) -> float:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < tol, worst
+    return worst
+
+
+def _assert_sharded_in_half(stderr: str) -> None:
+    """Both processes report holding half of the parameter elements (FSDP2 shards dim 0 evenly)."""
+    held = re.findall(r"fsdp: process (\d) of 2 holds ([\d,]+) of ([\d,]+) parameter elements", stderr)
+    assert sorted(p for p, _, _ in held) == ["0", "1"], stderr
+    for _, local, total in held:
+        local, total = int(local.replace(",", "")), int(total.replace(",", ""))
+        assert abs(local - total / 2) <= 0.01 * total, (local, total)
+
+
+def _sft(out: Path, mode: str, steps: int, batch: int, *extra: str) -> list[str]:
+    return [
+        "sft",
+        *(str(x) for x in extra),
+        str(SFT_DATA),
+        "-o",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--lr",
+        "1e-2" if mode == "--lora" else "1e-3",
+        mode,
+        *COMMON,
+    ]
+
+
+@pytest.fixture(scope="module")
+def full_runs(tiny_model_dir, tmp_path_factory):
+    """One process at batch 4 and two FSDP processes at batch 2: the same global batch and seed."""
+    tmp = tmp_path_factory.mktemp("fsdp-full")
+    one = run_cli(*_sft(tmp / "one", "--full", STEPS, 4, tiny_model_dir))
+    assert one.returncode == 0, one.stderr
+    two = _two(*_sft(tmp / "two", "--full", STEPS, 2, tiny_model_dir), "--fsdp")
+    assert two.returncode == 0, two.stderr
+    return tmp, two
+
+
+def test_full_fine_tuning_two_fsdp_processes_equal_one(full_runs):
+    tmp, two = full_runs
+    _assert_sharded_in_half(two.stderr)
+    assert two.stdout.strip().splitlines() == [str(tmp / "two")]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp / "two").iterdir()}
+    assert not (tmp / "two" / "checkpoints").exists()
+    _assert_close(_weights(tmp / "one"), _weights(tmp / "two"))
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp / "two")  # this process never saw the training
+    saved = _weights(tmp / "two")
+    for name, param in loaded.state_dict().items():
+        if name in saved:
+            assert torch.equal(param, saved[name]), name
+
+
+def test_lora_with_checkpointing_two_fsdp_processes_equal_one_and_merge(tiny_model_dir, tmp_path):
+    one = run_cli(*_sft(tmp_path / "one", "--lora", 4, 4, tiny_model_dir))
+    assert one.returncode == 0, one.stderr
+    two = _two(*_sft(tmp_path / "two", "--lora", 4, 2, tiny_model_dir), "--fsdp", "--gradient-checkpointing")
+    assert two.returncode == 0, two.stderr
+    _assert_sharded_in_half(two.stderr)
+    adapter = _weights(tmp_path / "two")
+    assert adapter and all("lora_" in k for k in adapter)  # the adapter only, no base weights
+    assert all(v.numel() > 0 for v in adapter.values())
+    _assert_close(_weights(tmp_path / "one"), adapter)
+
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(tmp_path / "two")
+    merged = run_cli("merge-lora", str(tmp_path / "two"), "-o", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+    reference = run_cli("merge-lora", str(tmp_path / "one"), "-o", str(tmp_path / "merged-one"))
+    assert reference.returncode == 0, reference.stderr
+    _assert_close(_weights(tmp_path / "merged-one"), _weights(tmp_path / "merged"))
+
+
+def _sharded_chunks(checkpoint: Path) -> dict[str, list[tuple[int, ...]]]:
+    """Each model tensor's chunk sizes as the distributed checkpoint stores them."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint / "sharded")).read_metadata()
+    chunks: dict[str, list[tuple[int, ...]]] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(meta, "chunks"):
+            chunks[key] = [tuple(c.sizes) for c in meta.chunks]
+    return chunks
+
+
+def test_resume_from_a_sharded_checkpoint_reaches_the_uninterrupted_weights(full_runs, tiny_model_dir, tmp_path):
+    """SIGTERM the launcher mid-run: both processes write their shard of a checkpoint, and --resume
+    from it ends with the weights of the uninterrupted two-process run."""
+    reference_dir, _ = full_runs
+    args = _sft(tmp_path / "out", "--full", STEPS, 2, tiny_model_dir)
+    partial = tmp_path / "out.partial"
+    proc = subprocess.Popen(
+        [*_torchrun(*args), "--fsdp"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_ENV,
+        cwd=REPO,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = partial / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    checkpoints = sorted((partial / "checkpoints").glob("step-*"))
+    if proc.returncode == 0:
+        pytest.fail("the run finished before the signal reached it")
+    assert "interrupted at step" in stderr, stderr
+    assert len(checkpoints) == 1, stderr
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= stopped_at < STEPS
+    shard_files = sorted(p.name for p in (checkpoints[0] / "sharded").glob("*.distcp"))
+    assert len(shard_files) == 2  # one per process
+    chunks = _sharded_chunks(checkpoint=checkpoints[0])
+    matrices = {k: v for k, v in chunks.items() if len(v[0]) == 2}
+    assert matrices
+    for name, sizes in matrices.items():  # every matrix split in two halves along its rows
+        assert len(sizes) == 2 and sizes[0] == sizes[1], (name, sizes)
+
+    resumed = _two(*args, "--fsdp", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {stopped_at}" in resumed.stderr
+    _assert_close(_weights(reference_dir / "two"), _weights(tmp_path / "out"), tol=1e-6)
+    losses = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(m["step"] for m in losses if "loss" in m) == list(range(1, STEPS + 1))
