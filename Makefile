@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_MODEL := .cache/demo/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_OUT   ?= demo-out
 
-.PHONY: setup demo demo-model test test-slow bench bench-ppo clean
+.PHONY: setup demo demo-model lint test test-slow bench bench-ppo clean
 
 # Installs print nothing when they succeed: their output (pip's notes on this machine's config
 # included) goes to a log under $(VENV), shown in full when the step fails.
@@ -33,8 +33,15 @@ demo-model: setup $(DEMO_MODEL)
 demo: setup $(DEMO_MODEL)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh $(DEMO_MODEL) $(DEMO_OUT)
 
-test: setup
+LINTED := rlkit commands tests bench examples
+
+# Lint and format check first (seconds), then the suite.
+test: setup lint
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check --quiet $(LINTED)
+	$(VENV)/bin/ruff format --check --quiet $(LINTED)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
