@@ -208,7 +208,8 @@ CASES: dict[str, Case] = {
     ),
     "dpo_yaml_nan_beta": yaml_case(DPO_ARGS, "beta: .nan\n", ["beta = nan", "finite"]),
     # --- kto
-    "kto_batch_size_one": Case([*KTO_ARGS, "--batch-size", "1"], ["--batch-size 1", ">= 2"]),
+    "kto_batch_size_one": Case([*KTO_ARGS, "--batch-size", "1"], ["--batch-size 1", "KTO needs at least 2"]),
+    "kto_batch_size_zero": Case([*KTO_ARGS, "--batch-size", "0"], ["--batch-size 0", ">= 1"]),
     "kto_desirable_weight_zero": Case([*KTO_ARGS, "--desirable-weight", "0"], ["--desirable-weight 0.0", "> 0"]),
     "kto_label_not_boolean": Case(
         ["kto", "{model}", "{root}/u.jsonl", *OUT, "--max-steps", "1"],
@@ -430,6 +431,12 @@ def test_identical_chosen_and_rejected_are_counted_and_warned_once(tmp_path, tin
     assert len(warnings) == 1 and warnings[0].startswith("warning: 3 of 8 pairs"), result.stderr
     meta = json.loads((tmp_path / "out" / "rlkit_pack.json").read_text())
     assert meta["counts"]["identical"] == 3
+    kto = invoke(
+        ["pack", str(data), "--tokenizer", str(tiny_model_dir), "-o", str(tmp_path / "kto"), "--kind", "unpaired"]
+    )
+    assert kto.exit_code == 0, kto.stderr
+    warnings = [line for line in ANSI.sub("", kto.stderr).splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "3 of 8 pairs" in warnings[0] and "both desirable and undesirable" in warnings[0]
 
 
 # ---- faults: two runs on one OUT, and a run killed while it holds OUT ---------------------------

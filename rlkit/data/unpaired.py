@@ -51,10 +51,13 @@ class UnpairedStats:
     truncated: int = 0
     dropped: int = 0  # examples whose prompt alone fills --max-length
     dropped_records: list[int] = field(default_factory=list)
+    identical: int = 0  # pairs split into one completion labelled both desirable and undesirable
 
     def as_dict(self) -> dict[str, int]:
         counts = asdict(self)
         counts.pop("dropped_records")
+        if not counts["identical"]:  # clean data keeps the counts it always had
+            counts.pop("identical")
         return counts
 
 
@@ -93,7 +96,10 @@ def _from_pairs(
     pairs, pair_stats = tokenize_pairs(records, tokenizer, template, max_length, source)
     stats, rows = (
         UnpairedStats(
-            from_pairs=pair_stats.pairs, dropped=2 * pair_stats.dropped, dropped_records=pair_stats.dropped_records
+            from_pairs=pair_stats.pairs,
+            dropped=2 * pair_stats.dropped,
+            dropped_records=pair_stats.dropped_records,
+            identical=pair_stats.identical,
         ),
         [],
     )
@@ -195,7 +201,16 @@ def describe_unpaired_data(metadata: dict[str, Any]) -> tuple[str, list[str]]:
         + f"), {counts['tokens']:,} tokens, {counts['truncated']} truncated, {counts['dropped']} dropped"
         + (f"; eval: {counts['eval_examples']} examples" if counts.get("eval_examples") else "")
     )
-    return line, dropped_warnings(metadata, "examples", "example")
+    identical = counts.get("identical", 0)
+    contradictions = (
+        [
+            f"{identical} of {counts['from_pairs']} pairs have a chosen completion identical to the rejected one, so the "
+            "same completion is labelled both desirable and undesirable and its two losses pull against each other; drop them"
+        ]
+        if identical
+        else []
+    )
+    return line, dropped_warnings(metadata, "examples", "example") + contradictions
 
 
 # ---- the mismatched (KL) completions and batches ------------------------------------------

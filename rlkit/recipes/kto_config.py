@@ -26,7 +26,7 @@ class KTOConfig(ReferenceConfig):
     batch_size: int = opt(
         8,
         "Examples per device per micro-batch, at least 2: z0 is averaged over the micro-batch's mismatched pairs (and over processes).",
-        min=2,
+        min=1,  # 1 is refused by kto itself, with the reason (z0 needs a mismatched pair)
     )
     loss: str = opt(
         "kto",
