@@ -152,7 +152,7 @@ def release_output_locks() -> None:
 def _recover_aside(out: Path) -> None:
     """Finish a --overwrite replacement a kill interrupted: put the old OUT back, or drop it."""
     aside = aside_dir(out)
-    if not aside.is_dir():
+    if not aside.is_dir() or not is_main_process():  # one process moves it (the one holding the lock)
         return
     if out.exists():
         shutil.rmtree(aside)  # killed after the new OUT was in place
