@@ -20,8 +20,12 @@ mkdir -p "$OUT/eval"
 export TQDM_DISABLE=1  # no library progress bars between rlkit's own lines
 
 STARTED=$SECONDS
-stage() {  # stage N/9 NAME: what -- prints a header and records the previous stage's wall time
+record() {  # the running stage's wall time, once (its eval, if any, is recorded on its own)
     if [[ -n ${STAGE_NAME:-} ]]; then echo "$STAGE_NAME $((SECONDS - STAGE_STARTED))" >>"$OUT/times.txt"; fi
+    STAGE_NAME=
+}
+stage() {  # stage N/9 NAME: what -- prints a header and records the previous stage's wall time
+    record
     STAGE_NAME=$2 STAGE_STARTED=$SECONDS
     echo "== $1 $2: $3  [$(date +%H:%M:%S), +$((SECONDS - STARTED))s]" >&2
 }
@@ -33,6 +37,7 @@ quiet() {  # quiet LOG CMD...: run CMD with its stderr in LOG, shown only if it 
 EVAL=(--prompts "$DATA/eval_prompts.jsonl" --reward rlkit.demo.task:reward --max-new-tokens 32 --batch-size 16)
 evaluate() {  # evaluate NAME [EXTRA...]: the stage's answers and their KL to the start, then its target's change
     local name=$1 began=$SECONDS; shift
+    record
     # An adapter's KL is to its base with the adapter off: the starting model.
     quiet "$OUT/eval/$name.log" rlkit eval "$OUT/$name" "${EVAL[@]}" "$@" --output-dir "$OUT/eval/$name" >/dev/null
     echo "eval:$name $((SECONDS - began))" >>"$OUT/times.txt"
@@ -81,7 +86,7 @@ stage 8/9 chat "one question through a pipe to the final adapter (JSONL out)"
 echo "What is the capital of Italy?" | rlkit chat "$GRPO" --max-new-tokens 24 | tee "$OUT/chat.jsonl"
 
 stage 9/9 report "each stage's target before and after it, with a 95% interval"
-echo "$STAGE_NAME $((SECONDS - STAGE_STARTED))" >>"$OUT/times.txt"
+record
 python -m rlkit.demo.report "$OUT/eval" --md "$OUT/report.md" --png "$OUT/report.png" --times "$OUT/times.txt"
 {
     echo

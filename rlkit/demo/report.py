@@ -254,7 +254,9 @@ def plot(rows: list[StageRow], path: Path) -> Path:
         for x, (p, colour) in enumerate(((res.before, "tab:gray"), (res.after, "tab:blue"))):
             low, high = wilson(round(p * res.n), res.n)
             ax.bar(x, p, color=colour, width=0.6)
-            ax.errorbar(x, p, yerr=[[p - low], [high - p]], color="black", capsize=4)
+            ax.errorbar(
+                x, p, yerr=[[max(0.0, p - low)], [max(0.0, high - p)]], color="black", capsize=4
+            )  # float rounding
         ax.set_xticks([0, 1], [r.before_model, r.target.stage])
         ax.set_title(
             f"{r.target.stage}: {r.target.name}\n{_pp(res.diff)} pp [{_pp(res.low)}, {_pp(res.high)}]", fontsize=9
