@@ -345,13 +345,13 @@ def _sft_flags(**given):
     [
         ({"batch_size": 0}, "--batch-size 0: must be >= 1"),
         ({"grad_accum": 0}, "--grad-accum 0: must be >= 1"),
-        ({"lr": float("nan")}, "--lr nan: must be a finite number > 0"),
-        ({"lr": -0.001}, "--lr -0.001: must be > 0"),
+        ({"lr": float("nan")}, "--lr nan: must be a finite number >= 0"),
+        ({"lr": -0.001}, "--lr -0.001: must be >= 0"),
         ({"max_length": -5}, "--max-length -5: must be >= 2"),
         ({"max_steps": -3}, "--max-steps -3: must be >= 1"),
         ({"warmup_ratio": 1.5}, "--warmup-ratio 1.5: must be in [0, 1]"),
         ({"adam_beta1": 1.0}, "--adam-beta1 1.0: must be in [0, 1)"),
-        ({"lr": float("inf")}, "--lr inf: must be a finite number > 0"),
+        ({"lr": float("inf")}, "--lr inf: must be a finite number >= 0"),
     ],
 )
 def test_flag_values_out_of_range_are_refused_with_the_flag_named(given, line):

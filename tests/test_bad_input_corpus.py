@@ -130,7 +130,7 @@ CASES: dict[str, Case] = {
     "sft_batch_size_zero": Case([*SFT_ARGS, "--batch-size", "0"], ["--batch-size 0", ">= 1"]),
     "sft_grad_accum_zero": Case([*SFT_ARGS, "--grad-accum", "0"], ["--grad-accum 0", ">= 1"]),
     "sft_lr_nan": Case([*SFT_ARGS, "--lr", "nan"], ["--lr nan", "finite"]),
-    "sft_lr_negative": Case([*SFT_ARGS, "--lr", "-0.001"], ["--lr -0.001", "> 0"]),
+    "sft_lr_negative": Case([*SFT_ARGS, "--lr", "-0.001"], ["--lr -0.001", ">= 0"]),
     "sft_max_steps_negative": Case([*SFT_ARGS[:-2], "--max-steps", "-3"], ["--max-steps -3", ">= 1"]),
     "sft_max_length_negative": Case([*SFT_ARGS, "--max-length", "-5"], ["--max-length -5", ">= 2"]),
     "sft_yaml_precision": yaml_case(SFT_ARGS, "precision: fp99\n", ["precision = 'fp99'", "auto, bf16, fp16, fp32"]),

@@ -40,7 +40,10 @@ class TrainConfig:
     )
     epochs: int = opt(1, "Passes over the training data.", min=1, panel="Optimisation")
     lr: Optional[float] = opt(
-        None, "Peak learning rate (default depends on the command and on --lora/--full).", above=0, panel="Optimisation"
+        None,
+        "Peak learning rate (default depends on the command and on --lora/--full).",
+        min=0,  # 0 is a legal no-op run (tests compare weights against it); negative or NaN is not
+        panel="Optimisation",
     )
     batch_size: int = opt(
         8, "Rows per device per micro-batch (a packed row holds several examples).", min=1, panel="Optimisation"
