@@ -41,7 +41,7 @@ from rlkit.training.engine import (
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 from rlkit.training.plots import plot_training_curves
-from rlkit.training.sharding import full_state_dict, is_sharded
+from rlkit.training.sharding import gather_in_place, is_sharded
 
 
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str) -> torch.nn.Module:
@@ -63,19 +63,6 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str
     if hint:
         info(hint)
     return model
-
-
-def gathered_weights(model: torch.nn.Module, adapter_only: bool) -> dict[str, Any]:
-    """`save_pretrained`'s state_dict for a sharded model (gathered on process 0; every process
-    calls this), none for an unsharded one (it saves its own parameters).
-
-    A sharded model's own `state_dict()` holds each process's shard only, which is how FSDP saves
-    end up with zero-size or partial tensors; the gathered one is the whole model. For a LoRA
-    adapter only the trainable parameters are gathered.
-    """
-    if not is_sharded(model):
-        return {}
-    return {"state_dict": full_state_dict(model, trainable_only=adapter_only)}
 
 
 class TrainingRun:
@@ -185,11 +172,14 @@ class TrainingRun:
         acc = self.accelerator
         acc.wait_for_everyone()
         assert self.model is not None
-        state = gathered_weights(self.model, self.config.lora)  # every process takes part
+        if is_sharded(self.model):
+            # a sharded model's own state_dict() holds one process's shard (how FSDP saves end up
+            # with zero-size or partial tensors): gathered first, every process taking part
+            gather_in_place(self.model, acc.is_main_process)
         if acc.is_main_process:
             assert self.run_dir is not None
             model = acc.unwrap_model(self.model)
-            model.save_pretrained(str(self.run_dir), safe_serialization=True, **state)
+            model.save_pretrained(str(self.run_dir), safe_serialization=True)
             if chat_template:
                 tokenizer.chat_template = chat_template
             tokenizer.save_pretrained(str(self.run_dir))

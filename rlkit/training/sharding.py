@@ -93,6 +93,30 @@ def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dic
     return get_model_state_dict(model, options=options)
 
 
+def gather_in_place(model: torch.nn.Module, is_main: bool) -> None:
+    """Make `model` an ordinary, unsharded module on the main process (every process must call this).
+
+    After it, the main process's own save path runs unchanged (save_pretrained, a reward model's
+    LoRA merge, PPO's value head beside the policy): each sharded parameter is replaced by its full
+    tensor, gathered by `get_model_state_dict`. FSDP2's state-dict hook, which would reshard, does
+    nothing while the group still counts as resharded (as after every forward). The other processes
+    keep their shards; the model is not trained further.
+    """
+    full = full_state_dict(model)
+    if not is_main:
+        return
+    dtensor = _dtensor()
+    done: dict[int, torch.nn.Parameter] = {}  # tied weights stay one parameter
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, param in list(module._parameters.items()):
+            if not isinstance(param, dtensor):
+                continue
+            if id(param) not in done:
+                value = full[f"{prefix}.{name}" if prefix else name]
+                done[id(param)] = torch.nn.Parameter(value, requires_grad=param.requires_grad)
+            module._parameters[name] = done[id(param)]
+
+
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Model and optimizer state in the distributed checkpoint format: one shard file per process."""
     import torch.distributed.checkpoint as dcp
