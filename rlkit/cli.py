@@ -9,6 +9,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import functools
 import importlib
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,14 +41,55 @@ COMMANDS = [
     ("grpo", "grpo"),
 ]
 
+
+def usage_problem(err: Any) -> str:
+    """click's usage error as one line (typer draws a box around it, with the usage above): the
+    option first, then what is wrong, then where the options are listed."""
+    message = err.format_message().strip()
+    invalid = re.match(r"Invalid value for '([^']+)': (?:Value error, )?(.*)$", message, re.S)
+    if invalid:
+        message = f"{invalid.group(1)}: {invalid.group(2)}"
+    message = " ".join(message.split()).rstrip(".")
+    where = err.ctx.command_path if getattr(err, "ctx", None) is not None else "rlkit"
+    return f"{message} (see {where} --help)"
+
+
+# typer may carry its own copy of click: its error classes are found through the one it exports
+_CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+
+
+class OneLineErrors(RlkitGroup):
+    """A flag typer cannot parse (`--scheduler bogus`, `--batch-size abc`, an unknown option)
+    answers as every other bad input does (SPEC.md): one `error:` line and exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK["UsageError"] as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # `rlkit` alone prints the help
+                err.show()
+                sys.exit(err.exit_code)
+            console.print(f"[bold red]error:[/bold red] {escape(usage_problem(err))}")
+            sys.exit(2)
+        except _CLICK["ClickException"] as err:
+            console.print(f"[bold red]error:[/bold red] {escape(err.format_message())}")
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="rlkit",
-    help="Preference-tuning for language models: pack, sft, train-rm, dpo, kto, ppo, merge-lora, chat, eval. Each command reads and writes standard Hugging Face dirs.",
+    help="Preference-tuning for language models: pack, sft, train-rm, dpo, kto, ppo, grpo, merge-lora, chat, eval. Each command reads and writes standard Hugging Face dirs.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
-    cls=RlkitGroup,
+    cls=OneLineErrors,
 )
 
 

@@ -133,6 +133,14 @@ CASES: dict[str, Case] = {
     "sft_lr_negative": Case([*SFT_ARGS, "--lr", "-0.001"], ["--lr -0.001", ">= 0"]),
     "sft_max_steps_negative": Case([*SFT_ARGS[:-2], "--max-steps", "-3"], ["--max-steps -3", ">= 1"]),
     "sft_max_length_negative": Case([*SFT_ARGS, "--max-length", "-5"], ["--max-length -5", ">= 2"]),
+    "sft_flag_scheduler_choice": Case(
+        [*SFT_ARGS, "--scheduler", "bogus"], ["--scheduler", "'bogus' is not one of", "see rlkit sft --help"]
+    ),
+    "dpo_flag_beta_not_a_number": Case(
+        [*DPO_ARGS, "--beta", "abc"], ["--beta", "valid number", "see rlkit dpo --help"]
+    ),
+    "kto_unknown_flag": Case([*KTO_ARGS, "--bogus"], ["No such option: --bogus", "see rlkit kto --help"]),
+    "unknown_command": Case(["sfft", "{model}"], ["No such command 'sfft'", "Did you mean 'sft'"], output=None),
     "sft_yaml_precision": yaml_case(SFT_ARGS, "precision: fp99\n", ["precision = 'fp99'", "auto, bf16, fp16, fp32"]),
     "sft_yaml_scheduler": yaml_case(
         SFT_ARGS, "scheduler: exponential-ish\n", ["scheduler = 'exponential-ish'", "(--scheduler)", "linear"]
