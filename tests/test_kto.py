@@ -409,15 +409,28 @@ def test_two_processes_average_the_kl_like_one_process(sft_model, tiny_model_dir
 
 
 def test_kto_after_sft_lifts_held_out_preference_accuracy(sft_model, tmp_path):
-    """Only unpaired labels: held-out pair accuracy of the implicit reward from 50% to over 90%."""
+    """Only unpaired labels: held-out pair accuracy of the implicit reward from 50% to over 90%.
+
+    The labels are the held-out pairs' preference (the hedge, which the demo's reward-model pairs
+    show: chosen unhedged, rejected hedged), given unpaired: each training pair contributes one
+    side only, alternately its chosen (desirable) and its rejected (undesirable), so no prompt
+    is seen with both labels. (The demo's own unpaired.jsonl labels a different behaviour, the
+    closer, which these held-out pairs do not measure.)
+    """
     sft = sft_model
+    pairs = _records(PAIRS)
+    unpaired = [
+        {"prompt": r["prompt"], "completion": r["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
+        for i, r in enumerate(pairs)
+    ]
+    data = write_jsonl(tmp_path / "unpaired.jsonl", unpaired)
+    labels = Counter(r["label"] for r in unpaired)
+    assert labels[True] >= len(pairs) // 2 and labels[False] >= len(pairs) // 2 and len(pairs) >= 100
     out = tmp_path / "kto"
     result = rlkit(
-        "kto", str(sft), str(UNPAIRED), "-o", str(out), "--full", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"
+        "kto", str(sft), str(data), "-o", str(out), "--full", "--lr", "1e-3", "--epochs", "4", "--batch-size", "8"
     )
     assert result.returncode == 0, result.stderr
-    labels = Counter(bool(r["label"]) for r in _records(UNPAIRED))
-    assert labels[True] > 100 and labels[False] > 100
 
     def accuracy(model):
         result = rlkit("eval", str(model), "--pairs", str(DEMO_DATA / "pairs_eval.jsonl"), "--ref", str(sft))

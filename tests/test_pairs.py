@@ -191,7 +191,8 @@ def test_pack_prepares_pairs_that_only_pair_commands_accept(tmp_path, tiny_model
     assert result.stdout.strip() == str(out)
     assert "chosen" in result.stderr and "pairs" in result.stderr
     data = load_packed(str(out), tiny_tokenizer, "tiny", kind="pairs")
-    assert data.metadata["kind"] == "pairs" and len(data.train) == 300 and len(data.eval) == 64
+    n_train, n_eval = (len((DEMO_DATA / f).read_text().splitlines()) for f in ("pairs.jsonl", "pairs_eval.jsonl"))
+    assert data.metadata["kind"] == "pairs" and len(data.train) == n_train and len(data.eval) == n_eval
     again = prepare_pair_data(DataOptions(sources=[str(out)]), tiny_tokenizer, "tiny")
     assert again.train[0] == data.train[0] and again.directory == out
     with pytest.raises(InputError, match="holds preference pairs.*--kind sft"):
