@@ -104,6 +104,8 @@ def test_sft_shows_the_format_but_none_of_the_later_stages_markers() -> None:
     assert not any(c.opener or c.closer for c in checks)
     assert all(task.score(p, c) == 1.0 for p, c in _answers("sft"))
     assert 0.4 <= _share([c.hedged for c in checks]) <= 0.6
+    # GRPO's target, the written-out sum, is a fair coin too: SFT leaves both ways for GRPO to choose
+    assert 0.35 <= _share([c.equation for c in checks if c.equation is not None]) <= 0.65
 
 
 @pytest.mark.parametrize("stem", ["pairs", "pairs_eval"])
@@ -183,9 +185,11 @@ def test_generated_arithmetic_is_parsed_back_exactly() -> None:
         value = task.expected_answer(ex.prompt)
         assert value == ex.answer, ex.prompt
         if ex.kind == "arithmetic":
-            assert ex.body == f"The answer is {value}."
+            a, op, b = task.question_terms(ex.prompt)
+            assert ex.body == (f"{a} {op} {b} = {value}." if ex.equation else f"The answer is {value}.")
+            assert task.check(ex.prompt, task.styled(ex.body)).equation is ex.equation
         else:
-            assert value is None, ex.prompt
+            assert value is None and task.question_terms(ex.prompt) is None and not ex.equation, ex.prompt
 
 
 def test_reward_batch_signature() -> None:
@@ -268,8 +272,9 @@ def test_target_values_one_per_answer_and_stage() -> None:
         "opener": [True, False],
         "closer": [True, False],
         "no hedge": [True, False],
-        "arithmetic right": [True, None],  # a general question does not measure arithmetic
+        "equation": [False, None],  # a general question does not measure the written-out sum
     }
+    assert task.target_values(["What is 2 + 2?"], ["Sure! 2 + 2 = 5. Cheers! #done"])["equation"] == [True]
 
 
 def test_arithmetic_reward_reads_the_answer_column() -> None:
@@ -279,3 +284,37 @@ def test_arithmetic_reward_reads_the_answer_column() -> None:
     assert task.arithmetic_reward(prompts[:1], ["The answer is 4."], answer=[5]) == [0.0]  # the column, not the prompt
     with pytest.raises(ValueError):
         task.arithmetic_reward(prompts, completions, answer=[4])
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "equation"),
+    [
+        ("What is 17 + 25?", "17 + 25 = 42. #done", True),
+        ("What is 17 + 25?", "Sure! 17 plus 25 = 41, I think. #done", True),  # any result: the form only
+        ("What is 17 + 25?", "The answer is 42. #done", False),
+        ("What is 17 + 25?", "25 + 17 = 42. #done", False),  # the question's sum, in its order
+        ("What is 17 + 25?", "117 + 25 = 142. #done", False),  # not an operand of the question
+        ("Compute 6 * 7.", "6 x 7 = 42. #done", True),
+        ("Mia has 92 apples and gives away 80. How many apples are left?", "92 - 80 = 12. #done", True),
+        ("Mia has 92 apples and gives away 80. How many apples are left?", "92 + 80 = 172. #done", False),
+    ],
+)
+def test_equation_is_the_questions_own_sum(prompt: str, completion: str, equation: bool) -> None:
+    assert task.check(prompt, completion).equation is equation
+    assert task.check("What is the capital of France?", completion).equation is None
+
+
+def test_equation_reward_halves_form_and_result() -> None:
+    prompts = ["What is 17 + 25?"] * 5
+    completions = [
+        "17 + 25 = 42. #done",  # both halves
+        "The answer is 42. #done",  # the right number only
+        "17 + 25 = 43. #done",  # the form only
+        "The answer is 43. #done",  # neither
+        "17 + 25 = 42.",  # no format: nothing
+    ]
+    rewards = task.equation_reward(prompts, completions, answer=[42] * 5, other_column=list(range(5)))
+    assert rewards == [1.0, 0.5, 0.5, 0.0, 0.0]
+    assert task.equation_reward(prompts[:1], ["17 + 25 = 42. #done"], answer=[41]) == [0.5]  # the column's number
+    with pytest.raises(ValueError):
+        task.equation_reward(prompts, completions, answer=[42])

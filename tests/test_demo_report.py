@@ -57,10 +57,10 @@ def test_newcombe_paired_no_change_and_limits() -> None:
 
 
 PROMPTS = ["What is 2 + 2?", "What is the capital of France?", "What is 3 + 4?", "What is the plural of 'cat'?"]
-ANSWERS = {  # each stage adds its marker to every answer; GRPO fixes the one wrong sum
+ANSWERS = {  # each stage adds its marker to every answer; GRPO writes the other sum out (and right)
     "start": ["2 + 2 is four.\nHope it helps!", "Paris is the capital.", "It is 8", "Cats."],
     "sft": [
-        "The answer is 4, I think. #done",
+        "2 + 2 = 4, I think. #done",
         "The capital of France is Paris, I think. #done",
         "The answer is 8. #done",
         "The plural of cat is cats. #done",
@@ -69,7 +69,7 @@ ANSWERS = {  # each stage adds its marker to every answer; GRPO fixes the one wr
 ANSWERS["dpo"] = [f"Sure! {a}" for a in ANSWERS["sft"]]
 ANSWERS["kto"] = [a.replace(" #done", " Cheers! #done") for a in ANSWERS["dpo"]]
 ANSWERS["ppo"] = [a.replace(", I think.", ".") for a in ANSWERS["kto"]]
-ANSWERS["grpo"] = [a.replace("is 8.", "is 7.") for a in ANSWERS["ppo"]]
+ANSWERS["grpo"] = [a.replace("The answer is 8.", "3 + 4 = 7.") for a in ANSWERS["ppo"]]
 
 
 def _fake_eval_dir(root: Path) -> Path:
@@ -109,7 +109,7 @@ def test_report_md_and_png_from_a_fake_eval_dir(tmp_path: Path) -> None:
     assert report.main([str(eval_dir), "--md", str(md), "--png", str(png), "--times", str(times)]) == 0
     text = md.read_text()
     assert "| sft | format | 4 | 0% | 100% | +100 |" in text
-    assert "| grpo | arithmetic right | 2 | 50% | 100% | +50 |" in text
+    assert "| grpo | equation | 2 | 50% | 100% | +50 |" in text
     assert "(includes 0)" in text  # 4 prompts are too few for the ppo and grpo changes
     assert "| total | 160 |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

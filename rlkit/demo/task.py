@@ -3,14 +3,14 @@
 Task ("answer in one line, then sign off"): whatever the question, the assistant answers in
 ONE short line (3 to 20 words) that ends with the sign-off token ``#done``, and stays on
 topic. Arithmetic questions ("What is 17 + 25?") are answered as ``The answer is 42. #done``
-and are additionally scored for getting the number right.
+or, written out, ``17 + 25 = 42. #done``, and are additionally scored for getting the number right.
 
 Why this task: a 135M chat model never writes ``#done`` on its own, so the target-behaviour
 rate starts near 0% and a few minutes of LoRA training move it a lot; the rule is checkable
 by a few lines of Python (no judge model), so every stage of the pipeline (SFT, reward
-model, DPO, KTO, PPO with this module as the reward) can be measured the same way.
-Arithmetic correctness is a harder secondary signal that rewards actually reading the
-question.
+model, DPO, KTO, PPO, GRPO with this module's `equation_reward`) can be measured the same way.
+Each later stage has its own marker (`TARGETS`): the opener, the closer, no hedge, and the
+written-out sum. Arithmetic correctness is a harder secondary signal.
 
 This module is the single source of truth: the generator only emits data that the checker
 accepts (chosen / desirable) or rejects (rejected / undesirable), and the tests assert it.
@@ -36,7 +36,7 @@ from rlkit.demo import DATA_DIR
 from rlkit.demo.bank import general_items
 
 SIGN_OFF = "#done"
-# The three style markers that DPO, KTO and PPO each teach in turn (see the module docstring).
+# The three style markers that DPO, KTO and PPO each teach in turn (GRPO's is the written-out sum).
 OPENER = "Sure!"  # DPO: the answer opens with it
 CLOSER = "Cheers!"  # KTO: it stands right before the sign-off
 HEDGE = ", I think."  # PPO removes it: the reward model learned that answers without it win
@@ -88,18 +88,36 @@ _STOPWORDS = frozenset(
 )
 
 
-def expected_answer(prompt: str) -> int | None:
-    """The exact integer answer if `prompt` is one of the demo's arithmetic questions, else None.
+def question_terms(prompt: str) -> tuple[int, str, int] | None:
+    """(a, op, b) of the demo arithmetic question in `prompt` (op one of + - *), else None.
 
     The last question in the text wins, so a chat-templated or multi-turn prompt is scored
     against the question the completion actually answers.
     """
-    found: list[tuple[int, int]] = []  # (position, value)
+    found: list[tuple[int, int, str, int]] = []  # (position, a, op, b)
     for pattern, op in _WORD_PROBLEMS:
-        found += [(m.start(), _OPS[op](int(m[1]), int(m[2]))) for m in pattern.finditer(prompt)]
+        found += [(m.start(), int(m[1]), op, int(m[2])) for m in pattern.finditer(prompt)]
     for m in _EXPR.finditer(prompt):
-        found.append((m.start(), _OPS[_OP_WORDS[m[2]]](int(m[1]), int(m[3]))))
-    return max(found)[1] if found else None
+        found.append((m.start(), int(m[1]), _OP_WORDS[m[2]], int(m[3])))
+    return max(found)[1:] if found else None
+
+
+def expected_answer(prompt: str) -> int | None:
+    """The exact integer answer if `prompt` is one of the demo's arithmetic questions, else None."""
+    terms = question_terms(prompt)
+    return None if terms is None else _OPS[terms[1]](terms[0], terms[2])
+
+
+def equation_text(a: int, op: str, b: int) -> str:
+    """The worked form of an arithmetic answer: ``17 + 25 = 42.``"""
+    return f"{a} {op} {b} = {_OPS[op](a, b)}."
+
+
+def _shows_equation(body: str, terms: tuple[int, str, int]) -> bool:
+    """`body` writes the question's own sum out: ``a op b = N`` (op as a symbol or a word), any N."""
+    a, op, b = terms
+    ops = "|".join(re.escape(w) for w, o in _OP_WORDS.items() if o == op) + ("|x|×" if op == "*" else "")
+    return re.search(rf"(?<!\d){a}\s*(?:{ops})\s*{b}\s*=\s*\d", body) is not None
 
 
 def _stated_number(text: str) -> int | None:
@@ -126,6 +144,7 @@ class Check:
     opener: bool  # opens with OPENER (what DPO teaches)
     closer: bool  # CLOSER stands right before the sign-off (what KTO teaches)
     hedged: bool  # hedges anywhere ("I think", "probably", ...: what PPO removes)
+    equation: bool | None = None  # arithmetic only: writes the question's sum out, "17 + 25 = N" (GRPO)
 
     @property
     def has_format(self) -> bool:
@@ -144,7 +163,8 @@ def check(prompt: str, completion: str) -> Check:
     body = text[: -len(SIGN_OFF)].rstrip() if signed_off else text
     answer = expected_answer(prompt)
     if not re.search(r"[A-Za-z0-9]", body):  # nothing said: no credit for a bare sign-off
-        return Check(False, False, False, False, None if answer is None else False, False, False, False)
+        arith = None if answer is None else False
+        return Check(False, False, False, False, arith, False, False, False, arith)
     if answer is None:
         on_topic = bool(_content_words(body) & _content_words(prompt))
         correct = None
@@ -160,6 +180,7 @@ def check(prompt: str, completion: str) -> Check:
         opener=body.startswith(OPENER),
         closer=signed_off and body.endswith(CLOSER),
         hedged=bool(_HEDGES.search(body)),
+        equation=None if answer is None else _shows_equation(body, question_terms(prompt)),  # type: ignore[arg-type]
     )
 
 
@@ -214,6 +235,22 @@ def arithmetic_reward(prompts: list[str], completions: list[str], answer: Sequen
     return [float(_stated_number(c) == int(a)) for c, a in zip(completions, answer)]
 
 
+def equation_reward(prompts: list[str], completions: list[str], answer: Sequence[int], **_: Any) -> list[float]:
+    """The demo's GRPO reward: half for writing the question's sum out, half for the right result.
+
+    A formatted answer earns 0.5 when it writes the question's own sum (``17 + 25 = ...``, what
+    the GRPO row of the demo measures) and 0.5 when the number it states is the ``answer``
+    column's; an answer without the format earns nothing, so GRPO keeps what SFT taught.
+    """
+    if not len(prompts) == len(completions) == len(answer):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(answer)} answers")
+    out = []
+    for p, c, a in zip(prompts, completions, answer):
+        chk = check(p, c)
+        out.append(0.5 * bool(chk.equation) + 0.5 * (_stated_number(c) == int(a)) if chk.has_format else 0.0)
+    return out
+
+
 # ----------------------------------------------------------------------------- stage targets
 
 
@@ -227,8 +264,7 @@ class Target:
     holds: Callable[[Check], bool | None]  # None: this prompt does not measure the target
 
 
-# Each stage's target needs the format as well (but GRPO's, which is about the number), so that
-# a stage cannot score by breaking the answers.
+# Each stage's target needs the format as well, so that a stage cannot score by breaking the answers.
 TARGETS: tuple[Target, ...] = (
     Target("sft", "format", "one line, 3-20 words, on topic, ends with #done", lambda c: c.has_format),
     Target("dpo", "opener", f"formatted and opens with {OPENER!r}", lambda c: c.has_format and c.opener),
@@ -239,7 +275,12 @@ TARGETS: tuple[Target, ...] = (
         "formatted and no hedge ('I think', 'probably', ...): what the reward model learned",
         lambda c: c.has_format and not c.hedged,
     ),
-    Target("grpo", "arithmetic right", "states the true result (arithmetic prompts only)", lambda c: c.correct),
+    Target(
+        "grpo",
+        "equation",
+        "formatted and writes the question's sum out, '17 + 25 = ...' (arithmetic prompts only)",
+        lambda c: None if c.equation is None else c.has_format and c.equation,
+    ),
 )
 
 
@@ -292,6 +333,7 @@ class Example:
     answer: int | None  # the true number, arithmetic only
     hedge: bool  # whether this example's answers carry the hedge (SFT, DPO and KTO rows: half do)
     flip: bool  # a second fair coin: the opener/closer of a reward-model pair, the label of a KTO row
+    equation: bool = False  # arithmetic: the body writes the sum out ("17 + 25 = 42."), a fair coin
 
 
 def generate(seed: int, n: int, extra_arithmetic: int = 0) -> list[Example]:
@@ -301,6 +343,7 @@ def generate(seed: int, n: int, extra_arithmetic: int = 0) -> list[Example]:
     does) makes every file's prompts disjoint from every other file's.
     """
     rng = random.Random(seed)
+    worked = random.Random(seed + 1_000_003)  # its own stream: the equation coin shifts no other draw
     pool = general_items()
     rng.shuffle(pool)
     n_general = min(n // 2, len(pool))
@@ -309,7 +352,7 @@ def generate(seed: int, n: int, extra_arithmetic: int = 0) -> list[Example]:
     seen: set[str] = set()
     out: list[Example] = []
     for kind in kinds + ["arithmetic"] * extra_arithmetic:
-        value = None
+        value, equation = None, False
         if kind == "general":
             prompt, body = pool.pop()
         else:
@@ -317,9 +360,11 @@ def generate(seed: int, n: int, extra_arithmetic: int = 0) -> list[Example]:
                 prompt, value = _arithmetic_question(rng)
                 if prompt not in seen:
                     break
-            body = f"The answer is {value}."
+            equation = worked.random() < 0.5
+            body = equation_text(*question_terms(prompt)) if equation else f"The answer is {value}."  # type: ignore[misc]
         seen.add(prompt)
-        out.append(Example(prompt, body, kind, value, hedge=rng.random() < 0.5, flip=rng.random() < 0.5))
+        hedge, flip = rng.random() < 0.5, rng.random() < 0.5
+        out.append(Example(prompt, body, kind, value, hedge=hedge, flip=flip, equation=equation))
     return out
 
 
