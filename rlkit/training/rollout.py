@@ -77,6 +77,42 @@ def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, 
 
 
 @contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: every FSDP2 unit of `model` holds its full parameters on every process; resharded after.
+
+    A rollout calls the policy around its root module: `generate` on the causal LM inside it, the
+    LoRA reference with the adapter switched off. The root's forward hooks, which all-gather the
+    parameters the root holds (embeddings, head, final norm, PPO's value head), never run there, and
+    the blocks' own hooks would gather and free every block once per generated token. So the whole
+    model is gathered once for the rollout, as FSDP's `summon_full_params` did, and each unit's
+    reshard-after-forward is off until it is sharded again for the updates (then back on: FSDP2's
+    default, and the engine's). A model without FSDP units (one process, DDP, DeepSpeed) is left as
+    it is.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units or units[0] is not model:
+        yield
+        return
+    # FSDP2 takes as its root the first unit to run a forward: a block's, were the rollout (a
+    # generate) the first thing to run; initialising the root here makes `model` the root
+    model._get_fsdp_state()._lazy_init()
+    blocks = units[1:]
+    for unit in blocks:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in blocks:
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+@contextmanager
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Sample from a generator seeded with `seed` and leave the running one as it was (no-op for None)."""
     if seed is None:
@@ -257,10 +293,11 @@ class RolloutSteps:
         was_training = wrapper.training
         wrapper.eval()
         t0 = time.time()
-        rollout = self.generate(rl_step, wrapper)
-        self.forward(rollout, wrapper)
-        self.score(rollout)
-        self.advantages(rollout, wrapper)
+        with gathered(wrapper):
+            rollout = self.generate(rl_step, wrapper)
+            self.forward(rollout, wrapper)
+            self.score(rollout)
+            self.advantages(rollout, wrapper)
         wrapper.train(was_training)
         rollout.timings["rollout_s"] = time.time() - t0
         self.pending = self.summary(rollout)
