@@ -61,3 +61,26 @@ def test_a_50mb_line_packs_under_1gb_peak_rss(tmp_path):
     assert report["exit"] == 0, report["output"]
     assert (tmp_path / "out").is_dir()
     assert report["peak_mib"] < 1024, report
+
+
+def test_a_huge_prompt_is_dropped_untokenised_and_the_others_kept(tiny_tokenizer, monkeypatch, capsys):
+    """ppo and grpo keep the prompts that leave room for --max-new-tokens; a 20 MB one is dropped
+    by its length in characters, never handed to the tokenizer."""
+    from rlkit.data import prompts
+    from rlkit.data.templates import resolve_template
+
+    template = resolve_template("chatml", tiny_tokenizer)
+    conversations = [
+        [{"role": "user", "content": "short"}],
+        [{"role": "user", "content": WORDS * 500_000}],  # ~22 MB
+        [{"role": "user", "content": WORDS * 20}],  # a few hundred tokens: over the room, under the budget
+        [{"role": "user", "content": "also short"}],
+    ]
+    seen: list[int] = []
+    encode = prompts.encode_prompt
+    monkeypatch.setattr(prompts, "encode_prompt", lambda tok, tpl, m: seen.append(len(str(m))) or encode(tok, tpl, m))
+    kept, encoded = prompts.prompts_that_fit(tiny_tokenizer, template, conversations, room=64)
+    assert kept == [0, 3]
+    assert encoded == [encode(tiny_tokenizer, template, conversations[i]) for i in kept]
+    assert max(seen) < 10_000  # the huge one never reached the tokenizer
+    assert "2 of 4 prompts are longer than --max-length - --max-new-tokens (64 tokens)" in capsys.readouterr().err

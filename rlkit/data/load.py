@@ -10,6 +10,7 @@ and line number instead of an Arrow traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -78,6 +79,28 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise InputError(f"{path}: expected a list of JSON objects")
     return data
+
+
+def _digest(path: Path) -> str:
+    """The file's content hash: it names the dataset read from it (and so its cache entries)."""
+    hasher = hashlib.sha256(b"rlkit-records-v1")
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()[:16]
+
+
+def _dataset_of(records: list[dict[str, Any]], fingerprint: str) -> datasets.Dataset:
+    """`Dataset.from_list`, named by `fingerprint`: from_list names a dataset by pickling its whole
+    table, which held two more copies of a 50 MB record at once (tests/test_huge_records.py).
+    Columns and types are inferred as from_list infers them (the first record's keys)."""
+    from datasets.arrow_writer import OptimizedTypedSequence
+    from datasets.table import InMemoryTable
+
+    columns = {key: OptimizedTypedSequence([r.get(key) for r in records], col=key) for key in records[0]}
+    table = InMemoryTable.from_pydict(mapping=columns)
+    info = datasets.DatasetInfo(features=datasets.Features({k: c.get_inferred_type() for k, c in columns.items()}))
+    return datasets.Dataset(table, info=info, fingerprint=fingerprint)
 
 
 MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
@@ -175,7 +198,7 @@ def _load_one(source: str) -> datasets.Dataset:
             raise InputError(f"{path}: no records in the file")
         records = [_text_parts_joined(r, f"{path} record {i}") for i, r in enumerate(records, 1)]
         try:
-            return datasets.Dataset.from_list(records)
+            return _dataset_of(records, _digest(path))
         except (TypeError, ValueError, Exception) as err:  # Arrow type clashes between lines
             raise InputError(
                 f"{path}: records do not share one layout{_first_clash(records)} ({str(err).splitlines()[0]})"

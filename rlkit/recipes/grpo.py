@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, set_seed
 
-from rlkit.console import info, warn
+from rlkit.console import info
 from rlkit.data.formats import Messages, as_messages
 from rlkit.data.load import load_records
-from rlkit.data.prompts import encode_prompt
+from rlkit.data.prompts import prompts_that_fit
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError, RlkitError, RunError
 from rlkit.losses.group_advantages import (
@@ -486,17 +486,8 @@ def run_grpo(config: GRPOConfig) -> Path:
     template = resolve_template(config.template, tokenizer, config.model or "the policy")
     conversations, columns = load_prompt_rows(config)
     room = config.max_length - config.max_new_tokens
-    encoded = [encode_prompt(tokenizer, template, m) for m in conversations]
-    kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
-    if len(kept) < len(encoded):
-        warn(
-            f"{len(encoded) - len(kept)} of {len(encoded)} prompts are longer than --max-length - --max-new-tokens ({room} tokens) and were dropped"
-        )
-    conversations, columns, encoded = (
-        [conversations[i] for i in kept],
-        [columns[i] for i in kept],
-        [encoded[i] for i in kept],
-    )
+    kept, encoded = prompts_that_fit(tokenizer, template, conversations, room)
+    conversations, columns = [conversations[i] for i in kept], [columns[i] for i in kept]
     local = config.batch_size * config.grad_accum
     if config.generation_batch_size and local % config.generation_batch_size:
         raise InputError(

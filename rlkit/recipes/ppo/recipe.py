@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from rlkit.console import info, warn
+from rlkit.console import info
 from rlkit.data.formats import Messages, as_messages
 from rlkit.data.load import load_records
-from rlkit.data.prompts import encode_prompt
+from rlkit.data.prompts import prompts_that_fit
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError
 from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS
@@ -103,13 +103,8 @@ def run_ppo(config: PPOConfig) -> Path:
     template = resolve_template(config.template, tokenizer, config.model or "the policy")
     conversations = load_prompts(config)
     room = config.max_length - config.max_new_tokens
-    encoded = [encode_prompt(tokenizer, template, m) for m in conversations]
-    kept = [i for i, ids in enumerate(encoded) if len(ids) <= room]
-    if len(kept) < len(encoded):
-        warn(
-            f"{len(encoded) - len(kept)} of {len(encoded)} prompts are longer than --max-length - --max-new-tokens ({room} tokens) and were dropped"
-        )
-    conversations, encoded = [conversations[i] for i in kept], [encoded[i] for i in kept]
+    kept, encoded = prompts_that_fit(tokenizer, template, conversations, room)
+    conversations = [conversations[i] for i in kept]
     rollout_size = config.batch_size * config.grad_accum * config.mini_batches
     world = run.accelerator.num_processes
     if len(conversations) < rollout_size * world:
