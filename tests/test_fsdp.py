@@ -185,3 +185,96 @@ def test_resume_from_a_sharded_checkpoint_reaches_the_uninterrupted_weights(full
     _assert_close(_weights(reference_dir / "two"), _weights(tmp_path / "out"), tol=1e-6)
     losses = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(m["step"] for m in losses if "loss" in m) == list(range(1, STEPS + 1))
+
+
+# ---- dpo, kto and train-rm ------------------------------------------------------------------
+
+DEMO = REPO / "rlkit" / "demo" / "data"
+PREFERENCE_STEPS = 3
+
+#: (command, data, --full/--lora, extra flags): each reference strategy that holds a model under
+#: FSDP (a frozen copy of the start, sharded like the policy; the base with the adapter disabled),
+#: the precomputed one, and gradient checkpointing in each trainer. One case per trainer runs in
+#: the fast suite (about a minute each on 2 cores); the other three are marked slow.
+PREFERENCE_CASES = {
+    "dpo-full-frozen-copy": (
+        "dpo",
+        DEMO / "pairs.jsonl",
+        "--full",
+        ("--no-precompute-ref", "--gradient-checkpointing"),
+    ),
+    "dpo-lora-adapter-disabled": ("dpo", DEMO / "pairs.jsonl", "--lora", ("--no-precompute-ref",)),
+    "kto-full-precomputed": ("kto", DEMO / "unpaired.jsonl", "--full", ()),
+    "kto-lora-adapter-disabled": (
+        "kto",
+        DEMO / "unpaired.jsonl",
+        "--lora",
+        ("--no-precompute-ref", "--gradient-checkpointing"),
+    ),
+    "train-rm-full": ("train-rm", DEMO / "pairs.jsonl", "--full", ()),
+    "train-rm-lora-merged": ("train-rm", DEMO / "pairs.jsonl", "--lora", ("--gradient-checkpointing",)),
+}
+SLOW_CASES = {"dpo-lora-adapter-disabled", "kto-full-precomputed", "train-rm-full"}
+
+
+def _preference(
+    command: str, model: Path, data: Path, out: Path, mode: str, batch: int, grad_accum: int, *extra: str
+) -> list[str]:
+    lr = {"--lora": "1e-2", "--full": "1e-3"}[mode]
+    steps = ["--max-steps", str(PREFERENCE_STEPS), "--batch-size", str(batch), "--grad-accum", str(grad_accum)]
+    return [command, str(model), str(data), "-o", str(out), *steps, "--lr", lr, mode, *COMMON, *extra]
+
+
+def _loads_as_saved(directory: Path, command: str) -> None:
+    """`from_pretrained` in this process (which never trained) gives back exactly the saved tensors."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    saved = _weights(directory)
+    if (directory / "adapter_model.safetensors").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        loaded = AutoPeftModelForCausalLM.from_pretrained(directory)
+        state = {k.replace(".default", ""): v for k, v in loaded.state_dict().items()}
+        assert all(torch.equal(state[k], v) for k, v in saved.items())
+        return
+    auto = AutoModelForSequenceClassification if command == "train-rm" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(directory)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    if command == "train-rm":  # the score head is in the dir and is what from_pretrained loads
+        assert "score.weight" in saved and loaded.config.num_labels == 1
+        assert torch.equal(loaded.score.weight, saved["score.weight"])
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in PREFERENCE_CASES]
+)
+def test_preference_trainers_two_fsdp_processes_equal_one(case, tiny_model_dir, tmp_path):
+    """One process and two FSDP processes of one micro-batch of 2 each, at the same global batch,
+    seed and micro-batches, end with the same weights, and the two-process output is an ordinary HF dir.
+
+    The one-process run accumulates two micro-batches of 2 (one micro-batch of 4 sums the same
+    gradient in another order; after Adam, whose update of a near-zero gradient is a ratio of tiny
+    numbers, a LoRA run at lr 1e-2 then differs by up to 4e-5 in 3 steps, FSDP or not). KTO's is one
+    micro-batch of 4: its reference point z0 is a mean over the micro-batch of every process at once
+    (an accumulated micro-batch has its own), so that is what two processes of 2 compute.
+    """
+    command, data, mode, extra = PREFERENCE_CASES[case]
+    batch, accum = (4, 1) if command == "kto" else (2, 2)
+    one = run_cli(*_preference(command, tiny_model_dir, data, tmp_path / "one", mode, batch, accum, *extra))
+    assert one.returncode == 0, one.stderr
+    two = _two(*_preference(command, tiny_model_dir, data, tmp_path / "two", mode, 2, 1, *extra, "--fsdp"))
+    assert two.returncode == 0, two.stderr
+    _assert_sharded_in_half(two.stderr)
+    if "frozen-copy" in case:  # the reference copy is sharded too: half of it on each process
+        held = re.findall(r"fsdp: reference on process (\d) of 2 holds ([\d,]+) of ([\d,]+)", two.stderr)
+        assert sorted(p for p, _, _ in held) == ["0", "1"], two.stderr
+        assert all(
+            abs(2 * int(a.replace(",", "")) - int(b.replace(",", ""))) <= 0.02 * int(b.replace(",", ""))
+            for _, a, b in held
+        )
+    assert two.stdout.strip().splitlines() == [str(tmp_path / "two")]
+    assert not (tmp_path / "two" / "checkpoints").exists()
+    worst = _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    print(f"{case}: max |1 process - 2 FSDP processes| = {worst:.2e}")
+    _loads_as_saved(tmp_path / "two", command)

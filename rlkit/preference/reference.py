@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, gather_object
 
 from rlkit import __version__
-from rlkit.console import info, warn
+from rlkit.console import console, info, warn
 from rlkit.data.prepare import PreparedData, tokenizer_fingerprint
 from rlkit.errors import InputError
 from rlkit.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_source
@@ -313,6 +313,22 @@ def _reference_source(config: ReferenceOptions, run: TrainingRun) -> tuple[Model
     return ref_source, ref_is_start, described
 
 
+def _sharded_like_policy(model: torch.nn.Module, run: TrainingRun) -> torch.nn.Module:
+    """A separate frozen reference, sharded over the processes when the engine shards the policy
+    (`--fsdp` on torchrun): a full copy on every process would undo what FSDP saves."""
+    from rlkit.training.engine import shards_itself
+    from rlkit.training.sharding import local_share, shard
+
+    acc = run.accelerator
+    if shards_itself(run.config, acc):
+        shard(model, acc.device, frozen=True)
+        local, whole = local_share(model)
+        console.print(
+            f"fsdp: reference on process {acc.process_index} of {acc.num_processes} holds {local:,} of {whole:,} parameter elements"
+        )
+    return model
+
+
 def on_the_fly_reference(
     config: ReferenceOptions,
     run: TrainingRun,
@@ -326,7 +342,8 @@ def on_the_fly_reference(
     """
     ref_source, ref_is_start, described = _reference_source(config, run)
     if config.ref and not (ref_is_start and config.lora):
-        return ModelReference(_load_for_run(ref_source, tokenizer, run), spec), f"{described}, on the fly"
+        model = _sharded_like_policy(_load_for_run(ref_source, tokenizer, run), run)
+        return ModelReference(model, spec), f"{described}, on the fly"
     if config.lora and run.source.adapter_dir:
         return AdapterReference(policy, run.source.adapter_dir, spec), f"{described} (its adapter, frozen), on the fly"
     if config.lora:
@@ -335,7 +352,8 @@ def on_the_fly_reference(
         warn(
             "full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not"
         )
-    return ModelReference(copy.deepcopy(policy), spec), f"{described} (a frozen copy), on the fly"
+    model = _sharded_like_policy(copy.deepcopy(policy), run)
+    return ModelReference(model, spec), f"{described} (a frozen copy), on the fly"
 
 
 def setup_reference(

@@ -48,10 +48,12 @@ def _block_classes(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device, frozen: bool = False) -> torch.nn.Module:
     """Shard `model` in place over every process (one FSDP unit per transformer block, then the root).
 
     Must run before the optimizer is built: the optimizer has to hold the sharded parameters.
+    `frozen` (a reference model, only ever run under no_grad): the root reshards after its forward
+    too; by default FSDP2 keeps the root gathered until the backward, which a frozen model never runs.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -66,7 +68,7 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if frozen else {}))
     return model
 
 
