@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,15 @@ class DataOptions:
     eval_fraction: float = 0.0
     seed: int = 42
     kind: str = "sft"  # "sft", "pairs", "unpaired", or (rlkit pack only) "auto": decided by the data's layout
+
+    @classmethod
+    def of(cls, config: Any) -> DataOptions:
+        """A command's data options: its `data` as the sources, every other option by its name
+        (one the command does not have keeps the default here)."""
+        named = {
+            f.name: getattr(config, f.name) for f in fields(cls) if f.name != "sources" and hasattr(config, f.name)
+        }
+        return cls(sources=config.data, **named)
 
 
 @dataclass

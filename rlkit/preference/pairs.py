@@ -19,15 +19,7 @@ from rlkit.training.run import TrainingRun
 
 def load_pairs(run: TrainingRun, config: PairTrainConfig, tokenizer: Any, model_name: str) -> PreparedData:
     """Tokenised pairs (train + eval), with a summary and a warning for any dropped pair."""
-    opts = DataOptions(
-        sources=config.data,
-        max_length=config.max_length,
-        template=config.template,
-        columns=config.columns,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-    )
+    opts = DataOptions.of(config)
     with run.accelerator.main_process_first():
         data = prepare_pair_data(opts, tokenizer, model_name)
     line, warnings = describe_pair_data(data.metadata)

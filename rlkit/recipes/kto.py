@@ -141,15 +141,7 @@ def check_weights(config: KTOConfig, counts: dict[str, int]) -> None:
 
 def load_unpaired(run: TrainingRun, config: KTOConfig, tokenizer: Any) -> PreparedData:
     """Tokenised examples (train + eval) with their mismatched completions attached."""
-    opts = DataOptions(
-        sources=config.data,
-        max_length=config.max_length,
-        template=config.template,
-        columns=config.columns,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-    )
+    opts = DataOptions.of(config)
     with run.accelerator.main_process_first():
         data = prepare_unpaired_data(opts, tokenizer, config.model or "")
     line, warnings = describe_unpaired_data(data.metadata)

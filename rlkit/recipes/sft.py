@@ -35,17 +35,7 @@ def run_sft(config: SFTConfig) -> Path:
     run = TrainingRun("sft", config, config.model, config.data)
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()
-    opts = DataOptions(
-        sources=config.data,
-        max_length=config.max_length,
-        template=config.template,
-        columns=config.columns,
-        packing=config.packing,
-        completion_only=config.completion_only,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-    )
+    opts = DataOptions.of(config)
     with run.accelerator.main_process_first():
         data = prepare_sft_data(opts, tokenizer, config.model)
     counts = data.metadata["counts"]

@@ -125,10 +125,6 @@ def run_piped(
 # ---- interactive mode ----------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 class _CtrlC:
     """Ctrl-C during a reply as a stopping criterion: the SIGINT handler only sets a flag and
     `generate` ends after the current token, returning normally. A KeyboardInterrupt raised at

@@ -98,18 +98,7 @@ def run_pack(config: PackConfig) -> Path | None:
     output = check_output(config.output, config.overwrite, resume=False) if config.output else None
     source = resolve_source(config.tokenizer)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
-    opts = DataOptions(
-        sources=config.data,
-        max_length=config.max_length,
-        template=config.template,
-        columns=config.columns,
-        packing=config.packing,
-        completion_only=config.completion_only,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-        kind=config.kind,
-    )
+    opts = DataOptions.of(config)
     data = build_data(opts, tokenizer, config.tokenizer)
     kind = data.metadata["kind"]
     if config.show:
