@@ -212,6 +212,7 @@ class GRPOSteps(RolloutSteps):
     """
 
     name = "grpo"
+    shared_prompts = True  # a rollout holds each prompt G times: its prefill runs once
 
     def __init__(
         self,
@@ -521,13 +522,16 @@ def run_grpo(config: GRPOConfig) -> Path:
     disable_dropout(policy)  # the ratio must be 1 before the first update
     reference, described = None, "none (--beta 0)"
     if config.beta > 0:
-        reference, described = on_the_fly_reference(config, run, policy, tokenizer, response_logps(config.temperature))
+        reference, described = on_the_fly_reference(
+            config, run, policy, tokenizer, response_logps(config.temperature, shared_prompts=True)
+        )
     info(f"reference: {described}")
     objective = GRPOObjective(config)
     loop = GRPOSteps(config, run, tokenizer, conversations, columns, encoded, rewards, reference, objective, steps)
     engine_config = replace(config, max_steps=steps * loop.updates, save_every=config.save_every * loop.updates)
     default_lr = 1e-5 if config.lora else 1e-6
-    model = PolicyValue(policy, None, None, config.beta)  # critic-free: no value forward, no value loss
+    # critic-free: no value forward, no value loss; each group's prompt runs once per forward
+    model = PolicyValue(policy, None, None, config.beta, shared_prompts=True)
     metrics = run.train(model, objective, loop, default_lr, engine_config=engine_config)
     metrics["grpo_steps"] = steps
     scale = loop.scale
