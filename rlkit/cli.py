@@ -21,7 +21,7 @@ from rich.markup import escape
 from rlkit import __version__
 from rlkit.cli_help import RlkitCommand, RlkitGroup
 from rlkit.console import console, is_main_process
-from rlkit.errors import RlkitError
+from rlkit.errors import DryRunDone, RlkitError
 from rlkit.output import release_output_locks
 from rlkit.performance import wait_without_spinning
 
@@ -115,6 +115,8 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             result = command(*args, **kwargs)
+        except DryRunDone:  # --dry-run printed its plan; nothing to print on stdout
+            raise typer.Exit(0)
         except RlkitError as err:
             if is_main_process():
                 console.print(f"[bold red]error:[/bold red] {escape(str(err))}")

@@ -21,3 +21,7 @@ class RunError(RlkitError):
     """A failure while running (NaN loss, interrupted run): exit 1."""
 
     exit_code = 1
+
+
+class DryRunDone(Exception):
+    """`--dry-run` printed its plan: the command ends here, exit 0, nothing written (not an error)."""

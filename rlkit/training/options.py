@@ -133,6 +133,12 @@ class TrainConfig:
         "Shard weights, gradients and optimizer state over the processes (FSDP2; torchrun or accelerate launch).",
         panel="Speed and memory",
     )
+    dry_run: bool = opt(
+        False,
+        "Print the memory this run needs per device (weights, gradients, optimizer state, activations; "
+        "read from the model's config, no weights loaded) and exit without writing anything.",
+        panel="Speed and memory",
+    )
     threads: Optional[int] = opt(None, THREADS_HELP, min=1, panel="Speed and memory")
     log_every: int = opt(
         10, "Print a progress line every N steps when stderr is not a terminal.", min=1, panel="Logging and checkpoints"

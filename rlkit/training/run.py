@@ -16,7 +16,7 @@ import torch
 
 from rlkit.config import config_to_dict
 from rlkit.console import info
-from rlkit.errors import InputError
+from rlkit.errors import DryRunDone, InputError
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.lean_blocks import lora_inputs_uncast_under_autocast, use_lean_blocks
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
@@ -68,6 +68,11 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str
 class TrainingRun:
     def __init__(self, command: str, config: TrainConfig, model_name: str | None, data: list[str]):
         self.command, self.config, self.data = command, config, data
+        if config.dry_run:  # every recipe's own option checks have run; nothing is loaded or written yet
+            from rlkit.training.memory_plan import show_plan
+
+            show_plan(command, config)
+            raise DryRunDone()
         self.output = check_output(config.output, config.overwrite, config.resume)
         self.accelerator = make_accelerator(config)
         self.source = resolve_source(model_name or "")

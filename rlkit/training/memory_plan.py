@@ -1,0 +1,497 @@
+"""`--dry-run`: what a training configuration needs in memory, per device, before it runs.
+
+Every training command stops at the same place when `--dry-run` is given: its options have been
+resolved and checked (rlkit.config, then the recipe's own checks), and nothing has been loaded
+or written (no OUT, no OUT.partial, no lock). `TrainingRun` calls `show_plan` there.
+
+The model is read without its weights: its config (an HF dir, a hub name, a LoRA adapter's base,
+or a .gguf file's header), then the model built on torch's meta device, which gives the exact
+parameter count and every linear layer's shape (for LoRA's count) without allocating a byte. The
+rest is arithmetic (docs/benchmarks.md, "How --dry-run estimates memory"):
+
+- weights: parameters x their dtype (a LoRA base in bf16 under --precision bf16, else fp32);
+  LoRA adds r x (in + out) per adapted linear layer, trained in fp32;
+- gradients: trainable parameters x 4 bytes; optimizer: AdamW's two moments, 8 bytes each;
+- activations of one micro-batch of `batch x max-length` tokens (the worst case: every row full),
+  as autograd keeps them with rlkit's lean norm/MLP blocks: per token and layer
+  6h + 2kv + 3i + r x adapted layers (h hidden, kv the key/value width, i the MLP width) values in
+  the compute dtype, plus LoRA dropout's copies and masks when it is on; with gradient
+  checkpointing h per token and layer, and one layer's full set during its recomputation; plus
+  the chunked log-prob head's 1,024 x vocab fp32 logits, and the backward's working set;
+- with --fsdp (or a ZeRO-3 accelerate config) the trained model's weights, gradients and optimizer
+  state are divided by the process count (ZeRO-2: gradients and optimizer state; ZeRO-1: the
+  optimizer state), plus the all-gathered blocks in flight;
+- ppo and grpo: the extra models (the reward model dir, the critic of --critic rm, a frozen copy
+  for a full fine-tune's reference, grpo's only when --beta > 0) and the KV cache of one
+  `generate` call (rows x max-length x layers x 2 x kv values).
+
+The process count is the launcher's (`WORLD_SIZE`, set by torchrun and accelerate launch), so
+`WORLD_SIZE=8 rlkit sft ... --fsdp --dry-run` plans an 8-process run on one machine. The estimate
+leaves out what every process pays whatever the model (Python, torch and CUDA's own context,
+the data set), which is why it is compared against measured peaks minus that baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlkit.console import console
+from rlkit.models.load import ModelSource, adapter_config, loading, resolve_source
+from rlkit.training.options import TrainConfig
+
+CHUNK_TOKENS = 1024  # rlkit.training.logprobs.CHUNK_TOKENS (not imported: that module loads more)
+MIB = 2**20
+#: What the first training steps on a CPU take beyond their tensors (oneDNN's kernel caches and
+#: scratch pads, autograd's worker): measured as the gap that stays between planned and measured
+#: peaks on the tiny model, whose tensors are a few MiB (bench/memory_plan.py).
+CPU_STEP_OVERHEAD = 36 * MIB
+
+
+@dataclass
+class ModelShape:
+    """What the arithmetic needs of one model, read from its config and a meta-device copy."""
+
+    name: str
+    params: int  # unique parameters (tied embeddings counted once)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_dim: int  # key (= value) width per token: kv heads x head dim
+    vocab: int
+    head_params: int  # the output layer's own parameters (0 when tied to the embeddings)
+    linears: list[tuple[str, int, int]] = field(default_factory=list)  # (name, in, out) of each nn.Linear
+    adapter: dict[str, Any] | None = None  # adapter_config.json of a LoRA adapter dir
+
+    def lora_params(self, r: int, targets: str, exclude_head: bool = True) -> int:
+        """Parameters a LoRA adapter of rank r adds (A: r x in, B: out x r per adapted layer)."""
+        if self.adapter:  # a continued adapter keeps its own rank and targets
+            r = int(self.adapter.get("r", r))
+            wanted = self.adapter.get("target_modules") or targets
+            targets = wanted if isinstance(wanted, str) else ",".join(wanted)
+        names = None if targets == "all-linear" else {t.strip() for t in targets.split(",") if t.strip()}
+        total = 0
+        for name, fan_in, fan_out in self.linears:
+            leaf = name.rsplit(".", 1)[-1]
+            if names is None and exclude_head and leaf in ("lm_head", "score"):
+                continue
+            if names is not None and leaf not in names:
+                continue
+            total += r * (fan_in + fan_out)
+        return total
+
+    def adapted_per_layer(self, targets: str) -> int:
+        """How many linear layers of one transformer block LoRA adapts."""
+        names = None if targets == "all-linear" else {t.strip() for t in targets.split(",")}
+        block = [n for n, _, _ in self.linears if ".layers.0." in n or ".h.0." in n]
+        return sum(1 for n in block if names is None or n.rsplit(".", 1)[-1] in names)
+
+
+def _config_of(source: ModelSource, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    with loading(source.name, "a model config"):
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+
+
+def read_shape(name: str, trust_remote_code: bool = False, classifier: bool = False) -> ModelShape:
+    """The shape of model `name` (a causal LM, or with `classifier` a one-score sequence classifier)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = resolve_source(name)
+    config = _config_of(source, trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if classifier:
+        config.num_labels = 1
+    builder = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    with loading(source.name, "a model built from its config"), torch.device("meta"):
+        model = builder.from_config(config, trust_remote_code=trust_remote_code)
+    seen: set[int] = set()
+    params = 0
+    for p in model.parameters():  # parameters() already yields a tied weight once
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+    head = model.get_output_embeddings() if not classifier else None
+    embed = model.get_input_embeddings()
+    head_params = 0 if head is None or head.weight is embed.weight else head.weight.numel()
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    return ModelShape(
+        name=name,
+        params=params,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=int(text.num_hidden_layers),
+        heads=heads,
+        kv_dim=kv_heads * head_dim,
+        vocab=int(text.vocab_size),
+        head_params=head_params,
+        linears=linears,
+        adapter=adapter_config(source.adapter_dir) if source.adapter_dir else None,
+    )
+
+
+# ---- the plan ------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One model (or one working set) of the plan, in bytes per device."""
+
+    what: str
+    weights: float = 0
+    grads: float = 0
+    optimizer: float = 0
+    activations: float = 0
+    note: str = ""
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+@dataclass
+class Plan:
+    command: str
+    device: str
+    precision: str
+    processes: int
+    sharding: str
+    tokens: int  # tokens per micro-batch of a training step
+    rows: list[Row]
+    lines: list[str] = field(default_factory=list)  # what the numbers assume
+
+    @property
+    def total(self) -> float:
+        return sum(r.total for r in self.rows)
+
+    def column(self, name: str) -> float:
+        return sum(getattr(r, name) for r in self.rows)
+
+
+def world_size() -> int:
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def sharding_mode(config: TrainConfig, processes: int) -> tuple[str, int]:
+    """(description, ZeRO-like stage): 3 shards weights, gradients and optimizer state; 2 the last
+    two; 1 the optimizer state; 0 none. From --fsdp, or the accelerate launch config's environment."""
+    if processes <= 1:
+        return "none (1 process)", 0
+    if config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return f"FSDP over {processes} processes", 3
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2") or 2)
+        return f"DeepSpeed ZeRO-{stage} over {processes} processes", stage
+    return f"none (DDP, {processes} replicas)", 0
+
+
+def resolved_precision(config: TrainConfig) -> str:
+    """`--precision` as the engine resolves it (rlkit.training.engine.make_accelerator)."""
+    if config.precision != "auto":
+        return config.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class Arithmetic:
+    """The byte counts of one configuration: dtypes, sharding, activations per token."""
+
+    def __init__(self, config: TrainConfig):
+        self.c = config
+        self.precision = resolved_precision(config)
+        self.low = self.precision in ("bf16", "fp16")
+        self.act = 2 if self.low else 4  # bytes of an activation in the compute dtype
+        self.weight_bytes = 2 if self.precision == "bf16" and config.lora else 4  # TrainingRun.weights_dtype
+        self.processes = world_size()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.sharding, self.stage = sharding_mode(config, self.processes)
+
+    def split(self, nbytes: float, stage: int) -> float:
+        return nbytes / self.processes if self.stage >= stage else nbytes
+
+    def trained(self, what: str, shape: ModelShape, rows: int, length: int, lora: bool, head: bool = True) -> Row:
+        """A model trained with AdamW, holding the activations of a `rows` x `length` micro-batch."""
+        c = self.c
+        if lora:
+            extra = shape.lora_params(c.lora_r, c.lora_targets) + (0 if head else shape.hidden)  # + score head
+            base, trainable = shape.params * self.weight_bytes, extra
+            note = f"{shape.params / 1e6:,.1f}M frozen + {extra / 1e6:,.2f}M LoRA"
+            if getattr(c, "load_in_4bit", False) and what == "policy":
+                # QLoRA: the base's linear layers in NF4 (4 bits + double-quantised scales, ~0.53 bytes
+                # a weight), the rest (embeddings, norms, a head) kept in fp32
+                linear = sum(i * o for n, i, o in shape.linears if not n.endswith(("lm_head", "score")))
+                base = linear * 0.53 + (shape.params - linear) * 4
+                note = f"{shape.params / 1e6:,.1f}M frozen (NF4 linear layers) + {extra / 1e6:,.2f}M LoRA"
+            weights = base + 4 * extra
+        else:
+            trainable = shape.params
+            weights = 4 * shape.params  # trained weights stay fp32 (autocast computes in bf16)
+            note = f"{shape.params / 1e6:,.1f}M trained"
+        row = Row(
+            what,
+            weights=self.split(weights, 3),
+            grads=self.split(4 * trainable, 2),
+            optimizer=self.split(8 * trainable, 1),
+            note=note,
+        )
+        row.activations = self.activations(shape, rows, length, lora, head)
+        if not lora and self.low:
+            row.activations += 2 * shape.params / (self.processes if self.stage >= 3 else 1)  # autocast's bf16 weights
+        if self.stage >= 3:  # FSDP: a block all-gathered for its forward/backward, the next one prefetched
+            block = (shape.params - shape.head_params) / max(1, shape.layers)
+            row.activations += 2 * block * (self.weight_bytes if lora else 4)
+        return row
+
+    def frozen(self, what: str, shape: ModelShape, note: str, dtype_bytes: int | None = None) -> Row:
+        nbytes = shape.params * (dtype_bytes or self.weight_bytes)
+        return Row(what, weights=nbytes, note=note)
+
+    def per_layer_values(self, shape: ModelShape, lora: bool) -> float:
+        """Values autograd keeps per token and transformer block (lean blocks, rlkit.models.lean_blocks):
+        the block's input and its normalised copy twice (attention, MLP), q, the attention output,
+        k and v, the MLP's gate, up and product; LoRA's rank-r projections, and dropout's copies."""
+        c, h, i = self.c, shape.hidden, shape.intermediate
+        values = 6 * h + 2 * shape.kv_dim + 3 * i + 2 * shape.heads
+        if lora:
+            adapted = shape.adapted_per_layer(c.lora_targets)
+            values += c.lora_r * adapted
+            if c.lora_dropout > 0 and self._dropout_on():
+                # peft drops out each adapted layer's input on its own: a copy and its mask each
+                # (measured 1.46 x the copy's bytes in all)
+                values += 1.46 * ((adapted - 1) * h + i)
+        return values
+
+    def _dropout_on(self) -> bool:
+        # ppo and grpo turn dropout off; dpo, kto and train-rm unless --dropout
+        return getattr(self.c, "dropout", True) and not hasattr(self.c, "max_new_tokens")
+
+    def heap_factor(self, lora: bool) -> float:
+        """How much more than autograd's saved tensors a step holds: on a CPU, glibc's heap keeps
+        freed holes between them (measured on SmolLM2-135M, fp32: 1.2x with full fine-tuning, 1.6x
+        with LoRA's many small tensors); on a GPU the caching allocator's blocks fit (1.0, not yet
+        measured)."""
+        if self.device != "cpu":
+            return 1.0
+        return 1.6 if lora else 1.2
+
+    def activations(self, shape: ModelShape, rows: int, length: int, lora: bool, head: bool = True) -> float:
+        """Bytes one forward and backward of `rows` x `length` tokens keeps at its peak (the start
+        of the backward): the blocks' saved values, the attention mask, the log-prob head's chunk
+        of logits and the backward's working set."""
+        h, a, tokens = shape.hidden, self.act, rows * length
+        layer = self.per_layer_values(shape, lora) * a * self.heap_factor(lora)
+        if self.c.gradient_checkpointing:
+            kept = tokens * (shape.layers * h * a + layer)  # block inputs, and one block recomputed
+            kept += rows * length * length * a  # the mask, once (each block's copy dies with its recomputation)
+        else:
+            kept = tokens * shape.layers * layer
+            # sdpa's [rows, 1, length, length] mask of packed / padded rows, one copy per block
+            kept += shape.layers * rows * length * length * a
+        kept += tokens * 3 * h * a  # embeddings out, final norm in and out
+        if head:  # the chunked log-prob head: one chunk's fp32 logits and their softmax
+            kept += min(tokens, CHUNK_TOKENS) * shape.vocab * (4 + a)
+        # the backward's working set: gradients of one block's widest activations in flight
+        kept += tokens * (2 * shape.intermediate + 4 * h) * a
+        return kept
+
+    def kv_cache(self, shape: ModelShape, rows: int, length: int) -> float:
+        return 2 * shape.layers * shape.kv_dim * rows * length * self.act
+
+
+def _is_dir(spec: str | None) -> bool:
+    if not spec:
+        return False
+    path = Path(spec)
+    return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
+
+
+def _reference_rows(arith: Arithmetic, config: Any, shape: ModelShape, on_the_fly: bool) -> tuple[list[Row], str]:
+    """The reference model of dpo, kto, ppo and grpo while training (rlkit.preference.reference)."""
+    ref = getattr(config, "ref", None)
+    if not on_the_fly:
+        return [], "reference: log-probs precomputed before training (the model is freed before the first step)"
+    if ref and not (config.lora and ref == config.model):
+        ref_shape = read_shape(ref, config.trust_remote_code)
+        row = arith.frozen("reference (--ref)", ref_shape, "frozen, no gradients")
+        row.weights = arith.split(row.weights, 3)
+        return [row], f"reference: {ref}, a second model"
+    if config.lora:
+        return [], "reference: the base with the adapter disabled (no second copy)"
+    row = arith.frozen("reference (frozen copy)", shape, "frozen copy of the starting model", 4)
+    row.weights = arith.split(row.weights, 3)
+    return [row], "reference: a frozen copy of the starting model (full fine-tuning)"
+
+
+def make_plan(command: str, config: Any) -> Plan:
+    """The plan of `command` (sft, train-rm, dpo, kto, ppo, grpo) under `config`."""
+    arith = Arithmetic(config)
+    c = config
+    classifier = command == "train-rm"
+    shape = read_shape(c.model or "", c.trust_remote_code, classifier=classifier)
+    lines: list[str] = []
+    rows: list[Row] = []
+    if command == "sft":
+        tokens = c.batch_size * c.max_length
+        rows.append(arith.trained("policy", shape, c.batch_size, c.max_length, c.lora))
+    elif command in ("train-rm", "dpo"):
+        tokens = 2 * c.batch_size * c.max_length  # chosen and rejected
+        rows.append(
+            arith.trained(
+                "reward model" if classifier else "policy",
+                shape,
+                2 * c.batch_size,
+                c.max_length,
+                c.lora,
+                head=not classifier,
+            )
+        )
+        if command == "dpo":
+            from rlkit.losses.preference import loss_terms
+
+            reference_free = all(record.reference_free for record, _ in loss_terms(c.loss, c.loss_weights))
+            if reference_free:
+                lines.append("reference: none (reference-free loss)")
+            else:
+                extra, line = _reference_rows(arith, c, shape, on_the_fly=not c.precompute_ref)
+                rows += extra
+                lines.append(line)
+    elif command == "kto":
+        tokens = c.batch_size * c.max_length
+        rows.append(arith.trained("policy", shape, c.batch_size, c.max_length, c.lora))
+        # the mismatched (KL) forward of the micro-batch runs without a gradient: one block's working set
+        rows.append(Row("KL forward (no grad)", activations=tokens * shape.hidden * 6 * arith.act))
+        extra, line = _reference_rows(arith, c, shape, on_the_fly=not c.precompute_ref)
+        rows += extra
+        lines.append(line)
+    elif command in ("ppo", "grpo"):
+        tokens = c.batch_size * c.max_length
+        rows.append(arith.trained("policy", shape, c.batch_size, c.max_length, c.lora))
+        if command == "ppo":
+            critic = c.critic == "rm"
+            if critic:
+                critic_shape = read_shape(c.reward, c.trust_remote_code, classifier=True)
+                # a --critic rm critic trains in full, in fp32
+                rows.append(
+                    arith.trained("critic (--critic rm)", critic_shape, c.batch_size, c.max_length, False, head=False)
+                )
+            else:
+                rows.append(
+                    Row("value head", weights=4 * shape.hidden, grads=4 * shape.hidden, optimizer=8 * shape.hidden)
+                )
+            extra, line = _reference_rows(arith, c, shape, on_the_fly=True)
+            rows += extra
+            lines.append(line)
+            rewards = [c.reward] if c.reward else []
+            generate_rows = c.batch_size
+        else:
+            if c.beta > 0:
+                extra, line = _reference_rows(arith, c, shape, on_the_fly=True)
+                rows += extra
+                lines.append(line)
+            else:
+                lines.append("reference: none (--beta 0)")
+            rewards = list(c.reward)
+            generate_rows = c.generation_batch_size or c.batch_size * c.grad_accum
+        for spec in rewards:
+            if _is_dir(spec):
+                rm = read_shape(spec, c.trust_remote_code, classifier=True)
+                rows.append(arith.frozen(f"reward model {Path(spec).name}", rm, "frozen scorer", arith.weight_bytes))
+        kv = arith.kv_cache(shape, generate_rows, c.max_length)
+        # generation and training alternate: the larger of the two working sets is the peak
+        gen = kv + generate_rows * shape.vocab * 4 * 2  # + one step's logits and their softmax
+        train_acts = rows[0].activations
+        lines.append(
+            f"generation: KV cache of {generate_rows} rows x {c.max_length} tokens = {gen / MIB:,.0f} MiB; "
+            f"the training step's activations {train_acts / MIB:,.0f} MiB; the larger counts"
+        )
+        if gen > train_acts:
+            rows[0].activations = gen
+            rows[0].note += "; activations: generation's KV cache"
+    else:
+        raise ValueError(f"no memory plan for {command}")
+    if arith.device == "cpu":
+        rows.append(
+            Row("torch on a CPU", activations=CPU_STEP_OVERHEAD, note="kernel caches and scratch of the first steps")
+        )
+    precision_note = {
+        "fp32": "fp32 weights and activations",
+        "bf16": "bf16 autocast" + (" over a bf16 LoRA base" if c.lora else " over fp32 weights"),
+        "fp16": "fp16 autocast over fp32 weights",
+    }[arith.precision]
+    lines.insert(0, f"precision: {arith.precision} ({precision_note})")
+    lines.append(
+        f"activations: one micro-batch of {tokens:,} tokens (batch x max-length{' x 2 sides' if command in ('train-rm', 'dpo') else ''}: "
+        f"the worst case, every row full){'; gradient checkpointing' if c.gradient_checkpointing else ''}"
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Plan(command, device, arith.precision, arith.processes, arith.sharding, tokens, rows, lines)
+
+
+def _mib(nbytes: float) -> str:
+    if nbytes == 0:
+        return "-"
+    if nbytes >= 10 * 2**30:
+        return f"{nbytes / 2**30:,.1f} GiB"
+    return f"{nbytes / MIB:,.1f} MiB" if nbytes < 10 * MIB else f"{nbytes / MIB:,.0f} MiB"
+
+
+def plan_table(plan: Plan) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        title=f"rlkit {plan.command} --dry-run: memory per device ({plan.device}, {plan.processes} "
+        f"process{'es' if plan.processes > 1 else ''}, sharding: {plan.sharding})",
+        title_justify="left",
+    )
+    table.add_column("")
+    for name in ("weights", "gradients", "optimizer", "activations", "total"):
+        table.add_column(name, justify="right")
+    table.add_column("")
+    for row in plan.rows:
+        table.add_row(
+            row.what,
+            _mib(row.weights),
+            _mib(row.grads),
+            _mib(row.optimizer),
+            _mib(row.activations),
+            _mib(row.total),
+            row.note,
+            style=None,
+        )
+    table.add_row(
+        "total",
+        _mib(plan.column("weights")),
+        _mib(plan.column("grads")),
+        _mib(plan.column("optimizer")),
+        _mib(plan.column("activations")),
+        _mib(plan.total),
+        "",
+        style="bold",
+    )
+    return table
+
+
+def show_plan(command: str, config: Any) -> Plan:
+    """Print the plan on stderr (stdout stays empty: nothing is written, there is no OUT to print)."""
+    plan = make_plan(command, config)
+    from rlkit.console import is_main_process
+
+    if is_main_process():
+        console.print(plan_table(plan))
+        for line in plan.lines:
+            console.print(f"  {line}")
+        console.print(
+            "  not counted: the process itself (Python, torch, the CUDA context: ~0.3-0.5 GiB on a GPU) and the data; "
+            "nothing was loaded or written (--dry-run)"
+        )
+    return plan

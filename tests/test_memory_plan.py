@@ -1,0 +1,180 @@
+"""`--dry-run`: the memory plan of every training command, read from a config without weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import DEMO_DATA, REPO, build_model, run_cli
+
+from rlkit.config import resolve_config
+from rlkit.recipes.dpo_config import DPOConfig
+from rlkit.recipes.grpo_config import GRPOConfig
+from rlkit.recipes.kto_config import KTOConfig
+from rlkit.recipes.ppo_config import PPOConfig
+from rlkit.recipes.reward_model_config import RewardModelConfig
+from rlkit.recipes.sft_config import SFTConfig
+from rlkit.training.memory_plan import make_plan, read_shape
+
+MIB = 2**20
+
+
+def plan(command, cls, **values):
+    return make_plan(command, resolve_config(cls, values, None))
+
+
+def rows(p):
+    """The plan's models by name (the CPU's fixed working memory left out)."""
+    return {r.what.split(" (")[0]: r for r in p.rows if r.what != "torch on a CPU"}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli("sft", str(tiny_model_dir), str(DEMO_DATA / "sft.jsonl"), "-o", str(out), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""  # no OUT to print
+    for word in ("weights", "gradients", "optimizer", "activations", "total", "policy"):
+        assert word in done.stderr
+    assert not list(tmp_path.iterdir())  # no OUT, no OUT.partial, no lock
+
+
+def test_dry_run_still_refuses_bad_options(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlkit.cli import app
+
+    runner = CliRunner()
+    data = str(DEMO_DATA / "sft.jsonl")
+    bad = runner.invoke(app, ["sft", str(tiny_model_dir), data, "--dry-run", "--lr", "-1"])
+    assert bad.exit_code == 2 and "--lr" in bad.output
+    # a recipe's own check runs before the plan too: ppo without --reward
+    prompts = str(DEMO_DATA / "prompts.jsonl")
+    no_reward = runner.invoke(app, ["ppo", str(tiny_model_dir), prompts, "--dry-run"])
+    assert no_reward.exit_code == 2 and "--reward" in no_reward.output
+    missing = runner.invoke(app, ["sft", str(tmp_path / "nope"), data, "--dry-run"])
+    assert missing.exit_code == 2
+    fine = runner.invoke(app, ["grpo", str(tiny_model_dir), prompts, "--reward", "rlkit.demo.task:reward", "--dry-run"])
+    assert fine.exit_code == 0, fine.output
+    assert "reference: none (--beta 0)" in fine.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_shape_counts_what_the_loaded_model_has(tiny_model_dir):
+    from rlkit.models.load import add_lora, load_causal_lm, resolve_source
+
+    shape = read_shape(str(tiny_model_dir))
+    model = load_causal_lm(resolve_source(str(tiny_model_dir)))
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    lora = add_lora(model, 8, 16, 0.0, "all-linear")
+    assert shape.lora_params(8, "all-linear") == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert shape.lora_params(4, "q_proj,v_proj") == 4 * sum(
+        i + o for n, i, o in shape.linears if n.endswith(("q_proj", "v_proj"))
+    )
+
+
+def test_gguf_config_is_read_without_its_weights():
+    gguf = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip("`make demo-model` fetches the demo .gguf")
+    shape = read_shape(str(gguf))
+    assert shape.layers == 30 and shape.hidden == 576 and shape.vocab == 49152
+    assert 134e6 < shape.params < 136e6  # tied embeddings counted once
+
+
+def test_weights_gradients_optimizer_follow_lora_full_precision_and_sharding(tiny_model_dir, monkeypatch):
+    model, data = str(tiny_model_dir), [str(DEMO_DATA / "sft.jsonl")]
+    n = read_shape(model).params
+    full = rows(plan("sft", SFTConfig, model=model, data=data, lora=False, precision="fp32"))["policy"]
+    assert (full.weights, full.grads, full.optimizer) == (4 * n, 4 * n, 8 * n)
+    lora = rows(plan("sft", SFTConfig, model=model, data=data, precision="bf16"))["policy"]
+    adapter = read_shape(model).lora_params(16, "all-linear")
+    assert lora.weights == 2 * n + 4 * adapter and lora.grads == 4 * adapter and lora.optimizer == 8 * adapter
+    # activations grow with the batch and shrink with checkpointing
+    small = plan("sft", SFTConfig, model=model, data=data, batch_size=2, max_length=256, lora=False)
+    big = plan("sft", SFTConfig, model=model, data=data, batch_size=8, max_length=256, lora=False)
+    ckpt = plan(
+        "sft", SFTConfig, model=model, data=data, batch_size=8, max_length=256, lora=False, gradient_checkpointing=True
+    )
+    assert small.column("activations") < big.column("activations")
+    assert ckpt.column("activations") < big.column("activations")
+    # FSDP over 4 processes: a quarter of the weights, gradients and optimizer state
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    sharded = plan("sft", SFTConfig, model=model, data=data, lora=False, precision="fp32", fsdp=True)
+    policy = rows(sharded)["policy"]
+    assert sharded.processes == 4 and "FSDP" in sharded.sharding
+    assert (policy.weights, policy.grads, policy.optimizer) == (n, n, 2 * n)
+    ddp = rows(plan("sft", SFTConfig, model=model, data=data, lora=False, precision="fp32"))["policy"]
+    assert ddp.weights == 4 * n  # replicas: nothing divided
+
+
+def test_every_trainer_counts_its_extra_models(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir)
+    pairs, prompts = [str(DEMO_DATA / "pairs.jsonl")], [str(DEMO_DATA / "prompts.jsonl")]
+    n = read_shape(model).params
+    rm_dir = tmp_path / "rm"
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    policy = build_model(600)
+    config = policy.config
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(model).save_pretrained(rm_dir)
+
+    rm = plan("train-rm", RewardModelConfig, model=model, data=pairs)
+    assert "reward model" in rows(rm)
+
+    dpo_pre = plan("dpo", DPOConfig, model=model, data=pairs, lora=False)
+    assert list(rows(dpo_pre)) == ["policy"]  # precomputed reference: no model while training
+    dpo_copy = rows(plan("dpo", DPOConfig, model=model, data=pairs, lora=False, precompute_ref=False))
+    assert dpo_copy["reference"].weights == 4 * n
+    dpo_lora = plan("dpo", DPOConfig, model=model, data=pairs, precompute_ref=False)
+    assert list(rows(dpo_lora)) == ["policy"]  # the base with the adapter disabled, no copy
+    assert list(rows(plan("dpo", DPOConfig, model=model, data=pairs, loss="simpo"))) == ["policy"]
+
+    kto = plan("kto", KTOConfig, model=model, data=[str(DEMO_DATA / "unpaired.jsonl")], precompute_ref=False)
+    assert "KL forward" in rows(kto)
+
+    ppo = rows(plan("ppo", PPOConfig, model=model, data=prompts, reward=str(rm_dir), critic="rm", lora=False))
+    assert {"policy", "critic", "reference", f"reward model {rm_dir.name}"} <= set(ppo)
+    assert ppo["critic"].optimizer > 0  # the critic trains, in full
+    shared = rows(plan("ppo", PPOConfig, model=model, data=prompts, reward="rlkit.demo.task:reward"))
+    assert "value head" in shared and "reward model" not in " ".join(shared)
+
+    no_ref = rows(plan("grpo", GRPOConfig, model=model, data=prompts, reward=["rlkit.demo.task:reward"], lora=False))
+    assert "reference" not in no_ref
+    with_ref = rows(
+        plan("grpo", GRPOConfig, model=model, data=prompts, reward=["rlkit.demo.task:reward"], lora=False, beta=0.04)
+    )
+    assert with_ref["reference"].weights == 4 * n
+    # generation's KV cache: one generate call of the whole rollout
+    long = plan(
+        "grpo",
+        GRPOConfig,
+        model=model,
+        data=prompts,
+        reward=["rlkit.demo.task:reward"],
+        batch_size=64,
+        grad_accum=8,
+        max_length=1024,
+        lora=False,
+    )
+    assert any("KV cache of 512 rows" in line for line in long.lines)
+
+
+@pytest.mark.slow
+def test_estimate_within_25_percent_of_the_measured_peak(tmp_path):
+    """bench/memory_plan.py's measurement on the tiny model: full fine-tuning with packed rows."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "memory_plan.py"), "--only", "sft full fp32"],
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| tiny |")]
+    assert lines
+    for line in lines:
+        ratio = float(line.rstrip(" |").rsplit("|", 1)[1].strip().rstrip("%"))
+        assert abs(ratio) <= 25, line
