@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 DEMO_MODEL := .cache/demo/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_OUT   ?= demo-out
 
-.PHONY: setup demo demo-model lint test test-slow bench bench-ppo clean
+.PHONY: setup demo demo-model lint test test-slow bench bench-ppo bench-gpu clean
 
 # Installs print nothing when they succeed: their output (pip's notes on this machine's config
 # included) goes to a log under $(VENV), shown in full when the step fails.
@@ -55,6 +55,12 @@ bench: setup
 # venv under .cache/bench); tiny Llama, and SmolLM2 when `make demo-model` has fetched it (else skipped). ~35 min.
 bench-ppo: setup
 	$(PY) bench/ppo.py --models tiny,smollm2 --with-shared
+
+# The GPU benchmark (a CUDA machine, nothing but this repo): sft, dpo, ppo and grpo on SmolLM2-135M and a
+# ~1B random-weight Llama, bf16: tokens/s, peak GPU memory and MFU, TRL beside ppo and grpo (the venvs of
+# bench/ppo.py and bench/grpo.py). `python bench/gpu.py --device cpu --models tiny --steps 1 --no-trl` is its CPU dry run.
+bench-gpu: setup $(DEMO_MODEL)
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf $(DEMO_OUT) build dist *.egg-info

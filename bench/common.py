@@ -435,3 +435,100 @@ def trl_run_args(seed: int) -> dict[str, Any]:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+# ---- model FLOPs and MFU ------------------------------------------------------------------------
+
+#: Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a
+#: substring of `torch.cuda.get_device_name()`; the first match wins (H100 PCIe before H100).
+GPU_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+)
+
+
+def matmul_peak_flops(device: str = "cpu", dtype: str = "fp32", size: int | None = None, seconds: float = 1.0) -> float:
+    """This machine's matmul limit, measured: FLOP/s of a large square `torch.mm` (2 n^3 per product)
+    in `dtype` on `device`, the best of repeated timings over about `seconds`. It is the ceiling the
+    MFU columns compare against: what this hardware and torch build actually reach, not a data sheet."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    n = size or (8192 if device == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dt)
+    b = torch.randn(n, n, device=device).to(dt)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.mm(a, b)  # warm-up (kernel choice, page faults)
+    sync()
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        took = time.perf_counter() - t0
+        best, spent = min(best, took), spent + took
+    return 2 * n**3 / best
+
+
+def gpu_peak_flops(name: str | None) -> float | None:
+    """The data-sheet dense bf16 peak of the GPU called `name`, in FLOP/s, or None if unknown."""
+    for key, tflops in GPU_BF16_PEAK_TFLOPS:
+        if name and key in name:
+            return tflops * 1e12
+    return None
+
+
+def model_flops_per_token(
+    matmul_params: int, layers: int, hidden: int, context: float, lora: bool = False, train: bool = True
+) -> float:
+    """Model FLOPs of one token (PaLM's accounting, Chowdhery et al. 2022, appendix B).
+
+    Each parameter of a matmul costs 2 FLOPs per token forward and 4 backward (the gradients of the
+    input and of the weight): 6N to train, 2N forward only. With LoRA the frozen base computes no
+    weight gradients: 4N (the adapters' own few FLOPs left out). Attention adds, per layer and token,
+    2 x 2 x context x hidden forward (QK^T and the weighted sum of V), 3x that to train. `context`
+    is the row length a token attends over (an upper bound for packed rows, whose tokens see only
+    their own example). Recomputation (gradient checkpointing) is not model FLOPs and not counted.
+    """
+    per_param = (4 if lora else 6) if train else 2
+    attention = 4 * layers * hidden * context * (3 if train else 1)
+    return per_param * matmul_params + attention
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: the model FLOPs a run computes per second over the hardware's peak."""
+    return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else float("nan")
+
+
+def matmul_params_of(model_dir: str) -> tuple[int, int, int]:
+    """(matmul parameters, layers, hidden) of a model, from its config on the meta device (rlkit's
+    memory planner): every parameter but the input embedding's, whose lookup is no matmul (a head
+    tied to it does multiply, so a tied model counts all its parameters)."""
+    from rlkit.training.memory_plan import read_shape
+
+    shape = read_shape(model_dir)
+    embedding = shape.vocab * shape.hidden
+    matmul = shape.params if shape.head_params == 0 else shape.params - embedding
+    return matmul, shape.layers, shape.hidden
+
+
+def mfu_line(device: str, peaks: dict[str, float], gpu_name: str | None = None) -> str:
+    """The line under a table that says what its MFU column is measured against."""
+    parts = [f"{dtype} {flops / 1e9:,.1f} GFLOP/s" for dtype, flops in peaks.items()]
+    sheet = gpu_peak_flops(gpu_name) if device == "cuda" else None
+    text = (
+        f"MFU: model FLOPs per second (`model_flops_per_token` in bench/common.py: 6N per trained token, 4N with "
+        f"LoRA, + attention) over this machine's matmul peak measured in the same run ({device}: {', '.join(parts)}; "
+        f"a large `torch.mm`)"
+    )
+    if sheet:
+        text += f"; against the data-sheet bf16 peak of the {gpu_name} ({sheet / 1e12:,.0f} TFLOP/s) in brackets"
+    return text + "."
