@@ -55,6 +55,11 @@ from common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    matmul_params_of,
+    matmul_peak_flops,
+    mfu,
+    mfu_line,
+    model_flops_per_token,
     pool,
     replace_block,
     run_child,
@@ -403,6 +408,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     started = time.time()
+    # the MFU column's ceiling: this machine's matmul rate, measured now (bench/common.py)
+    peaks = {dtype: matmul_peak_flops("cpu", dtype) for dtype in ("fp32", "bf16")}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     packings = [p.strip() == "packed" for p in args.packing.split(",") if p.strip()]
@@ -465,6 +472,8 @@ def main(argv: list[str]) -> int:
                     args.smollm2_steps,
                 )
             lr = 2e-4 if lora else 2e-5
+            matmul, layers, hidden = matmul_params_of(str(model_dir))
+            flops = model_flops_per_token(matmul, layers, hidden, max_length, lora=lora)
             mode = (
                 f"LoRA (r {LORA['r']}, alpha {LORA['alpha']}, dropout {LORA['dropout']}, {LORA['targets']})"
                 if lora
@@ -545,7 +554,7 @@ def main(argv: list[str]) -> int:
                         continue
                     good = [r for r in results if "error" not in r]
                     row = pool(good) if good else {"error": results[0]["error"]}
-                    row.update({"model": label, "trainer": trainer, "packing": packing})
+                    row.update({"model": label, "trainer": trainer, "packing": packing, "flops_per_token": flops})
                     rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -557,6 +566,7 @@ def main(argv: list[str]) -> int:
         "trainer",
         "packing",
         "real tokens/s",
+        "MFU (fp32)",
         "CPU-s per 1k tokens",
         "peak RSS (MiB)",
         "steps measured",
@@ -568,7 +578,7 @@ def main(argv: list[str]) -> int:
         trainer = "rlkit" if r["trainer"] == "rlkit" else f"TRL {trl_v}"
         how = ("packed (BFD, padding-free)" if r["trainer"] == "trl" else "packed (BFD)") if r["packing"] else "padded"
         if "error" in r:
-            table_rows.append([r["model"], trainer, how, "failed: " + r["error"][:80], "-", "-", "-", "-", "-"])
+            table_rows.append([r["model"], trainer, how, "failed: " + r["error"][:80], "-", "-", "-", "-", "-", "-"])
             continue
         table_rows.append(
             [
@@ -576,6 +586,7 @@ def main(argv: list[str]) -> int:
                 trainer,
                 how,
                 fmt(r["tokens_per_s"]),
+                f"{100 * mfu(r['tokens_per_s'], r['flops_per_token'], peaks['fp32']):.1f}%",
                 fmt(r["cpu_s_per_1k_tokens"], 2),
                 fmt(r["peak_rss_mib"], 0),
                 r["steps_measured"],
@@ -584,6 +595,7 @@ def main(argv: list[str]) -> int:
             ]
         )
     table = markdown_table(columns, table_rows)
+    notes.append(mfu_line("cpu", peaks))
     print(table)
     for note in notes:
         print(f"- {note}")
