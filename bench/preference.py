@@ -46,6 +46,11 @@ from common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    matmul_params_of,
+    matmul_peak_flops,
+    mfu,
+    mfu_line,
+    model_flops_per_token,
     replace_block,
     run_child,
     versions,
@@ -381,6 +386,8 @@ def main() -> None:
         "RLKIT_CACHE_DIR": str(work / "cache"),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    # the MFU column's ceiling: this machine's matmul rate in the run's precision, measured now
+    peak = matmul_peak_flops("cpu", args.precision)
     tables = []
     for task in args.tasks.split(","):
         rows = []
@@ -392,6 +399,9 @@ def main() -> None:
                 subset.write_text("".join(data.read_text().splitlines(keepends=True)[: args.records]))
                 data = subset
             tokens, pairs = epoch_tokens(model, task, data)
+            matmul, layers, hidden = matmul_params_of(str(model))
+            sequence = tokens / (pairs if task == "kto" else 2 * pairs)  # the mean real length a token attends over
+            flops = model_flops_per_token(matmul, layers, hidden, sequence)  # full fine-tuning (6N + attention)
             log(
                 f"{task} {size}: {tokens:,} real tokens in {pairs} {'examples' if task == 'kto' else 'pairs'} (the numerator)"
             )
@@ -447,7 +457,7 @@ def main() -> None:
             base = results.get(TRL[task][0][0], {})
             for name, r in results.items():
                 if "error" in r:
-                    rows.append([size, name, r["error"], "", "", "", ""])
+                    rows.append([size, name, r["error"], "", "", "", "", ""])
                     continue
                 speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base.get("tokens_per_s") else "-"
                 memory = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base.get("peak_rss_mib") else "-"
@@ -456,6 +466,7 @@ def main() -> None:
                         size,
                         name,
                         f"{r['tokens_per_s']:,.0f}",
+                        f"{100 * mfu(r['tokens_per_s'], flops, peak):.1f}%",
                         speed,
                         f"{r['end_to_end_s']:.1f}",
                         f"{r['peak_rss_mib']:,.0f}",
@@ -464,7 +475,7 @@ def main() -> None:
                 )
         title = TITLES[task]
         table = markdown_table(
-            ["model", "configuration", "tokens/s", "vs TRL", "end-to-end s", "peak RSS MiB", "RSS vs TRL"], rows
+            ["model", "configuration", "tokens/s", "MFU", "vs TRL", "end-to-end s", "peak RSS MiB", "RSS vs TRL"], rows
         )
         tables.append(f"### {title}\n\n{table}")
         print(f"{title}\n{table}\n")
@@ -486,7 +497,8 @@ def main() -> None:
         + ("fp32" if args.precision == "fp32" else "bf16 autocast over fp32 weights on both sides")
         + ", models: "
         + ", ".join(describe_size(s) for s in args.sizes.split(","))
-        + "."
+        + ". "
+        + mfu_line("cpu", {args.precision: peak})
     )
     replace_block(Path(args.doc), args.block, header + "\n\n" + "\n\n".join(tables))
     log(f"wrote {args.doc}")
