@@ -24,8 +24,10 @@ the `answer` column, which both trainers pass as a keyword argument), the batch 
 micro-batch x accumulation; one rollout per optimizer step, num_iterations 1), learning rate,
 beta 0 (no reference on either side), loss_type dapo, scale_rewards group, epsilon 0.2,
 temperature 1, gradient clipping at 1, seed, precision, no gradient checkpointing. What differs
-is each trainer's own (rlkit generates in chunks of --batch completions on the merged LoRA
-weights; TRL generates its whole generation batch at once through the PEFT model).
+is each trainer's own (rlkit generates a process's whole rollout at once on the merged LoRA
+weights, each distinct prompt prefilled once for its G rows, and runs each prompt once per
+micro-batch in its forwards; TRL generates its whole generation batch at once through the PEFT
+model and runs every row whole).
 
 TRL lives in its own virtual environment (default .cache/bench/trl116-venv, created on first use
 with `trl==1.16.0 --no-deps`, sharing this environment's torch/transformers through a .pth
@@ -463,6 +465,7 @@ def main(argv: list[str]) -> int:
         "load_after": list(os.getloadavg()),
         "run_loads": run_loads,
         "threads": args.threads,
+        "smollm2_full": args.smollm2_full,
         "trl": versions(["trl"], trl_python).get("trl") if trl_python else None,
         "precision": args.precision,
     }
@@ -499,9 +502,10 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     t = markdown_table(columns, rows)
     print(t)
     header = run_header(meta, summary["settings"], summary["notes"])
-    if doc is not None:
-        replace_block(doc, f"grpo-{meta['precision']}", "\n".join(header) + "\n\n" + t)
-        log(f"wrote the bench:grpo-{meta['precision']} block of {doc}")
+    if doc is not None:  # one block per precision, and one for --smollm2-full runs
+        name = f"grpo-{meta['precision']}" + ("-full" if meta.get("smollm2_full") else "")
+        replace_block(doc, name, "\n".join(header) + "\n\n" + t)
+        log(f"wrote the bench:{name} block of {doc}")
     return 0
 
 
