@@ -126,10 +126,6 @@ def build_tiny(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def reward_fn_spec() -> str:
-    return "rlkit.demo.task:reward"
-
-
 def configurations(model: str, model_path: str, work: Path) -> list[tuple[str, list[str]]]:
     """(label, rlkit arguments) of each trainer on `model`.
 

@@ -17,7 +17,9 @@ rest is arithmetic (docs/benchmarks.md, "How --dry-run estimates memory"):
   6h + 2kv + 3i + r x adapted layers (h hidden, kv the key/value width, i the MLP width) values in
   the compute dtype, plus LoRA dropout's copies and masks when it is on; with gradient
   checkpointing h per token and layer, and one layer's full set during its recomputation; plus
-  the chunked log-prob head's 1,024 x vocab fp32 logits, and the backward's working set;
+  the chunked log-prob head's 1,024 x vocab fp32 logits, the attention mask of packed or padded
+  rows, and the backward's working set; on a CPU x 1.2 (full) to 1.6 (LoRA) for glibc's heap, and
+  a fixed 36 MiB for torch's first steps (both measured: bench/memory_plan.py);
 - with --fsdp (or a ZeRO-3 accelerate config) the trained model's weights, gradients and optimizer
   state are divided by the process count (ZeRO-2: gradients and optimizer state; ZeRO-1: the
   optimizer state), plus the all-gathered blocks in flight;
@@ -437,47 +439,34 @@ def make_plan(command: str, config: Any) -> Plan:
     return Plan(command, device, arith.precision, arith.processes, arith.sharding, tokens, rows, lines)
 
 
-def _mib(nbytes: float) -> str:
+def _size(nbytes: float) -> str:
     if nbytes == 0:
         return "-"
-    if nbytes >= 10 * 2**30:
-        return f"{nbytes / 2**30:,.1f} GiB"
+    if nbytes < 0.05 * MIB:
+        return "<0.1 MiB"
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:,.2f} GiB"
     return f"{nbytes / MIB:,.1f} MiB" if nbytes < 10 * MIB else f"{nbytes / MIB:,.0f} MiB"
 
 
 def plan_table(plan: Plan) -> Any:
+    """The plan as a table: one row per model or working set, bytes per device (fits 80 columns)."""
+    from rich import box
     from rich.table import Table
 
     table = Table(
         title=f"rlkit {plan.command} --dry-run: memory per device ({plan.device}, {plan.processes} "
-        f"process{'es' if plan.processes > 1 else ''}, sharding: {plan.sharding})",
+        f"process{'es' if plan.processes > 1 else ''}; sharding: {plan.sharding})",
         title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
     )
-    table.add_column("")
+    table.add_column("", overflow="fold", min_width=10)
     for name in ("weights", "gradients", "optimizer", "activations", "total"):
-        table.add_column(name, justify="right")
-    table.add_column("")
-    for row in plan.rows:
-        table.add_row(
-            row.what,
-            _mib(row.weights),
-            _mib(row.grads),
-            _mib(row.optimizer),
-            _mib(row.activations),
-            _mib(row.total),
-            row.note,
-            style=None,
-        )
-    table.add_row(
-        "total",
-        _mib(plan.column("weights")),
-        _mib(plan.column("grads")),
-        _mib(plan.column("optimizer")),
-        _mib(plan.column("activations")),
-        _mib(plan.total),
-        "",
-        style="bold",
-    )
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in [*plan.rows, Row("total", *(plan.column(n) for n in ("weights", "grads", "optimizer", "activations")))]:
+        sizes = (row.weights, row.grads, row.optimizer, row.activations, row.total)
+        table.add_row(row.what, *map(_size, sizes), style="bold" if row.what == "total" else None)
     return table
 
 
@@ -488,6 +477,9 @@ def show_plan(command: str, config: Any) -> Plan:
 
     if is_main_process():
         console.print(plan_table(plan))
+        for row in plan.rows:
+            if row.note:
+                console.print(f"  {row.what}: {row.note}")
         for line in plan.lines:
             console.print(f"  {line}")
         console.print(
