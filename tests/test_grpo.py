@@ -527,3 +527,44 @@ def test_a_reward_model_dir_beside_a_function(tiny_model_dir, tmp_path):
     assert math.isfinite(last["rewards/tiny-rm/mean"]) and last["rewards/tiny-rm/std"] > 0
     expected = 0.5 * last["rewards/tiny-rm/mean"] + last["rewards/letters/mean"]
     assert last["reward/mean"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_each_prompt_runs_once_with_the_same_logprobs_gradients_and_samples(tiny_model_dir):
+    """A group's prompt runs once (its KV cache repeated over the group): the log-probs, entropies and
+    gradients are the whole rows' up to float rounding, and greedy generation from the shared
+    prefill samples what generation from the whole prompts does."""
+    from transformers import AutoModelForCausalLM
+
+    from rlkit.tools.generation import left_pad
+    from rlkit.training.logprobs import response_logprobs
+    from rlkit.training.rollout import cache_keyword, grouped_response_logprobs, shared_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.train()
+    prompts = [[0, 5, 6, 7, 8], [0, 9, 10], [0, 11, 12, 13, 14, 15]]
+    rows = [p for p in prompts for _ in range(3)]
+    query, query_mask = left_pad(rows, 2)
+    # a column of padding no row uses, as a rollout padded to a longer prompt elsewhere has
+    query = torch.cat([torch.full((len(rows), 1), 2), query], 1)
+    query_mask = torch.cat([torch.zeros(len(rows), 1, dtype=torch.long), query_mask], 1)
+    responses = torch.randint(3, 500, (len(rows), 6), generator=torch.Generator().manual_seed(0))
+    ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, torch.ones_like(responses)], 1)
+    params = [p for p in model.parameters()]
+
+    whole, whole_entropy, _ = response_logprobs(model, ids, mask, responses, 0.7)
+    whole_grads = torch.autograd.grad(whole.sum(), params)
+    once, once_entropy, _ = grouped_response_logprobs(model, ids, mask, responses, 0.7)
+    once_grads = torch.autograd.grad(once.sum(), params)
+    assert torch.allclose(whole, once, atol=1e-5) and torch.allclose(whole_entropy, once_entropy, atol=1e-4)
+    for a, b in zip(whole_grads, once_grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+    with torch.no_grad():
+        plain = model.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=8, do_sample=False)
+        cache, ids2, mask2, _ = shared_prefix(model, query, query_mask)
+        assert cache.get_seq_length() == ids2.shape[1] - 1 and ids2.shape[1] == query.shape[1] - 1
+        shared = model.generate(
+            input_ids=ids2, attention_mask=mask2, max_new_tokens=8, do_sample=False, **{cache_keyword(model): cache}
+        )
+    assert torch.equal(plain[:, query.shape[1] :], shared[:, ids2.shape[1] :])
+    assert shared_prefix(model, query[::3], query_mask[::3]) is None  # no two rows share a prompt
