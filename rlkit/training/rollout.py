@@ -25,10 +25,17 @@ How another recipe plugs in (PPO: rlkit.recipes.ppo; GRPO builds on the same par
   a `rlkit.preference.reference.Reference` measuring `response_logps(temperature)` (or None: no
   reference forward), the number of RL steps, `epochs`, `mini_batches` and `group_size` (G
   completions per prompt, laid out group by group: rows g*G .. g*G+G-1 share prompt g).
+- Rows that come in groups sharing a prompt (GRPO) set `shared_prompts = True`: each distinct
+  prompt of a chunk is prefilled once (`shared_prefix`); train `PolicyValue(...,
+  shared_prompts=True)` and measure the reference with `response_logps(t, shared_prompts=True)`
+  for the same in every forward (`grouped_response_logprobs`).
 - Override `advantages(rollout, model)` (required: fill `rollout.advantages`, and `returns` when
   there is a value function); optionally `shape_scores` (penalties, normalisation), `score` (other
   reward signatures), `summary` (the step's logged metrics), `sample_rows` (the samples table)
   and `step_line` (the line printed after each RL step).
+
+Under FSDP2 (`--fsdp`) a rollout runs on the gathered model (`gathered`): generation and the
+reference call the policy around the root module whose hooks gather the parameters.
 
 Masking: response tokens are those up to and including the first EOS (`first_eos_mask`);
 everything after it (the padding `generate` emits once a row has finished) has mask 0.
