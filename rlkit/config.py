@@ -349,9 +349,11 @@ def command_from_config(cls: type[T], run: Callable[[T], Any] | str, doc: str) -
 
             use_threads(config.threads)  # type: ignore[attr-defined]
         from rlkit.console import quiet_libraries
+        from rlkit.training.options import bitsandbytes_only_when_used
 
-        quiet_libraries()  # imports transformers and datasets
-        return _load(run)(config)
+        with bitsandbytes_only_when_used(config):
+            quiet_libraries()  # imports transformers and datasets
+            return _load(run)(config)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}

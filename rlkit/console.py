@@ -24,8 +24,11 @@ def warn(message: str) -> None:
 
 def quiet_libraries() -> None:
     """Libraries' own progress bars and advice would drown rlkit's output on stderr."""
+    import logging
     import warnings
 
+    # bitsandbytes (imported by peft when installed) warns on import about an optional CPU kernel
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
     import transformers
 

@@ -135,20 +135,67 @@ def strip_gguf_marker(model: torch.nn.Module) -> None:
         quantizer.remove_quantization_config(model)
 
 
+def nf4_config(compute_dtype: torch.dtype) -> Any:
+    """QLoRA's 4-bit storage (Dettmers et al. 2023): NF4 blocks of 64 weights, their absmax scales
+    quantized again (double quantisation), matmuls in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def quantized_4bit(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the model under a PeftModel) holds bitsandbytes 4-bit weights."""
+    return any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, a `Linear4bit`'s first forward in eval mode on an input that needs
+    no gradient (a reference pass, an evaluation) repacks its weight for good, and every later
+    forward takes a kernel with no backward: the gradient stops there, and torch only warns
+    ("an autograd kernel was not registered"). A QLoRA base runs eval and training forwards
+    alternately, so the repacking is switched off (the training kernel serves both).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_causal_lm(
-    source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    source: ModelSource,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    load_in_4bit: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """The model to train; an adapter dir comes back as a trainable PeftModel."""
+    """The model to train; an adapter dir comes back as a trainable PeftModel.
+
+    `load_in_4bit`: the compute dtype of a QLoRA base, whose linear layers (not the output
+    layer) are loaded as NF4 `Linear4bit`; peft's `prepare_model_for_kbit_training` then freezes
+    it and keeps its other weights (norms, embeddings, head) in float32.
+    """
     if is_reward_model(source):
         raise InputError(
             f"{source.name} is a reward model (a sequence classifier: one score per text), not a causal LM that "
             "generates; give the policy it was trained from, and the reward model as --reward (ppo, eval)"
         )
+    quantized = {"quantization_config": nf4_config(load_in_4bit)} if load_in_4bit is not None else {}
     with loading(source.name, "a causal LM"):
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, trust_remote_code=trust_remote_code, **source.kwargs()
+            source.path, dtype=dtype, trust_remote_code=trust_remote_code, **source.kwargs(), **quantized
         )
     strip_gguf_marker(model)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # rlkit's own --gradient-checkpointing (enable_gradient_checkpointing) runs later, for every model
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layers_differentiable(model)
     contiguous_output_layer_input(model)
     if source.adapter_dir:
         from peft import PeftModel

@@ -383,6 +383,8 @@ def setup_reference(
         return compute_reference_logps(loaded["model"], dataset, collate, config.batch_size, run.accelerator, spec)
 
     key = reference_key(ref_source, run.weights_dtype, run.accelerator) + cache_tag
+    if ref_is_start and run.compute_dtype_4bit is not None:  # the policy measures it: its 4-bit base rounds
+        key += f"-nf4-{run.compute_dtype_4bit}"
     data = attach_reference_logps(data, key, compute, run.accelerator, spec)
     loaded.clear()  # training holds no reference model
     return PrecomputedReference(spec), data, f"{described}, log-probs precomputed"

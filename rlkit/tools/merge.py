@@ -9,10 +9,17 @@ tolerance, measured relative to the largest logit: max|Δ| <= tol x max(1, max|l
 A quantized (bitsandbytes) base cannot take a merged update without rounding it away, so it
 is refused unless `--dequantize`, which dequantizes the base to --dtype first. A `.gguf` base
 is dequantized on load anyway (rlkit.models.load).
+
+A QLoRA adapter (trained with `--load-in-4bit`, as its rlkit_config.yaml records) learnt its
+update against the NF4-rounded base, not the full-precision weights its adapter_config names.
+`--dequantize` merges it into exactly that: the base quantized to NF4 the way training did
+(rlkit.models.load.nf4_config), dequantized to --dtype, plus the update, so the merged model is
+the one training measured. Without `--dequantize` such an adapter is refused, as a quantized base is.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,18 @@ from rlkit.config import config_to_dict
 from rlkit.console import info
 from rlkit.errors import InputError, RunError
 from rlkit.models.inference import DTYPES, adapter_config, adapter_score_labels
-from rlkit.models.load import DAMAGED, ModelSource, damaged, load_tokenizer, resolve_source, strip_gguf_marker
+from rlkit.models.load import (
+    DAMAGED,
+    ModelSource,
+    damaged,
+    load_tokenizer,
+    nf4_config,
+    resolve_source,
+    strip_gguf_marker,
+)
 from rlkit.output import check_output, finalize, open_run_dir, write_config, write_model_card
 from rlkit.tools.merge_config import MergeConfig
+from rlkit.training.options import QLORA_INSTALL
 
 TASKS = {"CAUSAL_LM": "causal LM", "SEQ_CLS": "sequence classifier (reward model)"}
 # Default tolerance per dtype: fp32 merges are exact up to summation order; half precision
@@ -57,12 +73,34 @@ def _quantization(source: ModelSource) -> str | None:
     return quant.get("quant_method") or ("bitsandbytes" if quant else None)
 
 
+def trained_in_4bit(adapter: str) -> bool:
+    """Whether rlkit trained `adapter` over a 4-bit base (`--load-in-4bit`, in its rlkit_config.yaml)."""
+    path = Path(adapter) / "rlkit_config.yaml"
+    if not path.is_file():
+        return False
+    import yaml
+
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("load_in_4bit") is True
+
+
 def _load_base(
-    source: ModelSource, task: str, adapter: str, dtype: torch.dtype, pad_id: int | None, trust_remote_code: bool
+    source: ModelSource,
+    task: str,
+    adapter: str,
+    dtype: torch.dtype,
+    pad_id: int | None,
+    trust_remote_code: bool,
+    as_trained_in_4bit: bool = False,
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **source.kwargs()}
+    if as_trained_in_4bit:  # the NF4 base the adapter trained over, quantized from float32 as training does
+        kwargs.update(dtype=torch.float32, quantization_config=nf4_config(torch.float32))
     try:
         if task == "SEQ_CLS":
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -76,7 +114,7 @@ def _load_base(
     strip_gguf_marker(model)
     if getattr(model, "hf_quantizer", None) is not None:
         model = model.dequantize()
-    return model
+    return model.to(dtype)
 
 
 @torch.no_grad()
@@ -124,15 +162,29 @@ def run_merge(config: MergeConfig) -> Path:
         raise InputError(
             f"{base_name} is quantized ({quant}); merging into it would round the LoRA update away; pass --dequantize to merge into a {config.dtype} copy"
         )
+    qlora = trained_in_4bit(config.adapter)
+    if qlora and not config.dequantize:
+        raise InputError(
+            f"{config.adapter} was trained over a 4-bit NF4 base (--load-in-4bit); pass --dequantize to merge it into "
+            f"that base dequantized to {config.dtype}, the model it was trained and measured with"
+        )
+    if qlora and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"{config.adapter}: re-creating its 4-bit base needs bitsandbytes: {QLORA_INSTALL}")
+    if qlora and source.gguf_file:
+        raise InputError(f"{config.adapter}: a QLoRA adapter names a .gguf base ({base_name}); pass its --base dir")
     dtype = DTYPES[config.dtype]
     tokenizer = load_tokenizer(
         ModelSource(source.name, source.path, source.gguf_file, adapter_dir=config.adapter), config.trust_remote_code
     )
-    info(f"merge: {config.adapter} ({TASKS[task]}) into {base_name}, {config.dtype}")
+    info(
+        f"merge: {config.adapter} ({TASKS[task]}) into {base_name}"
+        + (" quantized to NF4 as in training, dequantized to " if qlora else ", ")
+        + config.dtype
+    )
 
     from peft import PeftModel
 
-    base = _load_base(source, task, config.adapter, dtype, tokenizer.pad_token_id, config.trust_remote_code)
+    base = _load_base(source, task, config.adapter, dtype, tokenizer.pad_token_id, config.trust_remote_code, qlora)
     try:
         model = PeftModel.from_pretrained(base, config.adapter, is_trainable=False)
     except DAMAGED as err:  # a truncated adapter file is not a wrong base

@@ -30,7 +30,8 @@ class MergeConfig:
     )
     threads: Optional[int] = opt(None, THREADS_HELP, min=1, panel="Speed and memory")
     dequantize: bool = opt(
-        False, "Allow a quantized (bitsandbytes) base: dequantize it to --dtype before merging (refused otherwise)."
+        False,
+        "Allow a quantized (bitsandbytes) base, or a QLoRA adapter's 4-bit base: dequantize it to --dtype before merging (refused otherwise).",
     )
     tolerance: float = opt(
         0.0,

@@ -73,6 +73,11 @@ class TrainingRun:
 
             show_plan(command, config)
             raise DryRunDone()
+        if config.load_in_4bit and command == "train-rm":
+            raise InputError(
+                "train-rm --load-in-4bit is not supported: the reward model is written merged, and merging into 4-bit "
+                "weights would round the update away; train it with --lora on the full-precision model"
+            )
         self.output = check_output(config.output, config.overwrite, config.resume)
         self.accelerator = make_accelerator(config)
         self.source = resolve_source(model_name or "")
@@ -84,12 +89,25 @@ class TrainingRun:
         """Frozen LoRA bases can live in bf16; trained full weights stay fp32 under autocast."""
         return torch.bfloat16 if self.accelerator.mixed_precision == "bf16" and self.config.lora else torch.float32
 
+    @property
+    def compute_dtype_4bit(self) -> torch.dtype | None:
+        """The compute dtype of a `--load-in-4bit` base (None without it): --bnb-compute-dtype, or --precision's."""
+        if not self.config.load_in_4bit:
+            return None
+        name = self.config.bnb_compute_dtype
+        if name == "auto":
+            name = {"bf16": "bf16", "fp16": "fp16"}.get(str(self.accelerator.mixed_precision), "fp32")
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
     def load_tokenizer(self) -> Any:
         return load_tokenizer(self.source, self.config.trust_remote_code)
 
     def load_policy(self) -> torch.nn.Module:
         c = self.config
-        model = load_causal_lm(self.source, self.weights_dtype, c.trust_remote_code)
+        # a 4-bit base is quantized from float32 (merge-lora --dequantize does the same) and keeps
+        # its other weights in float32 anyway (prepare_model_for_kbit_training)
+        dtype = torch.float32 if c.load_in_4bit else self.weights_dtype
+        model = load_causal_lm(self.source, dtype, c.trust_remote_code, self.compute_dtype_4bit)
         if c.lora:
             model = add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets)
             # The adapter must name a base that `rlkit`/peft can load again (the .gguf file itself;
@@ -102,7 +120,8 @@ class TrainingRun:
                     peft_config.base_model_name_or_path = gguf
         elif self.source.adapter_dir:
             model = model.merge_and_unload()
-        return prepare_for_training(model, c, f"model: {self.source.name} ({'LoRA' if c.lora else 'full'}")
+        kind = "LoRA" if not c.load_in_4bit else f"QLoRA: NF4 base computing in {str(self.compute_dtype_4bit)[6:]}"
+        return prepare_for_training(model, c, f"model: {self.source.name} ({kind if c.lora else 'full'}")
 
     def dataset_steps(self, train: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> DatasetSteps:
         """The supervised step source over `train` (refuses too few rows before anything is written)."""
