@@ -215,6 +215,21 @@ def shards_itself(config: TrainConfig, accelerator: Accelerator) -> bool:
     return config.fsdp and accelerator.num_processes > 1 and not sharded_by_accelerate
 
 
+def _deepspeed_batch_sizes(config: TrainConfig, accelerator: Accelerator) -> None:
+    """DeepSpeed needs its batch sizes before `prepare`, which reads them from a data loader, and
+    the engine hands it none: a DeepSpeed config's `auto` sizes are filled in from the options
+    (how accelerate documents it); sizes the config gives itself are kept."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = config.batch_size
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = config.batch_size * config.grad_accum * accelerator.num_processes
+
+
 def _fused_adam_supported(params: list[torch.Tensor], device: torch.device) -> bool:
     """The fused AdamW kernel (one pass over each tensor instead of a dozen elementwise ops;
     ~2.5x faster optimizer steps on CPU) exists for floating tensors on CPU and CUDA, where
@@ -300,6 +315,7 @@ class Engine:
         warmup = warmup_steps_for(total, c.warmup_steps, c.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(c.scheduler, total, warmup))
         if not self.shards_itself:
+            _deepspeed_batch_sizes(c, acc)
             model, optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(scheduler, self.state)
         return model, optimizer, scheduler

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from rlkit.config import config_to_dict
 from rlkit.console import info
@@ -41,7 +42,7 @@ from rlkit.training.engine import (
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 from rlkit.training.plots import plot_training_curves
-from rlkit.training.sharding import gather_in_place, is_sharded
+from rlkit.training.sharding import gather_deepspeed_in_place, gather_in_place, is_sharded
 
 
 def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str) -> torch.nn.Module:
@@ -196,7 +197,10 @@ class TrainingRun:
         acc = self.accelerator
         acc.wait_for_everyone()
         assert self.model is not None
-        if is_sharded(self.model):
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # ZeRO-3's modules hold empty placeholders: gathered by accelerate, every process taking part
+            gather_deepspeed_in_place(acc, self.model)
+        elif is_sharded(self.model):
             # a sharded model's own state_dict() holds one process's shard (how FSDP saves end up
             # with zero-size or partial tensors): gathered first, every process taking part
             gather_in_place(self.model, acc.is_main_process)

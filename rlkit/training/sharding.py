@@ -8,6 +8,10 @@ then freed), the root holds the rest (embeddings, head, norms). Under `accelerat
 --config_file examples/accelerate/fsdp.yaml` accelerate's FSDP2 plugin shards instead and nothing
 here runs, except the saves, which work on either (both make DTensor parameters).
 
+Under DeepSpeed (`accelerate launch` with examples/accelerate/deepspeed_zero2.yaml or _zero3.yaml)
+the final save gathers through accelerate's `get_state_dict` instead (`gather_deepspeed_in_place`);
+its checkpoints are DeepSpeed's own, written and read by accelerate's save_state/load_state.
+
 Saves: a sharded parameter is a DTensor holding 1/world of the rows on each process, so neither
 `unwrap_model().state_dict()` nor `save_pretrained` on one process sees the weights. The final
 save gathers a full state dict (every process takes part, process 0 receives it on the CPU);
@@ -105,18 +109,35 @@ def gather_in_place(model: torch.nn.Module, is_main: bool) -> None:
     keep their shards; the model is not trained further.
     """
     full = full_state_dict(model)
-    if not is_main:
-        return
-    dtensor = _dtensor()
+    if is_main:
+        dtensor = _dtensor()
+        replace_parameters(model, full, lambda p: isinstance(p, dtensor))
+
+
+def replace_parameters(model: torch.nn.Module, full: dict[str, torch.Tensor], which: Any = None) -> None:
+    """Each parameter of `model` (those `which(param)` selects) replaced by its full tensor in `full`,
+    keyed as `model.state_dict()` names it; one missing from `full` is kept (a tied weight, saved once,
+    is reached under its other name too)."""
     done: dict[int, torch.nn.Parameter] = {}  # tied weights stay one parameter
     for prefix, module in model.named_modules(remove_duplicate=False):
         for name, param in list(module._parameters.items()):
-            if not isinstance(param, dtensor):
+            if param is None or (which is not None and not which(param)):
                 continue
-            if id(param) not in done:
-                value = full[f"{prefix}.{name}" if prefix else name]
-                done[id(param)] = torch.nn.Parameter(value, requires_grad=param.requires_grad)
-            module._parameters[name] = done[id(param)]
+            key = f"{prefix}.{name}" if prefix else name
+            if id(param) not in done and key in full:
+                done[id(param)] = torch.nn.Parameter(full[key], requires_grad=param.requires_grad)
+            if id(param) in done:
+                module._parameters[name] = done[id(param)]
+
+
+def gather_deepspeed_in_place(accelerator: Any, model: torch.nn.Module) -> None:
+    """The DeepSpeed counterpart of `gather_in_place`, through accelerate as it documents: every process
+    calls `get_state_dict` (under ZeRO-3 the 16-bit gather of the partitioned parameters, which
+    `zero3_save_16bit_model: true` enables; under ZeRO-2 the parameters are whole already), and the
+    main process's unwrapped model takes the gathered tensors in place of its partitions."""
+    full = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        replace_parameters(accelerator.unwrap_model(model), full)
 
 
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
