@@ -275,7 +275,13 @@ def main() -> None:
     if args.write_docs:
         header = (
             f"Measured {time.strftime('%Y-%m-%d')} with `python bench/memory_plan.py --models {args.models}` "
-            f"({(time.time() - started) / 60:.0f} min, 1 torch thread, 2 training steps each). Baseline: the "
+            + (
+                f"(the measurements reused from {CACHE.relative_to(REPO)}, where earlier runs of this bench left "
+                "them, the estimates computed now; "
+                if args.reuse
+                else f"({(time.time() - started) / 60:.0f} min; "
+            )
+            + "1 torch thread, 2 training steps each, on a shared 2-core machine). Baseline: the "
             "process's RSS before its first model loads (Python, torch, transformers, peft, datasets, the tokenizer "
             "and the data); peak: the kernel's peak RSS over the training steps (the counter reset after loading)."
         )
