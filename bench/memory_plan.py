@@ -178,17 +178,17 @@ def estimate(argv: list[str]) -> dict[str, Any]:
 CACHE = REPO / ".cache" / "bench" / "memory_plan.json"
 
 
-def measure(label: str, argv: list[str], work: Path, timeout: float, reuse: bool) -> dict[str, Any]:
+def measure(label: str, argv: list[str], work: Path, timeout: float, reuse: bool, cache: Path) -> dict[str, Any]:
     key = json.dumps([label, *(a for a in argv if not a.startswith(str(work)))])
-    cached = json.loads(CACHE.read_text()) if CACHE.is_file() else {}
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
     if reuse and key in cached:
         result = cached[key]
     else:
         result = _measure(label, argv, work, timeout)
         if "error" not in result:
             cached[key] = result
-            CACHE.parent.mkdir(parents=True, exist_ok=True)
-            CACHE.write_text(json.dumps(cached, indent=1) + "\n")
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(cached, indent=1) + "\n")
     if "error" in result:
         return result
     result = {**result, "plan": estimate(argv)}
@@ -240,9 +240,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny", help="tiny, smollm2 (comma-separated)")
     parser.add_argument("--only", default="", help="run only the configurations whose label contains this")
+    parser.add_argument("--exact", action="store_true", help="--only names one label exactly")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--reuse", action="store_true", help=f"reuse measurements cached in {CACHE}")
+    parser.add_argument("--reuse", action="store_true", help="reuse the measurements cached in --cache")
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where measurements are kept (default {CACHE})")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -264,10 +266,10 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown model {model!r}")
             for label, argv in configurations(model, str(path), work):
-                if args.only and args.only not in label:
+                if args.only and (args.only != label if args.exact else args.only not in label):
                     continue
                 log(f"{model}: {label}")
-                r = measure(f"{model} {label}", argv, work, args.timeout, args.reuse)
+                r = measure(f"{model} {label}", argv, work, args.timeout, args.reuse, args.cache)
                 rows.append(row(model, label, r))
                 log("  " + " | ".join(map(str, rows[-1][2:])))
     table = markdown_table(COLUMNS, rows)
@@ -276,7 +278,7 @@ def main() -> None:
         header = (
             f"Measured {time.strftime('%Y-%m-%d')} with `python bench/memory_plan.py --models {args.models}` "
             + (
-                f"(the measurements reused from {CACHE.relative_to(REPO)}, where earlier runs of this bench left "
+                f"(the measurements reused from {args.cache.name}, where earlier runs of this bench left "
                 "them, the estimates computed now; "
                 if args.reuse
                 else f"({(time.time() - started) / 60:.0f} min; "

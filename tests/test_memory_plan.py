@@ -166,7 +166,8 @@ def test_every_trainer_counts_its_extra_models(tiny_model_dir, tmp_path):
 def test_estimate_within_25_percent_of_the_measured_peak(tmp_path):
     """bench/memory_plan.py's measurement on the tiny model: full fine-tuning with packed rows."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "memory_plan.py"), "--only", "sft full fp32"],
+        [sys.executable, str(REPO / "bench" / "memory_plan.py"), "--only", "sft full fp32", "--exact"]
+        + ["--cache", str(tmp_path / "measured.json")],
         capture_output=True,
         text=True,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
