@@ -53,6 +53,11 @@ from common import (  # noqa: E402
     ensure_venv_with,
     log,
     markdown_table,
+    matmul_params_of,
+    matmul_peak_flops,
+    mfu,
+    mfu_line,
+    model_flops_per_token,
     replace_block,
     run_child,
     run_header,
@@ -644,6 +649,9 @@ def main(argv: list[str]) -> int:
     table: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     settings: dict[str, str] = {}
     run_loads: list[float] = []
+    # the MFU column: model FLOPs per response token over this CPU's matmul rate, measured now
+    peak = matmul_peak_flops("cpu", args.precision)
+    flops: dict[str, float] = {}
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             model_dir, skipped = bench_model(
@@ -663,6 +671,13 @@ def main(argv: list[str]) -> int:
                 ("tiny Llama", False, args.steps)
                 if name == "tiny"
                 else ("SmolLM2-135M-Instruct", not args.smollm2_full, args.smollm2_steps)
+            )
+            matmul, layers, hidden = matmul_params_of(str(model_dir))
+            context = 64 + args.max_new_tokens  # short demo prompts, then the response
+            # a response token is sampled once (a forward) and trained on --ppo-epochs times; the prompt's
+            # tokens and the rollout's no-grad forwards are left out: a lower bound
+            flops[label] = model_flops_per_token(matmul, layers, hidden, context, train=False) + args.ppo_epochs * (
+                model_flops_per_token(matmul, layers, hidden, context, lora=lora)
             )
             rm_dir = tmp / f"rm-{name}"
             rm_spec = {"policy": str(model_dir), "out": str(rm_dir), "kind": args.reward_model}
@@ -758,6 +773,7 @@ def main(argv: list[str]) -> int:
         "precision": args.precision,
         "gradient_checkpointing": args.gradient_checkpointing,
         "reward_model": args.reward_model,
+        "mfu": {"peak": peak, "flops_per_response_token": flops},
     }
     summary = {"table": table, "settings": settings, "notes": notes, "meta": meta}
     (results_dir / summary_name(args.precision, args.gradient_checkpointing, args.reward_model)).write_text(
@@ -770,6 +786,7 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     """The two tables (stdout) and, with `doc`, its `bench:ppo` block, from a run's summary.json."""
     table, meta = summary["table"], summary["meta"]
     trl_v = meta.get("trl")
+    mfu_of = meta.get("mfu") or {}  # summaries written before the MFU column have none
     main_rows, gen_rows = [], []
     for label, rows in table.items():
         trl_row = dict(rows).get("trl")
@@ -793,6 +810,9 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
                         fmt(r["generated_tokens_per_s"], 0),
                         fmt(r["response_tokens_per_step"], 0),
                         fmt(r["response_tokens_per_s"], 1),
+                        f"{100 * mfu(r['response_tokens_per_s'], mfu_of['flops_per_response_token'][label], mfu_of['peak']):.2f}%"
+                        if label in mfu_of.get("flops_per_response_token", {})
+                        else "-",
                         vs_trl,
                         fmt(r["peak_rss_mib"], 0),
                         rss_vs_trl,
@@ -844,6 +864,7 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
             "generated tok/s",
             "response tok / step",
             "response tok/s",
+            "MFU",
             "vs TRL",
             "peak RSS (MiB)",
             "RSS vs TRL",
@@ -854,7 +875,14 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
         ["model", "who", "what is timed", "s / step", "sampled tok / step", "tok/s", "vs plain generate"], gen_rows
     )
     print(f"{t1}\n\n{t2}")
-    header = run_header(meta, summary["settings"], summary["notes"])
+    notes = list(summary["notes"])
+    if mfu_of:
+        notes.append(
+            mfu_line("cpu", {meta.get("precision", "fp32"): mfu_of["peak"]})
+            + " Per response token: one forward to sample it, --ppo-epochs trainings; prompts and the rollout's"
+            " no-grad forwards are not counted (a lower bound)."
+        )
+    header = run_header(meta, summary["settings"], notes)
     block = "\n".join(header) + "\n\n" + t1 + "\n\n" + t2
     if doc is not None:
         name = "ppo" + variant(
