@@ -56,6 +56,11 @@ from common import (  # noqa: E402
     ensure_venv_with,
     log,
     markdown_table,
+    matmul_params_of,
+    matmul_peak_flops,
+    mfu,
+    mfu_line,
+    model_flops_per_token,
     replace_block,
     run_child,
     run_header,
@@ -383,6 +388,8 @@ def main(argv: list[str]) -> int:
     run_env = {**env, "PYTHONPATH": str(Path(__file__).resolve().parent), "TQDM_DISABLE": "1"}
     this = [sys.executable, str(Path(__file__).resolve())]
     table: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    # the MFU column: model FLOPs over this CPU's matmul rate in the run's precision, measured now
+    mfu_of: dict[str, Any] = {"peak": matmul_peak_flops("cpu", args.precision), "train": {}, "sample": {}}
     settings: dict[str, str] = {}
     run_loads: list[float] = []
     tmp = Path(tempfile.mkdtemp(prefix="rlkit-bench-grpo-"))
@@ -405,6 +412,10 @@ def main(argv: list[str]) -> int:
             steps = args.steps if name == "tiny" else args.smollm2_steps
             label = ("tiny Llama" if name == "tiny" else "SmolLM2-135M-Instruct") + (" LoRA" if lora else " full")
             label += f", {args.precision}"
+            matmul, layers, hidden = matmul_params_of(str(model_dir))
+            context = 64 + args.max_new_tokens  # short demo prompts, then the completion
+            mfu_of["train"][label] = model_flops_per_token(matmul, layers, hidden, context, lora=lora)
+            mfu_of["sample"][label] = model_flops_per_token(matmul, layers, hidden, context, train=False)
             lr = 1e-5 if lora else 1e-6
             batch = args.batch * args.grad_accum
             settings[label] = (
@@ -468,6 +479,7 @@ def main(argv: list[str]) -> int:
         "smollm2_full": args.smollm2_full,
         "trl": versions(["trl"], trl_python).get("trl") if trl_python else None,
         "precision": args.precision,
+        "mfu": mfu_of,
     }
     summary = {"table": table, "settings": settings, "notes": notes, "meta": meta}
     (results_dir / f"summary-{args.precision}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -478,6 +490,16 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     """The table (stdout) and, with `doc`, its bench:grpo block, from a run's summary."""
     table, meta = summary["table"], summary["meta"]
     trl_v = meta.get("trl")
+    mfu_of = meta.get("mfu") or {}  # summaries written before the MFU column have none
+
+    def utilisation(label: str, r: dict[str, Any]) -> str:
+        """Every token of a step trained once, every completion token also sampled (one forward);
+        the rollout's no-grad forwards are not counted: a lower bound."""
+        if label not in mfu_of.get("train", {}):
+            return "-"
+        work = mfu_of["train"][label] * r["tokens_per_step"] + mfu_of["sample"][label] * r["completion_tokens_per_step"]
+        return f"{100 * mfu(1 / max(r['step_s'], 1e-9), work, mfu_of['peak']):.2f}%"
+
     rows = []
     for label, results in table.items():
         trl_row = dict(results).get("trl")
@@ -492,16 +514,24 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
                     fmt(r["rest_s"]),
                     fmt(r["tokens_per_step"], 0),
                     fmt(r["tokens_per_s"], 0),
+                    utilisation(label, r),
                     f"{r['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x" if trl_row else "-",
                     fmt(r["peak_rss_mib"], 0),
                     f"{r['peak_rss_mib'] / trl_row['peak_rss_mib']:.2f}x" if trl_row else "-",
                 ]
             )
     columns = ["model", "trainer", "s / step", "range over runs", "generation s", "the rest s"]
-    columns += ["tokens / step", "tokens/s", "vs TRL", "peak RSS (MiB)", "RSS vs TRL"]
+    columns += ["tokens / step", "tokens/s", "MFU", "vs TRL", "peak RSS (MiB)", "RSS vs TRL"]
     t = markdown_table(columns, rows)
     print(t)
-    header = run_header(meta, summary["settings"], summary["notes"])
+    notes = list(summary["notes"])
+    if mfu_of:
+        notes.append(
+            mfu_line("cpu", {meta.get("precision", "fp32"): mfu_of["peak"]})
+            + " Per step: every token trained once, every completion token also sampled; the rollout's no-grad"
+            " forwards are not counted (a lower bound)."
+        )
+    header = run_header(meta, summary["settings"], notes)
     if doc is not None:  # one block per precision, and one for --smollm2-full runs
         name = f"grpo-{meta['precision']}" + ("-full" if meta.get("smollm2_full") else "")
         replace_block(doc, name, "\n".join(header) + "\n\n" + t)
