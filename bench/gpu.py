@@ -7,8 +7,9 @@ peak GPU memory and MFU, rlkit and (where the CPU benches already run it) TRL si
 
 Nothing but this repo is needed: SmolLM2-135M-Instruct comes from the demo's .gguf (`make demo-model`,
 converted once to an HF dir), and the ~1B model is a Llama built from a config with random weights
-(hidden 2048, 16 layers, MLP 8192, 32 heads / 8 KV heads, SmolLM2's 49,152-token vocabulary and
-tokenizer, tied embeddings: 1.07B parameters), so no download is needed beyond the .gguf.
+(hidden 2048, 16 layers, MLP 8192, 32 heads / 8 KV heads, tied embeddings, a 49,152-entry vocabulary:
+1.07B parameters) with SmolLM2's tokenizer, or the test suite's when the .gguf is absent: it never
+needs a download.
 
 Each (model, trainer, side) runs in its own process, one after another. Measured per run:
 
@@ -257,13 +258,15 @@ def context_of(trainer: str, spec: dict[str, Any]) -> float:
 
 
 def build_llama_1b(tokenizer_dir: Path, out: Path, device: str) -> None:
-    """A Llama-3.2-1B-shaped model with random weights and SmolLM2's tokenizer, saved in bf16."""
+    """A Llama-3.2-1B-shaped model with random weights, saved in bf16, with the tokenizer of
+    `tokenizer_dir` and a 49,152-entry vocabulary (SmolLM2's size; a smaller tokenizer, such as the
+    test suite's, uses the first entries), so nothing needs downloading."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), 49152),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
@@ -295,7 +298,8 @@ def models(args: argparse.Namespace, work: Path, tmp: Path, logs: Path, notes: l
         elif name == "llama-1b":
             path, skipped = work / "llama-1b-random", ""
             if not (path / "config.json").is_file():
-                base, skipped = bench_model(
+                # SmolLM2's tokenizer when the demo model is here, else the test suite's (no download either way)
+                base, _ = bench_model(
                     "smollm2",
                     child=this_grpo,
                     tmp=tmp,
@@ -305,9 +309,13 @@ def models(args: argparse.Namespace, work: Path, tmp: Path, logs: Path, notes: l
                     env={},
                     logs=logs,
                 )
-                if base is not None:
-                    log(f"building the ~1B Llama (random weights) in {path} (once)")
-                    build_llama_1b(base, path, args.device)
+                if base is None:
+                    from bench_sft import build_tiny
+
+                    base = tmp / "tokenizer-source"
+                    build_tiny(base, DATA)
+                log(f"building the ~1B Llama (random weights) in {path} (once)")
+                build_llama_1b(base, path, args.device)
             if not (path / "config.json").is_file():
                 path, skipped = None, skipped or "llama-1b skipped: it could not be built"
         else:
