@@ -179,3 +179,17 @@ def test_estimate_within_25_percent_of_the_measured_peak(tmp_path):
     for line in lines:
         ratio = float(line.rstrip(" |").rsplit("|", 1)[1].strip().rstrip("%"))
         assert abs(ratio) <= 25, line
+
+
+def test_qlora_counts_the_base_in_4_bits(tiny_model_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("--load-in-4bit needs bitsandbytes (the qlora extra)")
+    model, data = str(tiny_model_dir), [str(DEMO_DATA / "sft.jsonl")]
+    shape = read_shape(model)
+    fp32 = rows(plan("sft", SFTConfig, model=model, data=data, precision="fp32"))["policy"]
+    nf4 = rows(plan("sft", SFTConfig, model=model, data=data, precision="fp32", load_in_4bit=True))["policy"]
+    linear = sum(i * o for n, i, o in shape.linears if not n.endswith("lm_head"))
+    assert fp32.weights - nf4.weights == pytest.approx(linear * (4 - 0.53))
+    assert nf4.grads == fp32.grads and nf4.optimizer == fp32.optimizer  # the adapter trains the same
