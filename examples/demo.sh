@@ -6,7 +6,7 @@
 #   dpo      open with "Sure!"                                  (dpo_pairs.jsonl: chosen = "Sure! " + rejected)
 #   kto      "Cheers!" before the sign-off                      (unpaired.jsonl: thumbs up = it is there)
 #   ppo      stop hedging: rollouts scored by the train-rm model (prompts.jsonl)
-#   grpo     right arithmetic: the task's checker is the reward  (grpo_prompts.jsonl, its `answer` column)
+#   grpo     write the sum out, "17 + 25 = 42.": the task's checker is the reward (grpo_prompts.jsonl)
 # Each stage's greedy answers to held-out prompts are checked by rlkit.demo.task right after it; the
 # end is a table of each stage's target before and after it with a 95% interval (report.md, report.png).
 # Few steps, short sequences and small batches: it shows the pipeline and measurable changes,
@@ -65,9 +65,12 @@ DPO=$(rlkit dpo "$SFT" "$DATA/dpo_pairs.jsonl" -o "$OUT/dpo" "${COMMON[@]}" \
     --max-steps 12 --batch-size 8 --lr 1e-4 --beta 0.1 --sft-weight 1.0 --no-precompute-ref --log-every 4)
 evaluate dpo
 
+# KTO has no SFT term to carry it: at DPO's lr 1e-4 and beta 0.1 its 12 steps left the closer where it
+# was (0 pp); at 5e-4 (16 steps) it learned 'Cheers!' but unlearned #done (Cheers! Cheers! ...). beta 0.5
+# saturates its sigmoid after a few nats of log-ratio, so the push stops there.
 stage 5/9 kto "continue the DPO adapter on thumbs-up/down answers (up: 'Cheers!' before #done), --ref DPO"
 KTO=$(rlkit kto "$DPO" "$DATA/unpaired.jsonl" -o "$OUT/kto" --ref "$DPO" "${COMMON[@]}" \
-    --max-steps 12 --batch-size 8 --lr 1e-4 --beta 0.1 --no-precompute-ref --log-every 4)
+    --max-steps 12 --batch-size 8 --lr 2e-4 --beta 0.5 --no-precompute-ref --log-every 4)
 evaluate kto
 
 stage 6/9 ppo "continue the KTO adapter with rollouts scored by the reward model, KL to the frozen KTO adapter"
@@ -76,10 +79,12 @@ PPO=$(rlkit ppo "$KTO" "$DATA/prompts.jsonl" -o "$OUT/ppo" --reward "$RM" "${COM
     --missing-eos-penalty 1.0 --sample-every 10 --num-samples 2 --log-every 2)
 evaluate ppo
 
+# The reward: 0.5 for the sum written out and 0.5 for the right number (the prompt file's `answer`
+# column), 0 without the format. With the right number alone (1e-4, 10 steps of 2 prompts) GRPO moved 0 pp.
 stage 7/9 grpo "continue the PPO adapter: groups of 8 answers per arithmetic question, the task's checker as reward"
-GRPO=$(rlkit grpo "$PPO" "$DATA/grpo_prompts.jsonl" -o "$OUT/grpo" --reward rlkit.demo.task:arithmetic_reward \
-    "${COMMON[@]}" --max-steps 10 --batch-size 16 --num-generations 8 --max-new-tokens 20 --temperature 0.7 \
-    --lr 1e-4 --sample-every 10 --num-samples 2 --log-every 2)
+GRPO=$(rlkit grpo "$PPO" "$DATA/grpo_prompts.jsonl" -o "$OUT/grpo" --reward rlkit.demo.task:equation_reward \
+    "${COMMON[@]}" --max-steps 8 --batch-size 32 --num-generations 8 --max-new-tokens 24 --temperature 0.8 \
+    --lr 3e-4 --sample-every 5 --num-samples 2 --log-every 2)
 evaluate grpo
 
 stage 8/9 chat "one question through a pipe to the final adapter (JSONL out)"
