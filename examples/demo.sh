@@ -73,9 +73,11 @@ KTO=$(rlkit kto "$DPO" "$DATA/unpaired.jsonl" -o "$OUT/kto" --ref "$DPO" "${COMM
     --max-steps 12 --batch-size 8 --lr 2e-4 --beta 0.5 --no-precompute-ref --log-every 4)
 evaluate kto
 
+# The KL penalty holds PPO near the KTO adapter: at lr 1.5e-4 and --kl-coef 0.05 the policy found at step 7
+# that the reward model also likes 'Sure! #done' (answers 20 -> 9 tokens, the format 93% -> 54%).
 stage 6/9 ppo "continue the KTO adapter with rollouts scored by the reward model, KL to the frozen KTO adapter"
 PPO=$(rlkit ppo "$KTO" "$DATA/prompts.jsonl" -o "$OUT/ppo" --reward "$RM" "${COMMON[@]}" \
-    --max-steps 10 --batch-size 8 --ppo-epochs 2 --max-new-tokens 24 --lr 1.5e-4 --kl-coef 0.05 \
+    --max-steps 8 --batch-size 8 --ppo-epochs 2 --max-new-tokens 24 --lr 1e-4 --kl-coef 0.2 \
     --missing-eos-penalty 1.0 --sample-every 10 --num-samples 2 --log-every 2)
 evaluate ppo
 
