@@ -531,4 +531,8 @@ def mfu_line(device: str, peaks: dict[str, float], gpu_name: str | None = None) 
     )
     if sheet:
         text += f"; against the data-sheet bf16 peak of the {gpu_name} ({sheet / 1e12:,.0f} TFLOP/s) in brackets"
-    return text + "."
+    # nominal work, not work done: rlkit skips some of what the count includes, so it can pass 100%
+    return text + (
+        ". The count is the nominal work of every token; rlkit skips part of it (the vocabulary head at"
+        " prompt positions; grpo runs a group's prompt once), so its MFU can exceed 100%: compare it with TRL's."
+    )
