@@ -41,12 +41,19 @@ def log(message: str) -> None:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process (and of any children it waited for), in MiB."""
+    """Peak resident set size of this process (and of any children it waited for), in MiB.
+
+    On Linux this process's own peak is VmHWM: ru_maxrss also holds the peak of the process that
+    started this one (carried over by vfork + exec), so a child of a large parent reports at least
+    the parent's size."""
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    peak = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    )
-    return peak / scale
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as status:
+            own = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / scale
 
 
 @dataclass
