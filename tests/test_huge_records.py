@@ -80,10 +80,10 @@ def test_a_huge_prompt_is_dropped_untokenised_and_the_others_kept(tiny_tokenizer
         [{"role": "user", "content": "also short"}],
     ]
     seen: list[int] = []
-    encode = prompts.encode_prompt
-    monkeypatch.setattr(prompts, "encode_prompt", lambda tok, tpl, m: seen.append(len(str(m))) or encode(tok, tpl, m))
+    encode = prompts._encode_rendered
+    monkeypatch.setattr(prompts, "_encode_rendered", lambda tok, text: seen.append(len(text)) or encode(tok, text))
     kept, encoded = prompts.prompts_that_fit(tiny_tokenizer, template, conversations, room=64)
     assert kept == [0, 3]
-    assert encoded == [encode(tiny_tokenizer, template, conversations[i]) for i in kept]
+    assert encoded == [prompts.encode_prompt(tiny_tokenizer, template, conversations[i]) for i in kept]
     assert max(seen) < 10_000  # the huge one never reached the tokenizer
     assert "2 of 4 prompts are longer than --max-length - --max-new-tokens (64 tokens)" in capsys.readouterr().err

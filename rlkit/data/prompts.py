@@ -17,7 +17,11 @@ from rlkit.data.tokenize import IGNORE, char_budget, finish_ids, wants_bos
 
 
 def encode_prompt(tokenizer: Any, template: ChatTemplate, messages: Messages) -> list[int]:
-    ids = tokenizer(prompt_text(tokenizer, template, messages), add_special_tokens=False).input_ids
+    return _encode_rendered(tokenizer, prompt_text(tokenizer, template, messages))
+
+
+def _encode_rendered(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
     ids, _ = finish_ids(ids, [IGNORE] * len(ids), bos_id)
     return ids
@@ -37,7 +41,7 @@ def prompts_that_fit(
         text = prompt_text(tokenizer, template, messages)
         if len(text) > budget:
             continue
-        ids = encode_prompt(tokenizer, template, messages)
+        ids = _encode_rendered(tokenizer, text)  # rendered once, for the length check and the ids
         if len(ids) <= room:
             kept.append(index)
             encoded.append(ids)
