@@ -86,6 +86,11 @@ def run_train_rm(config: RewardModelConfig) -> Path:
     """Setup (tokenizer, pairs, model), train with the shared engine, then write OUT."""
     if config.center_rewards < 0:
         raise InputError(f"--center-rewards {config.center_rewards}: must be >= 0")
+    if config.load_in_4bit:
+        raise InputError(
+            "train-rm --load-in-4bit is not supported: the reward model is written merged, and merging into 4-bit "
+            "weights would round the update away; train it with --lora on the full-precision model"
+        )
     run = TrainingRun("train-rm", config, config.model, config.data)
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()

@@ -69,11 +69,6 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str
 class TrainingRun:
     def __init__(self, command: str, config: TrainConfig, model_name: str | None, data: list[str]):
         self.command, self.config, self.data = command, config, data
-        if config.load_in_4bit and command == "train-rm":
-            raise InputError(
-                "train-rm --load-in-4bit is not supported: the reward model is written merged, and merging into 4-bit "
-                "weights would round the update away; train it with --lora on the full-precision model"
-            )
         if config.dry_run:  # every recipe's own option checks have run; nothing is loaded or written yet
             from rlkit.training.memory_plan import show_plan
 
