@@ -163,7 +163,8 @@ def test_generation_against_itself_wins_half_and_has_zero_kl(tmp_path, capsys, m
         output_dir=str(tmp_path / "report"),
     )
     assert got["win_rate"] == 0.5  # the same greedy completions: every prompt a tie
-    assert got["kl_mean"] == pytest.approx(0.0, abs=1e-9)
+    # the policy's log-probs come from generation's cached logits, the reference's from one forward
+    assert got["kl_mean"] == pytest.approx(0.0, abs=1e-5)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     examples = report["examples"]
     prompt_texts = ["What is 2 + 2?", "Say hi", "Why?"]
@@ -205,6 +206,27 @@ def test_generation_kl_of_an_adapter_equals_the_hand_computed_sum(
     assert got["score_mean"] == pytest.approx(
         statistics.fmean(hand_reward(c[0]["content"], r.text) for c, r in zip(conversations, rollouts))
     )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_generation_logps_are_the_summed_log_probs_of_a_forward(tiny_model_dir, tiny_tokenizer, temperature):
+    """The log-probs eval's KL takes from generation's own logits (left-padded, batched, rows
+    ending early) equal a plain forward over prompt + completion, at temperature 1 whatever the
+    sampling temperature."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    template = resolve_template(None, tiny_tokenizer)
+    conversations = [
+        [{"role": "user", "content": text}]
+        for text in ["What is 2 + 2?", "Name a colour, any colour you like best.", "Why?"]
+    ]
+    sampling = SamplingConfig(max_new_tokens=7, temperature=temperature, batch_size=3)
+    rollouts = generate_rollouts(model, tiny_tokenizer, template, conversations, sampling, seed=0, with_logps=True)
+    assert len({len(r.prompt_ids) for r in rollouts}) > 1  # left padding is exercised
+    for rollout in rollouts:
+        ids = rollout.prompt_ids + rollout.completion_ids
+        labels = [-100] * len(rollout.prompt_ids) + rollout.completion_ids
+        assert rollout.logp == pytest.approx(_summed_logps(model, ids, labels), abs=1e-4)
+    assert all(r.logp is None for r in generate_rollouts(model, tiny_tokenizer, template, conversations, sampling))
 
 
 def test_scoring_completions_from_the_cli(tmp_path):

@@ -151,7 +151,10 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
             f"--reward {config.reward}: not a reward model (no *ForSequenceClassification architecture); pass a `rlkit train-rm` output dir or module:function"
         )
     policy = load_causal_lm_for_inference(source, dtype)
-    rollouts = generate_rollouts(policy, tokenizer, template, conversations, sampling, seed=config.seed)
+    ref = _reference(config, source, tokenizer, dtype, required=False, spec=COMPLETION_LOGPS)
+    rollouts = generate_rollouts(
+        policy, tokenizer, template, conversations, sampling, seed=config.seed, with_logps=ref is not None
+    )
     metrics: dict[str, Any] = {
         "question": "generation",
         "model": config.model,
@@ -165,12 +168,11 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
     }
-    ref = _reference(config, source, tokenizer, dtype, required=False, spec=COMPLETION_LOGPS)
     kl = None
     if ref is not None:
         reference, described = ref
         info(f"reference for KL: {described}")
-        policy_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size)
+        policy_logps = [float(r.logp) for r in rollouts if r.logp is not None]
         ref_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size, reference)
         kl = [p - r for p, r in zip(policy_logps, ref_logps)]
         metrics["ref"] = described

@@ -36,11 +36,23 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @dataclass
 class Rollout:
-    """One sample: the prompt's ids, the generated ids (through the first EOS, if any), the text."""
+    """One sample: the prompt's ids, the generated ids (through the first EOS, if any), the text,
+    and, when asked for, log π(completion | prompt) summed over those ids at temperature 1."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
     text: str
+    logp: float | None = None
+
+
+def generated_token_logps(step_logits: tuple[torch.Tensor, ...], generated: torch.Tensor) -> torch.Tensor:
+    """(batch, steps) log-probabilities of the generated tokens under the model's raw logits,
+    one step at a time so no (batch, steps, vocab) tensor is held."""
+    columns = [
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, generated[:, t : t + 1]).squeeze(-1)
+        for t, logits in enumerate(step_logits)
+    ]
+    return torch.stack(columns, dim=1)
 
 
 @torch.no_grad()
@@ -52,12 +64,15 @@ def generate_rollouts(
     sampling: SamplingConfig,
     n: int = 1,
     seed: int | None = None,
+    with_logps: bool = False,
 ) -> list[Rollout]:
     """`n` samples per conversation (conversation-major order), with the token ids `eval` scores.
 
     With `seed`, sampling restarts from that seed before each batch, so the same inputs and
     batch size give the same samples whatever ran before. The EOS a sample ends with is kept
-    in `completion_ids` (it is a generated token) but not in `text`.
+    in `completion_ids` (it is a generated token) but not in `text`. `with_logps` also sums each
+    sample's log-probability from the logits generation computed anyway (eval's KL), which
+    saves a second forward over every sample.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -80,14 +95,20 @@ def generate_rollouts(
             top_k=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=with_logps,
         )
-        for prompt, row in zip(prompts, out[:, ids.shape[1] :]):
+        generated = out.sequences[:, ids.shape[1] :]
+        token_logps = generated_token_logps(out.logits, generated).cpu() if with_logps else None
+        for i, (prompt, row) in enumerate(zip(prompts, generated)):
             tokens = row.tolist()
             text_tokens = tokens
             if tokenizer.eos_token_id in tokens:
                 end = tokens.index(tokenizer.eos_token_id)
                 tokens, text_tokens = tokens[: end + 1], tokens[:end]
-            rollouts.append(Rollout(prompt, tokens, tokenizer.decode(text_tokens, skip_special_tokens=True).strip()))
+            logp = float(token_logps[i, : len(tokens)].sum()) if token_logps is not None else None
+            text = tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
+            rollouts.append(Rollout(prompt, tokens, text, logp))
     return rollouts
 
 
