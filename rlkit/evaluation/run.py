@@ -172,7 +172,7 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
     if ref is not None:
         reference, described = ref
         info(f"reference for KL: {described}")
-        policy_logps = [float(r.logp) for r in rollouts if r.logp is not None]
+        policy_logps = [float(r.logp) for r in rollouts]  # type: ignore[arg-type]  # with_logps: every one has it
         ref_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size, reference)
         kl = [p - r for p, r in zip(policy_logps, ref_logps)]
         metrics["ref"] = described

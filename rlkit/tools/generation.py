@@ -46,8 +46,10 @@ class Rollout:
 
 
 def generated_token_logps(step_logits: tuple[torch.Tensor, ...], generated: torch.Tensor) -> torch.Tensor:
-    """(batch, steps) log-probabilities of the generated tokens under the model's raw logits,
-    one step at a time so no (batch, steps, vocab) tensor is held."""
+    """(batch, steps) log-probabilities of the generated tokens under the model's raw logits.
+
+    Step by step, so the log-softmax never makes a second (batch, steps, vocab) copy of the
+    logits generation already holds."""
     columns = [
         torch.log_softmax(logits.float(), dim=-1).gather(-1, generated[:, t : t + 1]).squeeze(-1)
         for t, logits in enumerate(step_logits)
@@ -72,7 +74,9 @@ def generate_rollouts(
     batch size give the same samples whatever ran before. The EOS a sample ends with is kept
     in `completion_ids` (it is a generated token) but not in `text`. `with_logps` also sums each
     sample's log-probability from the logits generation computed anyway (eval's KL), which
-    saves a second forward over every sample.
+    saves a second forward over every sample; the price is that generation keeps every step's
+    logits until the batch ends, batch x new tokens x vocab floats (0.3 GB for the demo's 48 x 32
+    x 49k, 0.5 GB for eval's default 8 x 128 with a 128k vocab).
     """
     model.eval()
     device = next(model.parameters()).device
