@@ -8,6 +8,7 @@ path entry, not through system site-packages, so the editable install of this ch
 from __future__ import annotations
 
 import json
+import re
 import site
 import subprocess
 import sys
@@ -71,3 +72,20 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
     assert packed.stdout.strip() == "packed"
     meta = json.loads((elsewhere / "packed" / "rlkit_pack.json").read_text())
     assert meta["counts"]["examples"] == 3 and meta["template"]["name"] == "tulu"
+
+
+def test_editable_build_says_nothing_but_installs_the_package_map(tmp_path):
+    """`pip install -e .` shows the backend's warnings; setuptools' own backend warns on every
+    editable build of this layout ("InformationOnly: Editable installation ..."), ours says
+    nothing, and the editable wheel still maps rlkit, rlkit.commands and rlkit.templates to their folders."""
+    build = (
+        "import sys; sys.path.insert(0, 'build_backend'); import rlkit_build; "
+        f"print(rlkit_build.build_editable({str(tmp_path)!r}))"
+    )
+    result = _run(sys.executable, "-W", "always", "-c", build, cwd=REPO)
+    warned = re.findall(r"^\S+\.py:\d+: \w+: .*$", result.stderr, re.M)  # how Python prints a warning
+    assert not warned, result.stderr
+    wheel = zipfile.ZipFile(tmp_path / result.stdout.strip().splitlines()[-1])
+    mapping = wheel.read(next(n for n in wheel.namelist() if n.endswith("finder.py"))).decode()
+    for package, folder in [("rlkit", "rlkit"), ("rlkit.commands", "commands"), ("rlkit.templates", "templates")]:
+        assert f"'{package}': '{REPO / folder}'" in mapping, mapping
