@@ -22,7 +22,7 @@ from rlkit import __version__
 from rlkit.cli_help import RlkitCommand, RlkitGroup
 from rlkit.console import console, is_main_process
 from rlkit.errors import DryRunDone, RlkitError
-from rlkit.output import release_output_locks
+from rlkit.output import release_output_locks, write_failure
 from rlkit.performance import wait_without_spinning
 
 wait_without_spinning()  # before any command's module loads torch and, with it, OpenMP
@@ -108,6 +108,13 @@ def _root(
     """rlkit COMMAND INPUTS... -o OUT [options] [--config FILE.yaml]"""
 
 
+def _failed(err: RlkitError) -> typer.Exit:
+    """Print the failure's one `error:` line (once, on the main process); return the exit to raise."""
+    if is_main_process():
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
+    return typer.Exit(err.exit_code)
+
+
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     """One clear line and an exit code for expected failures; the output path on stdout on success."""
 
@@ -118,9 +125,12 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except DryRunDone:  # --dry-run printed its plan; nothing to print on stdout
             raise typer.Exit(0)
         except RlkitError as err:
-            if is_main_process():
-                console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
-            raise typer.Exit(err.exit_code)
+            raise _failed(err)
+        except OSError as err:  # a full or read-only disk under a write no `output.writing` names
+            failure = write_failure(err, str(err.filename or "a file"))
+            if failure is None:
+                raise
+            raise _failed(failure)
         except KeyboardInterrupt:
             console.print("interrupted")
             raise typer.Exit(130)

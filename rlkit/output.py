@@ -10,17 +10,25 @@ files; the kernel drops the lock of a killed run, so a stale lock file is simply
 Replacing an old OUT (--overwrite) moves it aside to `OUT.rlkit-old` before the new one is renamed
 in, so a kill at any moment leaves either result whole, and the next run puts a stranded
 `OUT.rlkit-old` back.
+
+A write the disk refuses (full, over quota, read-only, failing) ends the run through `writing`:
+one line naming what could not be written, why, and what to do, with `--resume` and the newest
+complete checkpoint when one exists; OUT.partial is never renamed to OUT after such a failure.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,7 @@ import yaml
 
 from rlkit import __version__
 from rlkit.console import is_main_process, warn
-from rlkit.errors import InputError
+from rlkit.errors import InputError, RlkitError, RunError
 from rlkit.performance import switches
 
 CONFIG_FILE = "rlkit_config.yaml"
@@ -133,7 +141,7 @@ def release_output_lock(out: Path) -> None:
     fd, created = held
     try:
         os.unlink(lock_path(out))
-    except FileNotFoundError:
+    except OSError:  # gone already, or on a disk that turned read-only: the lock goes with the fd
         pass
     os.close(fd)
     for directory in created:
@@ -193,11 +201,117 @@ def open_run_dir(output: Path, resume: bool) -> Path:
     return partial
 
 
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (one being written, `step-N.incomplete`, is not
+    among them). Here rather than in the engine so that a failed write can name the newest one
+    without loading torch."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resume_hint(run_dir: Path | None) -> str:
+    """How to go on after a run stopped early: --resume from its newest complete checkpoint, if any."""
+    kept = checkpoints_in(run_dir) if run_dir is not None else []
+    return f"run again with --resume (the last complete checkpoint is {kept[-1]})" if kept else "run again"
+
+
+# A disk that refuses a write, and what the user can do about each way it refuses.
+_REMEDIES = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EROFS: "make the file system writable",
+    errno.EACCES: "make the directory writable",
+    errno.EIO: "check the disk",
+}
+DISK_ERRNOS = frozenset(_REMEDIES)
+_BY_STRERROR = {os.strerror(code): code for code in _REMEDIES}
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors: "... No space left on device (os error 28)"
+_TORCH_STRERROR = re.compile(r"strerror: ([^\n]+?)\.?$", re.M)  # torch's writer: "open file failed with strerror: ..."
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")  # torch's writer after a short write: no errno at all
+_NEARLY_FULL = 1 << 20
+
+
+def _errno_in(err: BaseException) -> int | None:
+    """The disk errno `err` itself carries, as an OSError's errno or in the words of safetensors or torch."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in DISK_ERRNOS else None
+    text = str(err)
+    rust = _RUST_OS_ERROR.search(text)
+    if rust and int(rust.group(1)) in DISK_ERRNOS:
+        return int(rust.group(1))
+    named = _TORCH_STRERROR.search(text)
+    return _BY_STRERROR.get(named.group(1).strip()) if named else None
+
+
+def _nearly_full(path: Path) -> bool:
+    """Whether the file system holding `path` (or its nearest existing ancestor) has under 1 MiB free."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL
+
+
+def disk_fault(err: BaseException, path: Path | None = None) -> tuple[str, str] | None:
+    """(reason, remedy) when `err`, or an exception that caused it, is the disk refusing a write to
+    `path`; None for any other failure, which is a bug to show in full.
+
+    A torch writer whose write came up short keeps no errno: that is a full disk when the disk is
+    (nearly) full now, since the torn file still holds the space it took; otherwise the cause is
+    unknown, and the reason says so.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        code = _errno_in(cause)
+        if code is not None:
+            return os.strerror(code), _REMEDIES[code]
+        if isinstance(cause, RuntimeError) and any(words in str(cause) for words in _TORCH_SHORT_WRITE):
+            if path is not None and _nearly_full(path):
+                return os.strerror(errno.ENOSPC), _REMEDIES[errno.ENOSPC]
+            return "a write came up short", "check the free space, your disk quota and the disk"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def write_failure(
+    err: BaseException, target: str, path: Path | None = None, run_dir: Path | None = None
+) -> RunError | None:
+    """The one-line error for a refused write of `target` ("the checkpoint runs/x.partial/..."), or
+    None when `err` is not the disk refusing it."""
+    fault = disk_fault(err, path)
+    if fault is None:
+        return None
+    reason, remedy = fault
+    return RunError(f"could not write {target}: {reason}; {remedy} and {resume_hint(run_dir)}")
+
+
+@contextmanager
+def writing(what: str, path: Path, run_dir: Path | None = None) -> Iterator[None]:
+    """Around each write of a run: a full, read-only or failing disk ends the command with one line
+    naming `what` and `path`, the reason, and what to do (with `--resume` and the newest complete
+    checkpoint of `run_dir` when there is one), instead of whatever the writer raised.
+
+    The run then stops before OUT.partial is renamed, so OUT never looks complete; a half-written
+    file stays inside OUT.partial. Other exceptions pass through unchanged.
+    """
+    try:
+        yield
+    except RlkitError:
+        raise
+    except Exception as err:
+        failure = write_failure(err, f"{what} {path}", path, run_dir)
+        if failure is None:
+            raise
+        raise failure from err
+
+
 def write_config(run_dir: Path, command: str, config: dict[str, Any]) -> None:
     """The resolved options, and the performance switches the environment set (rlkit.performance),
     so the file describes the run that wrote it. `--config` skips both `command` and `performance`."""
-    record = {"command": command, **config, "performance": switches().record()}
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+    record, path = {"command": command, **config, "performance": switches().record()}, run_dir / CONFIG_FILE
+    with writing("the resolved config", path, run_dir):
+        path.write_text(yaml.safe_dump(record, sort_keys=False))
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
@@ -231,8 +345,10 @@ Trained with `rlkit {command}` (rlkit {__version__}).
 
 The resolved configuration is in `{CONFIG_FILE}` and the per-step metrics in `{METRICS_FILE}`.
 """
-    (run_dir / "README.md").write_text(card)
-    (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with writing("the model card", run_dir / "README.md", run_dir):
+        (run_dir / "README.md").write_text(card)
+    with writing("the final metrics", run_dir / "final_metrics.json", run_dir):
+        (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def finalize(run_dir: Path, output: Path, keep_checkpoints: bool = False) -> Path:

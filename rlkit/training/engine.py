@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import shutil
 import signal
 import time
@@ -33,6 +32,7 @@ from rlkit.console import console, warn
 from rlkit.errors import InputError, RunError
 from rlkit.hardware import accelerator_available, cpu_bf16_hint, release_freed_host_memory
 from rlkit.models.modes import to_device
+from rlkit.output import checkpoints_in, resume_hint, writing
 from rlkit.training import sharding
 from rlkit.training.metrics import MetricsSink, ProgressDisplay
 from rlkit.training.options import TrainConfig
@@ -243,12 +243,6 @@ def _fused_adam_supported(params: list[torch.Tensor], device: torch.device) -> b
 _INCOMPLETE = ".incomplete"
 
 
-def checkpoints_in(run_dir: Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first (one being written is not among them)."""
-    found = [p for p in (run_dir / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 class _StopRequest:
     """SIGINT/SIGTERM ask the loop to checkpoint and leave at the end of the current step."""
 
@@ -332,16 +326,19 @@ class Engine:
     # ---- checkpoints --------------------------------------------------------------------
     def _save_checkpoint(self) -> Path:
         """Written beside its final name and renamed when every process has finished writing, so a
-        kill during a save leaves the previous checkpoints as they were and no half-written one."""
+        kill or a full disk during a save leaves the previous checkpoints as they were and no
+        half-written one (a refused write stays as `step-N.incomplete`, which resume skips; old
+        checkpoints are deleted only once the new one is complete)."""
         acc = self.accelerator
         path = self.run_dir / "checkpoints" / f"step-{self.state.step:07d}"
         scratch = path.with_name(path.name + _INCOMPLETE)
         if acc.is_main_process:
             shutil.rmtree(scratch, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(scratch), safe_serialization=False)
-        if self.shards_itself:
-            sharding.save_sharded(scratch, self.model, self.optimizer)
+        with writing("the checkpoint", path, self.run_dir):
+            acc.save_state(str(scratch), safe_serialization=False)
+            if self.shards_itself:
+                sharding.save_sharded(scratch, self.model, self.optimizer)
         acc.wait_for_everyone()
         if acc.is_main_process:
             if path.exists():  # the same step saved again after a resume fell back past it
@@ -419,11 +416,9 @@ class Engine:
         if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
             return
         optimizer.zero_grad(set_to_none=True)
-        kept = checkpoints_in(self.run_dir)
-        where = f"; the last good checkpoint is {kept[-1]} (--resume)" if kept else ""
         raise RunError(
             f"the loss became {loss} at step {self.state.step + 1} (grad norm {grad_norm}); "
-            f"lower --lr, check the data, or use --precision fp32{where}"
+            f"lower --lr, check the data, or use --precision fp32, then {resume_hint(self.run_dir)}"
         )
 
     def _after_step(
