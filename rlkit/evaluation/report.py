@@ -18,6 +18,7 @@ from rich.table import Table
 
 from rlkit.console import console, info, warn
 from rlkit.errors import InputError
+from rlkit.output import writing
 
 
 def _show(value: Any) -> str:
@@ -85,12 +86,12 @@ def write_report_dir(
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output-dir {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     report = {"metrics": metrics, "examples": examples}
-    tmp = out / "report.json.partial"
-    tmp.write_text(json.dumps(report, indent=2, default=_jsonable, ensure_ascii=False) + "\n")
-    tmp.rename(out / "report.json")
-    if distributions:
-        if plot_distributions(distributions, out / "scores.png", title) is None:
+    with writing("the eval report in", out):
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "report.json.partial"
+        tmp.write_text(json.dumps(report, indent=2, default=_jsonable, ensure_ascii=False) + "\n")
+        tmp.rename(out / "report.json")
+        if distributions and plot_distributions(distributions, out / "scores.png", title) is None:
             warn("matplotlib is not installed (pip install 'rlkit[plots]'); scores.png skipped")
     info(f"report: {out}")

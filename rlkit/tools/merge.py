@@ -39,7 +39,7 @@ from rlkit.models.load import (
     resolve_source,
     strip_gguf_marker,
 )
-from rlkit.output import check_output, finalize, open_run_dir, write_config, write_model_card
+from rlkit.output import check_output, finalize, open_run_dir, write_config, write_model_card, writing
 from rlkit.tools.merge_config import MergeConfig
 from rlkit.training.options import QLORA_INSTALL
 
@@ -210,8 +210,9 @@ def run_merge(config: MergeConfig) -> Path:
         )
 
     run_dir = open_run_dir(output, resume=False)
-    merged.save_pretrained(str(run_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(run_dir))
+    with writing("the merged model in", run_dir):
+        merged.save_pretrained(str(run_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(run_dir))
     write_config(run_dir, "merge-lora", config_to_dict(config))
     section, adapter_metrics = _lineage(config.adapter, base_name)
     metrics = {"merge/max_abs_logit_diff": diff, "merge/tolerance": tolerance * scale, **adapter_metrics}

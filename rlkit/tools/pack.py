@@ -21,7 +21,7 @@ from rlkit.data.tokenize import IGNORE
 from rlkit.data.unpaired import describe_unpaired_data
 from rlkit.errors import InputError
 from rlkit.models.load import load_tokenizer, resolve_source
-from rlkit.output import check_output, finalize, open_run_dir
+from rlkit.output import check_output, finalize, open_run_dir, writing
 from rlkit.tools.pack_config import PackConfig
 
 
@@ -110,5 +110,6 @@ def run_pack(config: PackConfig) -> Path | None:
     if output is None:
         return None
     staging = open_run_dir(output, resume=False)
-    save_prepared(data, staging)
+    with writing("the packed dataset", staging):
+        save_prepared(data, staging)
     return finalize(staging, output)

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rlkit.console import console
 from rlkit.errors import InputError
+from rlkit.output import writing
 
 
 def _fmt(value: Any) -> str:
@@ -34,7 +36,8 @@ class MetricsSink:
 
     def __init__(self, path: Path, report_to: str, run_name: str, config: dict[str, Any]):
         self.path = path
-        self.handle = path.open("a", encoding="utf-8")
+        with self._writing():
+            self.handle = path.open("a", encoding="utf-8")
         self.writer = None
         self.wandb = None
         if report_to == "tensorboard":
@@ -52,8 +55,9 @@ class MetricsSink:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        with self._writing():
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer is not None:
             for key, value in numeric.items():
@@ -61,8 +65,14 @@ class MetricsSink:
         if self.wandb is not None:
             self.wandb.log(numeric, step=step)
 
+    def _writing(self) -> AbstractContextManager[None]:
+        """A refused write of the log ends the run with one line (rlkit.output.writing)."""
+        return writing("the metrics log", self.path, self.path.parent)
+
     def close(self) -> None:
-        self.handle.close()
+        # a line a full disk refused is still buffered, and close tries it again: the same one line
+        with self._writing():
+            self.handle.close()
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:

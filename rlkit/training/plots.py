@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from rlkit.output import writing
+
 # Panels in the order people look for them; any logged metric in this list gets a panel.
 PANELS = (
     ("loss", "eval/loss"),
@@ -68,6 +70,9 @@ def plot_training_curves(metrics_path: Path, png_path: Path, title: str) -> Path
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
+    try:
+        with writing("the training curves", png_path, png_path.parent):
+            fig.savefig(png_path, dpi=90)
+    finally:
+        plt.close(fig)
     return png_path

@@ -29,6 +29,7 @@ from rlkit.output import (
     partial_dir,
     write_config,
     write_model_card,
+    writing,
 )
 from rlkit.training.engine import (
     DatasetSteps,
@@ -202,10 +203,11 @@ class TrainingRun:
         if acc.is_main_process:
             assert self.run_dir is not None
             model = acc.unwrap_model(self.model)
-            model.save_pretrained(str(self.run_dir), safe_serialization=True)
             if chat_template:
                 tokenizer.chat_template = chat_template
-            tokenizer.save_pretrained(str(self.run_dir))
+            with writing("the model in", self.run_dir, self.run_dir):
+                model.save_pretrained(str(self.run_dir), safe_serialization=True)
+                tokenizer.save_pretrained(str(self.run_dir))
             if data_info:
                 counts = data_info.get("counts", {})
                 extra_card = "## Data\n\n" + "\n".join(f"- {k}: {v}" for k, v in counts.items()) + "\n\n" + extra_card

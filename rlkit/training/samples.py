@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlkit.console import console
+from rlkit.output import writing
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -38,6 +39,6 @@ def show_samples(title: str, step: int, rows: list[dict[str, Any]], path: Path) 
     for row in rows:
         table.add_row(*(f"{row[k]:.3f}" if k in numeric else str(row[k]) for k in columns))
     console.print(table)
-    with open(path, "a", encoding="utf-8") as f:
+    with writing("the samples file", path, path.parent), open(path, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps({"step": step, **row}) + "\n")
