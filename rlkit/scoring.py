@@ -13,24 +13,30 @@ and `eval` alike:
   is what keeps the score right when the two tokenizers or templates differ, and is identical
   when they do not; sharing train-rm's code is what makes a completion score in PPO and eval
   what the same text scored as a chosen reply in training.
-- `module:function`: a function `(prompts, completions) -> list[float]` for rule-based or
-  verifiable rewards (e.g. `rlkit.demo.task:reward`). Prompts are given as the plain text of the
-  user's prompt (the message content for a single-message prompt, else the rendered prompt).
-  `grpo` also passes the prompt records' other columns as keyword arguments (`answer=[...]`)
-  and accepts None for "no score" (see `FunctionReward.__call__`).
+- `module:function`: a function for rule-based or verifiable rewards (e.g.
+  `rlkit.demo.task:reward`), called the way TRL's GRPOTrainer calls reward functions:
+  `prompts=`, `completions=`, `completion_ids=` and every other column of the prompt data as
+  keywords (`FunctionReward` has the rule). String prompts reach it as strings (the message
+  content; a multi-message prompt rendered with the policy's template), conversational ones as
+  message lists with `[{"role": "assistant", "content": ...}]` completions. `grpo` accepts None
+  for "no score".
 
-Both take `(conversations, completions)`: the prompt messages and the completion strings,
-and return scores [B].
+Both score a `RewardBatch` through `score_batch` (a reward model reads only its conversations and
+completion texts) and are `Reward`s: `(conversations, completions) -> scores [B]`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,12 +76,73 @@ def prompt_string(prompt: Messages, tokenizer: Any = None, template: ChatTemplat
     return prompt_text(tokenizer, template, prompt)
 
 
-class FunctionReward:
-    """`module:function(prompts: list[str], completions: list[str]) -> list[float]`.
+#: The keywords TRL's GRPOTrainer calls every reward function with (the data's other columns follow).
+TRL_KEYWORDS = ("prompts", "completions", "completion_ids")
 
-    The module is imported with the working directory on the path (a reward.py next to the
-    data, as users expect); its failures, wrong lengths, non-numbers and non-finite scores are
-    run errors naming the function.
+
+@dataclass(frozen=True)
+class RewardBatch:
+    """What a reward scores, one entry per completion, and what a function gets besides the texts.
+
+    `conversational` says how the prompts were given (message lists, or a `messages` column, rather
+    than strings): it decides whether a function sees messages or strings, as in TRL, and is lost
+    once prompts become messages, so the prompt loader hands it on (`rlkit.data.prompts.PromptRows`).
+    `completion_ids` are the sampled token ids through the first EOS (None where none were sampled:
+    eval --completions); `columns` the prompt records' other columns, one value per completion.
+    """
+
+    conversations: list[Messages]
+    completions: list[str]
+    conversational: bool = False
+    completion_ids: list[list[int]] | None = None
+    columns: Mapping[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CallingRule:
+    """How a reward function's parameters say it wants its arguments (see `FunctionReward`)."""
+
+    by_keyword: bool  # it names prompts/completions/completion_ids or takes **kwargs: TRL's keyword call
+    takes_all: bool  # **kwargs: every keyword
+    names: frozenset[str]  # the parameters a keyword can fill
+    required: frozenset[str]  # those of them without a default
+
+    @classmethod
+    def of(cls, function: Callable[..., Any]) -> CallingRule:
+        try:
+            parameters = list(inspect.signature(function).parameters.values())
+        except (TypeError, ValueError):  # a builtin or C function: TRL's call, every keyword
+            return cls(True, True, frozenset(), frozenset())
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        keywordable = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        names = frozenset(p.name for p in keywordable)
+        required = frozenset(p.name for p in keywordable if p.default is p.empty)
+        return cls(takes_all or bool(names & set(TRL_KEYWORDS)), takes_all, names, required)
+
+
+class FunctionReward:
+    """`--reward module:function`: a Python function scoring completions, called the way TRL's
+    GRPOTrainer calls reward functions, so a TRL reward function ports unchanged.
+
+    The calling rule (one, for grpo, ppo and eval):
+
+    - a function that names `prompts`, `completions` or `completion_ids`, or takes `**kwargs`, is
+      called by keyword: `prompts=`, `completions=`, `completion_ids=` and every other column of the
+      prompt data (`solution=[...]`), all of them with `**kwargs`, else those it names. TRL's
+      `trainer_state`, `log_extra` and `log_metric` are not passed. A required parameter nothing
+      fills (a column the data lacks; `completion_ids` in eval --completions) is a run error naming it;
+    - any other function (`def r(p, c)`) gets `(prompts, completions)` positionally, nothing else.
+
+    With string prompts `prompts` and `completions` are strings; with conversational prompts (message
+    lists, or a `messages` column) `prompts` are the message lists and each completion is
+    `[{"role": "assistant", "content": text}]`, as in TRL. A caller that gives no `RewardBatch`
+    (`reward(conversations, completions)`) gets string prompts rendered by `render`.
+
+    The module is imported with the working directory on the path (a reward.py next to the data, as
+    users expect). Whatever the function does ends the run cleanly: anything it raises (SystemExit
+    and KeyboardInterrupt included, unless a real Ctrl-C arrived), wrong lengths, non-numbers and
+    non-finite scores are `RunError`s naming it, and what it prints goes to stderr, since stdout
+    carries the command's output.
     """
 
     def __init__(self, spec: str, render: Callable[[Messages], str] = prompt_string):
@@ -85,37 +152,33 @@ class FunctionReward:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            module = importlib.import_module(module_name)
-        except Exception as err:  # the user's module may fail in any way on import
+            with contextlib.redirect_stdout(sys.stderr):
+                module = importlib.import_module(module_name)
+        except (Exception, SystemExit) as err:  # the user's module may fail in any way on import
             raise InputError(
-                f"--reward {spec}: cannot import {module_name!r} ({type(err).__name__}: {err}); is it on PYTHONPATH?"
+                f"--reward {spec}: cannot import {module_name!r} ({_described(err)}); is it on PYTHONPATH?"
             )
         function = getattr(module, function_name, None)
         if not callable(function):
             raise InputError(f"--reward {spec}: {module_name} has no function {function_name!r}")
         self.name, self.function, self.render = spec, function, render
+        self.rule = CallingRule.of(function)
 
-    def __call__(
-        self,
-        conversations: list[Messages],
-        completions: list[str],
-        columns: dict[str, list[Any]] | None = None,
-        allow_none: bool = False,
-    ) -> list[float | None]:
-        """Scores of the completions. `columns` (the prompt records' other columns, one value per
-        completion) are passed as keyword arguments, the way TRL passes dataset columns: all of
-        them to a function with `**kwargs`, else those it names. With `allow_none` (grpo) a None
-        score means "no opinion on this completion" and is returned as None."""
-        kwargs = self._keywords(columns or {})
-        try:
-            scores = list(self.function([self.render(c) for c in conversations], list(completions), **kwargs))
-        except Exception as err:  # the user's code: report it as a run failure, not a traceback
-            raise RunError(f"--reward {self.name} failed: {type(err).__name__}: {err}")
-        if len(scores) != len(completions):
-            raise RunError(f"--reward {self.name} returned {len(scores)} scores for {len(completions)} completions")
+    def __call__(self, conversations: list[Messages], completions: list[str]) -> list[float | None]:
+        """Scores of string prompts' completions (the `Reward` protocol: ppo and eval's default)."""
+        return self.score(RewardBatch(conversations, list(completions)))
+
+    def score(self, batch: RewardBatch, allow_none: bool = False) -> list[float | None]:
+        """Scores of the batch's completions. With `allow_none` (grpo) a None score means "no opinion
+        on this completion" and is returned as None."""
+        args, kwargs = self.arguments(batch)
+        scores = self._run(args, kwargs)
+        n = len(batch.completions)
+        if len(scores) != n:
+            raise RunError(f"--reward {self.name} returned {len(scores)} scores for {n} completions")
         try:
             values = [None if v is None and allow_none else float(v) for v in scores]
-        except (TypeError, ValueError):
+        except Exception:  # a non-number (a string, a tensor of several elements)
             bad = next(v for v in scores if not _is_number(v))
             allowed = "floats or None" if allow_none else "floats"
             raise RunError(f"--reward {self.name} returned non-numbers (e.g. {bad!r}); it must return {allowed}")
@@ -123,23 +186,105 @@ class FunctionReward:
             raise RunError(f"--reward {self.name} returned NaN or infinite scores")
         return values
 
-    def _keywords(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if not columns:
-            return {}
-        try:
-            parameters = inspect.signature(self.function).parameters.values()
-        except (TypeError, ValueError):  # a builtin or C function: give it everything
-            return dict(columns)
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-            return dict(columns)
-        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        return {k: v for k, v in columns.items() if k in named}
+    def arguments(self, batch: RewardBatch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(positional, keyword) arguments of the call, by the calling rule."""
+        if batch.conversational:
+            prompts: list[Any] = [[dict(m) for m in c] for c in batch.conversations]
+            completions: list[Any] = [[{"role": "assistant", "content": text}] for text in batch.completions]
+        else:
+            prompts, completions = [self.render(c) for c in batch.conversations], list(batch.completions)
+        given: dict[str, Any] = {k: v for k, v in batch.columns.items() if k not in TRL_KEYWORDS}
+        given |= {"prompts": prompts, "completions": completions}
+        if batch.completion_ids is not None:
+            given["completion_ids"] = [list(ids) for ids in batch.completion_ids]
+        rule = self.rule
+        if not rule.by_keyword:
+            return (prompts, completions), {}
+        missing = sorted(rule.required - given.keys())
+        if missing:
+            raise RunError(
+                f"--reward {self.name} needs {', '.join(missing)}, which nothing passes (it gets "
+                f"{', '.join(sorted(given))}); add the column to the prompt data or give the parameter a default"
+            )
+        return (), given if rule.takes_all else {k: v for k, v in given.items() if k in rule.names}
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The function's result as a list; whatever it raises becomes one line naming it, except the
+        KeyboardInterrupt of a Ctrl-C that arrived meanwhile (the user's, to end the run as they asked)."""
+        with _InterruptWatch() as watch, contextlib.redirect_stdout(sys.stderr):
+            try:
+                return list(self.function(*args, **kwargs))
+            except BaseException as err:  # the user's code: SystemExit and its own KeyboardInterrupt too
+                if isinstance(err, KeyboardInterrupt) and watch.delivered:
+                    raise
+                raise RunError(f"--reward {self.name} raised {_described(err)}{_where(err)}") from None
+
+
+class _InterruptWatch:
+    """Notes whether a SIGINT arrives while user code runs, and hands it on to the handler that was
+    there before (the engine's first Ctrl-C flag, or Python's KeyboardInterrupt) as if unwatched.
+
+    A KeyboardInterrupt out of a reward function is then the code's own (`raise KeyboardInterrupt`)
+    unless a signal was delivered meanwhile. Outside the main thread no signal reaches the code and
+    nothing is watched."""
+
+    def __enter__(self) -> _InterruptWatch:
+        self.delivered, self.installed = False, False
+        self.previous = signal.getsignal(signal.SIGINT)
+        if self.previous is not None:  # None: a handler not set from Python, which could not be put back
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, self._note)
+                self.installed = True
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.delivered = True
+        signal.signal(signum, self.previous)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.installed and signal.getsignal(signal.SIGINT) == self._note:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _described(err: BaseException) -> str:
+    """`SystemExit(3)`, `ZeroDivisionError('boom')`: the exception on one line, not too long."""
+    try:
+        text = repr(err)
+    except Exception:
+        text = type(err).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _where(err: BaseException) -> str:
+    """` at FILE:LINE` of the line that raised (the traceback is not shown)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if len(frames) < 2:  # only rlkit's own call
+        return ""
+    frame = frames[-1]
+    path = Path(frame.filename)
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(Path.cwd())
+    return f" at {path}:{frame.lineno}"
+
+
+def score_batch(reward: Reward, batch: RewardBatch, allow_none: bool = False) -> list[float | None]:
+    """The scores of any reward on a batch: a function by the calling rule (with the batch's
+    columns, ids and prompt style), a reward model on the conversations and completion texts."""
+    if isinstance(reward, FunctionReward):
+        return reward.score(batch, allow_none)
+    values = reward(batch.conversations, batch.completions)
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
 
 
 def _is_number(value: Any) -> bool:
     try:
         float(value)
-    except (TypeError, ValueError):
+    except Exception:
         return False
     return True
 

@@ -26,6 +26,10 @@ REWARD_MODULE = '''
 def reward(prompts, completions):
     """Words in the completion, plus 0.5 when the prompt asks a question."""
     return [float(len(c.split())) + (0.5 if "?" in p else 0.0) for p, c in zip(prompts, completions)]
+
+def chat_reward(prompts, completions):
+    """The same on conversational prompts, which come as message lists (as TRL passes them)."""
+    return reward([p[-1]["content"] for p in prompts], [c[0]["content"] for c in completions])
 '''
 
 
@@ -190,7 +194,7 @@ def test_generation_kl_of_an_adapter_equals_the_hand_computed_sum(
     monkeypatch.syspath_prepend(str(tmp_path))
     conversations = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a colour."}]]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": c} for c in conversations])
-    got = _eval(capsys, model=str(adapter_dir), prompts=str(prompts), reward="wordreward:reward", max_new_tokens=5)
+    got = _eval(capsys, model=str(adapter_dir), prompts=str(prompts), reward="wordreward:chat_reward", max_new_tokens=5)
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     template = resolve_template(None, tiny_tokenizer)

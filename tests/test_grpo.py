@@ -448,7 +448,7 @@ def test_extra_columns_reach_the_reward_function(tiny_model_dir, tmp_path):
     calls = [json.loads(line) for line in seen.read_text().splitlines()]
     assert len(calls) == 1
     call = calls[0]
-    assert sorted(call["columns"]) == ["answer", "tag"]
+    assert sorted(call["columns"]) == ["answer", "completion_ids", "tag"]  # TRL's keywords, less prompts/completions
     # each completion sees its own prompt's columns, G times in a row
     for prompt, answer, tag in zip(call["prompts"], call["answer"], call["tag"]):
         n = int(prompt.split()[2])
@@ -472,23 +472,24 @@ def sometimes_none(prompts, completions, **columns):
 
 def test_function_reward_columns_and_none():
     from rlkit.errors import RunError
-    from rlkit.scoring import FunctionReward
+    from rlkit.scoring import FunctionReward, RewardBatch
 
     sys.path.insert(0, str(TESTS))
     conversations = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
     columns = {"answer": [3, 4], "tag": ["a", "b"]}
     # a function without **kwargs gets only the columns it names
-    assert FunctionReward("test_grpo:named_only")(conversations, ["3", "5"], columns=columns) == [1.0, 0.0]
+    batch = RewardBatch(conversations, ["3", "5"], columns=columns)
+    assert FunctionReward("test_grpo:named_only").score(batch) == [1.0, 0.0]
     # None is "no opinion" where the caller allows it (grpo), a non-number elsewhere (ppo, eval)
     reward = FunctionReward("test_grpo:sometimes_none")
-    assert reward(conversations, ["x", "y"], columns=columns, allow_none=True) == [None, 1.0]
+    assert reward.score(RewardBatch(conversations, ["x", "y"], columns=columns), allow_none=True) == [None, 1.0]
     with pytest.raises(RunError, match="test_grpo:sometimes_none returned non-numbers"):
         reward(conversations, ["x", "y"])
 
 
 def test_weighted_rewards_with_none_terms(tiny_tokenizer):
     from rlkit.recipes.grpo import RewardSet
-    from rlkit.scoring import FunctionReward
+    from rlkit.scoring import FunctionReward, RewardBatch
 
     sys.path.insert(0, str(TESTS))
     rewards = RewardSet(
@@ -497,7 +498,7 @@ def test_weighted_rewards_with_none_terms(tiny_tokenizer):
         [2.0, 0.5],
     )
     conversations = [[{"role": "user", "content": "q"}]] * 2
-    per_function = rewards(conversations, ["3", "4"], [{"answer": 3}, {"answer": 5}])
+    per_function = rewards(RewardBatch(conversations, ["3", "4"], columns={"answer": [3, 5]}))
     assert math.isnan(per_function[0, 0]) and per_function[1, 0] == 1.0
     assert per_function[:, 1].tolist() == [1.0, 0.0]
     from rlkit.losses.group_advantages import combine_rewards

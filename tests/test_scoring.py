@@ -13,7 +13,14 @@ from rlkit.data.pairs import collate_pairs, tokenize_pairs
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError
 from rlkit.evaluation.rewards import load_reward as eval_reward
-from rlkit.scoring import FunctionReward, ModelReward, RewardScorer, load_reward, load_sequence_classifier
+from rlkit.scoring import (
+    FunctionReward,
+    ModelReward,
+    RewardBatch,
+    RewardScorer,
+    load_reward,
+    load_sequence_classifier,
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 2?"}],
@@ -71,7 +78,8 @@ def test_ppo_and_eval_score_completions_identically_and_as_train_rm_does(rm_dir,
     ppo = load_reward(str(rm_dir), tiny_tokenizer, template, batch_size=2)  # as run_ppo loads it
     ppo_scores = ppo(CONVERSATIONS, COMPLETIONS)
     for policy in (None, (tiny_tokenizer, template)):  # --completions, --prompts
-        eval_scores = eval_reward(str(rm_dir), None, 4096, 2, torch.float32, policy=policy)(CONVERSATIONS, COMPLETIONS)
+        scorer = eval_reward(str(rm_dir), None, 4096, 2, torch.float32, policy=policy)
+        eval_scores = scorer(RewardBatch(CONVERSATIONS, COMPLETIONS))
         assert eval_scores == ppo_scores.tolist()  # the same code: bit for bit at the same batch size
     # train-rm's scorer on its own padding-free pair batch, and the HF head on each sequence alone
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
@@ -91,7 +99,7 @@ def test_function_rewards_see_the_same_prompt_strings_in_ppo_and_eval(tiny_token
     ppo = load_reward("test_scoring:joined", tiny_tokenizer, template)
     assert isinstance(ppo, FunctionReward)
     in_eval = eval_reward("test_scoring:joined", None, 4096, 3, torch.float32, policy=(tiny_tokenizer, template))
-    assert in_eval(CONVERSATIONS, COMPLETIONS) == ppo(CONVERSATIONS, COMPLETIONS)
+    assert in_eval(RewardBatch(CONVERSATIONS, COMPLETIONS)) == ppo(CONVERSATIONS, COMPLETIONS)
     assert ppo(CONVERSATIONS[:1], ["ab"]) == [len("What is 2 + 2?") + 20.0]  # one message: its content
 
 

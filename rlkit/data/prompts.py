@@ -1,4 +1,8 @@
-"""Prompt token ids for generation, built exactly as training built them.
+"""Prompts for on-policy training: loaded with what reward functions get, and tokenised for generation.
+
+`load_prompt_rows` reads the prompts of `ppo` and `grpo` with the records' other columns and
+whether the prompts were conversational (message lists rather than strings): both reach reward
+functions, the way TRL passes them (`rlkit.scoring.FunctionReward`).
 
 Training tokenizes the prompt segment on its own (see templates.render_segments), so
 generation must too, with the same single-BOS rule, or the model sees a prompt boundary it
@@ -8,12 +12,64 @@ never saw in training.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rlkit.console import warn
-from rlkit.data.formats import Messages
+from rlkit.data.formats import Messages, as_messages
 from rlkit.data.templates import ChatTemplate, prompt_text
 from rlkit.data.tokenize import IGNORE, char_budget, finish_ids, wants_bos
+from rlkit.errors import InputError
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """Each prompt's conversation and its record's other columns, and whether the prompts were given
+    as message lists (TRL's conversational format: then reward functions see messages, not strings)."""
+
+    conversations: list[Messages]
+    columns: list[dict[str, Any]]
+    conversational: bool
+
+    def select(self, kept: Sequence[int]) -> PromptRows:
+        return PromptRows([self.conversations[i] for i in kept], [self.columns[i] for i in kept], self.conversational)
+
+    def keyword_columns(self, rows: Sequence[int]) -> dict[str, list[Any]]:
+        """The other columns of `rows`, one list per column (a reward function's keyword arguments)."""
+        names = dict.fromkeys(name for i in rows for name in self.columns[i])
+        return {name: [self.columns[i].get(name) for i in rows] for name in names}
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether a prompt as given is a message list (validated by `as_messages`), not a string."""
+    return isinstance(prompt, list)
+
+
+def load_prompt_rows(data: list[str], columns: str | None) -> PromptRows:
+    """The `prompt` (string or messages) or `messages` column of every record (a `messages`
+    conversation loses its final assistant turns), with the other columns beside it."""
+    from rlkit.data.load import load_records
+
+    records = load_records(data, columns)
+    where = ", ".join(data)
+    if len(records) == 0:
+        raise InputError(f"{where}: no prompts")
+    names = records.column_names
+    key = "prompt" if "prompt" in names else "messages" if "messages" in names else None
+    if key is None:
+        raise InputError(
+            f"{where}: no `prompt` or `messages` column (found {', '.join(names)}); use --columns prompt=NAME"
+        )
+    conversations, others = [], []
+    for i, record in enumerate(records):
+        messages = as_messages(record[key], "user", f"{where} row {i + 1}")
+        while key == "messages" and messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise InputError(f"{where} row {i + 1}: empty prompt")
+        conversations.append(messages)
+        others.append({k: v for k, v in record.items() if k != key})
+    return PromptRows(conversations, others, key == "messages" or is_conversational(records[0][key]))
 
 
 def encode_prompt(tokenizer: Any, template: ChatTemplate, messages: Messages) -> list[int]:

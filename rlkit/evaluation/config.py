@@ -49,7 +49,7 @@ class EvalConfig:
     )
     reward: Optional[str] = opt(
         None,
-        "Scorer for --prompts/--completions: a reward model dir, or module:function taking (prompts, completions) and returning floats.",
+        "Scorer for --prompts/--completions: a reward model dir, or module:function called as TRL calls reward functions (prompts=, completions=, completion_ids=, every other column), returning floats.",
     )
     ref: Optional[str] = opt(
         None,

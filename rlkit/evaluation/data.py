@@ -7,6 +7,7 @@ from typing import Any
 
 from rlkit.data.formats import Messages, as_messages
 from rlkit.data.load import load_records
+from rlkit.data.prompts import PromptRows, is_conversational
 from rlkit.errors import InputError
 
 
@@ -29,21 +30,29 @@ def prompt_messages(record: dict[str, Any], where: str) -> Messages:
     raise InputError(f"{where}: needs a 'prompt' (string or messages) or a 'messages' column ending in a user turn")
 
 
-def read_prompts(path: str, columns: str | None, limit: int) -> tuple[list[Any], list[Messages]]:
-    """(prompts as given, their conversations)."""
-    records = read_records(path, columns, limit)
+def prompt_rows(records: list[dict[str, Any]], path: str) -> tuple[list[Any], PromptRows]:
+    """(prompts as given, their `PromptRows`): the conversations, the records' other columns and
+    whether the prompts are message lists, which a reward function gets as grpo's does."""
     given = [r.get("prompt") if r.get("prompt") is not None else r.get("messages") for r in records]
-    return given, [prompt_messages(r, f"{path} record {i + 1}") for i, r in enumerate(records)]
+    conversations = [prompt_messages(r, f"{path} record {i + 1}") for i, r in enumerate(records)]
+    used = ["prompt" if r.get("prompt") is not None else "messages" for r in records]
+    others = [{k: v for k, v in r.items() if k not in (key, "completion")} for r, key in zip(records, used)]
+    return given, PromptRows(conversations, others, bool(given) and is_conversational(given[0]))
 
 
-def read_completions(path: str, columns: str | None, limit: int) -> tuple[list[Any], list[Messages], list[str]]:
-    """(prompts as given, their conversations, completions) of a prompt/completion file."""
+def read_prompts(path: str, columns: str | None, limit: int) -> tuple[list[Any], PromptRows]:
+    """(prompts as given, their `PromptRows`)."""
+    return prompt_rows(read_records(path, columns, limit), path)
+
+
+def read_completions(path: str, columns: str | None, limit: int) -> tuple[list[Any], PromptRows, list[str]]:
+    """(prompts as given, their `PromptRows`, completions) of a prompt/completion file."""
     records = read_records(path, columns, limit)
     if records and "completion" not in records[0]:
         raise InputError(
             f"{path}: no 'completion' column (found: {', '.join(records[0])}); expected `rlkit chat` output or prompt/completion JSONL"
         )
-    given, prompts, completions = [], [], []
+    completions = []
     for i, record in enumerate(records):
         where = f"{path} record {i + 1}"
         completion = record.get("completion")
@@ -51,7 +60,6 @@ def read_completions(path: str, columns: str | None, limit: int) -> tuple[list[A
             completion = "".join(m["content"] for m in as_messages(completion, "assistant", where))
         if not isinstance(completion, str):
             raise InputError(f"{where}: 'completion' must be a string, got {json.dumps(completion)[:40]}")
-        given.append(record.get("prompt") if record.get("prompt") is not None else record.get("messages"))
-        prompts.append(prompt_messages(record, where))
         completions.append(completion)
+    given, prompts = prompt_rows(records, path)
     return given, prompts, completions

@@ -2,9 +2,11 @@
 
 Eval scores with exactly what `ppo` trains against (`rlkit.scoring.load_reward`): a reward
 model renders the prompt with its chat template and tokenises the completion after it by
-train-rm's own code, and a function gets the same prompt strings (`prompt_string`), so a
-completion scores the same during training and in eval. Without a policy (--completions),
-a multi-message prompt reaches a function as its contents joined by blank lines.
+train-rm's own code, and a function is called as training calls it (TRL's keywords: `prompts=`,
+`completions=`, `completion_ids=` and the data's other columns; messages for conversational
+prompts, strings otherwise; `rlkit.scoring.FunctionReward`), so a completion scores the same
+during training and in eval. Without a policy (--completions) there are no `completion_ids`: a
+function that requires them is refused with one line.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import Any
 import torch
 
 from rlkit.console import info
-from rlkit.data.formats import Messages
 from rlkit.data.templates import ChatTemplate
 from rlkit.models.inference import inference_device
+from rlkit.scoring import RewardBatch, score_batch
 from rlkit.scoring import load_reward as load_scorer
 
-Scorer = Callable[[list[Messages], list[str]], list[float]]
+Scorer = Callable[[RewardBatch], list[float]]
 
 
 def load_reward(
@@ -45,7 +47,7 @@ def load_reward(
     )
     info(f"reward: {spec}")
 
-    def scores(conversations: list[Messages], completions: list[str]) -> list[float]:
-        return [float(v) for v in reward(conversations, completions)]
+    def scores(batch: RewardBatch) -> list[float]:
+        return [float(v) for v in score_batch(reward, batch)]  # allow_none off: never None
 
     return scores

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rlkit.console import info
+from rlkit.data.prompts import PromptRows
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError
 from rlkit.evaluation import data as eval_data
@@ -46,8 +47,8 @@ from rlkit.preference.reference import (
     Reference,
     load_reference_model,
 )
-from rlkit.scoring import load_sequence_classifier
-from rlkit.tools.generation import SamplingConfig, generate_rollouts
+from rlkit.scoring import RewardBatch, load_sequence_classifier
+from rlkit.tools.generation import Rollout, SamplingConfig, generate_rollouts
 
 Result = tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[float]]]  # metrics, examples, distributions
 
@@ -123,12 +124,25 @@ def eval_pairs(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> R
     return metrics, examples, {f"chosen {kind}": chosen.tolist(), f"rejected {kind}": rejected.tolist()}
 
 
+def rollout_batch(prompts: PromptRows, rollouts: list[Rollout]) -> RewardBatch:
+    """What the reward scores of one sample per prompt: the texts, their token ids (through the first
+    EOS, as training passes them), the prompts' other columns and style."""
+    return RewardBatch(
+        prompts.conversations,
+        [r.text for r in rollouts],
+        prompts.conversational,
+        [r.completion_ids for r in rollouts],
+        prompts.keyword_columns(range(len(rollouts))),
+    )
+
+
 def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> Result:
     if is_reward_model(source):
         raise InputError(
             f"{config.model} is a reward model; --prompts generates with a policy (pass the RM as --reward)"
         )
-    given, conversations = eval_data.read_prompts(config.prompts or "", config.columns, config.limit)
+    given, prompts = eval_data.read_prompts(config.prompts or "", config.columns, config.limit)
+    conversations = prompts.conversations
     tokenizer = load_tokenizer(source)
     template = resolve_template(config.template, tokenizer, config.model or "")
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size)
@@ -192,7 +206,7 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         _free()
     if reward is None:
         reward = load_reward(config.reward or "", config.template, config.max_length, config.batch_size, dtype)
-    scores = reward(conversations, [r.text for r in rollouts])
+    scores = reward(rollout_batch(prompts, rollouts))
     metrics |= score_summary(scores)
     metrics["mean_length_tokens"] = statistics.fmean(len(r.completion_ids) for r in rollouts)
     metrics["mean_length_chars"] = statistics.fmean(len(r.text) for r in rollouts)
@@ -201,7 +215,7 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
     distributions = {"policy": scores}
     baseline_scores: list[float] = []
     if baseline_rollouts is not None:
-        baseline_scores = reward(conversations, [r.text for r in baseline_rollouts])
+        baseline_scores = reward(rollout_batch(prompts, baseline_rollouts))
         metrics["baseline"] = config.baseline
         metrics["baseline_score_mean"] = statistics.fmean(baseline_scores)
         metrics["baseline_score_median"] = float(statistics.median(baseline_scores))
@@ -225,11 +239,13 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
 
 
 def eval_completions(config: EvalConfig, dtype: torch.dtype) -> Result:
-    given, conversations, completions = eval_data.read_completions(
-        config.completions or "", config.columns, config.limit
-    )
+    given, prompts, completions = eval_data.read_completions(config.completions or "", config.columns, config.limit)
     reward = load_reward(config.reward or "", config.template, config.max_length, config.batch_size, dtype)
-    scores = reward(conversations, completions)
+    everyone = range(len(completions))
+    batch = RewardBatch(
+        prompts.conversations, completions, prompts.conversational, None, prompts.keyword_columns(everyone)
+    )
+    scores = reward(batch)
     metrics = {
         "question": "completions",
         "data": config.completions,

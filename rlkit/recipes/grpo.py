@@ -21,9 +21,12 @@ critic-free module; `GRPOSteps` supplies only what differs:
   log-probs are the rollout's (same weights, no dropout), so none is run and the ratio is
   exactly 1 (as TRL); the reference (for --beta) is the starting policy -- with LoRA the adapter
   disabled, never a copy -- and is not run at all when --beta is 0;
-- the rewards: every --reward on this process's completions with the prompt records' other
-  columns as keyword arguments, weighted, with DAPO's overlong penalty; a failure on any process
-  stops every process with its one line;
+- the rewards: every --reward on this process's completions, weighted, with DAPO's overlong
+  penalty; a function is called as TRL calls reward functions (`prompts=`, `completions=`,
+  `completion_ids=` and every other column of the prompt records as keywords; messages for
+  conversational prompts, strings otherwise: `rlkit.scoring.FunctionReward`) and may say None for
+  "no opinion"; whatever one raises or returns wrong, on any process, stops every process with its
+  one line naming it and the last checkpoint;
 - the advantages from every process's rewards (a group statistic needs all G completions;
   gathering N numbers is cheap), this process keeping its rows, and the loss mask (truncated
   completions, zero-variance groups);
@@ -44,9 +47,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 
 from rlkit.console import info
-from rlkit.data.formats import Messages, as_messages
-from rlkit.data.load import load_records
-from rlkit.data.prompts import prompts_that_fit
+from rlkit.data.prompts import PromptRows, load_prompt_rows, prompts_that_fit
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError, RlkitError, RunError
 from rlkit.losses.group_advantages import (
@@ -63,38 +64,11 @@ from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import Reference, on_the_fly_reference
 from rlkit.recipes.grpo_config import GRPOConfig
 from rlkit.recipes.ppo import PolicyValue
-from rlkit.scoring import FunctionReward, Reward, load_reward
+from rlkit.scoring import Reward, RewardBatch, load_reward, score_batch
 from rlkit.training.engine import StepOutput
 from rlkit.training.rollout import Rollout, RolloutSteps, response_logps
 from rlkit.training.run import TrainingRun
 from rlkit.training.samples import SAMPLES_FILE
-
-# ---- prompts -------------------------------------------------------------------------------
-
-
-def load_prompt_rows(config: GRPOConfig) -> tuple[list[Messages], list[dict[str, Any]]]:
-    """(prompt messages, the record's other columns) per row; the columns reach the reward functions."""
-    records = load_records(config.data, config.columns)
-    where = ", ".join(config.data)
-    if len(records) == 0:
-        raise InputError(f"{where}: no prompts")
-    names = records.column_names
-    key = "prompt" if "prompt" in names else "messages" if "messages" in names else None
-    if key is None:
-        raise InputError(
-            f"{where}: no `prompt` or `messages` column (found {', '.join(names)}); use --columns prompt=NAME"
-        )
-    conversations, extras = [], []
-    for i, record in enumerate(records):
-        messages = as_messages(record[key], "user", f"{where} row {i + 1}")
-        while key == "messages" and messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if not messages:
-            raise InputError(f"{where} row {i + 1}: empty prompt")
-        conversations.append(messages)
-        extras.append({k: v for k, v in record.items() if k != key})
-    return conversations, extras
-
 
 # ---- rewards -------------------------------------------------------------------------------
 
@@ -135,26 +109,12 @@ class RewardSet:
     def __init__(self, rewards: list[Reward], names: list[str], weights: list[float]):
         self.rewards, self.names, self.weights = rewards, names, torch.tensor(weights, dtype=torch.float32)
 
-    def __call__(
-        self, conversations: list[Messages], completions: list[str], columns: list[dict[str, Any]]
-    ) -> torch.Tensor:
+    def __call__(self, batch: RewardBatch) -> torch.Tensor:
         scores = []
         for reward in self.rewards:
-            values = score_with_columns(reward, conversations, completions, columns)
+            values = score_batch(reward, batch, allow_none=True)
             scores.append(torch.as_tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32))
         return torch.stack(scores, dim=1)
-
-
-def score_with_columns(
-    reward: Reward, conversations: list[Messages], completions: list[str], columns: list[dict[str, Any]]
-) -> list[float | None]:
-    """Scores of one reward; a function also gets each other prompt column as a keyword argument (TRL's way)
-    and may say None (no opinion on that completion)."""
-    if isinstance(reward, FunctionReward):
-        keyed = {k: [row.get(k) for row in columns] for k in (columns[0] if columns else {})}
-        return reward(conversations, completions, columns=keyed, allow_none=True)
-    values = reward(conversations, completions)
-    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
 
 
 # ---- the objective -------------------------------------------------------------------------
@@ -219,8 +179,7 @@ class GRPOSteps(RolloutSteps):
         config: GRPOConfig,
         run: TrainingRun,
         tokenizer: Any,
-        conversations: list[Messages],
-        columns: list[dict[str, Any]],
+        prompts: PromptRows,
         prompt_ids: list[list[int]],
         rewards: RewardSet,
         reference: Reference | None,
@@ -231,23 +190,24 @@ class GRPOSteps(RolloutSteps):
             config,
             run,
             tokenizer,
-            conversations,
+            prompts.conversations,
             prompt_ids,
-            self._score_rows,
+            rewards,
             reference,
             objective,
             steps,
             epochs=config.num_iterations,
             mini_batches=1,
             group_size=config.num_generations,
+            columns=prompts.columns,
+            conversational=prompts.conversational,
         )
-        self.rewards, self.columns = rewards, columns
+        self.rewards = rewards
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.global_batch = self.rollout_size * self.world
         self.prompts_per_step = self.global_batch // config.num_generations
         # the rollout-time log-probs are needed to reuse a rollout, or for the KL in the reward
         self.needs_old = config.num_iterations > 1 or (config.kl_in_reward and config.beta > 0)
-        self._rows: list[int] = []
 
     @property
     def scale(self) -> str:
@@ -293,15 +253,12 @@ class GRPOSteps(RolloutSteps):
         rollout.timings["forward_s"] = time.time() - t0
 
     # -- score: every reward on this process's completions, with the prompts' other columns
-    def score(self, rollout: Rollout) -> None:
-        self._rows = rollout.indices
-        super().score(rollout)
-
-    def _score_rows(self, conversations: list[Messages], completions: list[str]) -> torch.Tensor:
-        """[n, K] rewards of this process's rows; a failure on any process stops every process with its line."""
+    def reward_scores(self, batch: RewardBatch) -> torch.Tensor:
+        """[n, K] rewards of this process's rows; a failure on any process stops every process with its
+        line (a reward function's exceptions, exits and own KeyboardInterrupts are all `RunError`s)."""
         problem, scores = None, None
         try:
-            scores = self.rewards(conversations, completions, [self.columns[i] for i in self._rows])
+            scores = self.rewards(batch)
         except RlkitError as err:
             problem = str(err)
         if self.world > 1:
@@ -485,10 +442,11 @@ def run_grpo(config: GRPOConfig) -> Path:
         )
     tokenizer = run.load_tokenizer()
     template = resolve_template(config.template, tokenizer, config.model or "the policy")
-    conversations, columns = load_prompt_rows(config)
+    prompts = load_prompt_rows(config.data, config.columns)
     room = config.max_length - config.max_new_tokens
-    kept, encoded = prompts_that_fit(tokenizer, template, conversations, room)
-    conversations, columns = [conversations[i] for i in kept], [columns[i] for i in kept]
+    kept, encoded = prompts_that_fit(tokenizer, template, prompts.conversations, room)
+    prompts = prompts.select(kept)
+    conversations = prompts.conversations
     local = config.batch_size * config.grad_accum
     if config.generation_batch_size and local % config.generation_batch_size:
         raise InputError(
@@ -527,7 +485,7 @@ def run_grpo(config: GRPOConfig) -> Path:
         )
     info(f"reference: {described}")
     objective = GRPOObjective(config)
-    loop = GRPOSteps(config, run, tokenizer, conversations, columns, encoded, rewards, reference, objective, steps)
+    loop = GRPOSteps(config, run, tokenizer, prompts, encoded, rewards, reference, objective, steps)
     engine_config = replace(config, max_steps=steps * loop.updates, save_every=config.save_every * loop.updates)
     default_lr = 1e-5 if config.lora else 1e-6
     # critic-free: no value forward, no value loss; each group's prompt runs once per forward

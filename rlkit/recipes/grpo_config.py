@@ -26,7 +26,7 @@ class GRPOConfig(TrainConfig):
     )
     reward: list[str] = opt(
         [],
-        "Reward (repeatable): module:function taking (prompts, completions, **columns) -> one float or None per completion, or a `train-rm` output dir.",
+        "Reward (repeatable): module:function called as TRL calls reward functions (prompts=, completions=, completion_ids=, every other column) -> one float or None per completion, or a `train-rm` output dir.",
     )
     reward_weights: list[str] = opt(
         [], "Weights of the --reward terms, comma-separated in the same order (default: 1 each)."

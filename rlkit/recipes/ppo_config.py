@@ -23,7 +23,7 @@ class PPOConfig(TrainConfig):
     )
     reward: Optional[str] = opt(
         None,
-        "Reward: a `train-rm` output dir (any one-score sequence classifier, full or SEQ_CLS adapter), or module:function taking (prompts, completions) -> list[float].",
+        "Reward: a `train-rm` output dir (any one-score sequence classifier, full or SEQ_CLS adapter), or module:function called as TRL calls reward functions (prompts=, completions=, completion_ids=, every other column) -> list[float].",
     )
     ref: Optional[str] = opt(
         None,

@@ -21,7 +21,9 @@ How another recipe plugs in (PPO: rlkit.recipes.ppo; GRPO builds on the same par
   (`rlkit.recipes.ppo.PolicyValue(policy, None, None, kl_coef)` is such a module).
 - Pass the config (reads seed, batch_size, grad_accum, max_new_tokens, temperature, top_p, and
   top_k, sample_every, num_samples where it has them), the `TrainingRun`, the tokenizer, the
-  conversations and their encoded prompt ids, a reward `(conversations, completions) -> scores`,
+  conversations and their encoded prompt ids, a reward (`rlkit.scoring.Reward`; a function is
+  called with TRL's keywords: the sampled ids, and the `columns` and `conversational` style of
+  the prompts where the recipe passes them, as `rlkit.data.prompts.PromptRows` holds them),
   a `rlkit.preference.reference.Reference` measuring `response_logps(temperature)` (or None: no
   reference forward), the number of RL steps, `epochs`, `mini_batches` and `group_size` (G
   completions per prompt, laid out group by group: rows g*G .. g*G+G-1 share prompt g).
@@ -30,8 +32,8 @@ How another recipe plugs in (PPO: rlkit.recipes.ppo; GRPO builds on the same par
   shared_prompts=True)` and measure the reference with `response_logps(t, shared_prompts=True)`
   for the same in every forward (`grouped_response_logprobs`).
 - Override `advantages(rollout, model)` (required: fill `rollout.advantages`, and `returns` when
-  there is a value function); optionally `shape_scores` (penalties, normalisation), `score` (other
-  reward signatures), `summary` (the step's logged metrics), `sample_rows` (the samples table)
+  there is a value function); optionally `shape_scores` (penalties, normalisation), `reward_scores`
+  (several rewards), `summary` (the step's logged metrics), `sample_rows` (the samples table)
   and `step_line` (the line printed after each RL step).
 
 Under FSDP2 (`--fsdp`) a rollout runs on the gathered model (`gathered`): generation and the
@@ -55,9 +57,13 @@ import torch.nn.functional as F
 
 from rlkit.console import console
 from rlkit.data.formats import Messages
+from rlkit.data.prompts import PromptRows
+from rlkit.errors import RunError
 from rlkit.hardware import release_freed_host_memory
 from rlkit.models.merged_lora import lora_merged_for_generation
+from rlkit.output import checkpoints_in
 from rlkit.preference.reference import LogpsSpec
+from rlkit.scoring import RewardBatch, score_batch
 from rlkit.tools.generation import left_pad
 from rlkit.training.logprobs import (
     _output_layer_slot,
@@ -333,10 +339,14 @@ class RolloutSteps:
         epochs: int,
         mini_batches: int,
         group_size: int = 1,
+        columns: list[dict[str, Any]] | None = None,
+        conversational: bool = False,
     ):
         self.c, self.run, self.acc = config, run, run.accelerator
         self.tokenizer, self.reward, self.reference, self.objective = tokenizer, reward, reference, objective
         self.conversations, self.prompt_ids = conversations, prompt_ids
+        # what reward functions get besides the texts (`rlkit.scoring.RewardBatch`)
+        self.prompt_rows = PromptRows(conversations, columns or [{} for _ in conversations], conversational)
         self.mini_batches, self.group_size = mini_batches, group_size
         self.updates = epochs * mini_batches
         self.total_steps = self.steps_per_epoch = rl_steps * self.updates
@@ -515,16 +525,41 @@ class RolloutSteps:
         rollout.timings["forward_s"] = time.time() - t0
 
     def score(self, rollout: Rollout) -> None:
-        """Decode each response up to its first EOS and score it; `shape_scores` makes the scores used."""
+        """Decode each response up to its first EOS and score it; `shape_scores` makes the scores used.
+
+        A reward function gets the token ids through the first EOS (the tokens trained, TRL's
+        `completion_ids`), the prompts' other columns and their style (`rlkit.scoring.RewardBatch`).
+        A reward that fails names the last checkpoint, which it left intact, to resume from."""
         tok = self.tokenizer
         t0 = time.time()
-        for row, m in zip(rollout.responses.tolist(), rollout.response_mask.sum(1).tolist()):
-            kept = [t for t in row[:m] if t != tok.eos_token_id]
-            rollout.completions.append(tok.decode(kept, skip_special_tokens=True).strip())
-        scores = self.reward(rollout.conversations, rollout.completions)
+        ids = [row[:m] for row, m in zip(rollout.responses.tolist(), rollout.response_mask.sum(1).tolist())]
+        for kept in ids:
+            text = tok.decode([t for t in kept if t != tok.eos_token_id], skip_special_tokens=True)
+            rollout.completions.append(text.strip())
+        rows = self.prompt_rows
+        batch = RewardBatch(
+            rollout.conversations,
+            rollout.completions,
+            rows.conversational,
+            ids,
+            rows.keyword_columns(rollout.indices),
+        )
+        try:
+            scores = self.reward_scores(batch)
+        except RunError as err:
+            raise RunError(f"{err}{self._resume_hint()}") from None
         rollout.raw_scores = torch.as_tensor(scores, dtype=torch.float32).to(self.acc.device)
         rollout.scores = self.shape_scores(rollout)
         rollout.timings["scoring_s"] = time.time() - t0
+
+    def reward_scores(self, batch: RewardBatch) -> torch.Tensor | list[float]:
+        """The reward of each completion (default: the one reward's; GRPO weighs several)."""
+        return score_batch(self.reward, batch)
+
+    def _resume_hint(self) -> str:
+        """Where a run stopped by a failure while scoring can resume from, when it has a checkpoint."""
+        kept = checkpoints_in(self.run.run_dir) if getattr(self.run, "run_dir", None) is not None else []
+        return f"; the last checkpoint is {kept[-1]} (fix it and run again with --resume)" if kept else ""
 
     def shape_scores(self, rollout: Rollout) -> torch.Tensor:
         """The scores the advantages are computed from (default: the reward's, unchanged)."""

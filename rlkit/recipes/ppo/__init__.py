@@ -46,7 +46,7 @@ and statistic is a masked one, so nothing after EOS contributes.
 from rlkit.recipes.ppo.loop import PPOLoop
 from rlkit.recipes.ppo.model import CRITIC_DIR, VALUE_HEAD_FILE, PolicyValue, hidden_size, make_value_head
 from rlkit.recipes.ppo.objective import PPOObjective
-from rlkit.recipes.ppo.recipe import load_prompts, run_ppo
+from rlkit.recipes.ppo.recipe import run_ppo
 from rlkit.recipes.ppo_config import PPOConfig
 from rlkit.training.rollout import Rollout, first_eos_mask, response_logps
 from rlkit.training.samples import SAMPLES_FILE
@@ -62,7 +62,6 @@ __all__ = [
     "Rollout",
     "first_eos_mask",
     "hidden_size",
-    "load_prompts",
     "make_value_head",
     "response_logps",
     "run_ppo",

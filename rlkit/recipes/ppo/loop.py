@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from rlkit.data.formats import Messages
+from rlkit.data.prompts import PromptRows
 from rlkit.data.templates import ChatTemplate
 from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS, masked_whiten
 from rlkit.losses.ppo import (
@@ -42,7 +43,10 @@ class PPOLoop(RolloutSteps):
         reference: Any,
         objective: Any,
         ppo_steps: int,
+        prompts: PromptRows | None = None,
     ):
+        """`prompts` (the loaded `PromptRows`, the same rows as `conversations`) give a reward
+        function the prompts' other columns and their style, as grpo does."""
         super().__init__(
             config,
             run,
@@ -55,6 +59,8 @@ class PPOLoop(RolloutSteps):
             ppo_steps,
             epochs=config.ppo_epochs,
             mini_batches=config.mini_batches,
+            columns=prompts.columns if prompts is not None else None,
+            conversational=prompts.conversational if prompts is not None else False,
         )
         self.template = template
         self.estimator = ADVANTAGE_ESTIMATORS[config.advantage]

@@ -9,9 +9,7 @@ import torch
 from accelerate.utils import set_seed
 
 from rlkit.console import info
-from rlkit.data.formats import Messages, as_messages
-from rlkit.data.load import load_records
-from rlkit.data.prompts import prompts_that_fit
+from rlkit.data.prompts import load_prompt_rows, prompts_that_fit
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError
 from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS
@@ -26,30 +24,6 @@ from rlkit.scoring import is_model_dir, load_reward, load_sequence_classifier
 from rlkit.training.rollout import response_logps
 from rlkit.training.run import TrainingRun
 from rlkit.training.samples import SAMPLES_FILE
-
-
-def load_prompts(config: PPOConfig) -> list[Messages]:
-    records = load_records(config.data, config.columns)
-    if len(records) == 0:
-        raise InputError(f"{', '.join(config.data)}: no prompts")
-    columns = records.column_names
-    conversations: list[Messages] = []
-    for i, record in enumerate(records):
-        where = f"{', '.join(config.data)} row {i + 1}"
-        if "prompt" in columns:
-            messages = as_messages(record["prompt"], "user", where)
-        elif "messages" in columns:
-            messages = as_messages(record["messages"], "user", where)
-            while messages and messages[-1]["role"] == "assistant":
-                messages = messages[:-1]
-        else:
-            raise InputError(
-                f"{', '.join(config.data)}: no `prompt` or `messages` column (found {', '.join(columns)}); use --columns prompt=NAME"
-            )
-        if not messages:
-            raise InputError(f"{where}: empty prompt")
-        conversations.append(messages)
-    return conversations
 
 
 def _check(config: PPOConfig) -> None:
@@ -101,10 +75,11 @@ def run_ppo(config: PPOConfig) -> Path:
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()
     template = resolve_template(config.template, tokenizer, config.model or "the policy")
-    conversations = load_prompts(config)
+    prompts = load_prompt_rows(config.data, config.columns)
     room = config.max_length - config.max_new_tokens
-    kept, encoded = prompts_that_fit(tokenizer, template, conversations, room)
-    conversations = [conversations[i] for i in kept]
+    kept, encoded = prompts_that_fit(tokenizer, template, prompts.conversations, room)
+    prompts = prompts.select(kept)
+    conversations = prompts.conversations
     rollout_size = config.batch_size * config.grad_accum * config.mini_batches
     world = run.accelerator.num_processes
     if len(conversations) < rollout_size * world:
@@ -128,7 +103,9 @@ def run_ppo(config: PPOConfig) -> Path:
     critic, value_head = value_function(config, run, policy)
     model = PolicyValue(policy, value_head, critic, config.kl_coef)
     objective = PPOObjective(config)
-    loop = PPOLoop(config, run, tokenizer, template, conversations, encoded, reward, reference, objective, ppo_steps)
+    loop = PPOLoop(
+        config, run, tokenizer, template, conversations, encoded, reward, reference, objective, ppo_steps, prompts
+    )
     updates = loop.updates
     engine_config = replace(config, max_steps=ppo_steps * updates, save_every=config.save_every * updates)
     default_lr = 1.4e-5 if config.lora else 3e-6
