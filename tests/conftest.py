@@ -82,6 +82,16 @@ def build_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 6
     return LlamaForCausalLM(config)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers on two cores) each worker computes on one
+    intra-op thread: two workers of two threads each would oversubscribe the cores, which costs
+    OpenMP far more than it gains on tiny models."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()
@@ -105,6 +115,19 @@ def no_template_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+_process_boundary_test = False
+
+
+@pytest.fixture(autouse=True)
+def _real_processes_for_process_boundary_tests(request):
+    """`@pytest.mark.process_boundary`: every `run_cli` of the test starts a real `python -m rlkit`
+    (one smoke test per command keeps what the shell sees covered end to end)."""
+    global _process_boundary_test
+    _process_boundary_test = request.node.get_closest_marker("process_boundary") is not None
+    yield
+    _process_boundary_test = False
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own data cache, so cached packing never leaks between tests."""
@@ -122,14 +145,77 @@ def _output_locks_released():
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600, process: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run `rlkit ...` in a subprocess exactly as a user would."""
+    """`rlkit ...` as a user runs it, with its exit code, stdout and stderr.
+
+    By default in this process, through the same typer app, error mapping and stdout printing as
+    the `rlkit` script (`run_in_process`): a new interpreter spends ~6 s importing torch and
+    transformers before the first line of rlkit runs, which was most of the suite's time.
+    `process=True`, or a test marked `process_boundary`, runs a real `python -m rlkit` where the
+    process boundary is what a test checks: the exit code and stdout (OUT's path, nothing else) a
+    shell sees, signals, environment read at import, several runs at once.
+    """
+    if not (process or _process_boundary_test):
+        return run_in_process(args, cwd=cwd, env=env)
     # One thread per run: on 2 shared cores, 2 threads per subprocess oversubscribe badly.
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "rlkit", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_in_process(
+    args: tuple[str, ...], cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run the `rlkit` app in this process, isolated as a new process would be where it matters:
+
+    - stdout and stderr captured apart (print and the rich console resolve sys.stdout/stderr per call);
+    - `env` set for the call and put back; `cwd` entered and left; sys.argv is the command's (the
+      model card quotes it); one intra-op thread, as the subprocess runs had (same kernels, same sums);
+    - accelerate's process-wide state reset before the call (a run at another precision would be refused);
+    - modules the run imported from outside the repo and site-packages (a reward.py a test wrote)
+      forgotten afterwards, with sys.path put back, so the next test's module of the same name is its own.
+    """
+    import contextlib
+    import importlib
+    import io
+
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    from rlkit.cli import app
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    importlib.invalidate_caches()  # a module file written a moment ago is found
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_path = dict(os.environ), sys.argv, list(sys.path)
+    saved_modules, saved_threads, saved_cwd = set(sys.modules), torch.get_num_threads(), os.getcwd()
+    code: int | str | None = 0
+    try:
+        os.environ.update(env or {})
+        sys.argv = ["rlkit", *map(str, args)]
+        torch.set_num_threads(1)
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                app(args=[str(a) for a in args], prog_name="rlkit")
+            except SystemExit as done:
+                code = done.code
+    finally:
+        os.chdir(saved_cwd)
+        torch.set_num_threads(saved_threads)
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for name in set(sys.modules) - saved_modules:
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if origin and not origin.startswith((str(REPO), sys.prefix, sys.base_prefix)):
+                del sys.modules[name]
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["rlkit", *args], returncode, out.getvalue(), err.getvalue())
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

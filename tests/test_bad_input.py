@@ -122,7 +122,9 @@ def cli_results(tmp_path_factory, tiny_model_dir, no_template_model_dir):
 
     env = {**OFFLINE, "RLKIT_CACHE_DIR": str(root / "cache")}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_cli, *case.args, env=env, timeout=120) for name, case in cases.items()}
+        futures = {
+            name: pool.submit(run_cli, *case.args, env=env, timeout=120, process=True) for name, case in cases.items()
+        }
         results = {name: future.result() for name, future in futures.items()}
     return {"root": root, "cases": cases, "results": results, "existing": existing}
 

@@ -233,6 +233,7 @@ def test_generation_logps_are_the_summed_log_probs_of_a_forward(tiny_model_dir, 
     assert all(r.logp is None for r in generate_rollouts(model, tiny_tokenizer, template, conversations, sampling))
 
 
+@pytest.mark.process_boundary
 def test_scoring_completions_from_the_cli(tmp_path):
     (tmp_path / "wordreward.py").write_text(REWARD_MODULE)
     records = [

@@ -78,6 +78,7 @@ def _summaries(out: Path) -> list[dict]:
     return [m for m in _metrics(out) if "reward/mean" in m]
 
 
+@pytest.mark.process_boundary
 def test_cli_run_with_two_rewards(tiny_model_dir, tmp_path):
     out = tmp_path / "grpo"
     result = run_cli(

@@ -292,6 +292,7 @@ def test_pairs_train_kto_and_reference_logps_are_cached(tiny_model_dir, tmp_path
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
 
 
+@pytest.mark.process_boundary
 def test_apo_zero_unpaired_trains_and_names_its_loss(tiny_model_dir, tmp_path):
     out = tmp_path / "apo"
     args = [str(tiny_model_dir), str(UNPAIRED), "-o", str(out), "--loss", "apo_zero_unpaired", "--max-steps", "2"]

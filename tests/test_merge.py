@@ -39,6 +39,7 @@ def causal_adapter(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     return path
 
 
+@pytest.mark.process_boundary
 def test_merged_logits_equal_the_adapter_and_dir_is_plain(tmp_path, causal_adapter, tiny_model_dir):
     out = tmp_path / "merged"
     result = run_cli("merge-lora", str(causal_adapter), "-o", str(out), env={"OMP_NUM_THREADS": "1"})

@@ -173,6 +173,7 @@ def test_last_token_index_skips_padding_like_the_hf_head():
     assert last_token_index(all_pad, torch.tensor([[0, 0]]), pad_id=2, num_sequences=1).tolist() == [1]
 
 
+@pytest.mark.process_boundary
 def test_pack_prepares_pairs_that_only_pair_commands_accept(tmp_path, tiny_model_dir, tiny_tokenizer):
     out = tmp_path / "packed"
     result = rlkit(

@@ -51,6 +51,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.process_boundary
 def test_cli_smoke_two_steps(tiny_model_dir, tmp_path):
     out = tmp_path / "ppo"
     result = run_cli(

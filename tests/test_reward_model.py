@@ -103,6 +103,7 @@ def _accuracy(model, tokenizer, pairs_path):
     return (scores[:n] > scores[n:]).float().mean().item()
 
 
+@pytest.mark.process_boundary
 def test_lora_reward_model_end_to_end(tiny_model_dir, tmp_path):
     """Default output: a full classifier (LoRA merged) that transformers loads and scores as training did."""
     out = tmp_path / "rm"

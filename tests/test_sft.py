@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import run_cli, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +86,7 @@ def test_full_sft_memorises_and_reloads(tiny_model_dir, tmp_path):
         assert _greedy(model, tokenizer, prompt).strip() == answer
 
 
+@pytest.mark.process_boundary
 def test_lora_sft_writes_an_adapter_that_reloads(tiny_model_dir, tmp_path):
     """LoRA cannot teach a random-init model much (its embeddings and head stay random), so the
     adapter trains on a tiny model that a short full SFT gave some structure first."""
