@@ -47,7 +47,7 @@ PROMPTS   ?= $(DEMO_DATA)/grpo_prompts.jsonl
 # the policy GRPO starts from: the SFT stage's output, or an existing model (skips SFT)
 SFT_OUT   ?= $(OUT)/sft
 REWARD    ?= rlkit.demo.task:arithmetic_reward
-COLUMNS   ?=
+COLUMN_MAP ?=
 TEMPLATE  ?=
 
 # Scale. STEPS sets every stage's --max-steps; 0 trains for *_EPOCHS instead.
@@ -78,7 +78,7 @@ GRPO_EXTRA      ?=
 
 # --max-steps N, or --epochs E when N is 0
 steps = $(if $(filter-out 0,$(1)),--max-steps $(1),--epochs $(2))
-COMMON = $(if $(TEMPLATE),--template $(TEMPLATE)) $(if $(COLUMNS),--columns $(COLUMNS)) $(TRAIN) \
+COMMON = $(if $(TEMPLATE),--template $(TEMPLATE)) $(if $(COLUMN_MAP),--columns $(COLUMN_MAP)) $(TRAIN) \
          --max-length $(MAX_LENGTH) --log-every $(LOG_EVERY) --overwrite $(EXTRA)
 # GRPO's prerequisite: the SFT stage when it is this recipe's, else nothing to build
 policy_dep = $(if $(filter $(OUT)/sft,$(SFT_OUT)),$(OUT)/sft/final_metrics.json)

@@ -44,7 +44,7 @@ DATA_1    ?= $(if $(filter $(OUT)/data/snorkel-pairs.jsonl,$(DATA)),$(OUT)/data/
 DATA_2    ?= $(if $(filter $(OUT)/data/snorkel-pairs.jsonl,$(DATA)),$(OUT)/data/snorkel-iter2.jsonl,$(DATA))
 DATA_3    ?= $(if $(filter $(OUT)/data/snorkel-pairs.jsonl,$(DATA)),$(OUT)/data/snorkel-iter3.jsonl,$(DATA))
 EVAL_DATA ?= $(OUT)/data/snorkel-pairs-eval.jsonl
-COLUMNS   ?=
+COLUMN_MAP ?=
 TEMPLATE  ?= tulu
 
 # Scale. STEPS sets each round's --max-steps; 0 trains each round for EPOCHS instead.
@@ -64,7 +64,7 @@ EXTRA      ?=
 steps = $(if $(filter-out 0,$(1)),--max-steps $(1),--epochs $(2))
 dep = $(if $(filter $(OUT)/data/%,$(1)),$(1),$(wildcard $(1)))
 KTO = $(RLKIT) kto $(1) $(2) -o $(3) $(if $(4),--ref $(4)) $(TRAIN) $(if $(TEMPLATE),--template $(TEMPLATE)) \
-      $(if $(COLUMNS),--columns $(COLUMNS)) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) \
+      $(if $(COLUMN_MAP),--columns $(COLUMN_MAP)) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) \
       --beta $(BETA) --desirable-weight $(DESIRABLE_WEIGHT) --undesirable-weight $(UNDESIRABLE_WEIGHT) \
       --lr $(LR) --batch-size $(BATCH) --grad-accum $(GRAD_ACCUM) $(call steps,$(STEPS),$(EPOCHS)) \
       --max-length $(MAX_LENGTH) --log-every $(LOG_EVERY) --overwrite $(EXTRA)

@@ -55,8 +55,8 @@ DATA      ?= $(OUT)/data/stack-exchange-paired.jsonl
 SFT_DATA  ?= $(DATA)
 PAIRS     ?= $(DATA)
 EVAL_DATA ?= $(OUT)/data/stack-exchange-paired-eval.jsonl
-# COLUMNS= (empty) for data already in a standard layout (prompt/chosen/rejected, ...)
-COLUMNS   ?= prompt=question,chosen=response_j,rejected=response_k
+# COLUMN_MAP= (empty) for data already in a standard layout (prompt/chosen/rejected, ...)
+COLUMN_MAP ?= prompt=question,chosen=response_j,rejected=response_k
 TEMPLATE  ?= stack-exchange
 
 # Scale. STEPS sets every stage's --max-steps; 0 trains for *_EPOCHS instead.
@@ -87,7 +87,7 @@ DPO_EXTRA      ?=
 steps = $(if $(filter-out 0,$(1)),--max-steps $(1),--epochs $(2))
 # a data prerequisite: the files this recipe writes, or an existing file/dir (not a dataset name)
 dep = $(if $(filter $(OUT)/data/%,$(1)),$(1),$(wildcard $(1)))
-COMMON = $(if $(TEMPLATE),--template $(TEMPLATE)) $(if $(COLUMNS),--columns $(COLUMNS)) \
+COMMON = $(if $(TEMPLATE),--template $(TEMPLATE)) $(if $(COLUMN_MAP),--columns $(COLUMN_MAP)) \
          --max-length $(MAX_LENGTH) --scheduler $(SCHEDULER) $(WARMUP) --log-every $(LOG_EVERY) --overwrite $(EXTRA)
 
 .PHONY: all data clean

@@ -70,8 +70,8 @@ SFT_DATA  ?= $(DATA)
 PAIRS     ?= $(DATA)
 EVAL_DATA ?= $(OUT)/data/stack-exchange-paired-eval.jsonl
 PROMPTS   ?= $(OUT)/data/stack-exchange-questions.jsonl
-# COLUMNS= (empty) for data already in a standard layout (prompt/chosen/rejected, ...)
-COLUMNS   ?= prompt=question,chosen=response_j,rejected=response_k
+# COLUMN_MAP= (empty) for data already in a standard layout (prompt/chosen/rejected, ...)
+COLUMN_MAP ?= prompt=question,chosen=response_j,rejected=response_k
 PROMPT_COLUMNS ?= prompt=question
 TEMPLATE  ?= stack-exchange
 
@@ -135,7 +135,7 @@ $(OUT)/data/stack-exchange-questions.jsonl: $(DEMO_DATA)/prompts.jsonl $(ROOT)/e
 # 1a. Tokenize question + better answer with the Question:/Answer: template and pack the rows
 $(OUT)/packed/rlkit_pack.json: $(call dep,$(SFT_DATA))
 	$(RLKIT) pack $(SFT_DATA) --tokenizer $(MODEL) -o $(@D) --kind sft --packing $(TEMPLATE_FLAG) \
-	    $(if $(COLUMNS),--columns $(COLUMNS)) --max-length $(SFT_MAX_LENGTH) --overwrite
+	    $(if $(COLUMN_MAP),--columns $(COLUMN_MAP)) --max-length $(SFT_MAX_LENGTH) --overwrite
 
 # 1b. LoRA SFT on the packed rows (the template travels with them into the adapter's tokenizer)
 $(OUT)/sft/final_metrics.json: $(OUT)/packed/rlkit_pack.json
@@ -145,7 +145,7 @@ $(OUT)/sft/final_metrics.json: $(OUT)/packed/rlkit_pack.json
 
 # 2. Reward model from the SFT model (adapter merged into its base first), held-out accuracy
 $(OUT)/rm/final_metrics.json: $(OUT)/sft/final_metrics.json $(call dep,$(PAIRS)) $(call dep,$(EVAL_DATA))
-	$(RLKIT) train-rm $(OUT)/sft $(PAIRS) -o $(@D) $(COMMON) $(TEMPLATE_FLAG) $(if $(COLUMNS),--columns $(COLUMNS)) \
+	$(RLKIT) train-rm $(OUT)/sft $(PAIRS) -o $(@D) $(COMMON) $(TEMPLATE_FLAG) $(if $(COLUMN_MAP),--columns $(COLUMN_MAP)) \
 	    $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(RM_LORA) --max-length $(RM_MAX_LENGTH) \
 	    $(call steps,$(RM_STEPS),$(RM_EPOCHS)) --batch-size $(RM_BATCH) --grad-accum $(RM_GRAD_ACCUM) \
 	    --lr $(RM_LR) --scheduler linear $(RM_EXTRA)

@@ -44,7 +44,7 @@ MODEL     ?= $(ROOT)/.cache/demo/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT       ?= runs/tulu-2.5-dpo
 DATA      ?= $(OUT)/data/ultrafeedback.jsonl
 EVAL_DATA ?= $(OUT)/data/ultrafeedback-eval.jsonl
-COLUMNS   ?=
+COLUMN_MAP ?=
 TEMPLATE  ?= tulu
 
 # Scale. STEPS sets --max-steps; 0 trains for EPOCHS instead (the published 3).
@@ -78,7 +78,7 @@ $(OUT)/data/ultrafeedback-eval.jsonl: $(DEMO_DATA)/pairs_eval.jsonl $(ROOT)/exam
 # DPO; the reference is MODEL as it starts (a frozen copy, its log-probs precomputed once)
 $(OUT)/dpo/final_metrics.json: $(call dep,$(DATA)) $(call dep,$(EVAL_DATA))
 	$(RLKIT) dpo $(MODEL) $(DATA) -o $(@D) $(TRAIN) $(if $(TEMPLATE),--template $(TEMPLATE)) \
-	    $(if $(COLUMNS),--columns $(COLUMNS)) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) \
+	    $(if $(COLUMN_MAP),--columns $(COLUMN_MAP)) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) \
 	    --beta $(BETA) --lr $(LR) --batch-size $(BATCH) --grad-accum $(GRAD_ACCUM) \
 	    --scheduler linear --warmup-ratio 0.1 $(call steps,$(STEPS),$(EPOCHS)) \
 	    --adam-beta1 0.9 --adam-beta2 0.999 --adam-epsilon 1e-8 --max-length $(MAX_LENGTH) \

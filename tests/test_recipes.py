@@ -69,7 +69,14 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU 
 def run_recipe(name: str, model: Path, out: Path, *make_args: str) -> subprocess.CompletedProcess:
     """`make -f examples/NAME.mk` from the repo root, with this interpreter's `rlkit` first on PATH."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    # COLUMNS as many shells and CI runners export it (the terminal's width): make turns every
+    # environment variable into a make variable, so a recipe must not read one of that name
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "80",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
     assigns = {"MODEL": str(model), "OUT": str(out), "PYTHON": sys.executable, **TINY_SCALE}
     return subprocess.run(
         [
