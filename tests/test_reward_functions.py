@@ -308,7 +308,10 @@ def test_a_failure_names_the_last_checkpoint_and_resume_goes_on(tiny_model_dir, 
     assert result.returncode == 1, result.stderr
     line = _one_error(result.stderr)
     checkpoint = Path(f"{out}.partial") / "checkpoints" / "step-0000001"
-    assert "second_call_fails raised SystemExit(3)" in line and f"the last checkpoint is {checkpoint}" in line, line
+    assert (
+        "second_call_fails raised SystemExit(3)" in line
+        and f"run again with --resume (the last complete checkpoint is {checkpoint})" in line
+    ), line
     assert checkpoint.is_dir() and not out.exists()
     resumed = _grpo(
         tiny_model_dir, data, out, "rewards_mod:second_call_fails", extra=(*steps, "--resume"), env={"FIXED": "1"}

@@ -61,7 +61,7 @@ from rlkit.data.prompts import PromptRows
 from rlkit.errors import RunError
 from rlkit.hardware import release_freed_host_memory
 from rlkit.models.merged_lora import lora_merged_for_generation
-from rlkit.output import checkpoints_in
+from rlkit.output import resume_hint
 from rlkit.preference.reference import LogpsSpec
 from rlkit.scoring import RewardBatch, score_batch
 from rlkit.tools.generation import left_pad
@@ -547,7 +547,7 @@ class RolloutSteps:
         try:
             scores = self.reward_scores(batch)
         except RunError as err:
-            raise RunError(f"{err}{self._resume_hint()}") from None
+            raise RunError(f"{err}; fix it and {resume_hint(self.run.run_dir)}") from None
         rollout.raw_scores = torch.as_tensor(scores, dtype=torch.float32).to(self.acc.device)
         rollout.scores = self.shape_scores(rollout)
         rollout.timings["scoring_s"] = time.time() - t0
@@ -555,11 +555,6 @@ class RolloutSteps:
     def reward_scores(self, batch: RewardBatch) -> torch.Tensor | list[float]:
         """The reward of each completion (default: the one reward's; GRPO weighs several)."""
         return score_batch(self.reward, batch)
-
-    def _resume_hint(self) -> str:
-        """Where a run stopped by a failure while scoring can resume from, when it has a checkpoint."""
-        kept = checkpoints_in(self.run.run_dir) if getattr(self.run, "run_dir", None) is not None else []
-        return f"; the last checkpoint is {kept[-1]} (fix it and run again with --resume)" if kept else ""
 
     def shape_scores(self, rollout: Rollout) -> torch.Tensor:
         """The scores the advantages are computed from (default: the reward's, unchanged)."""
