@@ -42,6 +42,14 @@ def tokenized_pairs(
     return rows
 
 
+def ties_kept(rows: list[dict[str, Any]], chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """The rejected scores, with a pair whose two sides are the same tokens given its chosen score:
+    such a pair is a tie (1/2) whatever the model, but its two copies sit at other places of a
+    padding-free batch, where the kernels of some CPUs round their scores apart in the last bit."""
+    same = torch.tensor([r["chosen_input_ids"] == r["rejected_input_ids"] for r in rows], dtype=torch.bool)
+    return torch.where(same, chosen, rejected)
+
+
 def _batches(rows: list[dict[str, Any]], size: int, pad_id: int) -> Iterator[dict[str, Any]]:
     for start in range(0, len(rows), size):
         yield collate_pairs(rows[start : start + size], pad_id)
@@ -73,7 +81,8 @@ def reward_model_scores(
         scores = scorer(batch["input_ids"], batch["position_ids"], batch["seq_index"], 2 * pairs).float().cpu()
         chosen.append(scores[:pairs])
         rejected.append(scores[pairs:])
-    return torch.cat(chosen), torch.cat(rejected)
+    first = torch.cat(chosen)
+    return first, ties_kept(rows, first, torch.cat(rejected))
 
 
 @torch.no_grad()
@@ -89,7 +98,8 @@ def summed_logps(
         first, second = reference.logps(model, batch) if reference is not None else PAIR_LOGPS.measure(model, batch)
         chosen.append(first.double().cpu())
         rejected.append(second.double().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+    first = torch.cat(chosen)
+    return first, ties_kept(rows, first, torch.cat(rejected))
 
 
 def implicit_reward_metrics(
