@@ -35,16 +35,18 @@ demo: setup $(DEMO_MODEL)
 
 LINTED := rlkit commands tests bench examples
 
-# Lint and format check first (seconds), then the suite.
+# Lint and format check first (seconds), then the suite on two pytest-xdist workers, a test file per
+# worker at a time (module fixtures that train a model are built once). PYTEST_ARGS adds to it.
+PYTEST_WORKERS ?= 2
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check --quiet $(LINTED)
 	$(VENV)/bin/ruff format --check --quiet $(LINTED)
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m slow $(PYTEST_ARGS)
 
 # Benchmarks (never part of the tests): SFT tokens/s and peak RSS, rlkit against TRL's SFTTrainer
 # (TRL goes into its own venv under .cache/bench; SmolLM2 rows need `make demo-model` first).

@@ -66,3 +66,22 @@ def assert_same_training(
         moved = max(float((b[k].float() - start[k].float()).abs().max()) for k in start if k in b)
         assert moved >= 100 * bound, f"the weights moved only {moved:.3e} (bound {bound:.3e})"
     return worst
+
+
+def reduction_bound(terms: int) -> float:
+    """The relative difference two float32 sums of the same `terms` values, taken in other orders
+    (one process's batch against two processes' halves, a micro-batch of 4 against two of 2), may
+    show: n u for recursive summation of n terms (Higham, Accuracy and Stability, 4.2), here with
+    u = 2^-24 and relative to the sum of the terms' magnitudes, which a logged mean bounds from below."""
+    return terms * 2.0**-24
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], keys: tuple[str, ...], terms: int) -> None:
+    """Per-step logged metrics of two runs agree within `reduction_bound(terms)` of each metric's
+    largest magnitude over the run (a metric near zero at one step is a sum of larger terms)."""
+    assert len(a) == len(b) and a
+    for key in keys:
+        scale = max(abs(m[key]) for m in a + b if key in m)
+        for x, y in zip(a, b):
+            if key in x:
+                assert abs(x[key] - y[key]) <= reduction_bound(terms) * scale, (key, x, y)
