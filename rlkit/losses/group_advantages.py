@@ -13,20 +13,30 @@ must see all of them. The recipe gathers, calls these, and keeps its own slice.
 
 References: Shao et al. 2024 (DeepSeekMath, GRPO); Liu et al. 2025 ("Understanding R1-Zero-Like
 Training", Dr. GRPO); Ahmadian et al. 2024 ("Back to Basics", RLOO); Hu 2025 (REINFORCE++);
-Yu et al. 2025 (DAPO: overlong reward shaping, dynamic sampling).
+Yu et al. 2025 (DAPO: overlong reward shaping, dynamic sampling); Liu et al. 2026 (GDPO, arXiv
+2601.05242: each reward normalised within its group before the sum).
+
+Several rewards become one by a `RewardAggregation` record in `REWARD_AGGREGATIONS` (the
+``--multi-objective-aggregation`` values, TRL's ``multi_objective_aggregation``): ``--help``
+choices and the docs table are read from the records, so a new aggregation is one function and
+one record here. torch is bound lazily (`rlkit.losses._lazy`), so reading the records, as
+``rlkit grpo --help`` does, does not execute it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
-from torch import Tensor
+from rlkit.losses._lazy import lazy_import
 
-from rlkit.losses.ppo import masked_whiten, per_token_rewards
+if TYPE_CHECKING:
+    from torch import Tensor
 
-Reduce = Callable[[Tensor], Tensor]
+torch = lazy_import("torch")
+
+Reduce = Callable[["Tensor"], "Tensor"]
 Scale = Literal["group", "batch", "none"]
 
 #: Added to a standard deviation before dividing by it (TRL's value): a group of nearly equal
@@ -123,7 +133,6 @@ def rloo_advantages(rewards: Tensor, group_size: int, scale: Scale = "none", eps
     return torch.where(ok, advantages, 0).reshape(-1)
 
 
-@torch.no_grad()
 def reinforce_pp_advantages(
     scores: Tensor,
     mask: Tensor,
@@ -145,12 +154,15 @@ def reinforce_pp_advantages(
     the divergence of every token after it. ``reduce`` sums over processes, so the batch
     statistics are the whole rollout's. A row whose score is NaN (unscorable) gets 0.
     """
-    valid = torch.isfinite(scores)
-    m = mask.bool() & valid.unsqueeze(1)
-    kl = torch.zeros_like(mask, dtype=torch.float32) if kl is None else kl
-    rewards, _ = per_token_rewards(torch.where(valid, scores, 0), kl, m, kl_coef)
-    returns = torch.where(m, rewards, 0).flip(1).cumsum(1).flip(1)
-    return masked_whiten(returns, m, eps=eps, reduce=reduce)
+    from rlkit.losses.ppo import masked_whiten, per_token_rewards
+
+    with torch.no_grad():
+        valid = torch.isfinite(scores)
+        m = mask.bool() & valid.unsqueeze(1)
+        kl = torch.zeros_like(mask, dtype=torch.float32) if kl is None else kl
+        rewards, _ = per_token_rewards(torch.where(valid, scores, 0), kl, m, kl_coef)
+        returns = torch.where(m, rewards, 0).flip(1).cumsum(1).flip(1)
+        return masked_whiten(returns, m, eps=eps, reduce=reduce)
 
 
 def combine_rewards(per_function: Tensor, weights: Tensor) -> Tensor:
@@ -164,6 +176,75 @@ def combine_rewards(per_function: Tensor, weights: Tensor) -> Tensor:
     present = ~torch.isnan(per_function)
     total = torch.where(present, weighted, 0).sum(dim=1)
     return torch.where(present.any(dim=1), total, torch.nan)
+
+
+def sum_then_normalize(per_function: Tensor, weights: Tensor, group_size: int) -> Tensor:
+    """r_i = Σ_k w_k · r_{k,i}: the weighted sum (`combine_rewards`), normalised afterwards by the
+    advantage estimator as ``--scale-rewards`` says (TRL's ``sum_then_normalize``)."""
+    return combine_rewards(per_function, weights)
+
+
+def normalize_then_sum(per_function: Tensor, weights: Tensor, group_size: int, eps: float = STD_EPS) -> Tensor:
+    """GDPO's decoupled normalisation (Liu et al. 2026, arXiv 2601.05242), [N, K] -> [N]:
+
+        A_{k,i} = (r_{k,i} - mean(r_{k,1..G})) / (std(r_{k,1..G}) + ε)     each reward within its group
+        r_i     = Σ_k w_k · A_{k,i}
+
+    then (the record's ``scale="batch"``) the group estimator normalises the sum over the batch,
+    Â_i = (r_i - mean_g) / (std_batch + ε), GDPO's batch-wise normalisation (its group means are already 0, so this
+    is TRL's ``(r - mean_batch) / (std_batch + 1e-4)``).
+
+    Why: summing first and normalising after collapses distinct reward combinations to one
+    advantage -- with rewards 0/1 each, (1, 0) and (0, 1) sum alike, and a reward with a wide
+    range drowns one with a narrow range -- so GDPO standardises each reward in its group first
+    and every reward moves the policy on its own scale. NaN (None) terms are left out of their
+    reward's statistics and of the sum; a reward with one scorable value in a group contributes 0
+    there; a completion every reward said None to stays NaN (unscorable).
+    """
+    present = ~torch.isnan(per_function)
+    columns = []
+    for k in range(per_function.shape[1]):
+        values, valid = _grouped(per_function[:, k], group_size)
+        _, mean, std = _stats(values, valid, dim=1)
+        columns.append(torch.where(valid, (values - mean) / (std + eps), torch.nan).reshape(-1))
+    normalised = torch.stack(columns, dim=1) if columns else per_function
+    weighted = torch.where(present, normalised * weights.to(per_function.dtype), 0).sum(dim=1)
+    return torch.where(present.any(dim=1), weighted, torch.nan)
+
+
+@dataclass(frozen=True)
+class RewardAggregation:
+    """One ``--multi-objective-aggregation``: how the K rewards of each completion become one.
+
+    ``combine`` maps the whole rollout's rewards [N, K] (NaN: None), the weights [K] and the group
+    size to [N]; ``scale`` is what ``--scale-rewards auto`` means with it for the group and rloo
+    estimators (None: the estimator's own default).
+    """
+
+    name: str
+    combine: Callable[[Tensor, Tensor, int], Tensor]
+    help: str
+    scale: Optional[Scale] = None
+
+
+#: One record per ``--multi-objective-aggregation`` value, the default first.
+REWARD_AGGREGATIONS: dict[str, RewardAggregation] = {
+    record.name: record
+    for record in (
+        RewardAggregation(
+            "sum_then_normalize",
+            sum_then_normalize,
+            "the weighted sum of the rewards, normalised by the advantage (--scale-rewards)",
+        ),
+        RewardAggregation(
+            "normalize_then_sum",
+            normalize_then_sum,
+            "GDPO: each reward standardised within its group, then the weighted sum, normalised over the batch "
+            "(--scale-rewards auto = batch)",
+            scale="batch",
+        ),
+    )
+}
 
 
 def overlong_penalty(lengths: Tensor, max_new_tokens: int, cache: int) -> Tensor:

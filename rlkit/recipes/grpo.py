@@ -51,14 +51,14 @@ from rlkit.data.prompts import PromptRows, load_prompt_rows, prompts_that_fit
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError, RlkitError, RunError
 from rlkit.losses.group_advantages import (
-    combine_rewards,
+    REWARD_AGGREGATIONS,
     group_advantages,
     overlong_penalty,
     reinforce_pp_advantages,
     rloo_advantages,
     zero_variance_groups,
 )
-from rlkit.losses.grpo import grpo_loss, loss_mask, loss_units
+from rlkit.losses.grpo import grpo_loss, loss_mask, loss_units, policy_loss_record
 from rlkit.losses.ppo import kl_penalty
 from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import Reference, on_the_fly_reference
@@ -121,11 +121,19 @@ class RewardSet:
 
 
 class GRPOObjective:
-    """The clipped GRPO loss on one micro-batch, as a sum over the units its --loss-type averages over."""
+    """--loss-type's policy loss on one micro-batch, as a sum over the units its aggregation averages over.
+
+    The loss type's record (`rlkit.losses.grpo.POLICY_LOSSES`) names the options its surrogate
+    reads; they are passed by name, next to the clip bounds every loss type is given.
+    """
 
     def __init__(self, config: GRPOConfig):
         self.c = config
         self.beta = 0.0 if config.kl_in_reward else config.beta
+        record = policy_loss_record(config.loss_type)
+        self.options = {
+            name: getattr(config, name) for name in record.options if name not in ("epsilon", "epsilon_high")
+        }
 
     def weight(self, batch: dict[str, Any]) -> float:
         return float(loss_units(batch["loss_mask"], self.c.loss_type, self.c.max_new_tokens))
@@ -146,6 +154,7 @@ class GRPOObjective:
             max_new_tokens=c.max_new_tokens,
             ref_logprobs=batch.get("ref_logprobs"),
             beta=self.beta,
+            **self.options,
         )
         mask = batch["response_mask"].bool()
         metrics = {name: total for name, (total, _) in out.metrics.items()}
@@ -214,6 +223,9 @@ class GRPOSteps(RolloutSteps):
         c = self.c
         if c.scale_rewards != "auto":
             return c.scale_rewards
+        aggregation = REWARD_AGGREGATIONS[c.multi_objective_aggregation]
+        if aggregation.scale is not None and c.advantage != "reinforce++":
+            return aggregation.scale
         return {"group": "group", "rloo": "none", "reinforce++": "batch"}[c.advantage]
 
     # -- generate: the global rollout group by group, this process's slice of it, seeded chunks
@@ -270,12 +282,15 @@ class GRPOSteps(RolloutSteps):
         return scores
 
     def shape_scores(self, rollout: Rollout) -> torch.Tensor:
-        """The combined reward: weighted terms, + the overlong penalty, - beta x the summed KL with --kl-in-reward."""
+        """The combined reward: the terms by --multi-objective-aggregation (over every process's rows, as
+        a group statistic needs), + the overlong penalty, - beta x the summed KL with --kl-in-reward."""
         c = self.c
         assert rollout.raw_scores is not None
         per_function = rollout.raw_scores
         rollout.extras["per_function"] = per_function
-        rollout.raw_scores = combine_rewards(per_function, self.rewards.weights.to(per_function.device))
+        combine = REWARD_AGGREGATIONS[c.multi_objective_aggregation].combine
+        everyone = combine(self.gather(per_function), self.rewards.weights.to(per_function.device), self.group_size)
+        rollout.raw_scores = everyone[self.rank * self.rollout_size : (self.rank + 1) * self.rollout_size]
         lengths = rollout.response_mask.sum(1)
         penalty = overlong_penalty(lengths, c.max_new_tokens, c.overlong_penalty).to(per_function.device)
         rollout.extras["overlong_penalty"] = penalty
@@ -406,6 +421,9 @@ def _check(config: GRPOConfig) -> list[float]:
     if not config.reward:
         raise InputError("missing --reward: module:function (e.g. rlkit.demo.task:reward) or a reward model dir")
     weights = parse_weights(config)
+    loss_problem = policy_loss_record(config.loss_type).problem(vars(config))
+    if loss_problem:
+        raise InputError(loss_problem)
     if config.epsilon_high is not None and config.epsilon_high < config.epsilon:
         raise InputError(
             f"--epsilon-high {config.epsilon_high} is below --epsilon {config.epsilon}; clip-higher raises it"

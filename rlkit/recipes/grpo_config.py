@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlkit.config import arg, opt
+from rlkit.losses.group_advantages import REWARD_AGGREGATIONS
+from rlkit.losses.grpo import POLICY_LOSSES
 from rlkit.training.options import TrainConfig
 
 ADVANTAGES = ("group", "rloo", "reinforce++")
 SCALES = ("auto", "group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+LOSS_TYPES = tuple(POLICY_LOSSES)
+REWARD_AGGREGATION_NAMES = tuple(REWARD_AGGREGATIONS)
 
 
 @dataclass
@@ -30,6 +33,13 @@ class GRPOConfig(TrainConfig):
     )
     reward_weights: list[str] = opt(
         [], "Weights of the --reward terms, comma-separated in the same order (default: 1 each)."
+    )
+    multi_objective_aggregation: str = opt(
+        "sum_then_normalize",
+        "How several --reward terms become one (TRL's multi_objective_aggregation): "
+        + "; ".join(f"{name} ({record.help})" for name, record in REWARD_AGGREGATIONS.items())
+        + ".",
+        choices=REWARD_AGGREGATION_NAMES,
     )
     ref: Optional[str] = opt(
         None,
@@ -70,7 +80,9 @@ class GRPOConfig(TrainConfig):
     )
     loss_type: str = opt(
         "dapo",
-        "Loss aggregation: grpo (mean per sequence, then over sequences), bnpo/dapo (mean over every token of the batch), dr_grpo (sum / (sequences x --max-new-tokens)).",
+        "Policy loss and what it is a mean over: "
+        + "; ".join(f"{name} ({record.help})" for name, record in POLICY_LOSSES.items())
+        + ".",
         choices=LOSS_TYPES,
     )
     importance_sampling: str = opt(
@@ -80,7 +92,19 @@ class GRPOConfig(TrainConfig):
     )
     epsilon: float = opt(0.2, "Clip the importance ratio below at 1 - epsilon (and above at 1 + epsilon).", above=0)
     epsilon_high: Optional[float] = opt(
-        None, "Upper clip at 1 + epsilon-high instead (DAPO's clip-higher: 0.28; default: --epsilon).", above=0
+        None,
+        "Upper clip at 1 + epsilon-high instead (DAPO's clip-higher: 0.28; default: --epsilon); with --loss-type cispo the bound on the importance weight itself, ε_max (required there; 5.0 in ScaleRL and TRL).",
+        above=0,
+    )
+    sapo_temperature_pos: float = opt(
+        1.0,
+        "τ_pos of --loss-type sapo: the gate's temperature on tokens with a positive advantage (TRL's 1.0).",
+        above=0,
+    )
+    sapo_temperature_neg: float = opt(
+        1.05,
+        "τ_neg of --loss-type sapo: the gate's temperature on the others; above τ_pos, their updates fade faster off-policy (TRL's 1.05).",
+        above=0,
     )
     beta: float = opt(
         0.0,
