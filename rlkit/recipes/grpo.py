@@ -515,8 +515,9 @@ def run_grpo(config: GRPOConfig) -> Path:
         "## GRPO\n\n"
         f"- rewards: {', '.join(f'`{s}` (weight {w:g})' for s, w in zip(config.reward, weights))}\n"
         f"- advantages: {config.advantage}, scaled by {scale}; {config.num_generations} completions per prompt\n"
-        f"- loss: {config.loss_type}, {config.importance_sampling}-level ratio clipped to "
-        f"[1 - {config.epsilon}, 1 + {config.epsilon_high if config.epsilon_high is not None else config.epsilon}]"
+        f"- loss: {config.loss_type} ({policy_loss_record(config.loss_type).help.split('.')[0].strip()}; "
+        + ", ".join(f"{name} {getattr(config, name)}" for name in policy_loss_record(config.loss_type).options)
+        + f"), {config.importance_sampling}-level ratio"
         f"; beta {config.beta}" + (" (in the reward)" if config.kl_in_reward else "") + f"; reference: {described}\n"
         f"- samples: `{SAMPLES_FILE}`\n\n"
     )
