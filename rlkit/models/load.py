@@ -255,6 +255,12 @@ def add_lora(
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Non-reentrant activation checkpointing. transformers 5.25 renamed `gradient_checkpointing_enable`
+    (which now warns on every call) to `activation_checkpointing_enable`; earlier 5.x have the old name only."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
