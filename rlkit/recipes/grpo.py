@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -504,7 +503,7 @@ def run_grpo(config: GRPOConfig) -> Path:
     info(f"reference: {described}")
     objective = GRPOObjective(config)
     loop = GRPOSteps(config, run, tokenizer, prompts, encoded, rewards, reference, objective, steps)
-    engine_config = replace(config, max_steps=steps * loop.updates, save_every=config.save_every * loop.updates)
+    engine_config = loop.engine_config
     default_lr = 1e-5 if config.lora else 1e-6
     # critic-free: no value forward, no value loss; each group's prompt runs once per forward
     model = PolicyValue(policy, None, None, config.beta, shared_prompts=True)

@@ -49,7 +49,7 @@ import inspect
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -384,6 +384,13 @@ class RolloutSteps:
         release_freed_host_memory(self.acc.device)  # the rollout's KV caches and logits
         self._t_batches = time.time()
         return micro
+
+    @property
+    def engine_config(self) -> Any:
+        """The config the engine runs with: its steps are optimizer updates, `updates` of them per RL
+        step, so --max-steps (here already the number of RL steps) and --save-every, both given in RL
+        steps, are converted once, here, for every recipe on the seam."""
+        return replace(self.c, max_steps=self.total_steps, save_every=self.c.save_every * self.updates)
 
     def step_metrics(self) -> dict[str, float]:
         self.training_s += time.time() - self._t_batches

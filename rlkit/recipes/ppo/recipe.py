@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,8 +89,7 @@ def run_ppo(config: PPOConfig) -> Path:
     loop = PPOLoop(
         config, run, tokenizer, template, conversations, encoded, reward, reference, objective, ppo_steps, prompts
     )
-    updates = loop.updates
-    engine_config = replace(config, max_steps=ppo_steps * updates, save_every=config.save_every * updates)
+    engine_config = loop.engine_config
     default_lr = 1.4e-5 if config.lora else 3e-6
     metrics = run.train(model, objective, loop, default_lr, engine_config=engine_config)
     metrics["ppo_steps"] = ppo_steps
