@@ -509,13 +509,13 @@ def run_grpo(config: GRPOConfig) -> Path:
     model = PolicyValue(policy, None, None, config.beta, shared_prompts=True)
     metrics = run.train(model, objective, loop, default_lr, engine_config=engine_config)
     metrics["grpo_steps"] = steps
-    scale = loop.scale
+    scale, loss = loop.scale, policy_loss_record(config.loss_type)
     card = (
         "## GRPO\n\n"
         f"- rewards: {', '.join(f'`{s}` (weight {w:g})' for s, w in zip(config.reward, weights))}\n"
         f"- advantages: {config.advantage}, scaled by {scale}; {config.num_generations} completions per prompt\n"
-        f"- loss: {config.loss_type} ({policy_loss_record(config.loss_type).help.split('.')[0].strip()}; "
-        + ", ".join(f"{name} {getattr(config, name)}" for name in policy_loss_record(config.loss_type).options)
+        f"- loss: {config.loss_type} ({loss.help.split('.')[0].strip()}; "
+        + ", ".join(f"{name} {getattr(config, name)}" for name in loss.options)
         + f"), {config.importance_sampling}-level ratio"
         f"; beta {config.beta}" + (" (in the reward)" if config.kl_in_reward else "") + f"; reference: {described}\n"
         f"- samples: `{SAMPLES_FILE}`\n\n"
