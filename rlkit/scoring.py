@@ -281,6 +281,23 @@ def score_batch(reward: Reward, batch: RewardBatch, allow_none: bool = False) ->
     return values.tolist() if isinstance(values, torch.Tensor) else list(values)
 
 
+class RewardSet:
+    """Every reward of a run with its name and weight, scored on a batch: [n, K] float32, NaN where
+    a function said None (only when `allow_none`: GRPO's "no opinion"; PPO's one reward must score
+    every completion)."""
+
+    def __init__(self, rewards: list[Reward], names: list[str], weights: list[float], allow_none: bool = True):
+        self.rewards, self.names, self.weights = rewards, names, torch.tensor(weights, dtype=torch.float32)
+        self.allow_none = allow_none
+
+    def __call__(self, batch: RewardBatch) -> torch.Tensor:
+        scores = []
+        for reward in self.rewards:
+            values = score_batch(reward, batch, allow_none=self.allow_none)
+            scores.append(torch.as_tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32))
+        return torch.stack(scores, dim=1)
+
+
 def _is_number(value: Any) -> bool:
     try:
         float(value)

@@ -489,8 +489,7 @@ def test_function_reward_columns_and_none():
 
 
 def test_weighted_rewards_with_none_terms(tiny_tokenizer):
-    from rlkit.recipes.grpo import RewardSet
-    from rlkit.scoring import FunctionReward, RewardBatch
+    from rlkit.scoring import FunctionReward, RewardBatch, RewardSet
 
     sys.path.insert(0, str(TESTS))
     rewards = RewardSet(
@@ -538,8 +537,7 @@ def test_each_prompt_runs_once_with_the_same_logprobs_gradients_and_samples(tiny
     from transformers import AutoModelForCausalLM
 
     from rlkit.tools.generation import left_pad
-    from rlkit.training.logprobs import response_logprobs
-    from rlkit.training.rollout import cache_keyword, grouped_response_logprobs, shared_prefix
+    from rlkit.training.logprobs import cache_keyword, grouped_response_logprobs, response_logprobs, shared_prefix
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.train()

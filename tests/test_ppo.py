@@ -115,12 +115,21 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     """A real rollout (with fixed sampled tokens) and the real update: post-EOS tokens are inert."""
     from accelerate import Accelerator
 
-    from rlkit.data.prompts import encode_prompt
+    from rlkit.data.prompts import PromptRows, encode_prompt
     from rlkit.data.templates import resolve_template
     from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
     from rlkit.preference.reference import ModelReference
-    from rlkit.recipes.ppo import PolicyValue, PPOLoop, PPOObjective, make_value_head, response_logps
-    from rlkit.scoring import FunctionReward
+    from rlkit.recipes.ppo import (
+        PolicyValue,
+        PPOObjective,
+        PPORollout,
+        kl_controller,
+        make_value_head,
+        rollout_reference_spec,
+    )
+    from rlkit.scoring import FunctionReward, RewardSet
+    from rlkit.training.rollout import RolloutInputs
+    from rlkit.training.rollout_steps import RolloutSteps
 
     torch.manual_seed(0)
     source = resolve_source(str(tiny_model_dir))
@@ -129,7 +138,7 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     policy = load_causal_lm(source)
     head = make_value_head(policy, [])
     torch.nn.init.normal_(head.weight, std=0.1)
-    wrapper = PolicyValue(policy, head, None, 0.1)
+    wrapper = PolicyValue(policy, head, None)
     ref_model = load_causal_lm(source).eval()
     with torch.no_grad():
         for p in ref_model.parameters():
@@ -147,9 +156,13 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), run_dir=None)
     reward = FunctionReward("test_ppo:letters", lambda m: m[-1]["content"])
     objective = PPOObjective(config)
-    reference = ModelReference(ref_model, response_logps(config.temperature))
-    loop = PPOLoop(config, run, tok, template, conversations, encoded, reward, reference, objective, 1)
-    loop._prompt_indices = lambda step: [0, 1]
+    reference = ModelReference(ref_model, rollout_reference_spec(config.temperature))
+    prompts = PromptRows(conversations, [{} for _ in conversations], False)
+    inputs = RolloutInputs(run.accelerator, tok, prompts, encoded, run)
+    rewards = RewardSet([reward], ["reward"], [1.0], allow_none=False)
+    algorithm = PPORollout(config, inputs, rewards, reference, kl_controller(config))
+    algorithm.prompt_indices = lambda step: [0, 1]
+    loop = RolloutSteps(algorithm, config, run, objective, 1, epochs=1, mini_batches=1)
     buffer = loop.rollout(0, wrapper).update_tensors()
     mask = buffer["response_mask"]
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
@@ -559,7 +572,7 @@ def test_without_a_value_function_there_is_no_value_forward_and_no_value_loss(ti
     policy.register_forward_hook(
         lambda module, args, kwargs, out: seen.append(kwargs.get("output_hidden_states")), with_kwargs=True
     )
-    wrapper = PolicyValue(policy, None, None, 0.1)
+    wrapper = PolicyValue(policy, None, None)
     ids = torch.randint(5, 100, (2, 7))
     responses = ids[:, -3:]
     batch = {
@@ -583,16 +596,10 @@ def test_without_a_value_function_there_is_no_value_forward_and_no_value_loss(ti
 
 def test_prompt_order_in_groups_of_g():
     """G completions per prompt: each prompt G times in a row; G = 1 is PPO's order, unchanged."""
-    from rlkit.training.rollout import RolloutSteps
+    from rlkit.training.rollout import prompt_indices
 
     def indices(group_size, batch_size, rank=0, world=1, step=0):
-        config = SimpleNamespace(batch_size=batch_size, grad_accum=1, seed=3)
-        acc = SimpleNamespace(num_processes=world, process_index=rank)
-        steps = RolloutSteps(
-            config, SimpleNamespace(accelerator=acc), None, [[]] * 10, [], None, None, None, 2,
-            epochs=1, mini_batches=1, group_size=group_size,
-        )  # fmt: skip
-        return steps._prompt_indices(step)
+        return prompt_indices(10, step, 3, batch_size, group_size, rank, world)
 
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
     assert indices(1, 4) == order[:4] and indices(1, 4, step=1) == order[4:8]
@@ -603,46 +610,71 @@ def test_prompt_order_in_groups_of_g():
 
 
 def test_a_critic_free_recipe_plugs_into_the_rollout_seam(tiny_model_dir, tmp_path):
-    """What GRPO-style recipes rely on: G samples per prompt, no value function, no reference, one
-    overridden phase (advantages); the rollout's update tensors then train through PPOObjective."""
+    """What GRPO-style recipes rely on: G samples per prompt, no value function, no reference, its own
+    estimator over the stages' records; the rollout's update tensors then train through PPOObjective."""
     from accelerate import Accelerator
 
-    from rlkit.data.prompts import encode_prompt
+    from rlkit.data.prompts import PromptRows, encode_prompt
     from rlkit.data.templates import resolve_template
     from rlkit.models.load import load_causal_lm, load_tokenizer, resolve_source
     from rlkit.recipes.ppo import PolicyValue, PPOObjective
-    from rlkit.training.rollout import RolloutSteps
+    from rlkit.scoring import RewardSet
+    from rlkit.training import rollout as stages
+    from rlkit.training.rollout_steps import RolloutSteps
 
-    class GroupMeanSteps(RolloutSteps):
+    class GroupMean:
         name = "group"
+        group_size = 2
 
-        def advantages(self, rollout, wrapper):
-            grouped = rollout.scores.view(-1, self.group_size)
+        def __init__(self, config, inputs, rewards):
+            self.c, self.inputs, self.rewards = config, inputs, rewards
+
+        def collect(self, rl_step, wrapper):
+            c, inputs = self.c, self.inputs
+            indices = stages.prompt_indices(4, rl_step, c.seed, c.batch_size, self.group_size, 0, 1)
+            how = stages.RolloutSampling(c.max_new_tokens, c.temperature, c.top_p, None, chunk=c.batch_size)
+            samples = stages.sample(inputs, wrapper, indices, rl_step, how)
+            forward = stages.rollout_forward(inputs, wrapper, samples, c.batch_size, c.temperature, None)
+            per_reward = stages.score_samples(inputs, samples, self.rewards)
+            scores = per_reward[:, 0]
+            scored = stages.Scored(per_reward, scores, scores, {}, 0.0)
+            grouped = scores.view(-1, self.group_size)
             centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1, 1)
-            rollout.advantages = torch.where(rollout.response_mask.bool(), centred, 0)
+            advantages = torch.where(samples.response_mask.bool(), centred, 0)
+            estimated = stages.Advantages(advantages, None, samples.response_mask, {})
+            return stages.Rollout(samples, forward, scored, estimated, 0.0)
+
+        def summary(self, rollout):
+            return {"score/mean": float(rollout.scored.combined.mean())}
+
+        def sample_rows(self, rollout):
+            return []
+
+        def step_line(self, rl_step, metrics, generation_s, training_s):
+            return f"group step {rl_step + 1}"
 
     torch.manual_seed(0)
     source = resolve_source(str(tiny_model_dir))
     tok = load_tokenizer(source)
     template = resolve_template(None, tok)
-    wrapper = PolicyValue(load_causal_lm(source), None, None, 0.0)
+    wrapper = PolicyValue(load_causal_lm(source), None, None)
     config = _config(tiny_model_dir, tmp_path / "unused", batch_size=4, ppo_epochs=1, temperature=1.0)
     conversations = [[{"role": "user", "content": f"Say {w}."}] for w in ("yes", "no", "maybe", "hello")]
     encoded = [encode_prompt(tok, template, c) for c in conversations]
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), run_dir=None)
     reward = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
-    steps = GroupMeanSteps(
-        config, run, tok, conversations, encoded, reward, None, PPOObjective(config), 1,
-        epochs=1, mini_batches=1, group_size=2,
-    )  # fmt: skip
+    inputs = stages.RolloutInputs(run.accelerator, tok, PromptRows(conversations, [{}] * 4, False), encoded, run)
+    algorithm = GroupMean(config, inputs, RewardSet([reward], ["reward"], [1.0], allow_none=False))
+    steps = RolloutSteps(algorithm, config, run, PPOObjective(config), 1, epochs=1, mini_batches=1)
     rollout = steps.rollout(0, wrapper)
-    assert rollout.indices[0] == rollout.indices[1] and rollout.indices[2] == rollout.indices[3]
-    assert rollout.values is None and rollout.ref_logprobs is None and rollout.returns is None
-    per_group = rollout.advantages.sum(dim=1) / rollout.response_mask.sum(dim=1)
+    samples, forward = rollout.samples, rollout.forward
+    assert samples.indices[0] == samples.indices[1] and samples.indices[2] == samples.indices[3]
+    assert forward.values is None and forward.ref_logprobs is None and rollout.advantages.returns is None
+    per_group = rollout.advantages.advantages.sum(dim=1) / samples.response_mask.sum(dim=1)
     assert per_group.view(-1, 2).sum(dim=1).abs().max() < 1e-5  # centred within each group
     tensors = rollout.update_tensors()
     assert {"old_values", "returns", "ref_logprobs"}.isdisjoint(tensors)
-    assert steps.pending["score/mean"] == pytest.approx(float(rollout.raw_scores.mean()))
+    assert steps.pending["score/mean"] == pytest.approx(float(rollout.scored.combined.mean()))
     micro = steps.batches(0, wrapper)
     out = steps.objective.loss(wrapper, micro[0])
     assert torch.isfinite(out.loss) and "value_loss" not in out.metrics

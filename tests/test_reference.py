@@ -41,7 +41,7 @@ def test_ppo_measure_through_each_on_the_fly_strategy(tiny_model_dir, tmp_path):
 
     from rlkit.models.load import load_causal_lm, resolve_source
     from rlkit.preference.reference import AdapterReference, DisabledAdapterReference, ModelReference
-    from rlkit.recipes.ppo import response_logps
+    from rlkit.recipes.ppo import rollout_reference_spec
     from rlkit.training.logprobs import response_logprobs
 
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def test_ppo_measure_through_each_on_the_fly_strategy(tiny_model_dir, tmp_path):
     start.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[0, 5, 6, 7, 40, 41, 42], [9, 10, 11, 12, 43, 44, 45]])
     rows = {"input_ids": ids, "attention_mask": torch.tensor([[0] + [1] * 6, [1] * 7]), "responses": ids[:, -3:]}
-    spec = response_logps(0.7)
+    spec = rollout_reference_spec(0.7)
 
     def measured(model):
         with torch.no_grad():

@@ -107,3 +107,16 @@ def prompts_that_fit(
             f"--max-length - --max-new-tokens ({room} tokens) and were dropped"
         )
     return kept, encoded
+
+
+def rollout_prompts(config: Any, tokenizer: Any) -> tuple[ChatTemplate, PromptRows, list[list[int]]]:
+    """What every recipe that samples from its policy starts from: the policy's chat template
+    (--template), the prompt records of --data (--columns) that leave --max-new-tokens of room in
+    --max-length, and their token ids."""
+    from rlkit.data.templates import resolve_template
+
+    template = resolve_template(config.template, tokenizer, config.model or "the policy")
+    prompts = load_prompt_rows(config.data, config.columns)
+    room = config.max_length - config.max_new_tokens
+    kept, encoded = prompts_that_fit(tokenizer, template, prompts.conversations, room)
+    return template, prompts.select(kept), encoded

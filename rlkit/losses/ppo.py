@@ -155,13 +155,22 @@ def explained_variance(
 
 
 class FixedKLController:
-    """Constant KL coefficient β (Ziegler et al. 2019, Sec. 2.2, fixed variant)."""
+    """Constant KL coefficient β (Ziegler et al. 2019, Sec. 2.2, fixed variant).
+
+    Both controllers have a `state_dict`: a run registers its controller with the accelerator, so
+    every checkpoint holds β and `--resume` continues from it."""
 
     def __init__(self, kl_coef: float) -> None:
         self.value = float(kl_coef)
 
     def update(self, current_kl: float | Tensor, n_steps: int) -> None:
         """No-op; same interface as ``AdaptiveKLController.update``."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
 
 
 class AdaptiveKLController:
@@ -182,3 +191,9 @@ class AdaptiveKLController:
         """``current_kl``: mean per-sequence KL of the last batch; ``n_steps``: samples it covered."""
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])

@@ -6,10 +6,11 @@ by the chosen estimator (group mean and std, leave-one-out, or batch-normalised 
 `rlkit.losses.group_advantages`), then --num-iterations optimizer updates on it with the
 clipped importance ratio (`rlkit.losses.grpo`). There is no critic: the group is the baseline.
 
-It runs on PPO's on-policy seam, `rlkit.training.rollout.RolloutSteps` (generate -> score ->
-advantages -> summary; merged-LoRA generation with left padding, first-EOS masks, decoding, the
-mini-batches, resume mid-rollout), and trains `PolicyValue(policy, None, None, beta)`, the
-critic-free module; `GRPOSteps` supplies only what differs:
+It collects its rollout with the on-policy stages of `rlkit.training.rollout` (sample ->
+forward -> score -> estimate, over typed records; merged-LoRA generation with left padding,
+first-EOS masks, decoding), `rlkit.training.rollout_steps.RolloutSteps` cuts the updates'
+mini-batches (resume mid-rollout), and it trains `PolicyValue(policy, None, None)`, the
+critic-free module. `GRPORollout.collect` reads as the algorithm's steps; what is GRPO's own:
 
 - the prompt layout: the global rollout group by group, each process taking its slice, so a
   prompt's G completions may be spread over processes (the global batch must divide by G);
@@ -30,7 +31,7 @@ critic-free module; `GRPOSteps` supplies only what differs:
 - the advantages from every process's rewards (a group statistic needs all G completions;
   gathering N numbers is cheap), this process keeping its rows, and the loss mask (truncated
   completions, zero-variance groups);
-- the summary and the samples table the issue lists.
+- the summary and the samples table.
 
 `--max-steps` and `--save-every` count GRPO steps; the engine is given them in updates.
 """
@@ -39,22 +40,21 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 
 from rlkit.console import info
-from rlkit.data.prompts import PromptRows, load_prompt_rows, prompts_that_fit
-from rlkit.data.templates import resolve_template
-from rlkit.errors import InputError, RlkitError, RunError
+from rlkit.data.prompts import rollout_prompts
+from rlkit.errors import InputError
 from rlkit.losses.group_advantages import (
+    GROUP_ESTIMATORS,
     REWARD_AGGREGATIONS,
-    group_advantages,
+    GroupRollout,
     overlong_penalty,
-    reinforce_pp_advantages,
-    rloo_advantages,
     zero_variance_groups,
 )
 from rlkit.losses.grpo import grpo_loss, loss_mask, loss_units, policy_loss_record
@@ -63,9 +63,23 @@ from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import Reference, on_the_fly_reference
 from rlkit.recipes.grpo_config import GRPOConfig
 from rlkit.recipes.ppo import PolicyValue
-from rlkit.scoring import Reward, RewardBatch, load_reward, score_batch
+from rlkit.scoring import RewardSet, load_reward
 from rlkit.training.engine import StepOutput
-from rlkit.training.rollout import Rollout, RolloutSteps, response_logps
+from rlkit.training.rollout import (
+    Advantages,
+    Rollout,
+    RolloutForward,
+    RolloutInputs,
+    RolloutSampling,
+    Samples,
+    Scored,
+    prompt_indices,
+    rollout_forward,
+    rollout_reference_spec,
+    sample,
+    score_samples,
+)
+from rlkit.training.rollout_steps import RolloutSteps
 from rlkit.training.run import TrainingRun
 from rlkit.training.samples import SAMPLES_FILE
 
@@ -100,20 +114,6 @@ def parse_weights(config: GRPOConfig) -> list[float]:
     if not all(math.isfinite(w) for w in weights):
         raise InputError(f"--reward-weights {','.join(texts)}: weights must be finite")
     return weights
-
-
-class RewardSet:
-    """Every --reward, scored on this process's completions: [n, K] with NaN where a function said None."""
-
-    def __init__(self, rewards: list[Reward], names: list[str], weights: list[float]):
-        self.rewards, self.names, self.weights = rewards, names, torch.tensor(weights, dtype=torch.float32)
-
-    def __call__(self, batch: RewardBatch) -> torch.Tensor:
-        scores = []
-        for reward in self.rewards:
-            values = score_batch(reward, batch, allow_none=True)
-            scores.append(torch.as_tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32))
-        return torch.stack(scores, dim=1)
 
 
 # ---- the objective -------------------------------------------------------------------------
@@ -167,55 +167,40 @@ class GRPOObjective:
         return {}
 
 
-# ---- the rollout, on the on-policy seam -------------------------------------------------------
+# ---- the rollout, stage by stage ------------------------------------------------------------------
 
 
-class GRPOSteps(RolloutSteps):
-    """GRPO's phases on `rlkit.training.rollout.RolloutSteps`: its prompt layout, seeded sampling,
-    weighted rewards with the prompt columns, group advantages, and its summary and samples.
-
-    The seam does the rest as it does for PPO: merged-LoRA generation with left padding, the
-    first-EOS masks, the rollout-time forward (here only where it is needed), decoding, the
-    mini-batches of each of the --num-iterations updates, resume mid-rollout.
-    """
+class GRPORollout:
+    """GRPO's `rlkit.training.rollout_steps.OnPolicyAlgorithm`: one rollout of the global batch per
+    GRPO step, G completions of each prompt, every reward combined, group advantages."""
 
     name = "grpo"
-    shared_prompts = True  # a rollout holds each prompt G times: its prefill runs once
 
     def __init__(
         self,
         config: GRPOConfig,
-        run: TrainingRun,
-        tokenizer: Any,
-        prompts: PromptRows,
-        prompt_ids: list[list[int]],
+        inputs: RolloutInputs,
         rewards: RewardSet,
         reference: Reference | None,
-        objective: GRPOObjective,
-        steps: int,
     ):
-        super().__init__(
-            config,
-            run,
-            tokenizer,
-            prompts.conversations,
-            prompt_ids,
-            rewards,
-            reference,
-            objective,
-            steps,
-            epochs=config.num_iterations,
-            mini_batches=1,
-            group_size=config.num_generations,
-            columns=prompts.columns,
-            conversational=prompts.conversational,
+        c = config
+        self.c, self.inputs, self.rewards, self.reference = config, inputs, rewards, reference
+        acc = inputs.accelerator
+        self.world, self.rank, self.group_size = acc.num_processes, acc.process_index, c.num_generations
+        self.rollout_size = c.batch_size * c.grad_accum
+        self.mine = slice(self.rank * self.rollout_size, (self.rank + 1) * self.rollout_size)
+        self.sampling = RolloutSampling(
+            c.max_new_tokens,
+            c.temperature,
+            c.top_p,
+            c.top_k or None,
+            chunk=c.generation_batch_size or self.rollout_size,
+            shared_prompts=True,  # a rollout holds each prompt G times: its prefill runs once
+            seed=self.sample_seed,
         )
-        self.rewards = rewards
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        self.global_batch = self.rollout_size * self.world
-        self.prompts_per_step = self.global_batch // config.num_generations
+        self.estimator = GROUP_ESTIMATORS[c.advantage]
         # the rollout-time log-probs are needed to reuse a rollout, or for the KL in the reward
-        self.needs_old = config.num_iterations > 1 or (config.kl_in_reward and config.beta > 0)
+        self.needs_old = c.num_iterations > 1 or (c.kl_in_reward and c.beta > 0)
 
     @property
     def scale(self) -> str:
@@ -223,178 +208,135 @@ class GRPOSteps(RolloutSteps):
         if c.scale_rewards != "auto":
             return c.scale_rewards
         aggregation = REWARD_AGGREGATIONS[c.multi_objective_aggregation]
-        if aggregation.scale is not None and c.advantage != "reinforce++":
+        if aggregation.scale is not None and not self.estimator.per_token:
             return aggregation.scale
-        return {"group": "group", "rloo": "none", "reinforce++": "batch"}[c.advantage]
-
-    # -- generate: the global rollout group by group, this process's slice of it, seeded chunks
-    def _prompt_indices(self, rl_step: int) -> list[int]:
-        per_epoch = max(1, len(self.conversations) // self.prompts_per_step)
-        epoch, k = divmod(rl_step, per_epoch)
-        order = torch.randperm(
-            len(self.conversations), generator=torch.Generator().manual_seed(self.c.seed + epoch)
-        ).tolist()
-        prompts = [order[(k * self.prompts_per_step + i) % len(order)] for i in range(self.prompts_per_step)]
-        rows = [p for p in prompts for _ in range(self.group_size)]
-        start = self.rank * self.rollout_size
-        return rows[start : start + self.rollout_size]
-
-    def generation_chunk(self) -> int:
-        return self.c.generation_batch_size or self.rollout_size
+        assert self.estimator.auto_scale is not None
+        return self.estimator.auto_scale
 
     def sample_seed(self, rl_step: int, start: int) -> int:
-        chunk = (self.rank * self.rollout_size + start) // self.generation_chunk()  # its place in the global rollout
+        """Chunk k of step s (in global order) is sampled from a generator seeded by (seed, s, k)."""
+        chunk = (self.rank * self.rollout_size + start) // self.sampling.chunk  # its place in the global rollout
         return self.c.seed * 1_000_003 + rl_step * 10_007 + chunk
 
-    # -- forward: the policy's only where a rollout is reused or the KL goes into the reward
-    def forward(self, rollout: Rollout, wrapper: torch.nn.Module) -> None:
-        if self.needs_old:
-            super().forward(rollout, wrapper)
-            return
-        t0, bs = time.time(), self.c.batch_size
-        if self.reference is not None:
-            ids, mask, responses = rollout.input_ids, rollout.attention_mask, rollout.responses
-            parts = []
-            for start in range(0, len(rollout.indices), bs):
-                rows = {k: v[start : start + bs] for k, v in (("input_ids", ids), ("attention_mask", mask))}
-                rows["responses"] = responses[start : start + bs]
-                with self.acc.autocast():
-                    parts.append(self.reference.logps(wrapper.policy, rows))
-            rollout.ref_logprobs = torch.cat(parts)
-        rollout.timings["forward_s"] = time.time() - t0
+    def collect(self, rl_step: int, wrapper: torch.nn.Module) -> Rollout:
+        c, inputs = self.c, self.inputs
+        # 1. sample: the global rollout group by group (G completions of each prompt), this process's slice
+        n = len(inputs.prompts.conversations)
+        indices = prompt_indices(n, rl_step, c.seed, self.rollout_size, self.group_size, self.rank, self.world)
+        samples = sample(inputs, wrapper, indices, rl_step, self.sampling)
+        # 2. the rollout-time forward: the policy's only to reuse a rollout or for a KL in the reward,
+        #    the reference's for --beta
+        forward = rollout_forward(
+            inputs, wrapper, samples, c.batch_size, c.temperature, self.reference, policy=self.needs_old
+        )
+        # 3. score: every reward, combined by --multi-objective-aggregation, shaped
+        scored = self.score(samples, forward)
+        # 4. advantages from every process's rewards (a group statistic needs all G), the loss mask
+        advantages = self.estimate(samples, forward, scored)
+        if c.num_iterations == 1:  # the update's own log-probs are the rollout's: the ratio is exactly 1
+            forward = replace(forward, old_logprobs=None)
+        return Rollout(samples, forward, scored, advantages, rollout_s=0.0)
 
-    # -- score: every reward on this process's completions, with the prompts' other columns
-    def reward_scores(self, batch: RewardBatch) -> torch.Tensor:
-        """[n, K] rewards of this process's rows; a failure on any process stops every process with its
-        line (a reward function's exceptions, exits and own KeyboardInterrupts are all `RunError`s)."""
-        problem, scores = None, None
-        try:
-            scores = self.rewards(batch)
-        except RlkitError as err:
-            problem = str(err)
-        if self.world > 1:
-            problems = [p for p in gather_object([problem]) if p]
-            problem = problems[0] if problems else None
-        if problem is not None:
-            raise RunError(problem)
-        assert scores is not None
-        return scores
-
-    def shape_scores(self, rollout: Rollout) -> torch.Tensor:
-        """The combined reward: the terms by --multi-objective-aggregation (over every process's rows, as
-        a group statistic needs), + the overlong penalty, - beta x the summed KL with --kl-in-reward."""
-        c = self.c
-        assert rollout.raw_scores is not None
-        per_function = rollout.raw_scores
-        rollout.extras["per_function"] = per_function
+    def score(self, samples: Samples, forward: RolloutForward) -> Scored:
+        """Each reward; combined by --multi-objective-aggregation (over every process's rows, as a group
+        statistic needs); + the overlong penalty, - beta x the summed KL with --kl-in-reward."""
+        c, inputs, t0 = self.c, self.inputs, time.time()
+        per_reward = score_samples(inputs, samples, self.rewards)
         combine = REWARD_AGGREGATIONS[c.multi_objective_aggregation].combine
-        everyone = combine(self.gather(per_function), self.rewards.weights.to(per_function.device), self.group_size)
-        rollout.raw_scores = everyone[self.rank * self.rollout_size : (self.rank + 1) * self.rollout_size]
-        lengths = rollout.response_mask.sum(1)
-        penalty = overlong_penalty(lengths, c.max_new_tokens, c.overlong_penalty).to(per_function.device)
-        rollout.extras["overlong_penalty"] = penalty
-        shaped = rollout.raw_scores + penalty
-        if c.kl_in_reward and c.beta > 0 and c.advantage != "reinforce++":
-            assert rollout.old_logprobs is not None and rollout.ref_logprobs is not None
-            kl = torch.where(rollout.response_mask.bool(), rollout.old_logprobs - rollout.ref_logprobs, 0).sum(1)
+        everyone = combine(inputs.gather(per_reward), self.rewards.weights.to(per_reward.device), self.group_size)
+        combined = everyone[self.mine]
+        lengths = samples.response_mask.sum(1)
+        penalty = overlong_penalty(lengths, c.max_new_tokens, c.overlong_penalty).to(per_reward.device)
+        shaped = combined + penalty
+        if c.kl_in_reward and c.beta > 0 and not self.estimator.per_token:
+            assert forward.old_logprobs is not None and forward.ref_logprobs is not None
+            kl = torch.where(samples.response_mask.bool(), forward.old_logprobs - forward.ref_logprobs, 0).sum(1)
             shaped = shaped - c.beta * kl
-        return shaped
+        metrics = {}
+        if c.overlong_penalty:
+            metrics["rewards/overlong_penalty/mean"] = float(inputs.gather(penalty).mean())
+        return Scored(per_reward, combined, shaped, metrics, time.time() - t0)
 
-    # -- advantages: from every process's rewards; this process keeps its rows
-    def advantages(self, rollout: Rollout, wrapper: torch.nn.Module) -> None:
-        c = self.c
-        assert rollout.scores is not None
-        rewards = self.gather(rollout.scores)
-        flat = zero_variance_groups(rewards, self.group_size)
-        mine = slice(self.rank * self.rollout_size, (self.rank + 1) * self.rollout_size)
-        if c.advantage == "reinforce++":
-            kl = None
-            if c.kl_in_reward and c.beta > 0:
-                assert rollout.old_logprobs is not None and rollout.ref_logprobs is not None
-                kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, "k1")
-            rollout.advantages = reinforce_pp_advantages(
-                rollout.scores, rollout.response_mask, kl, c.beta if kl is not None else 0.0, reduce=self.across()
-            )
-        else:
-            estimator = group_advantages if c.advantage == "group" else rloo_advantages
-            everyone = estimator(rewards, self.group_size, self.scale)
-            rollout.advantages = everyone[mine]
-            rollout.stats["advantage/std"] = float(everyone.std())
-            rollout.stats["advantage/abs_mean"] = float(everyone.abs().mean())
-        rollout.extras["zero_variance"] = flat
-        rollout.update_extras["loss_mask"] = loss_mask(
-            rollout.response_mask,
-            ~rollout.has_eos,
-            flat[mine],
+    def estimate(self, samples: Samples, forward: RolloutForward, scored: Scored) -> Advantages:
+        """--advantage's estimator over every process's rewards, this process keeping its rows; the loss
+        mask (truncated completions, zero-variance groups)."""
+        c, inputs, G = self.c, self.inputs, self.group_size
+        rewards = inputs.gather(scored.shaped)
+        flat = zero_variance_groups(rewards, G)
+        kl = None
+        if self.estimator.per_token and c.kl_in_reward and c.beta > 0:  # the KL charged per token
+            assert forward.old_logprobs is not None and forward.ref_logprobs is not None
+            kl = kl_penalty(forward.old_logprobs, forward.ref_logprobs, "k1")
+        rollout = GroupRollout(rewards, self.mine, G, samples.response_mask, kl, c.beta, inputs.across())
+        advantages = self.estimator.fn(rollout, self.scale)
+        metrics: dict[str, float] = {}
+        if advantages.dim() == 1:  # per sequence: their spread over the whole rollout
+            everyone = inputs.gather(advantages)
+            metrics["advantage/std"] = float(everyone.std())
+            metrics["advantage/abs_mean"] = float(everyone.abs().mean())
+        groups = flat.reshape(-1, G)[:, 0]
+        metrics["frac_zero_variance_groups"] = float(groups.float().mean())
+        metrics["zero_variance_groups"] = float(groups.sum())
+        mask = loss_mask(
+            samples.response_mask,
+            ~samples.has_eos,
+            flat[self.mine],
             c.mask_truncated_completions,
             c.skip_zero_variance_groups,
         )
-        if c.num_iterations == 1:  # the update's own log-probs are the rollout's (ratio exactly 1)
-            rollout.old_logprobs = None
+        return Advantages(advantages, None, mask, metrics)
 
     # -- what each step shows
     def summary(self, rollout: Rollout) -> dict[str, float]:
-        """The rollout's numbers over every process's completions (the issue's list)."""
-        c, G = self.c, self.group_size
-        assert rollout.raw_scores is not None and rollout.scores is not None
-        per_function = self.gather(rollout.extras["per_function"])
-        lengths = self.gather(rollout.response_mask.sum(1).float())
-        flat = rollout.extras["zero_variance"].reshape(-1, G)[:, 0]
+        """The rollout's numbers over every process's completions."""
+        inputs, s, scored = self.inputs, rollout.samples, rollout.scored
+        per_reward = inputs.gather(scored.per_reward)
+        lengths = inputs.gather(s.response_mask.sum(1).float())
+        est = dict(rollout.advantages.metrics)
         summary: dict[str, float] = {}
         for k, name in enumerate(self.rewards.names):
-            summary[f"rewards/{name}/mean"], summary[f"rewards/{name}/std"] = _nan_stats(per_function[:, k])
-        if c.overlong_penalty:
-            summary["rewards/overlong_penalty/mean"] = float(self.gather(rollout.extras["overlong_penalty"]).mean())
-        summary["reward/mean"], summary["reward/std"] = _nan_stats(self.gather(rollout.scores))
-        summary["frac_zero_variance_groups"] = float(flat.float().mean())
-        summary["zero_variance_groups"] = float(flat.sum())
-        summary["frac_unscorable"] = float(torch.isnan(self.gather(rollout.raw_scores)).float().mean())
+            summary[f"rewards/{name}/mean"], summary[f"rewards/{name}/std"] = _nan_stats(per_reward[:, k])
+        summary.update(scored.metrics)
+        summary["reward/mean"], summary["reward/std"] = _nan_stats(inputs.gather(scored.shaped))
+        summary["frac_zero_variance_groups"] = est.pop("frac_zero_variance_groups")
+        summary["zero_variance_groups"] = est.pop("zero_variance_groups")
+        summary["frac_unscorable"] = float(torch.isnan(inputs.gather(scored.combined)).float().mean())
         summary["completion_length/mean"] = float(lengths.mean())
         summary["completion_length/min"] = float(lengths.min())
         summary["completion_length/max"] = float(lengths.max())
-        summary["frac_truncated"] = float(self.gather((~rollout.has_eos).float()).mean())
-        summary.update(rollout.stats)
-        t = rollout.timings
-        all_tokens = self.gather(rollout.attention_mask.sum().reshape(1).float()).sum()  # prompt + completion
+        summary["frac_truncated"] = float(inputs.gather((~s.has_eos).float()).mean())
+        summary.update(est)
+        all_tokens = inputs.gather(s.attention_mask.sum().reshape(1).float()).sum()  # prompt + completion
         summary.update(
             {
-                "response_tokens": float(rollout.response_mask.sum()),
+                "response_tokens": float(s.response_mask.sum()),
                 "rollout_tokens": float(all_tokens),
-                "time/generation_s": t["generation_s"],
-                "time/forward_s": t["forward_s"],
-                "time/scoring_s": t["scoring_s"],
-                "time/rollout_s": t["rollout_s"],
-                "generation_tokens_per_s": float(lengths.sum()) / max(t["generation_s"], 1e-9),
+                "time/generation_s": s.generation_s,
+                "time/forward_s": rollout.forward.forward_s,
+                "time/scoring_s": scored.scoring_s,
+                "time/rollout_s": rollout.rollout_s,
+                "generation_tokens_per_s": float(lengths.sum()) / max(s.generation_s, 1e-9),
             }
         )
         return summary
 
-    def step_metrics(self) -> dict[str, float]:
-        metrics = super().step_metrics()
-        if "rollout_tokens" in metrics:  # the RL step is complete: the training side of its throughput
-            metrics["training_tokens_per_s"] = (
-                metrics["rollout_tokens"] * self.updates / max(metrics["time/training_s"], 1e-9)
-            )
-        return metrics
-
-    def step_line(self, rl_step: int, metrics: dict[str, float], generation_s: float) -> str:
+    def step_line(self, rl_step: int, metrics: dict[str, float], generation_s: float, training_s: float) -> str:
         return (
             f"grpo step {rl_step + 1}: reward {metrics['reward/mean']:.3f} ± {metrics['reward/std']:.3f}  "
             f"zero-variance groups {metrics['frac_zero_variance_groups']:.2f}  "
-            f"len {metrics['completion_length/mean']:.1f}  gen {generation_s:.1f}s train {self.training_s:.1f}s"
+            f"len {metrics['completion_length/mean']:.1f}  gen {generation_s:.1f}s train {training_s:.1f}s"
         )
 
     def sample_rows(self, rollout: Rollout) -> list[dict[str, Any]]:
-        assert rollout.advantages is not None
-        per_function = rollout.extras["per_function"]
-        advantages = rollout.advantages
+        s, per_reward = rollout.samples, rollout.scored.per_reward
+        advantages = rollout.advantages.advantages
         if advantages.dim() == 2:  # reinforce++: the mean over the completion's tokens
-            m = rollout.response_mask.bool()
+            m = s.response_mask.bool()
             advantages = torch.where(m, advantages, 0).sum(1) / m.sum(1).clamp(min=1)
         rows = []
-        for i, (messages, completion) in enumerate(zip(rollout.conversations, rollout.completions)):
+        for i, (messages, completion) in enumerate(zip(s.conversations, s.completions)):
             row: dict[str, Any] = {"prompt": messages[-1]["content"], "completion": completion}
-            row.update({name: _number(per_function[i, k]) for k, name in enumerate(self.rewards.names)})
+            row.update({name: _number(per_reward[i, k]) for k, name in enumerate(self.rewards.names)})
             row["advantage"] = float(advantages[i])
             rows.append(row)
         return rows
@@ -431,8 +373,12 @@ def _check(config: GRPOConfig) -> list[float]:
         raise InputError(
             f"--overlong-penalty {config.overlong_penalty} must be below --max-new-tokens {config.max_new_tokens}"
         )
-    if config.advantage == "reinforce++" and config.scale_rewards not in ("auto", "batch"):
-        raise InputError("--advantage reinforce++ normalises over the batch; --scale-rewards must be auto or batch")
+    estimator = GROUP_ESTIMATORS[config.advantage]
+    if config.scale_rewards != "auto" and config.scale_rewards not in estimator.scales:
+        raise InputError(
+            f"--advantage {config.advantage} {estimator.scale_reason}; "
+            f"--scale-rewards must be auto or {' or '.join(estimator.scales)}"
+        )
     if config.kl_in_reward and config.beta == 0:
         raise InputError("--kl-in-reward needs --beta > 0 (the KL coefficient)")
     if config.eval_data or config.eval_fraction:
@@ -446,6 +392,7 @@ def _check(config: GRPOConfig) -> list[float]:
 
 def run_grpo(config: GRPOConfig) -> Path:
     """Setup (tokenizer, prompts, policy, reference, rewards), train with the engine, write OUT."""
+    # 1. check what the options' declarations cannot; open the run (nothing written yet)
     weights = _check(config)
     run = TrainingRun("grpo", config, config.model, config.data)
     set_seed(config.seed)
@@ -457,12 +404,9 @@ def run_grpo(config: GRPOConfig) -> Path:
             f"{config.grad_accum} x {world} processes) is not a multiple of --num-generations {config.num_generations}; "
             "change one of them"
         )
+    # 2. the prompts that leave room for a completion, and how many GRPO steps they make
     tokenizer = run.load_tokenizer()
-    template = resolve_template(config.template, tokenizer, config.model or "the policy")
-    prompts = load_prompt_rows(config.data, config.columns)
-    room = config.max_length - config.max_new_tokens
-    kept, encoded = prompts_that_fit(tokenizer, template, prompts.conversations, room)
-    prompts = prompts.select(kept)
+    template, prompts, encoded = rollout_prompts(config, tokenizer)
     conversations = prompts.conversations
     local = config.batch_size * config.grad_accum
     if config.generation_batch_size and local % config.generation_batch_size:
@@ -482,6 +426,7 @@ def run_grpo(config: GRPOConfig) -> Path:
         f"completions, {config.num_iterations} update(s) each"
     )
 
+    # 3. the models: rewards, policy, reference (for --beta)
     device = run.accelerator.device
     rewards = RewardSet(
         [
@@ -498,18 +443,23 @@ def run_grpo(config: GRPOConfig) -> Path:
     reference, described = None, "none (--beta 0)"
     if config.beta > 0:
         reference, described = on_the_fly_reference(
-            config, run, policy, tokenizer, response_logps(config.temperature, shared_prompts=True)
+            config, run, policy, tokenizer, rollout_reference_spec(config.temperature, shared_prompts=True)
         )
     info(f"reference: {described}")
-    objective = GRPOObjective(config)
-    loop = GRPOSteps(config, run, tokenizer, prompts, encoded, rewards, reference, objective, steps)
-    engine_config = loop.engine_config
-    default_lr = 1e-5 if config.lora else 1e-6
     # critic-free: no value forward, no value loss; each group's prompt runs once per forward
-    model = PolicyValue(policy, None, None, config.beta, shared_prompts=True)
-    metrics = run.train(model, objective, loop, default_lr, engine_config=engine_config)
+    model = PolicyValue(policy, None, None, shared_prompts=True)
+
+    # 4. train: a rollout per GRPO step (GRPORollout), --num-iterations updates on it
+    inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)
+    algorithm = GRPORollout(config, inputs, rewards, reference)
+    objective = GRPOObjective(config)
+    loop = RolloutSteps(algorithm, config, run, objective, steps, epochs=config.num_iterations, mini_batches=1)
+    default_lr = 1e-5 if config.lora else 1e-6
+    metrics = run.train(model, objective, loop, default_lr, engine_config=loop.engine_config)
     metrics["grpo_steps"] = steps
-    scale, loss = loop.scale, policy_loss_record(config.loss_type)
+
+    # 5. OUT: the policy, its card
+    scale, loss = algorithm.scale, policy_loss_record(config.loss_type)
     card = (
         "## GRPO\n\n"
         f"- rewards: {', '.join(f'`{s}` (weight {w:g})' for s, w in zip(config.reward, weights))}\n"

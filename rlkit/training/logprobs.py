@@ -26,6 +26,7 @@ logit scaling), take the plain path: logits at the kept columns, then cross-entr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -316,3 +317,115 @@ def response_logprobs(
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
     logps = torch.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     return logps, entropy_from_logits(logits.detach()), out
+
+
+def _fsdp_units(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (HF then turns the KV cache off in training)."""
+    from rlkit.scoring import unwrap_peft
+
+    hf = unwrap_peft(model)
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(hf), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    return bool(getattr(hf, name, False))  # transformers 5.x renamed it
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword a model's forward and `generate` take a KV cache by: `cache` from transformers 5.x
+    (`past_key_values`, deprecated there, before)."""
+    from rlkit.scoring import unwrap_peft
+
+    hf = unwrap_peft(model)
+    return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
+
+
+def shared_prefix(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[Any, torch.Tensor, torch.Tensor, int] | None:
+    """The KV cache of each distinct left-padded prompt row of `ids` but its last token, computed once
+    and repeated for every row that has that prompt: (cache, the rows' ids and mask without the
+    columns no row uses, prefix width); None when no two neighbouring rows share a prompt, when the
+    cache cannot be used (gradient checkpointing turns HF's cache off) or a prefix would be empty.
+
+    GRPO's G completions of a prompt are G neighbouring rows, so a rollout (or a micro-batch of one)
+    holds each prompt G times: the prompt's tokens, often most of a row, run once instead of G
+    times, in the prefill before sampling and in the forward of every update. Gradients reach the
+    prompt's tokens through the repeated cache (indexing is differentiable), summed over the group.
+    """
+    if ids.shape[0] < 2 or _checkpointing(model):
+        return None
+    unique, inverse = torch.unique_consecutive(ids, dim=0, return_inverse=True)
+    if unique.shape[0] == ids.shape[0]:
+        return None
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    ids, mask = ids[:, first:], mask[:, first:]
+    starts = torch.cat(
+        [torch.zeros(1, dtype=torch.long, device=ids.device), (inverse[1:] != inverse[:-1]).nonzero()[:, 0] + 1]
+    )
+    prefix_ids, prefix_mask = ids[starts, :-1], mask[starts, :-1]
+    if prefix_ids.shape[1] == 0 or not bool(prefix_mask.any(dim=1).all()):
+        return None
+    out = model(
+        input_ids=prefix_ids,
+        attention_mask=prefix_mask,
+        position_ids=positions_from_mask(prefix_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(inverse)
+    return cache, ids, mask, prefix_ids.shape[1]
+
+
+def grouped_response_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    responses: torch.Tensor,
+    temperature: float = 1.0,
+    want_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """`response_logprobs` for rows that share prompts (GRPO's groups): each distinct prompt runs once
+    (`shared_prefix`), then every row's last prompt token and response on top of its cache.
+
+    The same log-probs up to float rounding (the attention sums in another order), at about the
+    cost of the responses alone when the prompts are long; rows with no neighbour sharing their
+    prompt, or a model the fused head or the cache does not fit, take `response_logprobs` as it is.
+    So does a model with FSDP units: the prompt's keys and values leave each block beside its
+    output, where FSDP2's pre-backward hook (which gathers the block again for its backward) never
+    sees them, so the backward would reach a freed block. (Generation's shared prefill, without a
+    backward, still runs under FSDP.)
+    """
+    width = responses.shape[1]
+    shared = None
+    if _output_layer_slot(model) is not None and not _fsdp_units(model):
+        shared = shared_prefix(model, input_ids[:, :-width], attention_mask[:, :-width])
+    if shared is None:
+        return response_logprobs(model, input_ids, attention_mask, responses, temperature, want_entropy)
+    cache, _, prompt_mask, prefix = shared
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    suffix = input_ids[:, -(width + 1) :]  # the last prompt token predicts the first response token
+    mask = torch.cat([prompt_mask, attention_mask[:, -width:]], dim=1)
+    positions = positions_from_mask(mask)[:, prefix:]
+    with _output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)):
+        out = model(
+            input_ids=suffix,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=width + 1,
+            **{cache_keyword(model): cache},
+        )
+    logps, entropy = out.logits.unbind(-1)
+    return logps, entropy.detach(), out

@@ -9,17 +9,17 @@ Ziegler et al. 2019; Huang et al. 2024); this package only moves tensors between
 
 The package, by part:
 
-- `rlkit.training.rollout` (shared with other on-policy recipes): `RolloutSteps`, the engine's
-  step source (prompt order, generation with merged LoRA weights and left padding, first-EOS
-  masks, the rollout-time forward, scoring, mini-batches, resume mid-rollout) and the `Rollout`
-  dataclass its phases generate -> score -> advantages -> summary fill; `rlkit.training.samples`
-  the samples table and file.
-- `loop.PPOLoop`: PPO's phases on that seam (missing-EOS penalty, score normalisation and clip,
-  KL-shaped per-token rewards, the estimator, the KL controller, the summary).
+- `rlkit.training.rollout` (shared with other on-policy recipes): the rollout's stages over typed
+  records (prompt order, sampling with merged LoRA weights and left padding, first-EOS masks, the
+  rollout-time forward, scoring); `rlkit.training.rollout_steps.RolloutSteps`, the engine's step
+  source (mini-batches, resume mid-rollout, the step's metrics); `rlkit.training.samples` the
+  samples table and file.
+- `collect.PPORollout`: PPO's rollout, stage by stage (missing-EOS penalty, score normalisation
+  and clip, KL-shaped per-token rewards, the estimator, the KL controller, the summary).
 - `model.PolicyValue`: the trained module, the policy and its value function (a head on the
   trunk, `--critic rm`'s critic, or none when the estimator needs no values). The value
-  function lives in the trained module, so checkpoints hold it; the KL coefficient is a buffer
-  of it, so the adaptive controller resumes too.
+  function lives in the trained module, so checkpoints hold it; the KL controller is registered
+  with the accelerator, so the adaptive coefficient resumes too.
 - `objective.PPOObjective`: the update step, clipped policy loss (+ clipped value loss with a
   value function) as token means.
 - `recipe.run_ppo`: the command.
@@ -31,11 +31,11 @@ from. So an engine step is one PPO *update*, and everything else -- accumulation
 metrics log and progress -- is the engine's. `--max-steps` and `--save-every` count PPO steps;
 the engine is given them in updates.
 
-How another recipe plugs in (GRPO, say): subclass `rlkit.training.rollout.RolloutSteps` (its
-docstring lists what to pass and what to override: `advantages` always, `score`/`shape_scores`/
-`summary`/`sample_rows` as needed), train `PolicyValue(policy, None, None, beta)` for critic-free
-RL (no value forward, no value loss), and reuse `PPOObjective` or override its `policy_loss`
-for another per-token surrogate. A new advantage estimator for PPO itself is one function and
+How another recipe plugs in (GRPO, say): write an `OnPolicyAlgorithm`
+(`rlkit.training.rollout_steps`) whose `collect` calls the stages in order, with its own score
+shaping and estimator; train `PolicyValue(policy, None, None)` for critic-free RL (no value
+forward, no value loss), and reuse `PPOObjective` or write an objective for another per-token
+surrogate. A new advantage estimator for PPO itself is one function and
 one record in `rlkit.losses.advantages` (then `--advantage NAME`).
 
 Masking: response tokens are those up to and including the first EOS; everything after it (the
@@ -43,12 +43,12 @@ padding `generate` emits once a row has finished) has mask 0, and every loss, ad
 and statistic is a masked one, so nothing after EOS contributes.
 """
 
-from rlkit.recipes.ppo.loop import PPOLoop
+from rlkit.recipes.ppo.collect import PPORollout, kl_controller
 from rlkit.recipes.ppo.model import CRITIC_DIR, VALUE_HEAD_FILE, PolicyValue, hidden_size, make_value_head
 from rlkit.recipes.ppo.objective import PPOObjective
 from rlkit.recipes.ppo.recipe import run_ppo
 from rlkit.recipes.ppo_config import PPOConfig
-from rlkit.training.rollout import Rollout, first_eos_mask, response_logps
+from rlkit.training.rollout import Rollout, first_eos_mask, rollout_reference_spec
 from rlkit.training.samples import SAMPLES_FILE
 
 __all__ = [
@@ -56,13 +56,14 @@ __all__ = [
     "SAMPLES_FILE",
     "VALUE_HEAD_FILE",
     "PPOConfig",
-    "PPOLoop",
+    "PPORollout",
     "PPOObjective",
     "PolicyValue",
     "Rollout",
     "first_eos_mask",
     "hidden_size",
+    "kl_controller",
     "make_value_head",
-    "response_logps",
+    "rollout_reference_spec",
     "run_ppo",
 ]

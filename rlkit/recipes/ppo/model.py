@@ -9,8 +9,7 @@ import torch
 
 from rlkit.console import info
 from rlkit.scoring import unwrap_peft
-from rlkit.training.logprobs import positions_from_mask, response_logprobs
-from rlkit.training.rollout import grouped_response_logprobs
+from rlkit.training.logprobs import grouped_response_logprobs, positions_from_mask, response_logprobs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
@@ -24,8 +23,7 @@ class PolicyValue(torch.nn.Module):
     its distribution (no gradient) and the value of the state before it, all [B, R]; the values
     are None without a value function (then no value forward runs: GRPO-style critic-free RL).
     `shared_prompts` (critic-free only): rows come in groups sharing a prompt, and each distinct
-    prompt runs once (`rlkit.training.rollout.grouped_response_logprobs`).
-    `kl_coef` is a buffer so checkpoints carry the (adaptive) KL coefficient.
+    prompt runs once (`rlkit.training.logprobs.grouped_response_logprobs`).
     """
 
     def __init__(
@@ -33,14 +31,12 @@ class PolicyValue(torch.nn.Module):
         policy: torch.nn.Module,
         value_head: torch.nn.Module | None,
         critic: torch.nn.Module | None,
-        kl_coef: float,
         shared_prompts: bool = False,
     ):
         super().__init__()
         self.policy, self.value_head, self.critic = policy, value_head, critic
         # GRPO: rows share prompts in groups, each distinct prompt runs once (critic-free only)
         self.shared_prompts = shared_prompts and value_head is None and critic is None
-        self.register_buffer("kl_coef", torch.tensor(float(kl_coef), dtype=torch.float64))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float

@@ -8,19 +8,19 @@ import torch
 from accelerate.utils import set_seed
 
 from rlkit.console import info
-from rlkit.data.prompts import load_prompt_rows, prompts_that_fit
-from rlkit.data.templates import resolve_template
+from rlkit.data.prompts import rollout_prompts
 from rlkit.errors import InputError
 from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import on_the_fly_reference
-from rlkit.recipes.ppo.loop import PPOLoop
+from rlkit.recipes.ppo.collect import PPORollout, kl_controller
 from rlkit.recipes.ppo.model import CRITIC_DIR, VALUE_HEAD_FILE, PolicyValue, make_value_head
 from rlkit.recipes.ppo.objective import PPOObjective
 from rlkit.recipes.ppo_config import PPOConfig
-from rlkit.scoring import is_model_dir, load_reward, load_sequence_classifier
-from rlkit.training.rollout import response_logps
+from rlkit.scoring import RewardSet, is_model_dir, load_reward, load_sequence_classifier
+from rlkit.training.rollout import RolloutInputs, rollout_reference_spec
+from rlkit.training.rollout_steps import RolloutSteps
 from rlkit.training.run import TrainingRun
 from rlkit.training.samples import SAMPLES_FILE
 
@@ -53,15 +53,13 @@ def value_function(
 
 def run_ppo(config: PPOConfig) -> Path:
     """Setup (tokenizer, prompts, policy, value function, reference, reward), train with the engine, write OUT."""
+    # 1. check what the options' declarations cannot; open the run (nothing written yet)
     _check(config)
     run = TrainingRun("ppo", config, config.model, config.data)
     set_seed(config.seed)
+    # 2. the prompts that leave room for a response, and how many PPO steps they make
     tokenizer = run.load_tokenizer()
-    template = resolve_template(config.template, tokenizer, config.model or "the policy")
-    prompts = load_prompt_rows(config.data, config.columns)
-    room = config.max_length - config.max_new_tokens
-    kept, encoded = prompts_that_fit(tokenizer, template, prompts.conversations, room)
-    prompts = prompts.select(kept)
+    template, prompts, encoded = rollout_prompts(config, tokenizer)
     conversations = prompts.conversations
     rollout_size = config.batch_size * config.grad_accum * config.mini_batches
     world = run.accelerator.num_processes
@@ -75,24 +73,36 @@ def run_ppo(config: PPOConfig) -> Path:
         f"prompts: {len(conversations)}; {ppo_steps} PPO steps of {rollout_size * world} rollouts, {config.ppo_epochs} epochs x {config.mini_batches} mini-batches each"
     )
 
+    # 3. the models: policy, reference, reward, value function
     policy = run.load_policy()
     disable_dropout(policy)  # PPO's ratio must be 1 before the first update (Huang et al. 2024)
-    reference, described = on_the_fly_reference(config, run, policy, tokenizer, response_logps(config.temperature))
+    reference, described = on_the_fly_reference(
+        config, run, policy, tokenizer, rollout_reference_spec(config.temperature)
+    )
     info(f"reference: {described}")
     device = run.accelerator.device
     reward = load_reward(
         config.reward, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code
     )
     critic, value_head = value_function(config, run, policy)
-    model = PolicyValue(policy, value_head, critic, config.kl_coef)
-    objective = PPOObjective(config)
-    loop = PPOLoop(
-        config, run, tokenizer, template, conversations, encoded, reward, reference, objective, ppo_steps, prompts
+    model = PolicyValue(policy, value_head, critic)
+
+    # 4. train: a rollout per PPO step (collect.PPORollout), --ppo-epochs x --mini-batches updates on it
+    controller = kl_controller(config)
+    run.accelerator.register_for_checkpointing(controller)  # every checkpoint holds the KL coefficient
+    inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)
+    algorithm = PPORollout(
+        config, inputs, RewardSet([reward], ["reward"], [1.0], allow_none=False), reference, controller
     )
-    engine_config = loop.engine_config
+    objective = PPOObjective(config)
+    steps = RolloutSteps(
+        algorithm, config, run, objective, ppo_steps, epochs=config.ppo_epochs, mini_batches=config.mini_batches
+    )
     default_lr = 1.4e-5 if config.lora else 3e-6
-    metrics = run.train(model, objective, loop, default_lr, engine_config=engine_config)
+    metrics = run.train(model, objective, steps, default_lr, engine_config=steps.engine_config)
     metrics["ppo_steps"] = ppo_steps
+
+    # 5. OUT: the policy (and value function), its card
     card = (
         "## PPO\n\n"
         f"- reward: `{config.reward}`; reference: {described}; critic: {config.critic}\n"
