@@ -6,12 +6,16 @@ to and including EOS and 0 after it, and masked positions may hold garbage (sele
 ``torch.where``). ``reduce`` (optional) sums a tensor over processes, so statistics are those of
 the whole rollout, as one process would have them.
 
-An estimator is chosen by name (`--advantage`) from `ADVANTAGE_ESTIMATORS`. Each takes
-``(rewards, mask, values, reduce, **params)`` and returns ``(advantages, returns)``; its record
-says whether it needs a value function (without one the recipe runs no value forward and no
-value loss, and ``values``/``returns`` are None) and which hyperparameters it takes, read from
-the config fields of those names. A new estimator (e.g. GRPO's group-normalised scores) is one
-function and one record here.
+An estimator is chosen by name (`--advantage`) from a registry of `AdvantageEstimator` records,
+the one record type of ppo's and grpo's estimators: PPO's are `ADVANTAGE_ESTIMATORS` here, each
+taking ``(rewards, mask, values, reduce, **params)`` and returning ``(advantages, returns)``;
+GRPO's critic-free ones are `rlkit.losses.group_advantages.GROUP_ESTIMATORS`. A record says what
+the recipe needs to know: whether the estimator needs a value function (without one the recipe
+runs no value forward and no value loss, and ``values``/``returns`` are None), which
+hyperparameters it takes (read from the config fields of those names), its help (the
+``--advantage`` help and the docs are read from the records), and for group estimators what
+``--scale-rewards auto`` means with it. A new estimator is one function and one record. torch is
+bound lazily (`rlkit.losses._lazy`), so the option modules read the records without running it.
 
 References: Schulman et al. 2016 (GAE); Huang et al. 2024, "The N+ Implementation Details of
 RLHF with PPO" (whitening).
@@ -21,11 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-from torch import Tensor
+from rlkit.losses._lazy import lazy_import
 
-Reduce = Callable[[Tensor], Tensor]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_import("torch")
+
+Reduce = Callable[["Tensor"], "Tensor"]
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -90,7 +99,6 @@ def masked_whiten(
     return torch.where(mask.bool(), whitened, 0)
 
 
-@torch.no_grad()
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, Eq. 16), per row, backwards in time.
 
@@ -100,17 +108,18 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     row ends early. Returns (advantages, returns = A + V), both [B, T], 0 where
     mask is 0, and without gradient (they are PPO targets).
     """
-    m = mask.bool()
-    r, v = torch.where(m, rewards, 0), torch.where(m, values, 0)
-    last_adv = torch.zeros_like(v[:, 0])
-    advantages = []
-    for t in reversed(range(v.shape[1])):
-        next_v = v[:, t + 1] if t + 1 < v.shape[1] else torch.zeros_like(last_adv)
-        delta = r[:, t] + gamma * next_v - v[:, t]
-        last_adv = torch.where(m[:, t], delta + gamma * lam * last_adv, 0)
-        advantages.append(last_adv)
-    adv = torch.stack(advantages[::-1], dim=1)
-    return adv, torch.where(m, adv + v, 0)
+    with torch.no_grad():
+        m = mask.bool()
+        r, v = torch.where(m, rewards, 0), torch.where(m, values, 0)
+        last_adv = torch.zeros_like(v[:, 0])
+        advantages = []
+        for t in reversed(range(v.shape[1])):
+            next_v = v[:, t + 1] if t + 1 < v.shape[1] else torch.zeros_like(last_adv)
+            delta = r[:, t] + gamma * next_v - v[:, t]
+            last_adv = torch.where(m[:, t], delta + gamma * lam * last_adv, 0)
+            advantages.append(last_adv)
+        adv = torch.stack(advantages[::-1], dim=1)
+        return adv, torch.where(m, adv + v, 0)
 
 
 def gae_advantages(
@@ -130,15 +139,40 @@ def gae_advantages(
 
 @dataclass(frozen=True)
 class AdvantageEstimator:
-    """`fn(rewards, mask, values, reduce, **params) -> (advantages, returns)`; `needs_values`: a critic
-    is trained (False: `values` is None and `returns` may be None); `params`: the hyperparameters
-    `fn` takes by keyword, read from the config fields of these names."""
+    """One ``--advantage`` value, of ppo or grpo.
 
-    fn: Callable[..., tuple[Tensor, Tensor | None]]
-    needs_values: bool
+    ``fn``: the estimator, called the same way for every record of its registry (PPO:
+    ``fn(rewards, mask, values, reduce, **params) -> (advantages, returns)``; GRPO:
+    ``fn(rollout: GroupRollout, scale) -> advantages``). ``needs_values``: a critic is trained
+    (False: ``values`` is None and ``returns`` may be None); ``params``: the hyperparameters ``fn``
+    takes by keyword, read from the config fields of these names; ``help``: what ``--help`` and the
+    docs say of it. Group estimators only: ``auto_scale``, what ``--scale-rewards auto`` means with
+    it; ``scales``, the ``--scale-rewards`` values it accepts besides auto (``scale_reason`` says
+    why, when that is not all of them); ``per_token``, it returns [B, R] advantages and charges
+    ``--kl-in-reward``'s KL per token itself (so the sequence reward leaves it out).
+    """
+
+    fn: Callable[..., Any]
+    needs_values: bool = False
     params: tuple[str, ...] = ()
+    help: str = ""
+    auto_scale: Optional[str] = None
+    scales: tuple[str, ...] = ("group", "batch", "none")
+    scale_reason: str = ""
+    per_token: bool = False
 
 
+#: PPO's estimators (``rlkit ppo --advantage``), the default first.
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    "gae": AdvantageEstimator(gae_advantages, needs_values=True, params=("gamma", "lam")),
+    "gae": AdvantageEstimator(
+        gae_advantages,
+        needs_values=True,
+        params=("gamma", "lam"),
+        help="generalised advantage estimation over the value function's values, then whitened over the rollout",
+    ),
 }
+
+
+def estimator_help(registry: dict[str, AdvantageEstimator]) -> str:
+    """The ``--advantage`` help of a registry: every estimator's name and help."""
+    return "Advantage estimator: " + "; ".join(f"{name} ({record.help})" for name, record in registry.items()) + "."

@@ -16,6 +16,10 @@ Training", Dr. GRPO); Ahmadian et al. 2024 ("Back to Basics", RLOO); Hu 2025 (RE
 Yu et al. 2025 (DAPO: overlong reward shaping, dynamic sampling); Liu et al. 2026 (GDPO, arXiv
 2601.05242: each reward normalised within its group before the sum).
 
+The estimators are `AdvantageEstimator` records in `GROUP_ESTIMATORS` (the ``--advantage`` values
+of grpo; the record type is ppo's, `rlkit.losses.advantages`), each called with the rollout's
+rewards as a `GroupRollout` and the scale, returning this process's advantages.
+
 Several rewards become one by a `RewardAggregation` record in `REWARD_AGGREGATIONS` (the
 ``--multi-objective-aggregation`` values, TRL's ``multi_objective_aggregation``): ``--help``
 choices and the docs table are read from the records, so a new aggregation is one function and
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional
 
 from rlkit.losses._lazy import lazy_import
+from rlkit.losses.advantages import AdvantageEstimator
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -163,6 +168,50 @@ def reinforce_pp_advantages(
         rewards, _ = per_token_rewards(torch.where(valid, scores, 0), kl, m, kl_coef)
         returns = torch.where(m, rewards, 0).flip(1).cumsum(1).flip(1)
         return masked_whiten(returns, m, eps=eps, reduce=reduce)
+
+
+@dataclass(frozen=True)
+class GroupRollout:
+    """What a critic-free estimator reads: the whole rollout's shaped rewards [N] (every process's,
+    group by group), this process's rows of them (``mine``), the group size, this process's
+    response mask [B, R], the per-token KL [B, R] where ``--kl-in-reward`` charges it per token
+    (None otherwise) with its coefficient, and a sum over processes (None with one)."""
+
+    rewards: Tensor
+    mine: slice
+    group_size: int
+    mask: Tensor
+    kl: Optional[Tensor]
+    kl_coef: float
+    reduce: Optional[Reduce]
+
+
+def _group_estimate(rollout: GroupRollout, scale: Scale) -> Tensor:
+    return group_advantages(rollout.rewards, rollout.group_size, scale)[rollout.mine]
+
+
+def _rloo_estimate(rollout: GroupRollout, scale: Scale) -> Tensor:
+    return rloo_advantages(rollout.rewards, rollout.group_size, scale)[rollout.mine]
+
+
+def _reinforce_pp_estimate(rollout: GroupRollout, scale: Scale) -> Tensor:
+    kl_coef = rollout.kl_coef if rollout.kl is not None else 0.0
+    return reinforce_pp_advantages(rollout.rewards[rollout.mine], rollout.mask, rollout.kl, kl_coef, rollout.reduce)
+
+
+#: GRPO's estimators (``rlkit grpo --advantage``), the default first.
+GROUP_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "group": AdvantageEstimator(_group_estimate, help="GRPO: reward minus the group mean", auto_scale="group"),
+    "rloo": AdvantageEstimator(_rloo_estimate, help="leave-one-out baseline", auto_scale="none"),
+    "reinforce++": AdvantageEstimator(
+        _reinforce_pp_estimate,
+        help="batch-normalised returns",
+        auto_scale="batch",
+        scales=("batch",),
+        scale_reason="normalises over the batch",
+        per_token=True,
+    ),
+}
 
 
 def combine_rewards(per_function: Tensor, weights: Tensor) -> Tensor:

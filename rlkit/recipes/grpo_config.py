@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlkit.config import arg, opt
-from rlkit.losses.group_advantages import REWARD_AGGREGATIONS
+from rlkit.losses.advantages import estimator_help
+from rlkit.losses.group_advantages import GROUP_ESTIMATORS, REWARD_AGGREGATIONS
 from rlkit.losses.grpo import POLICY_LOSSES
 from rlkit.training.options import TrainConfig
 
-ADVANTAGES = ("group", "rloo", "reinforce++")
+ADVANTAGES = tuple(GROUP_ESTIMATORS)
 SCALES = ("auto", "group", "batch", "none")
 LOSS_TYPES = tuple(POLICY_LOSSES)
 REWARD_AGGREGATION_NAMES = tuple(REWARD_AGGREGATIONS)
@@ -69,13 +70,15 @@ class GRPOConfig(TrainConfig):
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.", above=0, max=1)
     top_k: int = opt(0, "Sample among the k most likely tokens only (0: no limit).", min=0)
     advantage: str = opt(
-        "group",
-        "Advantage estimator: group (GRPO: reward minus the group mean), rloo (leave-one-out baseline) or reinforce++ (batch-normalised returns).",
+        ADVANTAGES[0],
+        estimator_help(GROUP_ESTIMATORS),
         choices=ADVANTAGES,
     )
     scale_rewards: str = opt(
         "auto",
-        "Divide group/rloo advantages by the group's reward std (group), the batch's (batch) or not at all (none: Dr. GRPO); auto = group for --advantage group, none for rloo, batch for reinforce++.",
+        "Divide group/rloo advantages by the group's reward std (group), the batch's (batch) or not at all (none: Dr. GRPO); auto = "
+        + ", ".join(f"{record.auto_scale} for {name}" for name, record in GROUP_ESTIMATORS.items())
+        + ".",
         choices=SCALES,
     )
     loss_type: str = opt(

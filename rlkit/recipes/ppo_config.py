@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlkit.config import arg, opt
+from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS, estimator_help
 from rlkit.training.options import TrainConfig
 from rlkit.training.schedule import SCHEDULES
 
@@ -74,9 +75,9 @@ class PPOConfig(TrainConfig):
     )
     kl_horizon: int = opt(10000, "Horizon (in sampled sequences) of the adaptive KL controller.", min=1)
     advantage: str = opt(
-        "gae",
-        "Advantage estimator: gae (generalised advantage estimation over the value function's values, then whitened over the rollout).",
-        choices=("gae",),
+        tuple(ADVANTAGE_ESTIMATORS)[0],
+        estimator_help(ADVANTAGE_ESTIMATORS),
+        choices=tuple(ADVANTAGE_ESTIMATORS),
     )
     gamma: float = opt(1.0, "Discount factor of GAE.", min=0, max=1)
     lam: float = opt(0.95, "GAE lambda.", min=0, max=1)
