@@ -26,6 +26,7 @@ REPLIES = ["Four.", "Six, of course."]
 # How each template writes one assistant turn (what must carry labels); None = the tokenizer's own (chatml).
 TURN = {
     "chatml": "{reply}<|im_end|></s>",
+    "chatml-tools": "{reply}<|im_end|></s>",
     "tulu": "{reply}</s>",
     "llama-2": " {reply} </s>",
     "zephyr": "{reply}</s>",
