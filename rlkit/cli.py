@@ -122,7 +122,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             result = command(*args, **kwargs)
-        except DryRunDone:  # --dry-run printed its plan; nothing to print on stdout
+        except DryRunDone:  # --dry-run printed its plan (the older TrainingRun call); nothing on stdout
             raise typer.Exit(0)
         except RlkitError as err:
             raise _failed(err)

@@ -24,4 +24,7 @@ class RunError(RlkitError):
 
 
 class DryRunDone(Exception):
-    """`--dry-run` printed its plan: the command ends here, exit 0, nothing written (not an error)."""
+    """`--dry-run` printed its plan: the command ends here, exit 0, nothing written (not an error).
+
+    Raised only by the older `TrainingRun(command, ...)` call; a recipe that computes its RunPlan
+    first returns at `rlkit.training.run.stop_for_dry_run` instead, and this goes once every one does."""

@@ -38,7 +38,8 @@ from rlkit.preference.pairs import load_pairs, pair_collate
 from rlkit.preference.reference import Reference, setup_reference
 from rlkit.recipes.dpo_config import DPOConfig
 from rlkit.training.engine import Evaluation, StepOutput
-from rlkit.training.run import TrainingRun
+from rlkit.training.run import TrainingRun, stop_for_dry_run
+from rlkit.training.run_plan import MicroBatch, ReferencePlan, RunPlan, reference_of, trained_policy
 
 
 class RewardShift:
@@ -172,30 +173,57 @@ def check_options(config: DPOConfig) -> None:
             name for name, r in PREFERENCE_LOSSES.items() if "label_smoothing" in r.hyperparameters.values()
         )
         warn(f"--label-smoothing is used by --loss {users} only; --loss {config.loss} ignores it")
-    if config.ref and all(record.reference_free for record, _ in terms):
-        warn(f"--loss {config.loss} uses no reference model; --ref is ignored")
+
+
+def dpo_plan(config: DPOConfig) -> RunPlan:
+    """The policy, trained on both sides of each pair in one forward (dropout only with --dropout);
+    the reference: none when every loss term is reference-free, else precomputed (the default) or
+    held on the fly (--no-precompute-ref)."""
+    if all(record.reference_free for record, _ in loss_terms(config.loss, config.loss_weights)):
+        reference = ReferencePlan("none", why="reference-free loss")
+    else:
+        reference = reference_of(config, config.ref, precomputed=config.precompute_ref)
+    return RunPlan(
+        "dpo",
+        (trained_policy(config, dropout=config.dropout),),
+        MicroBatch(config.batch_size, config.max_length, sides=2),
+        reference=reference,
+    )
 
 
 def setup_dpo_reference(
-    config: DPOConfig, run: TrainingRun, policy: torch.nn.Module, data: PreparedData, tokenizer: Any, collate: Any
+    plan: RunPlan,
+    config: DPOConfig,
+    run: TrainingRun,
+    policy: torch.nn.Module,
+    data: PreparedData,
+    tokenizer: Any,
+    collate: Any,
 ) -> tuple[Reference | None, PreparedData, str]:
-    if all(record.reference_free for record, _ in loss_terms(config.loss, config.loss_weights)):
-        return None, data, "none (reference-free loss)"
+    """The reference the plan decided: none (a reference-free loss), else rlkit.preference.reference's."""
+    assert plan.reference is not None  # dpo_plan always decides one
+    if not plan.reference.present:
+        return None, data, f"none ({plan.reference.why})"
     return setup_reference(config, run, policy, data, tokenizer, collate)
 
 
-def run_dpo(config: DPOConfig) -> Path:
-    """Setup (tokenizer, pairs, policy, reference), train with the shared engine, then write OUT."""
+def run_dpo(config: DPOConfig) -> Path | None:
+    """Setup (tokenizer, pairs, policy, reference), train with the shared engine, then write OUT (None: --dry-run)."""
     check_options(config)
-    run = TrainingRun("dpo", config, config.model, config.data)
+    plan = dpo_plan(config)
+    if config.ref and not plan.has_reference:
+        warn(f"--loss {config.loss} uses no reference model; --ref is ignored")
+    if stop_for_dry_run(plan, config):
+        return None
+    run = TrainingRun(plan, config)
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()
     data = load_pairs(run, config, tokenizer, config.model or "")
     policy = run.load_policy()
-    if not config.dropout:
+    if not plan.main.dropout:
         disable_dropout(policy)
     collate = pair_collate(config, tokenizer)
-    reference, data, described = setup_dpo_reference(config, run, policy, data, tokenizer, collate)
+    reference, data, described = setup_dpo_reference(plan, config, run, policy, data, tokenizer, collate)
     info(f"reference: {described}")
     acc = run.accelerator
     objective = DPOObjective(config, reference, (lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None)

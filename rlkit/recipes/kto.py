@@ -35,7 +35,8 @@ from rlkit.preference.logps import sequence_logps
 from rlkit.preference.reference import LogpsSpec, Reference, setup_reference
 from rlkit.recipes.kto_config import KTOConfig
 from rlkit.training.engine import Evaluation, StepOutput
-from rlkit.training.run import TrainingRun
+from rlkit.training.run import TrainingRun, stop_for_dry_run
+from rlkit.training.run_plan import MicroBatch, NoGradForward, RunPlan, reference_of, trained_policy
 
 
 def _kto_measure(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +57,12 @@ def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], to
     return reduce
 
 
+def uses_kl_forward(config: KTOConfig) -> bool:
+    """Whether a step runs the no-grad forward over the mismatched completions: KTO's z0 needs it;
+    apo_zero_unpaired anchors the rewards at 0, so it has no z0 to estimate."""
+    return config.loss == "kto"
+
+
 class KTOObjective:
     """Per-example KTO (or APO-zero) loss; rewards and log-probs averaged over desirable / undesirable examples."""
 
@@ -64,7 +71,7 @@ class KTOObjective:
     ):
         self.reference, self.across_processes = reference, across_processes
         self.beta, self.weights = config.beta, (config.desirable_weight, config.undesirable_weight)
-        self.uses_kl = config.loss == "kto"  # apo_zero_unpaired anchors the rewards at 0: no z0
+        self.uses_kl = uses_kl_forward(config)
 
     def weight(self, batch: dict[str, Any]) -> float:
         return float(batch["num_examples"])
@@ -162,16 +169,32 @@ def load_unpaired(run: TrainingRun, config: KTOConfig, tokenizer: Any) -> Prepar
     return PreparedData(train, eval_split, data.metadata, data.directory)
 
 
-def run_kto(config: KTOConfig) -> Path:
-    """Setup (tokenizer, examples, policy, reference), train with the shared engine, then write OUT."""
+def kto_plan(config: KTOConfig) -> RunPlan:
+    """The policy, trained on batch-size examples a micro-batch (dropout only with --dropout), with
+    --loss kto's no-grad forward over their mismatched completions (z0's); the reference
+    precomputed (the default) or held on the fly (--no-precompute-ref)."""
+    return RunPlan(
+        "kto",
+        (trained_policy(config, dropout=config.dropout),),
+        MicroBatch(config.batch_size, config.max_length),
+        reference=reference_of(config, config.ref, precomputed=config.precompute_ref),
+        no_grad_forwards=(NoGradForward("KL forward (no grad)"),) if uses_kl_forward(config) else (),
+    )
+
+
+def run_kto(config: KTOConfig) -> Path | None:
+    """Setup (tokenizer, examples, policy, reference), train with the shared engine, then write OUT (None: --dry-run)."""
     check_options(config)
-    run = TrainingRun("kto", config, config.model, config.data)
+    plan = kto_plan(config)
+    if stop_for_dry_run(plan, config):
+        return None
+    run = TrainingRun(plan, config)
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()
     data = load_unpaired(run, config, tokenizer)
     check_weights(config, data.metadata["counts"])
     policy = run.load_policy()
-    if not config.dropout:
+    if not plan.main.dropout:
         disable_dropout(policy)
     collate = functools.partial(
         collate_unpaired,

@@ -35,7 +35,8 @@ from rlkit.preference.pairs import load_pairs, pair_collate
 from rlkit.recipes.reward_model_config import RewardModelConfig
 from rlkit.scoring import RewardScorer, classifier_from_pretrained
 from rlkit.training.engine import Evaluation, StepOutput
-from rlkit.training.run import TrainingRun, prepare_for_training
+from rlkit.training.run import TrainingRun, prepare_for_training, stop_for_dry_run
+from rlkit.training.run_plan import MicroBatch, RunPlan, trained_policy
 
 
 class RewardObjective:
@@ -82,8 +83,15 @@ def load_reward_model(run: TrainingRun, tokenizer: Any) -> torch.nn.Module:
     return prepare_for_training(model, c, f"reward model: {source.name} ({'LoRA + score head' if c.lora else 'full'}")
 
 
-def run_train_rm(config: RewardModelConfig) -> Path:
-    """Setup (tokenizer, pairs, model), train with the shared engine, then write OUT."""
+def reward_model_plan(config: RewardModelConfig) -> RunPlan:
+    """MODEL as a one-score classifier, trained (LoRA + score head, or full) on both sides of each
+    pair in one forward; dropout only with --dropout."""
+    model = trained_policy(config, dropout=config.dropout, role="reward model", classifier=True)
+    return RunPlan("train-rm", (model,), MicroBatch(config.batch_size, config.max_length, sides=2))
+
+
+def run_train_rm(config: RewardModelConfig) -> Path | None:
+    """Setup (tokenizer, pairs, model), train with the shared engine, then write OUT (None: --dry-run)."""
     if config.center_rewards < 0:
         raise InputError(f"--center-rewards {config.center_rewards}: must be >= 0")
     if config.load_in_4bit:
@@ -91,7 +99,10 @@ def run_train_rm(config: RewardModelConfig) -> Path:
             "train-rm --load-in-4bit is not supported: the reward model is written merged, and merging into 4-bit "
             "weights would round the update away; train it with --lora on the full-precision model"
         )
-    run = TrainingRun("train-rm", config, config.model, config.data)
+    plan = reward_model_plan(config)
+    if stop_for_dry_run(plan, config):
+        return None
+    run = TrainingRun(plan, config)
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()
     data = load_pairs(run, config, tokenizer, config.model or "")
@@ -102,7 +113,7 @@ def run_train_rm(config: RewardModelConfig) -> Path:
         )
         merge = True
     model = load_reward_model(run, tokenizer)
-    if not config.dropout:
+    if not plan.main.dropout:
         disable_dropout(model)
     scorer = RewardScorer(model, tokenizer.pad_token_id, merge=merge)
     default_lr = 1e-4 if config.lora else 1e-5

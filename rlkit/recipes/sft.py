@@ -16,7 +16,8 @@ from rlkit.data.tokenize import IGNORE
 from rlkit.recipes.sft_config import SFTConfig
 from rlkit.training.engine import Evaluation, StepOutput
 from rlkit.training.logprobs import label_logprobs
-from rlkit.training.run import TrainingRun
+from rlkit.training.run import TrainingRun, stop_for_dry_run
+from rlkit.training.run_plan import MicroBatch, RunPlan, trained_policy
 
 
 class SFTObjective:
@@ -30,9 +31,17 @@ class SFTObjective:
         return StepOutput(loss=-logps.sum())
 
 
-def run_sft(config: SFTConfig) -> Path:
-    """Setup (tokenizer, data, model), train with the shared engine, then write OUT."""
-    run = TrainingRun("sft", config, config.model, config.data)
+def sft_plan(config: SFTConfig) -> RunPlan:
+    """The policy, trained (LoRA or full) on micro-batches of batch-size rows of max-length tokens."""
+    return RunPlan("sft", (trained_policy(config, dropout=True),), MicroBatch(config.batch_size, config.max_length))
+
+
+def run_sft(config: SFTConfig) -> Path | None:
+    """Setup (tokenizer, data, model), train with the shared engine, then write OUT (None: --dry-run)."""
+    plan = sft_plan(config)
+    if stop_for_dry_run(plan, config):
+        return None
+    run = TrainingRun(plan, config)
     set_seed(config.seed)
     tokenizer = run.load_tokenizer()
     opts = DataOptions.of(config)

@@ -1,8 +1,11 @@
 """`--dry-run`: what a training configuration needs in memory, per device, before it runs.
 
 Every training command stops at the same place when `--dry-run` is given: its options have been
-resolved and checked (rlkit.config, then the recipe's own checks), and nothing has been loaded
-or written (no OUT, no OUT.partial, no lock). `TrainingRun` calls `show_plan` there.
+resolved and checked (rlkit.config, then the recipe's own checks), its recipe has computed its
+RunPlan (rlkit.training.run_plan), and nothing has been loaded or written (no OUT, no OUT.partial,
+no lock). `rlkit.training.run.stop_for_dry_run` calls `show_plan` there, with the plan the
+recipe's setup then reads: what is counted here is what the run would hold. Nothing here knows
+the commands: the plan names the models, this module sizes them.
 
 The model is read without its weights: its config (an HF dir, a hub name, a LoRA adapter's base,
 or a .gguf file's header), then the model built on torch's meta device, which gives the exact
@@ -23,9 +26,10 @@ rest is arithmetic (docs/benchmarks.md, "How --dry-run estimates memory"):
 - with --fsdp (or a ZeRO-3 accelerate config) the trained model's weights, gradients and optimizer
   state are divided by the process count (ZeRO-2: gradients and optimizer state; ZeRO-1: the
   optimizer state), plus the all-gathered blocks in flight;
-- ppo and grpo: the extra models (the reward model dir, the critic of --critic rm, a frozen copy
-  for a full fine-tune's reference, grpo's only when --beta > 0) and the KV cache of one
-  `generate` call (rows x max-length x layers x 2 x kv values).
+- the plan's other models: a critic or value head trained beside the policy, the frozen ones (a
+  `--ref` model or a frozen copy for a full fine-tune's reference, reward model dirs, a teacher
+  in its own dtype), a no-grad forward's working set (kto's mismatched completions), and, for a
+  run that generates, the KV cache of one `generate` call (rows x length x layers x 2 x kv values).
 
 The process count is the launcher's (`WORLD_SIZE`, set by torchrun and accelerate launch), so
 `WORLD_SIZE=8 rlkit sft ... --fsdp --dry-run` plans an 8-process run on one machine. The estimate
@@ -37,7 +41,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +48,7 @@ import torch
 from rlkit.console import console
 from rlkit.models.load import ModelSource, adapter_config, loading, resolve_source
 from rlkit.training.options import TrainConfig
+from rlkit.training.run_plan import Frozen, MicroBatch, RunPlan, Trained, plan_of
 
 CHUNK_TOKENS = 1024  # rlkit.training.logprobs.CHUNK_TOKENS (not imported: that module loads more)
 MIB = 2**20
@@ -206,14 +210,19 @@ def resolved_precision(config: TrainConfig) -> str:
 
 
 class Arithmetic:
-    """The byte counts of one configuration: dtypes, sharding, activations per token."""
+    """The byte counts of one run plan: dtypes, sharding, activations per token.
 
-    def __init__(self, config: TrainConfig):
+    What the recipe decided (which models, LoRA or full, dropout, the micro-batch) comes from the
+    RunPlan alone; `config` gives only the options every training command shares (precision,
+    --fsdp, gradient checkpointing)."""
+
+    def __init__(self, run: RunPlan, config: TrainConfig):
         self.c = config
         self.precision = resolved_precision(config)
         self.low = self.precision in ("bf16", "fp16")
         self.act = 2 if self.low else 4  # bytes of an activation in the compute dtype
-        self.weight_bytes = 2 if self.precision == "bf16" and config.lora else 4  # TrainingRun.weights_dtype
+        # TrainingRun.weights_dtype: a bf16 LoRA run holds its frozen weights in bf16
+        self.weight_bytes = 2 if self.precision == "bf16" and run.main.lora else 4
         self.processes = world_size()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.sharding, self.stage = sharding_mode(config, self.processes)
@@ -221,14 +230,14 @@ class Arithmetic:
     def split(self, nbytes: float, stage: int) -> float:
         return nbytes / self.processes if self.stage >= stage else nbytes
 
-    def trained(self, what: str, shape: ModelShape, rows: int, length: int, lora: bool, head: bool = True) -> Row:
-        """A model trained with AdamW, holding the activations of a `rows` x `length` micro-batch."""
-        c = self.c
+    def trained(self, model: Trained, shape: ModelShape, micro: MicroBatch) -> Row:
+        """A model trained with AdamW, holding the activations of one micro-batch."""
+        lora, head = model.lora, not model.classifier
         if lora:
-            extra = shape.lora_params(c.lora_r, c.lora_targets) + (0 if head else shape.hidden)  # + score head
+            extra = shape.lora_params(lora.r, lora.targets) + (0 if head else shape.hidden)  # + score head
             base, trainable = shape.params * self.weight_bytes, extra
             note = f"{shape.params / 1e6:,.1f}M frozen + {extra / 1e6:,.2f}M LoRA"
-            if getattr(c, "load_in_4bit", False) and what == "policy":
+            if model.nf4:
                 # QLoRA: the base's linear layers in NF4 (4 bits + double-quantised scales, ~0.53 bytes
                 # a weight), the rest (embeddings, norms, a head) kept in fp32
                 linear = sum(i * o for n, i, o in shape.linears if not n.endswith(("lm_head", "score")))
@@ -240,13 +249,13 @@ class Arithmetic:
             weights = 4 * shape.params  # trained weights stay fp32 (autocast computes in bf16)
             note = f"{shape.params / 1e6:,.1f}M trained"
         row = Row(
-            what,
+            model.name,
             weights=self.split(weights, 3),
             grads=self.split(4 * trainable, 2),
             optimizer=self.split(8 * trainable, 1),
             note=note,
         )
-        row.activations = self.activations(shape, rows, length, lora, head)
+        row.activations = self.activations(shape, micro.rows, micro.length, model)
         if not lora and self.low:
             row.activations += 2 * shape.params / (self.processes if self.stage >= 3 else 1)  # autocast's bf16 weights
         if self.stage >= 3:  # FSDP: a block all-gathered for its forward/backward, the next one prefetched
@@ -254,28 +263,24 @@ class Arithmetic:
             row.activations += 2 * block * (self.weight_bytes if lora else 4)
         return row
 
-    def frozen(self, what: str, shape: ModelShape, note: str, dtype_bytes: int | None = None) -> Row:
-        nbytes = shape.params * (dtype_bytes or self.weight_bytes)
-        return Row(what, weights=nbytes, note=note)
+    def frozen(self, model: Frozen, shape: ModelShape) -> Row:
+        nbytes = shape.params * (DTYPE_BYTES[model.dtype] if model.dtype else self.weight_bytes)
+        return Row(model.name, weights=self.split(nbytes, 3) if model.sharded else nbytes, note=model.note)
 
-    def per_layer_values(self, shape: ModelShape, lora: bool) -> float:
+    def per_layer_values(self, shape: ModelShape, model: Trained) -> float:
         """Values autograd keeps per token and transformer block (lean blocks, rlkit.models.lean_blocks):
         the block's input and its normalised copy twice (attention, MLP), q, the attention output,
         k and v, the MLP's gate, up and product; LoRA's rank-r projections, and dropout's copies."""
-        c, h, i = self.c, shape.hidden, shape.intermediate
+        h, i, lora = shape.hidden, shape.intermediate, model.lora
         values = 6 * h + 2 * shape.kv_dim + 3 * i + 2 * shape.heads
         if lora:
-            adapted = shape.adapted_per_layer(c.lora_targets)
-            values += c.lora_r * adapted
-            if c.lora_dropout > 0 and self._dropout_on():
+            adapted = shape.adapted_per_layer(lora.targets)
+            values += lora.r * adapted
+            if lora.dropout > 0 and model.dropout:
                 # peft drops out each adapted layer's input on its own: a copy and its mask each
                 # (measured 1.46 x the copy's bytes in all)
                 values += 1.46 * ((adapted - 1) * h + i)
         return values
-
-    def _dropout_on(self) -> bool:
-        # ppo and grpo turn dropout off; dpo, kto and train-rm unless --dropout
-        return getattr(self.c, "dropout", True) and not hasattr(self.c, "max_new_tokens")
 
     def heap_factor(self, lora: bool) -> float:
         """How much more than autograd's saved tensors a step holds: on a CPU, glibc's heap keeps
@@ -286,12 +291,12 @@ class Arithmetic:
             return 1.0
         return 1.6 if lora else 1.2
 
-    def activations(self, shape: ModelShape, rows: int, length: int, lora: bool, head: bool = True) -> float:
+    def activations(self, shape: ModelShape, rows: int, length: int, model: Trained) -> float:
         """Bytes one forward and backward of `rows` x `length` tokens keeps at its peak (the start
         of the backward): the blocks' saved values, the attention mask, the log-prob head's chunk
         of logits and the backward's working set."""
         h, a, tokens = shape.hidden, self.act, rows * length
-        layer = self.per_layer_values(shape, lora) * a * self.heap_factor(lora)
+        layer = self.per_layer_values(shape, model) * a * self.heap_factor(model.lora is not None)
         if self.c.gradient_checkpointing:
             kept = tokens * (shape.layers * h * a + layer)  # block inputs, and one block recomputed
             kept += rows * length * length * a  # the mask, once (each block's copy dies with its recomputation)
@@ -300,143 +305,104 @@ class Arithmetic:
             # sdpa's [rows, 1, length, length] mask of packed / padded rows, one copy per block
             kept += shape.layers * rows * length * length * a
         kept += tokens * 3 * h * a  # embeddings out, final norm in and out
-        if head:  # the chunked log-prob head: one chunk's fp32 logits and their softmax
+        if not model.classifier:  # the chunked log-prob head: one chunk's fp32 logits and their softmax
             kept += min(tokens, CHUNK_TOKENS) * shape.vocab * (4 + a)
         # the backward's working set: gradients of one block's widest activations in flight
         kept += tokens * (2 * shape.intermediate + 4 * h) * a
         return kept
 
+    def no_grad_forward(self, shape: ModelShape, micro: MicroBatch) -> float:
+        """A forward without gradient keeps one block's working set at a time."""
+        return micro.tokens * shape.hidden * 6 * self.act
+
     def kv_cache(self, shape: ModelShape, rows: int, length: int) -> float:
         return 2 * shape.layers * shape.kv_dim * rows * length * self.act
 
 
-def _is_dir(spec: str | None) -> bool:
-    if not spec:
-        return False
-    path = Path(spec)
-    return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+REFERENCE_LINES = {
+    "precomputed": "log-probs precomputed before training (the model is freed before the first step)",
+    "second model": "{source}, a second model",
+    "adapter disabled": "the base with the adapter disabled (no second copy)",
+    "frozen copy": "a frozen copy of the starting model (full fine-tuning)",
+    "none": "none ({why})",
+}
 
 
-def _reference_rows(arith: Arithmetic, config: Any, shape: ModelShape, on_the_fly: bool) -> tuple[list[Row], str]:
-    """The reference model of dpo, kto, ppo and grpo while training (rlkit.preference.reference)."""
-    ref = getattr(config, "ref", None)
-    if not on_the_fly:
-        return [], "reference: log-probs precomputed before training (the model is freed before the first step)"
-    if ref and not (config.lora and ref == config.model):
-        ref_shape = read_shape(ref, config.trust_remote_code)
-        row = arith.frozen("reference (--ref)", ref_shape, "frozen, no gradients")
-        row.weights = arith.split(row.weights, 3)
-        return [row], f"reference: {ref}, a second model"
-    if config.lora:
-        return [], "reference: the base with the adapter disabled (no second copy)"
-    row = arith.frozen("reference (frozen copy)", shape, "frozen copy of the starting model", 4)
-    row.weights = arith.split(row.weights, 3)
-    return [row], "reference: a frozen copy of the starting model (full fine-tuning)"
+class Shapes:
+    """Each model's shape, read once however many roles it plays (a frozen copy is the policy's)."""
+
+    def __init__(self, trust_remote_code: bool):
+        self.trust_remote_code = trust_remote_code
+        self.read: dict[tuple[str, bool], ModelShape] = {}
+
+    def __call__(self, source: str, classifier: bool) -> ModelShape:
+        key = (source, classifier)
+        if key not in self.read:
+            self.read[key] = read_shape(source, self.trust_remote_code, classifier=classifier)
+        return self.read[key]
 
 
-def make_plan(command: str, config: Any) -> Plan:
-    """The plan of `command` (sft, train-rm, dpo, kto, ppo, grpo) under `config`."""
-    arith = Arithmetic(config)
-    c = config
-    classifier = command == "train-rm"
-    shape = read_shape(c.model or "", c.trust_remote_code, classifier=classifier)
+def make_plan(run: RunPlan | str, config: TrainConfig) -> Plan:
+    """The memory of `run` (a recipe's RunPlan; or a command name, whose recipe's plan function gives
+    it) under the shared options of `config`."""
+    if isinstance(run, str):
+        run = plan_of(run, config)
+    arith = Arithmetic(run, config)
+    shapes = Shapes(config.trust_remote_code)
+    micro, main = run.micro_batch, run.main
+    trunk = shapes(main.source or "", main.classifier)
     lines: list[str] = []
     rows: list[Row] = []
-    if command == "sft":
-        tokens = c.batch_size * c.max_length
-        rows.append(arith.trained("policy", shape, c.batch_size, c.max_length, c.lora))
-    elif command in ("train-rm", "dpo"):
-        tokens = 2 * c.batch_size * c.max_length  # chosen and rejected
-        rows.append(
-            arith.trained(
-                "reward model" if classifier else "policy",
-                shape,
-                2 * c.batch_size,
-                c.max_length,
-                c.lora,
-                head=not classifier,
-            )
-        )
-        if command == "dpo":
-            from rlkit.losses.preference import loss_terms
-
-            reference_free = all(record.reference_free for record, _ in loss_terms(c.loss, c.loss_weights))
-            if reference_free:
-                lines.append("reference: none (reference-free loss)")
-            else:
-                extra, line = _reference_rows(arith, c, shape, on_the_fly=not c.precompute_ref)
-                rows += extra
-                lines.append(line)
-    elif command == "kto":
-        tokens = c.batch_size * c.max_length
-        rows.append(arith.trained("policy", shape, c.batch_size, c.max_length, c.lora))
-        # the mismatched (KL) forward of the micro-batch runs without a gradient: one block's working set
-        rows.append(Row("KL forward (no grad)", activations=tokens * shape.hidden * 6 * arith.act))
-        extra, line = _reference_rows(arith, c, shape, on_the_fly=not c.precompute_ref)
-        rows += extra
-        lines.append(line)
-    elif command in ("ppo", "grpo"):
-        tokens = c.batch_size * c.max_length
-        rows.append(arith.trained("policy", shape, c.batch_size, c.max_length, c.lora))
-        if command == "ppo":
-            critic = c.critic == "rm"
-            if critic:
-                critic_shape = read_shape(c.reward, c.trust_remote_code, classifier=True)
-                # a --critic rm critic trains in full, in fp32
-                rows.append(
-                    arith.trained("critic (--critic rm)", critic_shape, c.batch_size, c.max_length, False, head=False)
-                )
-            else:
-                rows.append(
-                    Row("value head", weights=4 * shape.hidden, grads=4 * shape.hidden, optimizer=8 * shape.hidden)
-                )
-            extra, line = _reference_rows(arith, c, shape, on_the_fly=True)
-            rows += extra
-            lines.append(line)
-            rewards = [c.reward] if c.reward else []
-            generate_rows = c.batch_size
+    trained_rows: dict[str, Row] = {}
+    for model in run.trained:
+        if model.source is None:  # a head on the main model's trunk
+            h = trunk.hidden
+            row = Row(model.name, weights=4 * h, grads=4 * h, optimizer=8 * h)
         else:
-            if c.beta > 0:
-                extra, line = _reference_rows(arith, c, shape, on_the_fly=True)
-                rows += extra
-                lines.append(line)
-            else:
-                lines.append("reference: none (--beta 0)")
-            rewards = list(c.reward)
-            generate_rows = c.generation_batch_size or c.batch_size * c.grad_accum
-        for spec in rewards:
-            if _is_dir(spec):
-                rm = read_shape(spec, c.trust_remote_code, classifier=True)
-                rows.append(arith.frozen(f"reward model {Path(spec).name}", rm, "frozen scorer", arith.weight_bytes))
-        kv = arith.kv_cache(shape, generate_rows, c.max_length)
+            row = arith.trained(model, shapes(model.source, model.classifier), micro)
+        trained_rows.setdefault(model.role, row)
+        rows.append(row)
+    for forward in run.no_grad_forwards:
+        by = run.model(forward.by)
+        shape = shapes(by.source or "", by.classifier)
+        rows.append(Row(forward.label, activations=arith.no_grad_forward(shape, micro)))
+    rows += [arith.frozen(model, shapes(model.source, model.classifier)) for model in run.held_frozen]
+    if run.reference is not None:
+        ref = run.reference
+        lines.append("reference: " + REFERENCE_LINES[ref.kind].format(source=ref.source, why=ref.why))
+    if run.generation is not None:
+        g = run.generation
+        sampler = run.model(g.by)
+        shape = shapes(sampler.source or "", sampler.classifier)
+        kv = arith.kv_cache(shape, g.rows, g.length)
         # generation and training alternate: the larger of the two working sets is the peak
-        gen = kv + generate_rows * shape.vocab * 4 * 2  # + one step's logits and their softmax
-        train_acts = rows[0].activations
+        gen = kv + g.rows * shape.vocab * 4 * 2  # + one step's logits and their softmax
+        row = trained_rows[g.by]
         lines.append(
-            f"generation: KV cache of {generate_rows} rows x {c.max_length} tokens = {gen / MIB:,.0f} MiB; "
-            f"the training step's activations {train_acts / MIB:,.0f} MiB; the larger counts"
+            f"generation: KV cache of {g.rows} rows x {g.length} tokens = {gen / MIB:,.0f} MiB; "
+            f"the training step's activations {row.activations / MIB:,.0f} MiB; the larger counts"
         )
-        if gen > train_acts:
-            rows[0].activations = gen
-            rows[0].note += "; activations: generation's KV cache"
-    else:
-        raise ValueError(f"no memory plan for {command}")
+        if gen > row.activations:
+            row.activations = gen
+            row.note += "; activations: generation's KV cache"
     if arith.device == "cpu":
         rows.append(
             Row("torch on a CPU", activations=CPU_STEP_OVERHEAD, note="kernel caches and scratch of the first steps")
         )
     precision_note = {
         "fp32": "fp32 weights and activations",
-        "bf16": "bf16 autocast" + (" over a bf16 LoRA base" if c.lora else " over fp32 weights"),
+        "bf16": "bf16 autocast" + (" over a bf16 LoRA base" if main.lora else " over fp32 weights"),
         "fp16": "fp16 autocast over fp32 weights",
     }[arith.precision]
     lines.insert(0, f"precision: {arith.precision} ({precision_note})")
+    sides = f" x {micro.sides} sides" if micro.sides > 1 else ""
     lines.append(
-        f"activations: one micro-batch of {tokens:,} tokens (batch x max-length{' x 2 sides' if command in ('train-rm', 'dpo') else ''}: "
-        f"the worst case, every row full){'; gradient checkpointing' if c.gradient_checkpointing else ''}"
+        f"activations: one micro-batch of {micro.tokens:,} tokens (batch x max-length{sides}: "
+        f"the worst case, every row full){'; gradient checkpointing' if config.gradient_checkpointing else ''}"
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Plan(command, device, arith.precision, arith.processes, arith.sharding, tokens, rows, lines)
+    return Plan(run.command, arith.device, arith.precision, arith.processes, arith.sharding, micro.tokens, rows, lines)
 
 
 def _size(nbytes: float) -> str:
@@ -470,9 +436,9 @@ def plan_table(plan: Plan) -> Any:
     return table
 
 
-def show_plan(command: str, config: Any) -> Plan:
+def show_plan(run: RunPlan, config: TrainConfig) -> Plan:
     """Print the plan on stderr (stdout stays empty: nothing is written, there is no OUT to print)."""
-    plan = make_plan(command, config)
+    plan = make_plan(run, config)
     from rlkit.console import is_main_process
 
     if is_main_process():

@@ -1,8 +1,9 @@
 """Setup and cleanup shared by every trainer (torchtune's recipe shape: setup / train / cleanup).
 
-A trainer module builds its data and objective; `TrainingRun` does the rest the same way for
-all of them: refuse a bad output dir before any work, load the model (LoRA or full), run the
-engine in OUT.partial, then save weights + tokenizer + config + card and rename to OUT.
+A trainer module computes its RunPlan (rlkit.training.run_plan), stops there under `--dry-run`
+(`stop_for_dry_run`), then builds its data and objective; `TrainingRun` does the rest the same
+way for all of them: refuse a bad output dir before any work, load the model (LoRA or full), run
+the engine in OUT.partial, then save weights + tokenizer + config + card and rename to OUT.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from rlkit.training.engine import (
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 from rlkit.training.plots import plot_training_curves
+from rlkit.training.run_plan import RunPlan, plan_of
 from rlkit.training.sharding import gather_deepspeed_in_place, gather_in_place, is_sharded
 
 
@@ -67,14 +69,46 @@ def prepare_for_training(model: torch.nn.Module, config: TrainConfig, label: str
     return model
 
 
-class TrainingRun:
-    def __init__(self, command: str, config: TrainConfig, model_name: str | None, data: list[str]):
-        self.command, self.config, self.data = command, config, data
-        if config.dry_run:  # every recipe's own option checks have run; nothing is loaded or written yet
-            from rlkit.training.memory_plan import show_plan
+def stop_for_dry_run(plan: RunPlan, config: TrainConfig) -> bool:
+    """Under `--dry-run`, show `plan`'s memory on stderr and answer True: the recipe returns there.
 
-            show_plan(command, config)
-            raise DryRunDone()
+    Every recipe calls it between its option checks and its `TrainingRun`, with the plan its setup
+    then reads, so the plan shown is the run's own; nothing is loaded or written yet (no OUT, no
+    OUT.partial, no lock), and the command ends with exit 0 and nothing on stdout.
+    """
+    if not config.dry_run:
+        return False
+    from rlkit.training.memory_plan import show_plan
+
+    show_plan(plan, config)
+    return True
+
+
+class TrainingRun:
+    def __init__(
+        self,
+        plan: RunPlan | str,
+        config: TrainConfig,
+        model_name: str | None = None,
+        data: list[str] | None = None,
+    ):
+        """`plan`: the recipe's RunPlan (the model trained is its first; the data, `config.data`).
+
+        The older call, `TrainingRun(command, config, model_name, data)`, has no plan (`self.plan`
+        None); under --dry-run it looks the command's plan up (rlkit.training.run_plan.plan_of),
+        shows it and raises DryRunDone (rlkit.cli ends the command, exit 0). Kept until every
+        recipe computes its plan first.
+        """
+        self.plan: RunPlan | None = None
+        if isinstance(plan, str):
+            self.command = plan
+            if config.dry_run and stop_for_dry_run(plan_of(plan, config), config):
+                raise DryRunDone()
+        else:
+            self.plan, self.command = plan, plan.command
+            model_name = model_name or plan.main.source
+        self.config = config
+        self.data: list[str] = data if data is not None else list(getattr(config, "data", []))
         self.output = check_output(config.output, config.overwrite, config.resume)
         self.accelerator = make_accelerator(config)
         self.source = resolve_source(model_name or "")
