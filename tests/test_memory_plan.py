@@ -193,3 +193,99 @@ def test_qlora_counts_the_base_in_4_bits(tiny_model_dir):
     linear = sum(i * o for n, i, o in shape.linears if not n.endswith("lm_head"))
     assert fp32.weights - nf4.weights == pytest.approx(linear * (4 - 0.53))
     assert nf4.grads == fp32.grads and nf4.optimizer == fp32.optimizer  # the adapter trains the same
+
+
+def test_each_recipe_plans_what_its_setup_reads(tiny_model_dir, tmp_path, monkeypatch):
+    """One plan function per recipe decides the reference, the value function, the no-grad forwards
+    and the generation chunk; setup and --dry-run both read it."""
+    import dataclasses
+
+    from rlkit.losses import advantages
+    from rlkit.recipes.dpo import dpo_plan
+    from rlkit.recipes.grpo_plan import grpo_plan
+    from rlkit.recipes.kto import kto_plan
+    from rlkit.recipes.ppo.plan import ppo_plan
+
+    model = str(tiny_model_dir)
+    pairs, prompts = [str(DEMO_DATA / "pairs.jsonl")], [str(DEMO_DATA / "prompts.jsonl")]
+
+    def config(cls, **values):
+        return resolve_config(cls, {"model": model, **values}, None)
+
+    free = dpo_plan(config(DPOConfig, data=pairs, loss="simpo"))
+    assert not free.has_reference and free.reference.why == "reference-free loss"
+    assert dpo_plan(config(DPOConfig, data=pairs)).reference.kind == "precomputed"
+    assert dpo_plan(config(DPOConfig, data=pairs, precompute_ref=False)).reference.kind == "adapter disabled"
+    copy = dpo_plan(config(DPOConfig, data=pairs, precompute_ref=False, lora=False))
+    assert copy.reference.kind == "frozen copy" and copy.held_frozen[0].dtype == "fp32"
+    assert dpo_plan(config(DPOConfig, data=pairs, precompute_ref=False, ref="other")).reference.kind == "second model"
+    assert not dpo_plan(config(DPOConfig, data=pairs)).main.dropout  # off unless --dropout
+
+    unpaired = [str(DEMO_DATA / "unpaired.jsonl")]
+    assert len(kto_plan(config(KTOConfig, data=unpaired)).no_grad_forwards) == 1
+    assert kto_plan(config(KTOConfig, data=unpaired, loss="apo_zero_unpaired")).no_grad_forwards == ()
+
+    ppo = config(PPOConfig, data=prompts, reward="rlkit.demo.task:reward")
+    assert ppo_plan(ppo).value_function.role == "value head"
+    assert ppo_plan(config(PPOConfig, data=prompts, reward="x", critic="rm")).value_function.role == "critic"
+    gae = advantages.ADVANTAGE_ESTIMATORS["gae"]
+    monkeypatch.setitem(advantages.ADVANTAGE_ESTIMATORS, "gae", dataclasses.replace(gae, needs_values=False))
+    assert ppo_plan(ppo).value_function is None
+    assert [t.role for t in ppo_plan(ppo).trained] == ["policy"]
+
+    grpo = dict(data=prompts, reward=["rlkit.demo.task:reward"], batch_size=4, grad_accum=2)
+    assert not grpo_plan(config(GRPOConfig, **grpo)).has_reference
+    assert grpo_plan(config(GRPOConfig, **grpo, beta=0.1)).has_reference
+    assert grpo_plan(config(GRPOConfig, **grpo)).generation.rows == 8
+    assert grpo_plan(config(GRPOConfig, **grpo, generation_batch_size=2)).generation.rows == 2
+
+
+def test_every_training_command_names_its_plan_function():
+    """Each training command's module names its recipe's plan function, which --dry-run shows and
+    the recipe's setup reads (a new training command is one more plan function)."""
+    import importlib
+
+    from rlkit.cli import COMMANDS
+
+    planned = {
+        name for name, module in COMMANDS if hasattr(importlib.import_module(f"rlkit.commands.{module}"), "PLAN")
+    }
+    assert {"sft", "train-rm", "dpo", "kto", "ppo", "grpo"} <= planned
+
+
+def test_a_new_recipe_is_one_more_plan(tiny_model_dir):
+    """A distillation run (student trained and generating, a bf16 teacher scoring every token with a
+    no-grad forward) needs no change to the arithmetic: its plan names its models."""
+    from rlkit.training.memory_plan import make_plan
+    from rlkit.training.run_plan import Frozen, Generation, MicroBatch, NoGradForward, RunPlan, trained_policy
+
+    model = str(tiny_model_dir)
+    data = [str(DEMO_DATA / "sft.jsonl")]
+    config = resolve_config(SFTConfig, {"model": model, "data": data, "precision": "fp32", "lora": False}, None)
+    distill = RunPlan(
+        "distill",
+        (trained_policy(config, dropout=False, role="student"),),
+        MicroBatch(config.batch_size, config.max_length),
+        frozen=(Frozen("teacher", model, dtype="bf16"),),
+        generation=Generation(rows=4, length=config.max_length, by="student"),
+        no_grad_forwards=(NoGradForward("teacher forward (no grad)", by="teacher"),),
+    )
+    planned = rows(make_plan(distill, config))
+    n = read_shape(model).params
+    assert planned["teacher"].weights == 2 * n and planned["teacher"].optimizer == 0
+    assert planned["student"].optimizer == 8 * n
+    assert planned["teacher forward"].activations > 0
+
+
+def test_dry_run_returns_from_the_recipe_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
+    from rlkit.recipes.dpo import run_dpo
+
+    out = tmp_path / "out"
+    config = resolve_config(
+        DPOConfig,
+        {"model": str(tiny_model_dir), "data": [str(DEMO_DATA / "pairs.jsonl")], "output": str(out), "dry_run": True},
+        None,
+    )
+    assert run_dpo(config) is None
+    assert not list(tmp_path.iterdir())
+    assert capsys.readouterr().out == ""
