@@ -11,5 +11,9 @@ The building blocks a sampler calls, one job each:
   timeout, stdout kept clean and stdin empty; `ToolCounts` for the metrics log;
 - `transcript`: the token ids appended after the model's sampled turn (tool turns and the next
   generation prompt, never a re-encoding of sampled ids), the template check, the loss mask;
-- `turn`: all of the above for one round of one episode.
+- `turn`: all of the above for one round of one episode;
+- `setup`: a run's `--tools` / `--env` -> `Agents`, loaded and checked (template included) before
+  any weights load.
+
+The sampler that runs episodes with them is `rlkit.training.episodes`.
 """

@@ -73,6 +73,7 @@ class EnvironmentPool:
             raise InputError(f"{err} (or, if it is no tool, name it with a leading _)")
         self.has_reward = callable(getattr(probe, "get_reward", None))
         self._instances = [probe]
+        self.episodes: list[EnvironmentEpisode] = []  # the batch `start` handed out last
 
     @property
     def toolset(self) -> Toolset:
@@ -93,6 +94,7 @@ class EnvironmentPool:
             instance = self._instances[slot]
             observation = self._reset(instance, row, index)
             episodes.append(EnvironmentEpisode(index, instance, self._tools_of(instance), observation))
+        self.episodes = episodes
         return episodes
 
     def reward(self, episode: EnvironmentEpisode) -> float | None:
@@ -157,6 +159,25 @@ class EnvironmentPool:
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+class EnvironmentReward:
+    """An environment's `get_reward()` as one more reward of the run (an `rlkit.scoring.Reward`, TRL's
+    extra reward source of weight 1, named after the class): the scores of the episodes the pool
+    started last, in order, read from the state they left. The rows it is called with are those
+    episodes' (the rollout scores what it sampled), so their texts are not read, only counted."""
+
+    def __init__(self, pool: EnvironmentPool):
+        self.pool = pool
+
+    def __call__(self, conversations: Sequence[Any], completions: Sequence[str]) -> list[float | None]:
+        episodes = self.pool.episodes
+        if len(episodes) != len(completions):
+            raise RunError(
+                f"{self.pool.option} {self.pool.spec}: {len(completions)} completions to score but "
+                f"{len(episodes)} episodes of {self.pool.name} were run"
+            )
+        return [self.pool.reward(episode) for episode in episodes]
 
 
 def load_environment(spec: str, option: str = "--env") -> EnvironmentPool:

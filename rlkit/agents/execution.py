@@ -147,6 +147,13 @@ class ToolCounts:
             counts[key] = counts.get(key, 0) + n
         return ToolCounts(counts)
 
+    @staticmethod
+    def slots(tools: Iterable[str]) -> tuple[tuple[str, str], ...]:
+        """Every (tool, kind) that calls to `tools` can be counted under, in a fixed order: the shape
+        in which processes add their counts up (a count of 0 is still a metric, logged every step)."""
+        named = [(tool, kind) for tool in tools for kind in KINDS if kind != "unknown_tool"]
+        return (*named, ("", "bad_call"), ("", "unknown_tool"))
+
     def total(self, kind: str | None = None, tool: str | None = None) -> int:
         return sum(
             n for (t, k), n in self.counts.items() if (kind is None or k == kind) and (tool is None or t == tool)
@@ -162,7 +169,7 @@ class ToolCounts:
 
     def metrics(self, episodes: int | None = None) -> dict[str, float]:
         """Flat metrics: totals per kind, per-tool calls/errors/timeouts, and TRL's two frequencies
-        (`call_frequency` = calls per episode, given the number of episodes)."""
+        (`call_frequency` = calls per episode, given the number of episodes; per tool too)."""
         out: dict[str, float] = {"tools/calls": float(self.calls)}
         for kind in KINDS[1:]:
             out[f"tools/{kind}s"] = float(self.total(kind))
@@ -171,6 +178,8 @@ class ToolCounts:
             out["tools/call_frequency"] = self.calls / episodes
         for tool in sorted({t for t, _ in self.counts if t}):
             out[f"tools/{tool}/calls"] = float(self.total(tool=tool))
+            if episodes:
+                out[f"tools/{tool}/call_frequency"] = self.total(tool=tool) / episodes
             out[f"tools/{tool}/errors"] = float(self.total("error", tool))
             out[f"tools/{tool}/timeouts"] = float(self.total("timeout", tool))
         return out

@@ -31,6 +31,7 @@ from typing import Any
 
 from rlkit.agents.calls import CLOSE, OPEN, ToolCall, parse_turn
 from rlkit.data.templates import ChatTemplate
+from rlkit.data.tokenize import IGNORE, finish_ids, wants_bos
 from rlkit.errors import InputError, RunError
 
 Conversation = list[dict[str, Any]]
@@ -61,6 +62,17 @@ def prompt_text(tokenizer: Any, template: ChatTemplate, messages: Conversation, 
     """What the model is given for its first turn: the prompt with the tools and the assistant header
     (tokenise it as any prompt is, `rlkit.data.prompts`, one BOS)."""
     return render(tokenizer, template, messages, tools, add_generation_prompt=True)
+
+
+def prompt_ids(
+    tokenizer: Any, template: ChatTemplate, messages: Conversation, tools: Schemas | None = None
+) -> list[int]:
+    """`prompt_text`'s token ids, with exactly one leading BOS where the tokenizer wants one: the
+    rule every rlkit prompt is tokenised by (`rlkit.data.prompts`), so a prompt with tools starts
+    the way training saw prompts start."""
+    ids = tokenizer(prompt_text(tokenizer, template, messages, tools), add_special_tokens=False)["input_ids"]
+    bos_id = tokenizer.bos_token_id if wants_bos(tokenizer) else None
+    return finish_ids(list(ids), [IGNORE] * len(ids), bos_id)[0]
 
 
 def tool_turn_text(
