@@ -31,7 +31,12 @@ critic-free module. `GRPORollout.collect` reads as the algorithm's steps; what i
 - the advantages from every process's rewards (a group statistic needs all G completions;
   gathering N numbers is cheap), this process keeping its rows, and the loss mask (truncated
   completions, zero-variance groups);
-- the summary and the samples table.
+- with --tools / --env, multi-turn episodes (`rlkit.training.episodes.sample_episodes`, the same
+  `Samples` record, the loss mask 0 on tool turns) instead of one completion per row: the tools,
+  the environment and the template are loaded and checked before any weights load
+  (`rlkit.agents.setup`), the prompts show the tools' schemas, and an environment's `get_reward()`
+  is one more reward (`EnvironmentReward`, weight 1, named after the class);
+- the summary (with tools: turns and calls per episode, failures, max-turns stops) and the samples table.
 
 `--max-steps` and `--save-every` count GRPO steps; the engine is given them in updates.
 """
@@ -47,6 +52,8 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
+from rlkit.agents.environment import EnvironmentReward
+from rlkit.agents.setup import Agents, load_agents
 from rlkit.console import info
 from rlkit.data.prompts import rollout_prompts
 from rlkit.errors import InputError
@@ -65,6 +72,7 @@ from rlkit.recipes.grpo_config import GRPOConfig
 from rlkit.recipes.ppo import PolicyValue
 from rlkit.scoring import RewardSet, load_reward
 from rlkit.training.engine import StepOutput
+from rlkit.training.episodes import EpisodeSamples, episode_metrics, sample_episodes
 from rlkit.training.rollout import (
     Advantages,
     Rollout,
@@ -182,9 +190,11 @@ class GRPORollout:
         inputs: RolloutInputs,
         rewards: RewardSet,
         reference: Reference | None,
+        agents: Agents | None = None,
     ):
         c = config
         self.c, self.inputs, self.rewards, self.reference = config, inputs, rewards, reference
+        self.agents = agents  # --tools / --env: multi-turn episodes
         acc = inputs.accelerator
         self.world, self.rank, self.group_size = acc.num_processes, acc.process_index, c.num_generations
         self.rollout_size = c.batch_size * c.grad_accum
@@ -223,7 +233,10 @@ class GRPORollout:
         # 1. sample: the global rollout group by group (G completions of each prompt), this process's slice
         n = len(inputs.prompts.conversations)
         indices = prompt_indices(n, rl_step, c.seed, self.rollout_size, self.group_size, self.rank, self.world)
-        samples = sample(inputs, wrapper, indices, rl_step, self.sampling)
+        if self.agents is not None:  # episodes with tools or an environment: every running episode a turn at a time
+            samples = sample_episodes(inputs, wrapper, indices, rl_step, self.sampling, self.agents)
+        else:
+            samples = sample(inputs, wrapper, indices, rl_step, self.sampling)
         # 2. the rollout-time forward: the policy's only to reuse a rollout or for a KL in the reward,
         #    the reference's for --beta
         forward = rollout_forward(
@@ -245,7 +258,8 @@ class GRPORollout:
         combine = REWARD_AGGREGATIONS[c.multi_objective_aggregation].combine
         everyone = combine(inputs.gather(per_reward), self.rewards.weights.to(per_reward.device), self.group_size)
         combined = everyone[self.mine]
-        lengths = samples.response_mask.sum(1)
+        # against the budget --max-new-tokens is: the whole completion, an episode's tool turns included
+        lengths = torch.tensor([len(ids) for ids in samples.completion_ids])
         penalty = overlong_penalty(lengths, c.max_new_tokens, c.overlong_penalty).to(per_reward.device)
         shaped = combined + penalty
         if c.kl_in_reward and c.beta > 0 and not self.estimator.per_token:
@@ -306,6 +320,9 @@ class GRPORollout:
         summary["completion_length/max"] = float(lengths.max())
         summary["frac_truncated"] = float(inputs.gather((~s.has_eos).float()).mean())
         summary.update(est)
+        if self.agents is not None:
+            assert isinstance(s, EpisodeSamples)
+            summary.update(episode_metrics(inputs, s, self.agents.tool_names))
         all_tokens = inputs.gather(s.attention_mask.sum().reshape(1).float()).sum()  # prompt + completion
         summary.update(
             {
@@ -321,10 +338,16 @@ class GRPORollout:
         return summary
 
     def step_line(self, rl_step: int, metrics: dict[str, float], generation_s: float, training_s: float) -> str:
+        tools = ""
+        if "tools/call_frequency" in metrics:
+            tools = (
+                f"tool calls/episode {metrics['tools/call_frequency']:.2f} "
+                f"(failed {metrics['tools/failure_frequency']:.2f})  "
+            )
         return (
             f"grpo step {rl_step + 1}: reward {metrics['reward/mean']:.3f} ± {metrics['reward/std']:.3f}  "
             f"zero-variance groups {metrics['frac_zero_variance_groups']:.2f}  "
-            f"len {metrics['completion_length/mean']:.1f}  gen {generation_s:.1f}s train {training_s:.1f}s"
+            f"len {metrics['completion_length/mean']:.1f}  {tools}gen {generation_s:.1f}s train {training_s:.1f}s"
         )
 
     def sample_rows(self, rollout: Rollout) -> list[dict[str, Any]]:
@@ -359,8 +382,13 @@ def _number(value: torch.Tensor) -> float | None:
 
 
 def _check(config: GRPOConfig) -> list[float]:
-    if not config.reward:
-        raise InputError("missing --reward: module:function (e.g. rlkit.demo.task:reward) or a reward model dir")
+    if not config.reward and not config.env:
+        raise InputError(
+            "missing --reward: module:function (e.g. rlkit.demo.task:reward) or a reward model dir "
+            "(or --env with an environment whose get_reward() scores its episodes)"
+        )
+    if config.max_turns is not None and not (config.tools or config.env):
+        raise InputError(f"--max-turns {config.max_turns} caps tool-calling rounds; give --tools or --env as well")
     weights = parse_weights(config)
     loss_problem = policy_loss_record(config.loss_type).problem(vars(config))
     if loss_problem:
@@ -407,6 +435,16 @@ def run_grpo(config: GRPOConfig) -> Path:
     # 2. the prompts that leave room for a completion, and how many GRPO steps they make
     tokenizer = run.load_tokenizer()
     template, prompts, encoded = rollout_prompts(config, tokenizer)
+    agents = None
+    if config.tools or config.env:  # checked from the tokenizer alone (tools, environment, template)
+        agents = load_agents(
+            config.tools, config.env, tokenizer, template, config.max_turns, config.tool_timeout or None
+        )
+        if not config.reward and not (agents.environment and agents.environment.has_reward):
+            raise InputError(f"missing --reward: --env {config.env} has no get_reward() to score its episodes")
+        kept, encoded = agents.encode_prompts(tokenizer, prompts, config.max_length - config.max_new_tokens)
+        prompts = prompts.select(kept)
+        info(f"episodes: {agents.describe()}")
     conversations = prompts.conversations
     local = config.batch_size * config.grad_accum
     if config.generation_batch_size and local % config.generation_batch_size:
@@ -428,16 +466,18 @@ def run_grpo(config: GRPOConfig) -> Path:
 
     # 3. the models: rewards, policy, reference (for --beta)
     device = run.accelerator.device
-    rewards = RewardSet(
-        [
-            load_reward(
-                spec, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code
-            )
-            for spec in config.reward
-        ],
-        reward_names(config.reward),
-        weights,
-    )
+    rewards = [
+        load_reward(spec, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code)
+        for spec in config.reward
+    ]
+    names, sources = reward_names(config.reward), list(config.reward)
+    environment = agents.environment if agents is not None else None
+    if environment is not None and environment.has_reward:  # TRL: one more reward, weight 1, the class's name
+        rewards.append(EnvironmentReward(environment))
+        names.append(environment.name if environment.name not in names else f"{environment.name}_env")
+        sources.append(f"{config.env}.get_reward")
+        weights = [*weights, 1.0]
+    reward_set = RewardSet(rewards, names, weights)
     policy = run.load_policy()
     disable_dropout(policy)  # the ratio must be 1 before the first update
     reference, described = None, "none (--beta 0)"
@@ -451,7 +491,7 @@ def run_grpo(config: GRPOConfig) -> Path:
 
     # 4. train: a rollout per GRPO step (GRPORollout), --num-iterations updates on it
     inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)
-    algorithm = GRPORollout(config, inputs, rewards, reference)
+    algorithm = GRPORollout(config, inputs, reward_set, reference, agents)
     objective = GRPOObjective(config)
     loop = RolloutSteps(algorithm, config, run, objective, steps, epochs=config.num_iterations, mini_batches=1)
     default_lr = 1e-5 if config.lora else 1e-6
@@ -462,8 +502,9 @@ def run_grpo(config: GRPOConfig) -> Path:
     scale, loss = algorithm.scale, policy_loss_record(config.loss_type)
     card = (
         "## GRPO\n\n"
-        f"- rewards: {', '.join(f'`{s}` (weight {w:g})' for s, w in zip(config.reward, weights))}\n"
-        f"- advantages: {config.advantage}, scaled by {scale}; {config.num_generations} completions per prompt\n"
+        f"- rewards: {', '.join(f'`{s}` (weight {w:g})' for s, w in zip(sources, weights))}\n"
+        + (f"- episodes: {agents.describe()}\n" if agents is not None else "")
+        + f"- advantages: {config.advantage}, scaled by {scale}; {config.num_generations} completions per prompt\n"
         f"- loss: {config.loss_type} ({loss.help.split('.')[0].strip()}; "
         + ", ".join(f"{name} {getattr(config, name)}" for name in loss.options)
         + f"), {config.importance_sampling}-level ratio"

@@ -42,6 +42,22 @@ class GRPOConfig(TrainConfig):
         + ".",
         choices=REWARD_AGGREGATION_NAMES,
     )
+    tools: list[str] = opt(
+        [],
+        "Tool (repeatable): module:function, a typed function with a Google-style docstring (TRL's tools=); the model calls it in <tool_call> blocks and reads its result in a tool turn, for up to --max-turns rounds. Needs a template with tool turns (--template chatml-tools).",
+    )
+    env: Optional[str] = opt(
+        None,
+        "Environment: module:Class (TRL's environment_factory): one instance per concurrent episode, reset(**row) before each (None, or text appended to the prompt), its public methods the tools; an optional get_reward() is one more reward (weight 1, named after the class; then --reward is optional).",
+    )
+    max_turns: Optional[int] = opt(
+        None,
+        "Most tool-calling rounds per episode (TRL's max_tool_calling_iterations; default: no limit but --max-new-tokens).",
+        min=1,
+    )
+    tool_timeout: float = opt(
+        30.0, "Seconds a tool call may run before it is answered with a timeout message (0: no limit, as TRL).", min=0
+    )
     ref: Optional[str] = opt(
         None,
         "Reference model for --beta (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).",
@@ -65,7 +81,11 @@ class GRPOConfig(TrainConfig):
         "Completions sampled per generate call (0: all of a process's rollout at once, as TRL; must divide it).",
         min=0,
     )
-    max_new_tokens: int = opt(128, "Longest completion; sampling stops earlier at EOS.", min=1)
+    max_new_tokens: int = opt(
+        128,
+        "Longest completion; sampling stops earlier at EOS. With --tools/--env the budget of the whole episode, tool turns included (TRL's max_completion_length).",
+        min=1,
+    )
     temperature: float = opt(1.0, "Sampling temperature (log-probs are computed at the same temperature).", above=0)
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.", above=0, max=1)
     top_k: int = opt(0, "Sample among the k most likely tokens only (0: no limit).", min=0)
