@@ -4,7 +4,8 @@ Which panels a run gets is decided by the metric keys it logged, not by the comm
 `PanelGroup` names a title and the key patterns it draws, and a group whose patterns match
 nothing is left out. So an sft/dpo run shows loss, lr, grad norm (and its accuracy/margins),
 while a grpo/ppo run also shows reward (and each reward function by its logged name), KL,
-completion length, entropy, clip fractions and zero-variance groups. A `NAME/mean` line is
+completion length, entropy, clip fractions and zero-variance groups (and, with tools, tool calls
+per episode by tool, turns per episode and the failure fractions). A `NAME/mean` line is
 shaded with its `NAME/min`..`NAME/max` range, or else `NAME/mean ± NAME/std`, when those are logged.
 
 matplotlib is an optional extra (`pip install rlkit[plots]`): without it the run still
@@ -59,6 +60,12 @@ PANEL_GROUPS: tuple[PanelGroup, ...] = (
     PanelGroup("entropy", ("entropy",)),
     PanelGroup("clip fractions", ("clip_low", "clip_high", "clip_region", "clipfrac", "value_clipfrac")),
     PanelGroup("zero-variance groups (fraction)", ("frac_zero_variance_groups",)),
+    # grpo --tools/--env: how the episodes use their tools
+    PanelGroup("tool calls per episode", ("tools/call_frequency", r"tools/(?P<label>[^/]+)/call_frequency")),
+    PanelGroup("model turns per episode", ("tools/turns/mean",)),
+    PanelGroup(
+        "tool failures, max-turns stops (fraction)", ("tools/failure_frequency", "tools/frac_stopped_by_max_turns")
+    ),
     PanelGroup(None, ("lr",)),
     PanelGroup(None, ("grad_norm",)),
     PanelGroup(None, ("tokens_per_s",)),
