@@ -39,6 +39,7 @@ COMMANDS = [
     ("eval", "eval"),
     ("ppo", "ppo"),
     ("grpo", "grpo"),
+    ("distill", "distill"),
 ]
 
 
@@ -84,7 +85,7 @@ class OneLineErrors(RlkitGroup):
 
 app = typer.Typer(
     name="rlkit",
-    help="Preference-tuning for language models: pack, sft, train-rm, dpo, kto, ppo, grpo, merge-lora, chat, eval. Each command reads and writes standard Hugging Face dirs.",
+    help="Preference-tuning for language models: pack, sft, train-rm, dpo, kto, ppo, grpo, distill, merge-lora, chat, eval. Each command reads and writes standard Hugging Face dirs.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",

@@ -98,7 +98,7 @@ def test_label_logprobs_fused_equal_full_logits(monkeypatch):
     fused_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    monkeypatch.setattr(logprobs, "_output_layer_slot", lambda model: None)  # the plain path
+    monkeypatch.setattr(logprobs, "output_layer_slot", lambda model: None)  # the plain path
     plain, plain_mask = label_logprobs(model, input_ids, position_ids, labels)
     plain.sum().backward()
 
@@ -113,8 +113,8 @@ def test_label_logprobs_fused_under_bf16_autocast_match_the_autocast_output_laye
     model = build_model(600)
     input_ids, position_ids, labels = _batch()
     results = []
-    for slot in (logprobs._output_layer_slot, lambda model: None):
-        monkeypatch.setattr(logprobs, "_output_layer_slot", slot)
+    for slot in (logprobs.output_layer_slot, lambda model: None):
+        monkeypatch.setattr(logprobs, "output_layer_slot", slot)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logps, _ = label_logprobs(model, input_ids, position_ids, labels)
@@ -131,9 +131,9 @@ def test_label_logprobs_fused_under_bf16_autocast_match_the_autocast_output_laye
 
 def test_models_that_post_process_logits_take_the_plain_path():
     model = build_model(600)
-    assert logprobs._output_layer_slot(model) is not None
+    assert logprobs.output_layer_slot(model) is not None
     model.config.final_logit_softcapping = 30.0
-    assert logprobs._output_layer_slot(model) is None
+    assert logprobs.output_layer_slot(model) is None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -148,8 +148,8 @@ def test_response_logprobs_fused_equal_full_logits(monkeypatch, temperature):
     attention_mask[2, :2] = 0
     responses = input_ids[:, -5:]
     results = []
-    for slot in (logprobs._output_layer_slot, lambda model: None):
-        monkeypatch.setattr(logprobs, "_output_layer_slot", slot)
+    for slot in (logprobs.output_layer_slot, lambda model: None):
+        monkeypatch.setattr(logprobs, "output_layer_slot", slot)
         model.zero_grad()
         logps, entropy, _ = response_logprobs(model, input_ids, attention_mask, responses, temperature)
         (logps * torch.arange(15, dtype=logps.dtype).view(3, 5)).sum().backward()

@@ -160,7 +160,7 @@ def test_tokens_after_eos_contribute_nothing(tiny_model_dir, tmp_path, monkeypat
     prompts = PromptRows(conversations, [{} for _ in conversations], False)
     inputs = RolloutInputs(run.accelerator, tok, prompts, encoded, run)
     rewards = RewardSet([reward], ["reward"], [1.0], allow_none=False)
-    algorithm = PPORollout(config, inputs, rewards, reference, kl_controller(config))
+    algorithm = PPORollout(config, inputs, rewards, reference, kl_controller(config), config.batch_size)
     algorithm.prompt_indices = lambda step: [0, 1]
     loop = RolloutSteps(algorithm, config, run, objective, 1, epochs=1, mini_batches=1)
     buffer = loop.rollout(0, wrapper).update_tensors()

@@ -25,14 +25,22 @@ from rlkit.errors import InputError
 @dataclass(frozen=True)
 class PromptRows:
     """Each prompt's conversation and its record's other columns, and whether the prompts were given
-    as message lists (TRL's conversational format: then reward functions see messages, not strings)."""
+    as message lists (TRL's conversational format: then reward functions see messages, not strings).
+
+    `replies`: a `messages` conversation's final assistant turns (dropped from the prompt), empty
+    where there are none; with a `completion` column (TRL's prompt-completion format) they are
+    among the `columns`. What off-policy distillation trains on."""
 
     conversations: list[Messages]
     columns: list[dict[str, Any]]
     conversational: bool
+    replies: list[Messages] | None = None
 
     def select(self, kept: Sequence[int]) -> PromptRows:
-        return PromptRows([self.conversations[i] for i in kept], [self.columns[i] for i in kept], self.conversational)
+        replies = [self.replies[i] for i in kept] if self.replies is not None else None
+        return PromptRows(
+            [self.conversations[i] for i in kept], [self.columns[i] for i in kept], self.conversational, replies
+        )
 
     def keyword_columns(self, rows: Sequence[int]) -> dict[str, list[Any]]:
         """The other columns of `rows`, one list per column (a reward function's keyword arguments)."""
@@ -60,16 +68,19 @@ def load_prompt_rows(data: list[str], columns: str | None) -> PromptRows:
         raise InputError(
             f"{where}: no `prompt` or `messages` column (found {', '.join(names)}); use --columns prompt=NAME"
         )
-    conversations, others = [], []
+    conversations, others, replies = [], [], []
     for i, record in enumerate(records):
         messages = as_messages(record[key], "user", f"{where} row {i + 1}")
+        reply: Messages = []
         while key == "messages" and messages and messages[-1]["role"] == "assistant":
+            reply.insert(0, messages[-1])
             messages = messages[:-1]
         if not messages:
             raise InputError(f"{where} row {i + 1}: empty prompt")
         conversations.append(messages)
         others.append({k: v for k, v in record.items() if k != key})
-    return PromptRows(conversations, others, key == "messages" or is_conversational(records[0][key]))
+        replies.append(reply)
+    return PromptRows(conversations, others, key == "messages" or is_conversational(records[0][key]), replies)
 
 
 def encode_prompt(tokenizer: Any, template: ChatTemplate, messages: Messages) -> list[int]:

@@ -313,8 +313,8 @@ def _reference_source(config: ReferenceOptions, run: TrainingRun) -> tuple[Model
     return ref_source, ref_is_start, described
 
 
-def _sharded_like_policy(model: torch.nn.Module, run: TrainingRun) -> torch.nn.Module:
-    """A separate frozen reference, sharded over the processes when the engine shards the policy
+def sharded_like_policy(model: torch.nn.Module, run: TrainingRun, what: str = "reference") -> torch.nn.Module:
+    """A separate frozen model (`what`: the reference, distillation's teacher), sharded over the processes when the engine shards the policy
     (`--fsdp` on torchrun): a full copy on every process would undo what FSDP saves."""
     from rlkit.training.engine import shards_itself
     from rlkit.training.sharding import local_share, shard
@@ -324,7 +324,7 @@ def _sharded_like_policy(model: torch.nn.Module, run: TrainingRun) -> torch.nn.M
         shard(model, acc.device, frozen=True)
         local, whole = local_share(model)
         console.print(
-            f"fsdp: reference on process {acc.process_index} of {acc.num_processes} holds {local:,} of {whole:,} parameter elements"
+            f"fsdp: {what} on process {acc.process_index} of {acc.num_processes} holds {local:,} of {whole:,} parameter elements"
         )
     return model
 
@@ -342,7 +342,7 @@ def on_the_fly_reference(
     """
     ref_source, ref_is_start, described = _reference_source(config, run)
     if config.ref and not (ref_is_start and config.lora):
-        model = _sharded_like_policy(_load_for_run(ref_source, tokenizer, run), run)
+        model = sharded_like_policy(_load_for_run(ref_source, tokenizer, run), run)
         return ModelReference(model, spec), f"{described}, on the fly"
     if config.lora and run.source.adapter_dir:
         return AdapterReference(policy, run.source.adapter_dir, spec), f"{described} (its adapter, frozen), on the fly"
@@ -352,7 +352,7 @@ def on_the_fly_reference(
         warn(
             "full fine-tuning with --no-precompute-ref keeps a frozen copy of the starting model in memory; the default (--precompute-ref) does not"
         )
-    model = _sharded_like_policy(copy.deepcopy(policy), run)
+    model = sharded_like_policy(copy.deepcopy(policy), run)
     return ModelReference(model, spec), f"{described} (a frozen copy), on the fly"
 
 

@@ -189,7 +189,7 @@ class _LabelLogpHead(torch.nn.Module):
         return out.unsqueeze(-1)
 
 
-def _output_layer_slot(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
+def output_layer_slot(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
     """(parent, attribute, layer) of the model's output layer, or None where the fused path does not apply."""
     inner = model
     while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
@@ -231,10 +231,10 @@ class _ResponseLogpHead(torch.nn.Module):
 
 
 @contextmanager
-def _output_layer_swapped(
+def output_layer_swapped(
     model: torch.nn.Module, make_head: Callable[[torch.nn.Linear], torch.nn.Module]
 ) -> Iterator[bool]:
-    slot = _output_layer_slot(model)
+    slot = output_layer_slot(model)
     if slot is None:
         yield False
         return
@@ -261,7 +261,7 @@ def label_logprobs(
     mask = targets != IGNORE
     keep = mask.any(dim=0).nonzero().squeeze(1)
     kept_targets = targets[:, keep]
-    with _output_layer_swapped(model, lambda head: _LabelLogpHead(head, kept_targets)) as fused:
+    with output_layer_swapped(model, lambda head: _LabelLogpHead(head, kept_targets)) as fused:
         out = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False)
     if fused:
         kept_logps = out.logits.squeeze(-1)
@@ -301,7 +301,7 @@ def response_logprobs(
     width = responses.shape[1]
     scale = 1.0 / temperature if temperature > 0 else 1.0
     position_ids = positions_from_mask(attention_mask)
-    with _output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)) as fused:
+    with output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)) as fused:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -409,7 +409,7 @@ def grouped_response_logprobs(
     """
     width = responses.shape[1]
     shared = None
-    if _output_layer_slot(model) is not None and not _fsdp_units(model):
+    if output_layer_slot(model) is not None and not _fsdp_units(model):
         shared = shared_prefix(model, input_ids[:, :-width], attention_mask[:, :-width])
     if shared is None:
         return response_logprobs(model, input_ids, attention_mask, responses, temperature, want_entropy)
@@ -418,7 +418,7 @@ def grouped_response_logprobs(
     suffix = input_ids[:, -(width + 1) :]  # the last prompt token predicts the first response token
     mask = torch.cat([prompt_mask, attention_mask[:, -width:]], dim=1)
     positions = positions_from_mask(mask)[:, prefix:]
-    with _output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)):
+    with output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)):
         out = model(
             input_ids=suffix,
             attention_mask=mask,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from rlkit.data.formats import Messages
 from rlkit.data.prompts import PromptRows
-from rlkit.errors import RlkitError, RunError
+from rlkit.errors import InputError, RlkitError, RunError
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.output import resume_hint
 from rlkit.preference.reference import LogpsSpec, Reference
@@ -190,12 +190,14 @@ class Advantages:
 
 @dataclass(frozen=True)
 class Rollout:
-    """A whole rollout of one process: the four stages' records and its wall time."""
+    """A whole rollout of one process: the four stages' records and its wall time. `scored` and
+    `advantages` are None for a recipe without rewards (distillation: the teacher grades the tokens
+    in the update itself)."""
 
     samples: Samples
     forward: RolloutForward
-    scored: Scored
-    advantages: Advantages
+    scored: Scored | None
+    advantages: Advantages | None
     rollout_s: float
 
     def update_tensors(self) -> dict[str, torch.Tensor]:
@@ -206,12 +208,12 @@ class Rollout:
             "attention_mask": s.attention_mask,
             "responses": s.responses,
             "response_mask": s.response_mask,
-            "loss_mask": a.loss_mask,
+            "loss_mask": a.loss_mask if a is not None else None,
             "old_logprobs": f.old_logprobs,
             "old_values": f.values,
             "ref_logprobs": f.ref_logprobs,
-            "advantages": a.advantages,
-            "returns": a.returns,
+            "advantages": a.advantages if a is not None else None,
+            "returns": a.returns if a is not None else None,
         }
         return {k: v for k, v in tensors.items() if v is not None}
 
@@ -254,6 +256,37 @@ class RolloutSampling:
     chunk: int
     shared_prompts: bool = False
     seed: Callable[[int, int], int | None] | None = None
+
+
+def check_rollout_layout(config: Any, world: int) -> None:
+    """Refuse a rollout that cannot be laid out group by group (grpo, distill): the global batch
+    (batch-size x grad-accum x processes rows) must hold whole groups of --num-generations, and
+    --generation-batch-size must divide a process's share."""
+    c, local = config, config.batch_size * config.grad_accum
+    global_batch = local * world
+    if global_batch % c.num_generations:
+        raise InputError(
+            f"the global batch of {global_batch} completions (batch-size {c.batch_size} x grad-accum "
+            f"{c.grad_accum} x {world} processes) is not a multiple of --num-generations {c.num_generations}; "
+            "change one of them"
+        )
+    if c.generation_batch_size and local % c.generation_batch_size:
+        raise InputError(
+            f"--generation-batch-size {c.generation_batch_size} does not divide a process's rollout of {local} "
+            f"completions (batch-size {c.batch_size} x grad-accum {c.grad_accum})"
+        )
+
+
+def prompts_per_rollout(config: Any, world: int, n_prompts: int) -> int:
+    """The distinct prompts one rollout takes; refused when the data has fewer than that."""
+    global_batch = config.batch_size * config.grad_accum * world
+    per_step = global_batch // config.num_generations
+    if n_prompts < per_step:
+        raise InputError(
+            f"{n_prompts} usable prompts are fewer than one rollout's {per_step} "
+            f"(global batch {global_batch} / --num-generations {config.num_generations}); lower --batch-size or --grad-accum"
+        )
+    return per_step
 
 
 # ---- stage 1: sample ---------------------------------------------------------------------------

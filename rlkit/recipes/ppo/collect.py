@@ -61,9 +61,11 @@ class PPORollout:
         rewards: RewardSet,
         reference: Any,
         controller: KLController,
+        generation_rows: int,
     ):
         """`rewards`: the one --reward (PPO's must score every completion); `reference` measures
-        `rollout_reference_spec`; `controller` the KL coefficient, updated after every rollout."""
+        `rollout_reference_spec`; `controller` the KL coefficient, updated after every rollout;
+        `generation_rows` the rows per `generate` call, as the run's plan has them."""
         self.c, self.inputs, self.rewards, self.reference, self.controller = (
             config,
             inputs,
@@ -74,7 +76,7 @@ class PPORollout:
         self.estimator = ADVANTAGE_ESTIMATORS[config.advantage]
         self.rollout_size = config.batch_size * config.grad_accum * config.mini_batches
         self.sampling = RolloutSampling(
-            config.max_new_tokens, config.temperature, config.top_p, None, chunk=config.batch_size
+            config.max_new_tokens, config.temperature, config.top_p, None, chunk=generation_rows
         )
 
     def prompt_indices(self, rl_step: int) -> list[int]:

@@ -10,18 +10,19 @@ from accelerate.utils import set_seed
 from rlkit.console import info
 from rlkit.data.prompts import rollout_prompts
 from rlkit.errors import InputError
-from rlkit.losses.advantages import ADVANTAGE_ESTIMATORS
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import on_the_fly_reference
 from rlkit.recipes.ppo.collect import PPORollout, kl_controller
 from rlkit.recipes.ppo.model import CRITIC_DIR, VALUE_HEAD_FILE, PolicyValue, make_value_head
 from rlkit.recipes.ppo.objective import PPOObjective
+from rlkit.recipes.ppo.plan import ppo_plan
 from rlkit.recipes.ppo_config import PPOConfig
 from rlkit.scoring import RewardSet, is_model_dir, load_reward, load_sequence_classifier
 from rlkit.training.rollout import RolloutInputs, rollout_reference_spec
 from rlkit.training.rollout_steps import RolloutSteps
-from rlkit.training.run import TrainingRun
+from rlkit.training.run import TrainingRun, stop_for_dry_run
+from rlkit.training.run_plan import RunPlan
 from rlkit.training.samples import SAMPLES_FILE
 
 
@@ -34,28 +35,34 @@ def _check(config: PPOConfig) -> None:
 
 
 def value_function(
-    config: PPOConfig, run: TrainingRun, policy: torch.nn.Module
+    plan: RunPlan, config: PPOConfig, run: TrainingRun, policy: torch.nn.Module
 ) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
-    """(critic, value head): `--critic rm`'s critic, a head on the policy's trunk, or neither when
-    the advantage estimator needs no values (then no value forward and no value loss run)."""
-    if not ADVANTAGE_ESTIMATORS[config.advantage].needs_values:
+    """(critic, value head) as the plan has it: `--critic rm`'s critic, a head on the policy's trunk,
+    or neither when the advantage estimator needs no values (then no value forward and no value loss run)."""
+    value = plan.value_function
+    if value is None:
         info(f"value function: none (--advantage {config.advantage} needs no values)")
         return None, None
-    if config.critic == "rm":
-        critic, _ = load_sequence_classifier(config.reward, torch.float32, config.trust_remote_code)
+    if value.role == "critic":
+        assert value.source is not None
+        critic, _ = load_sequence_classifier(value.source, torch.float32, config.trust_remote_code)
         critic.requires_grad_(True)
         disable_dropout(critic)
         use_fp32_attention_backward(critic)
-        info(f"critic: initialised from {config.reward} (trained in full)")
+        info(f"critic: initialised from {value.source} (trained in full)")
         return critic, None
     return None, make_value_head(policy, [run.source.adapter_dir, run.source.path])
 
 
-def run_ppo(config: PPOConfig) -> Path:
-    """Setup (tokenizer, prompts, policy, value function, reference, reward), train with the engine, write OUT."""
-    # 1. check what the options' declarations cannot; open the run (nothing written yet)
+def run_ppo(config: PPOConfig) -> Path | None:
+    """Setup (tokenizer, prompts, policy, value function, reference, reward), train with the engine,
+    write OUT (None: --dry-run showed the plan)."""
+    # 1. check what the options' declarations cannot; the run's plan (what --dry-run shows); open the run
     _check(config)
-    run = TrainingRun("ppo", config, config.model, config.data)
+    plan = ppo_plan(config)
+    if stop_for_dry_run(plan, config):
+        return None
+    run = TrainingRun(plan, config)
     set_seed(config.seed)
     # 2. the prompts that leave room for a response, and how many PPO steps they make
     tokenizer = run.load_tokenizer()
@@ -75,7 +82,8 @@ def run_ppo(config: PPOConfig) -> Path:
 
     # 3. the models: policy, reference, reward, value function
     policy = run.load_policy()
-    disable_dropout(policy)  # PPO's ratio must be 1 before the first update (Huang et al. 2024)
+    if not plan.main.dropout:  # PPO's ratio must be 1 before the first update (Huang et al. 2024)
+        disable_dropout(policy)
     reference, described = on_the_fly_reference(
         config, run, policy, tokenizer, rollout_reference_spec(config.temperature)
     )
@@ -84,16 +92,16 @@ def run_ppo(config: PPOConfig) -> Path:
     reward = load_reward(
         config.reward, tokenizer, template, run.weights_dtype, device, config.batch_size, config.trust_remote_code
     )
-    critic, value_head = value_function(config, run, policy)
+    critic, value_head = value_function(plan, config, run, policy)
     model = PolicyValue(policy, value_head, critic)
 
     # 4. train: a rollout per PPO step (collect.PPORollout), --ppo-epochs x --mini-batches updates on it
     controller = kl_controller(config)
     run.accelerator.register_for_checkpointing(controller)  # every checkpoint holds the KL coefficient
     inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)
-    algorithm = PPORollout(
-        config, inputs, RewardSet([reward], ["reward"], [1.0], allow_none=False), reference, controller
-    )
+    rewards = RewardSet([reward], ["reward"], [1.0], allow_none=False)
+    assert plan.generation is not None
+    algorithm = PPORollout(config, inputs, rewards, reference, controller, plan.generation.rows)
     objective = PPOObjective(config)
     steps = RolloutSteps(
         algorithm, config, run, objective, ppo_steps, epochs=config.ppo_epochs, mini_batches=config.mini_batches
