@@ -452,3 +452,92 @@ def test_resume_with_tools_is_bit_identical(tiny_model_dir, user_code, tmp_path,
         return [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in records]
 
     assert steady(whole) == steady(out)
+
+
+SCRIPTED_FIRST_TURNS = textwrap.dedent(
+    '''
+    """Imported by --tools in every process: the real sampler, with each first turn whose first sampled
+    token is even rewritten into a call of add (what the seeds sampled decides which)."""
+    import os
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    _tok = AutoTokenizer.from_pretrained(os.environ["SCRIPTED_MODEL"])
+    _call = _tok(%r, add_special_tokens=False)["input_ids"]
+    _real = LlamaForCausalLM.generate
+
+
+    def _generate(self, input_ids, **kwargs):
+        out = _real(self, input_ids=input_ids, **kwargs)
+        rows = []
+        for prompt, new in zip(input_ids.tolist(), out[:, input_ids.shape[1] :].tolist()):
+            first = "<|im_start|>tool" not in _tok.decode(prompt)
+            rows.append(_call if first and new[0] %% 2 == 0 else new)
+        width = max(map(len, rows))
+        padded = [r + [kwargs["pad_token_id"]] * (width - len(r)) for r in rows]
+        return torch.cat([input_ids, torch.tensor(padded, device=input_ids.device)], dim=1)
+
+
+    LlamaForCausalLM.generate = _generate
+
+
+    def add(a: int, b: int) -> int:
+        """Adds.
+
+        Args:
+            a: One.
+            b: Two.
+        """
+        return a + b
+    '''
+    % (ADD_CALL + END)
+)
+
+
+def test_two_processes_log_what_one_process_logs_with_tools(tiny_model_dir, user_code, tmp_path):
+    """Episodes of one and two turns, their later turns batched by chunk: split over two gloo
+    processes, the same rollouts, tool counts and losses as one process with the same global batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "scripted_first_turns.py").write_text(SCRIPTED_FIRST_TURNS)
+    common = [
+        "grpo", str(tiny_model_dir), str(PROMPTS), "--template", "tools.jinja", "--tools", "scripted_first_turns:add",
+        "--reward", f"{USER_MODULE}:says_seven", "--max-steps", "2", "--batch-size", "2",
+        "--generation-batch-size", "4", "--num-generations", "4", "--max-new-tokens", "96", "--max-length", "400",
+        "--sample-every", "0", "--beta", "0.1", "--num-iterations", "2", "--lr", "1e-2", "--full", "--precision", "fp32",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCRIPTED_MODEL": str(tiny_model_dir), "PYTHONPATH": str(tmp_path)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {
+        "one": [sys.executable, "-m", "rlkit", *common, "--grad-accum", "4"],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "rlkit", *common, "--grad-accum", "2"],
+    }  # fmt: skip
+    for name, command in runs.items():
+        result = subprocess.run(
+            [*command, "-o", str(tmp_path / name)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr
+    a, b = (
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in runs
+    )
+    assert len(a) == len(b) == 4
+    assert sum(m.get("tools/calls", 0) for m in a) > 0 and any(m.get("tools/turns/min") == 1 for m in a)
+    for x, y in zip(a, b):
+        for key in (
+            "loss",
+            "kl",
+            "reward/mean",
+            "advantage/std",
+            "tools/calls",
+            "tools/turns/mean",
+            "completion_length/mean",
+        ):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
