@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 from rlkit.data.pairs import collate_pairs, tokenize_pairs
 from rlkit.data.templates import resolve_template
 from rlkit.errors import InputError
-from rlkit.evaluation.rewards import load_reward as eval_reward
+from rlkit.evaluation.rewards import load_eval_scorer as eval_reward
 from rlkit.scoring import (
     FunctionReward,
     ModelReward,

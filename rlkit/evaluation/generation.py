@@ -22,7 +22,7 @@ from rlkit.data.collate import collate_rows
 from rlkit.data.tokenize import IGNORE
 from rlkit.models.modes import model_device, to_device
 from rlkit.preference.reference import LogpsSpec, Reference
-from rlkit.tools.generation import Rollout
+from rlkit.tools.generation import GeneratedReply
 from rlkit.training.logprobs import label_logprobs
 
 
@@ -50,7 +50,7 @@ COMPLETION_LOGPS = LogpsSpec(_completion_sums, unit="completions")  # what eval'
 
 @torch.no_grad()
 def completion_logps(
-    model: Any, rollouts: list[Rollout], pad_id: int, batch_size: int, reference: Reference | None = None
+    model: Any, rollouts: list[GeneratedReply], pad_id: int, batch_size: int, reference: Reference | None = None
 ) -> list[float]:
     """log π(completion | prompt) summed over each rollout's generated tokens: the model's own,
     or, given its `reference` (a `COMPLETION_LOGPS` strategy), the reference's."""

@@ -25,7 +25,7 @@ from rlkit.scoring import load_reward as load_scorer
 Scorer = Callable[[RewardBatch], list[float]]
 
 
-def load_reward(
+def load_eval_scorer(
     spec: str,
     template: str | None,
     max_length: int,

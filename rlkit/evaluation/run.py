@@ -21,7 +21,7 @@ from rlkit.errors import InputError
 from rlkit.evaluation import data as eval_data
 from rlkit.evaluation.config import EvalConfig, question
 from rlkit.evaluation.generation import COMPLETION_LOGPS, completion_logps, kl_summary, score_summary, win_rate
-from rlkit.evaluation.pairs import (
+from rlkit.evaluation.pair_accuracy import (
     implicit_reward_metrics,
     reward_model_scores,
     summarise,
@@ -29,7 +29,7 @@ from rlkit.evaluation.pairs import (
     tokenized_pairs,
 )
 from rlkit.evaluation.report import print_report, write_report_dir
-from rlkit.evaluation.rewards import load_reward
+from rlkit.evaluation.rewards import load_eval_scorer
 from rlkit.evaluation.sft import sft_metrics, sft_rows
 from rlkit.models.inference import (
     dtype_hint,
@@ -48,7 +48,7 @@ from rlkit.preference.reference import (
     load_reference_model,
 )
 from rlkit.scoring import RewardBatch, load_sequence_classifier
-from rlkit.tools.generation import Rollout, SamplingConfig, generate_rollouts
+from rlkit.tools.generation import GeneratedReply, SamplingConfig, generate_rollouts
 
 Result = tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[float]]]  # metrics, examples, distributions
 
@@ -124,7 +124,7 @@ def eval_pairs(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> R
     return metrics, examples, {f"chosen {kind}": chosen.tolist(), f"rejected {kind}": rejected.tolist()}
 
 
-def rollout_batch(prompts: PromptRows, rollouts: list[Rollout]) -> RewardBatch:
+def rollout_batch(prompts: PromptRows, rollouts: list[GeneratedReply]) -> RewardBatch:
     """What the reward scores of one sample per prompt: the texts, their token ids (through the first
     EOS, as training passes them), the prompts' other columns and style."""
     return RewardBatch(
@@ -151,7 +151,7 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
     reward = (
         None
         if Path(config.reward or "").exists()
-        else load_reward(
+        else load_eval_scorer(
             config.reward or "",
             config.template,
             config.max_length,
@@ -205,7 +205,7 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         del baseline
         _free()
     if reward is None:
-        reward = load_reward(config.reward or "", config.template, config.max_length, config.batch_size, dtype)
+        reward = load_eval_scorer(config.reward or "", config.template, config.max_length, config.batch_size, dtype)
     scores = reward(rollout_batch(prompts, rollouts))
     metrics |= score_summary(scores)
     metrics["mean_length_tokens"] = statistics.fmean(len(r.completion_ids) for r in rollouts)
@@ -240,7 +240,7 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
 
 def eval_completions(config: EvalConfig, dtype: torch.dtype) -> Result:
     given, prompts, completions = eval_data.read_completions(config.completions or "", config.columns, config.limit)
-    reward = load_reward(config.reward or "", config.template, config.max_length, config.batch_size, dtype)
+    reward = load_eval_scorer(config.reward or "", config.template, config.max_length, config.batch_size, dtype)
     everyone = range(len(completions))
     batch = RewardBatch(
         prompts.conversations, completions, prompts.conversational, None, prompts.keyword_columns(everyone)

@@ -34,7 +34,7 @@ from rlkit.losses.preference import (
 )
 from rlkit.models.modes import disable_dropout, model_device, to_device
 from rlkit.preference.logps import PairLogps, pair_logps
-from rlkit.preference.pairs import load_pairs, pair_collate
+from rlkit.preference.pair_training import load_pairs, pair_collate
 from rlkit.preference.reference import Reference, setup_reference
 from rlkit.recipes.dpo_config import DPOConfig
 from rlkit.training.engine import Evaluation, StepOutput

@@ -31,7 +31,7 @@ from rlkit.losses.preference import implicit_reward_accuracy
 from rlkit.losses.reward import bradley_terry_loss
 from rlkit.models.load import add_lora, load_causal_lm
 from rlkit.models.modes import disable_dropout, model_device, to_device
-from rlkit.preference.pairs import load_pairs, pair_collate
+from rlkit.preference.pair_training import load_pairs, pair_collate
 from rlkit.recipes.reward_model_config import RewardModelConfig
 from rlkit.scoring import RewardScorer, classifier_from_pretrained
 from rlkit.training.engine import Evaluation, StepOutput

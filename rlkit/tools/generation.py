@@ -35,7 +35,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @dataclass
-class Rollout:
+class GeneratedReply:
     """One sample: the prompt's ids, the generated ids (through the first EOS, if any), the text,
     and, when asked for, log π(completion | prompt) summed over those ids at temperature 1."""
 
@@ -67,7 +67,7 @@ def generate_rollouts(
     n: int = 1,
     seed: int | None = None,
     with_logps: bool = False,
-) -> list[Rollout]:
+) -> list[GeneratedReply]:
     """`n` samples per conversation (conversation-major order), with the token ids `eval` scores.
 
     With `seed`, sampling restarts from that seed before each batch, so the same inputs and
@@ -81,7 +81,7 @@ def generate_rollouts(
     model.eval()
     device = next(model.parameters()).device
     expanded = [c for c in conversations for _ in range(n)]
-    rollouts: list[Rollout] = []
+    rollouts: list[GeneratedReply] = []
     for start in range(0, len(expanded), sampling.batch_size):
         chunk = expanded[start : start + sampling.batch_size]
         prompts = [encode_prompt(tokenizer, template, c) for c in chunk]
@@ -112,7 +112,7 @@ def generate_rollouts(
                 tokens, text_tokens = tokens[: end + 1], tokens[:end]
             logp = float(token_logps[i, : len(tokens)].sum()) if token_logps is not None else None
             text = tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
-            rollouts.append(Rollout(prompt, tokens, text, logp))
+            rollouts.append(GeneratedReply(prompt, tokens, text, logp))
     return rollouts
 
 
