@@ -31,6 +31,7 @@ TINY_SCALE = {
     "MAX_LENGTH": "128",
     "MAX_NEW_TOKENS": "8",
     "LOG_EVERY": "1",
+    "EVAL_BATCH": "8",
 }
 ADAPTER = ("adapter_model.safetensors", "adapter_config.json")
 CARD = ("tokenizer_config.json", "rlkit_config.yaml", "metrics.jsonl", "final_metrics.json", "README.md")
@@ -52,7 +53,14 @@ RECIPES = {
     },
     "kto-iterated": {"kto-1": ADAPTER + CARD, "kto-2": ADAPTER + CARD, "kto-3": ADAPTER + CARD},
     "grpo-arithmetic": {"sft": ADAPTER + CARD, "grpo": ADAPTER + ("samples.jsonl",) + CARD},
+    "distill": {
+        "eval/teacher": ("report.json",),
+        "eval/student": ("report.json",),
+        "student": ADAPTER + ("samples.jsonl",) + CARD,
+    },
 }
+# recipe name -> the make variables it needs besides MODEL at the smallest scale
+NEEDS = {"distill": {"TEACHER": "{model}"}}
 
 # recipe name -> {file the recipe wrote under OUT/data: columns of the original dataset's layout}
 CONVERTED_DATA = {
@@ -79,7 +87,8 @@ def run_recipe(name: str, model: Path, out: Path, *make_args: str) -> subprocess
         "COLUMNS": "80",
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
     }
-    assigns = {"MODEL": str(model), "OUT": str(out), "PYTHON": sys.executable, **TINY_SCALE}
+    needs = {k: v.format(model=model) for k, v in NEEDS.get(name, {}).items()}
+    assigns = {"MODEL": str(model), "OUT": str(out), "PYTHON": sys.executable, **TINY_SCALE, **needs}
     return subprocess.run(
         [
             "make",
@@ -158,6 +167,10 @@ def test_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
     for data_file, columns in CONVERTED_DATA.get(name, {}).items():
         first = json.loads((out / "data" / data_file).read_text().splitlines()[0])
         assert set(columns) <= set(first), f"{name}: {data_file} is not in the original layout: {sorted(first)}"
+
+    if name == "distill":  # the transfer table: a row per demo target
+        table = (out / "transfer.md").read_text()
+        assert all(f"| {target} |" in table for target in ("format", "opener", "closer", "no hedge", "equation")), table
 
     if name == "kto-iterated":  # each round starts from and is held to the previous round
         for k in (2, 3):
