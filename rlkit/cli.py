@@ -21,7 +21,7 @@ from rich.markup import escape
 from rlkit import __version__
 from rlkit.cli_help import RlkitCommand, RlkitGroup
 from rlkit.console import console, is_main_process
-from rlkit.errors import DryRunDone, RlkitError
+from rlkit.errors import RlkitError
 from rlkit.output import release_output_locks, write_failure
 from rlkit.performance import wait_without_spinning
 
@@ -123,8 +123,6 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             result = command(*args, **kwargs)
-        except DryRunDone:  # --dry-run printed its plan (the older TrainingRun call); nothing on stdout
-            raise typer.Exit(0)
         except RlkitError as err:
             raise _failed(err)
         except OSError as err:  # a full or read-only disk under a write no `output.writing` names

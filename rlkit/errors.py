@@ -21,10 +21,3 @@ class RunError(RlkitError):
     """A failure while running (NaN loss, interrupted run): exit 1."""
 
     exit_code = 1
-
-
-class DryRunDone(Exception):
-    """`--dry-run` printed its plan: the command ends here, exit 0, nothing written (not an error).
-
-    Raised only by the older `TrainingRun(command, ...)` call; a recipe that computes its RunPlan
-    first returns at `rlkit.training.run.stop_for_dry_run` instead, and this goes once every one does."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
+from rlkit.config import check_config
 from rlkit.console import info, warn
 from rlkit.data.prepare import PreparedData
 from rlkit.errors import InputError
@@ -150,19 +151,13 @@ class DPOObjective:
 
 
 def check_options(config: DPOConfig) -> None:
-    """Refuse option values the losses cannot use, before any model is loaded (what each takes: its record)."""
+    """Refuse option values the losses cannot use, before any model is loaded (what each takes: its
+    record); the bounds of single options are their declarations', not repeated here."""
     try:
         terms = loss_terms(config.loss, config.loss_weights)
     except ValueError as err:
         raise InputError(str(err))
-    if config.beta <= 0:
-        raise InputError(f"--beta {config.beta}: must be > 0")
-    if not 0 <= config.label_smoothing < 0.5:
-        raise InputError(f"--label-smoothing {config.label_smoothing}: must be in [0, 0.5)")
-    if config.discopop_tau <= 0:
-        raise InputError(f"--discopop-tau {config.discopop_tau}: must be > 0")
-    if config.sft_weight < 0:
-        raise InputError(f"--sft-weight {config.sft_weight}: must be >= 0")
+    check_config(config)  # the bounds the options declare (a config built in code never met them)
     for record, _ in terms:
         message = record.check(record.hyperparameters_of(config)) if record.check else None
         if message:

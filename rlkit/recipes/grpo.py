@@ -69,6 +69,7 @@ from rlkit.losses.ppo import kl_penalty
 from rlkit.models.modes import disable_dropout
 from rlkit.preference.reference import Reference, on_the_fly_reference
 from rlkit.recipes.grpo_config import GRPOConfig
+from rlkit.recipes.grpo_plan import grpo_plan
 from rlkit.recipes.ppo import PolicyValue
 from rlkit.scoring import RewardSet, load_reward
 from rlkit.training.engine import StepOutput
@@ -81,14 +82,16 @@ from rlkit.training.rollout import (
     RolloutSampling,
     Samples,
     Scored,
+    check_rollout_layout,
     prompt_indices,
+    prompts_per_rollout,
     rollout_forward,
     rollout_reference_spec,
     sample,
     score_samples,
 )
 from rlkit.training.rollout_steps import RolloutSteps
-from rlkit.training.run import TrainingRun
+from rlkit.training.run import TrainingRun, stop_for_dry_run
 from rlkit.training.samples import SAMPLES_FILE
 
 # ---- rewards -------------------------------------------------------------------------------
@@ -190,8 +193,10 @@ class GRPORollout:
         inputs: RolloutInputs,
         rewards: RewardSet,
         reference: Reference | None,
+        generation_rows: int,
         agents: Agents | None = None,
     ):
+        """`generation_rows`: the rows per `generate` call, as the run's plan has them."""
         c = config
         self.c, self.inputs, self.rewards, self.reference = config, inputs, rewards, reference
         self.agents = agents  # --tools / --env: multi-turn episodes
@@ -204,7 +209,7 @@ class GRPORollout:
             c.temperature,
             c.top_p,
             c.top_k or None,
-            chunk=c.generation_batch_size or self.rollout_size,
+            chunk=generation_rows,
             shared_prompts=True,  # a rollout holds each prompt G times: its prefill runs once
             seed=self.sample_seed,
         )
@@ -418,20 +423,18 @@ def _check(config: GRPOConfig) -> list[float]:
     return weights
 
 
-def run_grpo(config: GRPOConfig) -> Path:
-    """Setup (tokenizer, prompts, policy, reference, rewards), train with the engine, write OUT."""
-    # 1. check what the options' declarations cannot; open the run (nothing written yet)
+def run_grpo(config: GRPOConfig) -> Path | None:
+    """Setup (tokenizer, prompts, policy, reference, rewards), train with the engine, write OUT
+    (None: --dry-run showed the plan)."""
+    # 1. check what the options' declarations cannot; the run's plan (what --dry-run shows); open the run
     weights = _check(config)
-    run = TrainingRun("grpo", config, config.model, config.data)
+    plan = grpo_plan(config)
+    if stop_for_dry_run(plan, config):
+        return None
+    run = TrainingRun(plan, config)
     set_seed(config.seed)
     world = run.accelerator.num_processes
-    global_batch = config.batch_size * config.grad_accum * world
-    if global_batch % config.num_generations:
-        raise InputError(
-            f"the global batch of {global_batch} completions (batch-size {config.batch_size} x grad-accum "
-            f"{config.grad_accum} x {world} processes) is not a multiple of --num-generations {config.num_generations}; "
-            "change one of them"
-        )
+    check_rollout_layout(config, world)
     # 2. the prompts that leave room for a completion, and how many GRPO steps they make
     tokenizer = run.load_tokenizer()
     template, prompts, encoded = rollout_prompts(config, tokenizer)
@@ -446,18 +449,7 @@ def run_grpo(config: GRPOConfig) -> Path:
         prompts = prompts.select(kept)
         info(f"episodes: {agents.describe()}")
     conversations = prompts.conversations
-    local = config.batch_size * config.grad_accum
-    if config.generation_batch_size and local % config.generation_batch_size:
-        raise InputError(
-            f"--generation-batch-size {config.generation_batch_size} does not divide a process's rollout of {local} "
-            f"completions (batch-size {config.batch_size} x grad-accum {config.grad_accum})"
-        )
-    prompts_per_step = global_batch // config.num_generations
-    if len(conversations) < prompts_per_step:
-        raise InputError(
-            f"{len(conversations)} usable prompts are fewer than one rollout's {prompts_per_step} "
-            f"(global batch {global_batch} / --num-generations {config.num_generations}); lower --batch-size or --grad-accum"
-        )
+    prompts_per_step = prompts_per_rollout(config, world, len(conversations))
     steps = config.max_steps or config.epochs * (len(conversations) // prompts_per_step)
     info(
         f"prompts: {len(conversations)}; {steps} GRPO steps of {prompts_per_step} prompts x {config.num_generations} "
@@ -479,9 +471,10 @@ def run_grpo(config: GRPOConfig) -> Path:
         weights = [*weights, 1.0]
     reward_set = RewardSet(rewards, names, weights)
     policy = run.load_policy()
-    disable_dropout(policy)  # the ratio must be 1 before the first update
-    reference, described = None, "none (--beta 0)"
-    if config.beta > 0:
+    if not plan.main.dropout:  # the ratio must be 1 before the first update
+        disable_dropout(policy)
+    reference, described = None, f"none ({plan.reference.why})" if plan.reference is not None else "none"
+    if plan.has_reference:
         reference, described = on_the_fly_reference(
             config, run, policy, tokenizer, rollout_reference_spec(config.temperature, shared_prompts=True)
         )
@@ -491,7 +484,8 @@ def run_grpo(config: GRPOConfig) -> Path:
 
     # 4. train: a rollout per GRPO step (GRPORollout), --num-iterations updates on it
     inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)
-    algorithm = GRPORollout(config, inputs, reward_set, reference, agents)
+    assert plan.generation is not None
+    algorithm = GRPORollout(config, inputs, reward_set, reference, plan.generation.rows, agents)
     objective = GRPOObjective(config)
     loop = RolloutSteps(algorithm, config, run, objective, steps, epochs=config.num_iterations, mini_batches=1)
     default_lr = 1e-5 if config.lora else 1e-6

@@ -42,8 +42,7 @@ from rlkit.agents.transcript import Conversation, EpisodeTokens, prompt_ids
 from rlkit.agents.turn import tool_round
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.tools.generation import left_pad
-from rlkit.training.logprobs import cache_keyword, shared_prefix
-from rlkit.training.rollout import RolloutInputs, RolloutSampling, Samples, seeded
+from rlkit.training.rollout import RolloutInputs, RolloutSampling, Samples, generate_rows
 
 #: Turn t > 0 of a chunk is sampled with the chunk's seed + t x this (far from the seeds of other chunks and steps).
 TURN_SEED_STRIDE = 1_000_000_007
@@ -52,12 +51,14 @@ TURN_SEED_STRIDE = 1_000_000_007
 @dataclass(frozen=True)
 class EpisodeSamples(Samples):
     """`Samples` of multi-turn episodes and, per episode, the model's turns and whether `--max-turns`
-    stopped it; this process's tool outcomes, and the seconds its tools ran."""
+    stopped it; this process's tool outcomes, and the seconds its tools ran; and each episode's
+    `exchanges`: its messages after the prompt (what `chat` and `eval` show of an episode)."""
 
     turns: list[int]
     stopped_by_max_turns: list[bool]
     tool_counts: ToolCounts
     tool_s: float
+    exchanges: tuple[Conversation, ...] = ()
 
 
 class _Episode:
@@ -73,6 +74,16 @@ class _Episode:
         self.done = self.finished = self.stopped_by_max_turns = False
         self.counts = ToolCounts()
         self.tool_s = 0.0
+
+    @property
+    def exchange(self) -> Conversation:
+        """The finished episode's messages after the prompt, in TRL's shape: every round's assistant
+        turn (its calls as `tool_calls`) and tool results, then the last turn (with its calls where
+        they went unanswered, as written where it was cut short)."""
+        last = self.transcript[-1]  # once done, the last turn's text (tool lines follow only a round that goes on)
+        parsed = parse_turn(last)
+        final = parsed.as_message() if parsed.good_calls else {"role": "assistant", "content": last}
+        return [*self.conversation[len(self.prompt) :], final]
 
 
 def sample_episodes(
@@ -114,6 +125,7 @@ def sample_episodes(
         [e.stopped_by_max_turns for e in episodes],
         sum((e.counts for e in episodes), ToolCounts()),
         sum(e.tool_s for e in episodes),
+        tuple(e.exchange for e in episodes),
     )
 
 
@@ -152,26 +164,10 @@ def _turn(
     ids, mask = left_pad([e.prompt_ids + list(e.tokens.ids) for e in running], tok.pad_token_id)
     ids, mask = ids.to(acc.device), mask.to(acc.device)
     room = [how.max_new_tokens - len(e.tokens) for e in running]
-    do_sample = how.temperature > 0
-    with seeded(None if seed is None else seed + turn * TURN_SEED_STRIDE, acc.device), acc.autocast():
-        cache = None
-        shared = shared_prefix(generator, ids, mask) if how.shared_prompts and turn == 0 else None
-        if shared is not None:  # each distinct prompt's prefill once, as `sample` does
-            cache, ids, mask, _ = shared
-        out = generator.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            **({cache_keyword(generator): cache} if cache is not None else {}),
-            max_new_tokens=max(room),
-            do_sample=do_sample,
-            temperature=how.temperature if do_sample else None,
-            top_p=how.top_p if do_sample else None,
-            top_k=how.top_k if do_sample else None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            use_cache=True,
-        )
-    return [_through_eos(row[:limit], tok.eos_token_id) for row, limit in zip(out[:, ids.shape[1] :].tolist(), room)]
+    turn_seed = None if seed is None else seed + turn * TURN_SEED_STRIDE
+    shared = how.shared_prompts and turn == 0  # each distinct prompt's prefill once, as `sample` does
+    new = generate_rows(inputs, generator, ids, mask, how, turn_seed, max(room), shared)
+    return [_through_eos(row[:limit], tok.eos_token_id) for row, limit in zip(new.tolist(), room)]
 
 
 def _through_eos(ids: list[int], eos_id: int) -> tuple[list[int], bool]:

@@ -307,6 +307,44 @@ def prompt_indices(
     return rows[rank * rollout_size : (rank + 1) * rollout_size]
 
 
+def generate_rows(
+    inputs: RolloutInputs,
+    generator: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    how: RolloutSampling,
+    seed: int | None,
+    max_new_tokens: int,
+    shared_prompts: bool,
+) -> torch.Tensor:
+    """The tokens `generate` samples after each left-padded row of `ids` [B, W] (EOS, then padding,
+    where a row stops early), from a generator seeded with `seed` (None: the running one), under
+    autocast; with `shared_prompts` each distinct prompt's prefill runs once and `generate` goes on
+    from its cache. One `generate` call: single-turn sampling makes one per chunk, multi-turn
+    episodes (`rlkit.training.episodes`) one per turn."""
+    acc, tok = inputs.accelerator, inputs.tokenizer
+    do_sample = how.temperature > 0
+    with seeded(seed, acc.device), acc.autocast():
+        cache = None
+        shared = shared_prefix(generator, ids, mask) if shared_prompts else None
+        if shared is not None:  # each distinct prompt's prefill once; generate goes on from it
+            cache, ids, mask, _ = shared
+        out = generator.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            **({cache_keyword(generator): cache} if cache is not None else {}),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=how.temperature if do_sample else None,
+            top_p=how.top_p if do_sample else None,
+            top_k=how.top_k if do_sample else None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+        )
+    return out[:, ids.shape[1] :]
+
+
 def sample(
     inputs: RolloutInputs, wrapper: torch.nn.Module, indices: list[int], rl_step: int, how: RolloutSampling
 ) -> Samples:
@@ -316,31 +354,14 @@ def sample(
     t0 = time.time()
     query_ids, query_mask = left_pad([inputs.prompt_ids[i] for i in indices], tok.pad_token_id)
     query_ids, query_mask = query_ids.to(acc.device), query_mask.to(acc.device)
-    do_sample = how.temperature > 0
     responses = []
     with lora_merged_for_generation(wrapper.policy) as generator:
         for start in range(0, len(indices), how.chunk):
             ids, mask = query_ids[start : start + how.chunk], query_mask[start : start + how.chunk]
             seed = how.seed(rl_step, start) if how.seed is not None else None
-            with seeded(seed, acc.device), acc.autocast():
-                cache = None
-                shared = shared_prefix(generator, ids, mask) if how.shared_prompts else None
-                if shared is not None:  # each distinct prompt's prefill once; generate goes on from it
-                    cache, ids, mask, _ = shared
-                out = generator.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    **({cache_keyword(generator): cache} if cache is not None else {}),
-                    max_new_tokens=how.max_new_tokens,
-                    do_sample=do_sample,
-                    temperature=how.temperature if do_sample else None,
-                    top_p=how.top_p if do_sample else None,
-                    top_k=how.top_k if do_sample else None,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                    use_cache=True,
-                )
-            responses.append(out[:, ids.shape[1] :])
+            responses.append(
+                generate_rows(inputs, generator, ids, mask, how, seed, how.max_new_tokens, how.shared_prompts)
+            )
     width = max(r.shape[1] for r in responses)
     responses = torch.cat([F.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses])
     response_mask, has_eos = first_eos_mask(responses, tok.eos_token_id)

@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType
 
 from rlkit.config import config_to_dict
 from rlkit.console import info
-from rlkit.errors import DryRunDone, InputError
+from rlkit.errors import InputError
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.lean_blocks import lora_inputs_uncast_under_autocast, use_lean_blocks
 from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
@@ -44,7 +44,7 @@ from rlkit.training.engine import (
 from rlkit.training.metrics import MetricsSink
 from rlkit.training.options import TrainConfig
 from rlkit.training.plots import plot_training_curves
-from rlkit.training.run_plan import RunPlan, plan_of
+from rlkit.training.run_plan import RunPlan
 from rlkit.training.sharding import gather_deepspeed_in_place, gather_in_place, is_sharded
 
 
@@ -85,30 +85,14 @@ def stop_for_dry_run(plan: RunPlan, config: TrainConfig) -> bool:
 
 
 class TrainingRun:
-    def __init__(
-        self,
-        plan: RunPlan | str,
-        config: TrainConfig,
-        model_name: str | None = None,
-        data: list[str] | None = None,
-    ):
+    def __init__(self, plan: RunPlan, config: TrainConfig):
         """`plan`: the recipe's RunPlan (the model trained is its first; the data, `config.data`).
-
-        The older call, `TrainingRun(command, config, model_name, data)`, has no plan (`self.plan`
-        None); under --dry-run it looks the command's plan up (rlkit.training.run_plan.plan_of),
-        shows it and raises DryRunDone (rlkit.cli ends the command, exit 0). Kept until every
-        recipe computes its plan first.
-        """
-        self.plan: RunPlan | None = None
-        if isinstance(plan, str):
-            self.command = plan
-            if config.dry_run and stop_for_dry_run(plan_of(plan, config), config):
-                raise DryRunDone()
-        else:
-            self.plan, self.command = plan, plan.command
-            model_name = model_name or plan.main.source
+        Every recipe computes it first and stops at `stop_for_dry_run` under --dry-run, so a
+        TrainingRun is only made for a run that trains."""
+        self.plan, self.command = plan, plan.command
+        model_name = plan.main.source
         self.config = config
-        self.data: list[str] = data if data is not None else list(getattr(config, "data", []))
+        self.data: list[str] = list(getattr(config, "data", []))
         self.output = check_output(config.output, config.overwrite, config.resume)
         self.accelerator = make_accelerator(config)
         self.source = resolve_source(model_name or "")

@@ -25,6 +25,7 @@ def show_samples(title: str, step: int, rows: list[dict[str, Any]], path: Path) 
     each with `step` first. Numbers are shown to 3 decimals, right-aligned; text folds."""
     if not rows:
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, show_lines=False, expand=False)
@@ -37,7 +38,8 @@ def show_samples(title: str, step: int, rows: list[dict[str, Any]], path: Path) 
         else:
             table.add_column(key, max_width=_FIRST_WIDTH if key == texts[0] else _TEXT_WIDTH, overflow="fold")
     for row in rows:
-        table.add_row(*(f"{row[k]:.3f}" if k in numeric else str(row[k]) for k in columns))
+        # texts are shown as written: a `[tool NAME]` marker or a `[word]` a model wrote is not rich markup
+        table.add_row(*(f"{row[k]:.3f}" if k in numeric else escape(str(row[k])) for k in columns))
     console.print(table)
     with writing("the samples file", path, path.parent), open(path, "a", encoding="utf-8") as f:
         for row in rows:
