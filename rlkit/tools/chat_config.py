@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from rlkit.agents.options import max_turns_option, tool_timeout_option, tools_option
 from rlkit.config import arg, opt
 from rlkit.performance import THREADS_HELP
 
@@ -22,7 +23,11 @@ class ChatConfig:
     system: Optional[str] = opt(
         None, "System message put before every conversation (piped: unless a line's messages have their own)."
     )
-    max_new_tokens: int = opt(256, "Most tokens generated per reply.", min=1)
+    max_new_tokens: int = opt(
+        256,
+        "Most tokens generated per reply; with --tools the budget of the whole reply, tool turns included (as grpo's).",
+        min=1,
+    )
     temperature: Optional[float] = opt(
         None, "Sampling temperature; 0 is greedy. Default: 0.7 on a terminal, 0 (greedy) when stdin is piped.", min=0
     )
@@ -34,6 +39,12 @@ class ChatConfig:
     )
     n: int = opt(1, "Samples per prompt when piped (one JSON line each); use with --temperature > 0.", min=1)
     batch_size: int = opt(8, "Prompts generated together when piped.", min=1)
+    tools: list[str] = tools_option(
+        "when a reply calls it, chat runs it, shows the call and the result (piped: in the JSON line's messages) "
+        "and lets the model go on."
+    )
+    max_turns: Optional[int] = max_turns_option()
+    tool_timeout: float = tool_timeout_option()
     dtype: str = opt(
         "auto",
         "Weights dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16, float16.",

@@ -14,6 +14,7 @@ import torch
 from rlkit.data.formats import Messages
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import ChatTemplate
+from rlkit.data.tokenize import IGNORE
 
 
 @dataclass
@@ -37,12 +38,24 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 @dataclass
 class GeneratedReply:
     """One sample: the prompt's ids, the generated ids (through the first EOS, if any), the text,
-    and, when asked for, log π(completion | prompt) summed over those ids at temperature 1."""
+    and, when asked for, log π(completion | prompt) summed over those ids at temperature 1.
+
+    An episode with tools (`rlkit.tools.tool_episodes`) has tool turns among its `completion_ids`
+    (TRL's multi-turn convention): `mask` is then 1 on the ids the model sampled and 0 on the
+    appended ones, and a log-prob counts only the former. None: the model sampled every id."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
     text: str
     logp: float | None = None
+    mask: list[int] | None = None
+
+    @property
+    def sampled_labels(self) -> list[int]:
+        """The completion as labels: its ids where the model sampled them, IGNORE (-100) elsewhere."""
+        if self.mask is None:
+            return list(self.completion_ids)
+        return [t if m else IGNORE for t, m in zip(self.completion_ids, self.mask)]
 
 
 def generated_token_logps(step_logits: tuple[torch.Tensor, ...], generated: torch.Tensor) -> torch.Tensor:
