@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from rlkit.agents.options import check_tool_options, max_turns_option, tool_timeout_option, tools_option
 from rlkit.config import arg, check_config, opt
 from rlkit.errors import InputError
 from rlkit.output import check_creatable
@@ -80,10 +81,20 @@ class EvalConfig:
         min=2,
         panel="Data",
     )
-    max_new_tokens: int = opt(128, "Most tokens generated per completion (--prompts).", min=1)
+    max_new_tokens: int = opt(
+        128,
+        "Most tokens generated per completion (--prompts); with --tools the budget of the whole episode, tool turns included (as grpo's).",
+        min=1,
+    )
     temperature: float = opt(0.0, "Sampling temperature for --prompts (0: greedy).", min=0)
     top_p: float = opt(1.0, "Nucleus sampling for --prompts (1: off).", above=0, max=1)
     seed: int = opt(42, "Seed for sampling (--prompts); same seed, same completions.", min=0)
+    tools: list[str] = tools_option(
+        "with --prompts the model (and --baseline) answers in episodes as grpo's, the calls run and their results "
+        "appended, the rewards scored on the transcript, tool metrics reported."
+    )
+    max_turns: Optional[int] = max_turns_option()
+    tool_timeout: float = tool_timeout_option()
     batch_size: int = opt(8, "Sequences (or pairs) per forward pass.", min=1)
     limit: int = opt(0, "Evaluate only the first N records (0: all).", min=0)
     dtype: str = opt(
@@ -124,6 +135,11 @@ def question(config: EvalConfig) -> str:
         )
     if config.baseline and mode != "prompts":
         raise InputError(f"--baseline generates on the same prompts as MODEL (--prompts); --{mode} does not use it")
+    if config.tools and mode != "prompts":
+        raise InputError(
+            f"--tools runs the model's tool calls while it generates (--prompts); --{mode} does not use it"
+        )
+    check_tool_options(config.tools, config.max_turns)
     if config.ref and mode not in ("pairs", "prompts"):
         raise InputError(
             f"--ref is the reference policy of --pairs (implicit reward) and --prompts (KL); --{mode} does not use it"

@@ -52,8 +52,9 @@ COMPLETION_LOGPS = LogpsSpec(_completion_sums, unit="completions")  # what eval'
 def completion_logps(
     model: Any, rollouts: list[GeneratedReply], pad_id: int, batch_size: int, reference: Reference | None = None
 ) -> list[float]:
-    """log π(completion | prompt) summed over each rollout's generated tokens: the model's own,
-    or, given its `reference` (a `COMPLETION_LOGPS` strategy), the reference's."""
+    """log π(completion | prompt) summed over each rollout's generated tokens (the model's own
+    tokens of an episode with tools, not its tool turns): the model's own, or, given its
+    `reference` (a `COMPLETION_LOGPS` strategy), the reference's."""
     device = model_device(model)
     sums: list[float] = []
     for start in range(0, len(rollouts), batch_size):
@@ -63,7 +64,7 @@ def completion_logps(
             rows.append(
                 {
                     "input_ids": ids,
-                    "labels": [IGNORE] * len(r.prompt_ids) + r.completion_ids,
+                    "labels": [IGNORE] * len(r.prompt_ids) + r.sampled_labels,
                     "position_ids": list(range(len(ids))),
                 }
             )

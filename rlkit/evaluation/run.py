@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import gc
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlkit.agents.setup import Agents, load_agents
 from rlkit.console import info
 from rlkit.data.prompts import PromptRows
-from rlkit.data.templates import resolve_template
+from rlkit.data.templates import ChatTemplate, resolve_template
 from rlkit.errors import InputError
 from rlkit.evaluation import data as eval_data
 from rlkit.evaluation.config import EvalConfig, question
@@ -49,6 +51,7 @@ from rlkit.preference.reference import (
 )
 from rlkit.scoring import RewardBatch, load_sequence_classifier
 from rlkit.tools.generation import GeneratedReply, SamplingConfig, generate_rollouts
+from rlkit.tools.tool_episodes import ToolEpisodes, generate_with_tools
 
 Result = tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[float]]]  # metrics, examples, distributions
 
@@ -136,15 +139,50 @@ def rollout_batch(prompts: PromptRows, rollouts: list[GeneratedReply]) -> Reward
     )
 
 
+@dataclass(frozen=True)
+class Generating:
+    """How a model generates: its tokenizer and template, and its tools (None without --tools),
+    loaded and checked (the template included) from the tokenizer alone, before any weights load."""
+
+    tokenizer: Any
+    template: ChatTemplate
+    agents: Agents | None
+
+
+def generating(config: EvalConfig, name: str, source: ModelSource) -> Generating:
+    tokenizer = load_tokenizer(source)
+    template = resolve_template(config.template, tokenizer, name)
+    agents = None
+    if config.tools:
+        agents = load_agents(config.tools, None, tokenizer, template, config.max_turns, config.tool_timeout or None)
+    return Generating(tokenizer, template, agents)
+
+
+def generate_replies(
+    model: Any, how: Generating, prompts: PromptRows, sampling: SamplingConfig, seed: int, with_logps: bool = False
+) -> tuple[list[GeneratedReply], ToolEpisodes | None]:
+    """One reply per prompt, and with --tools the episodes they are (grpo's sampler: the tool turns
+    among the ids, masked; the transcript as the text; `with_logps` is then left to a forward)."""
+    if how.agents is None:
+        replies = generate_rollouts(
+            model, how.tokenizer, how.template, prompts.conversations, sampling, seed=seed, with_logps=with_logps
+        )
+        return replies, None
+    episodes = generate_with_tools(model, how.tokenizer, how.agents, prompts, sampling, seed=seed)
+    return episodes.replies(), episodes
+
+
 def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype) -> Result:
     if is_reward_model(source):
         raise InputError(
             f"{config.model} is a reward model; --prompts generates with a policy (pass the RM as --reward)"
         )
     given, prompts = eval_data.read_prompts(config.prompts or "", config.columns, config.limit)
-    conversations = prompts.conversations
-    tokenizer = load_tokenizer(source)
-    template = resolve_template(config.template, tokenizer, config.model or "")
+    policy_side = generating(config, config.model or "", source)
+    tokenizer, template = policy_side.tokenizer, policy_side.template
+    baseline_side = None
+    if config.baseline:  # the baseline's template and tools are checked now too, not after minutes of generation
+        baseline_side = generating(config, config.baseline, resolve_source(config.baseline))
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size)
     # A function reward is imported now, so a typo fails before minutes of generation; a reward
     # model is only checked now and loaded after the policy is gone.
@@ -166,8 +204,8 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         )
     policy = load_causal_lm_for_inference(source, dtype)
     ref = _reference(config, source, tokenizer, dtype, required=False, spec=COMPLETION_LOGPS)
-    rollouts = generate_rollouts(
-        policy, tokenizer, template, conversations, sampling, seed=config.seed, with_logps=ref is not None
+    rollouts, episodes = generate_replies(
+        policy, policy_side, prompts, sampling, config.seed, with_logps=ref is not None
     )
     metrics: dict[str, Any] = {
         "question": "generation",
@@ -182,26 +220,30 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
     }
+    if config.tools:
+        metrics["settings"] |= {
+            "tools": list(config.tools),
+            "max_turns": config.max_turns,
+            "tool_timeout": config.tool_timeout,
+        }
     kl = None
     if ref is not None:
         reference, described = ref
         info(f"reference for KL: {described}")
-        policy_logps = [float(r.logp) for r in rollouts]  # type: ignore[arg-type]  # with_logps: every one has it
+        if episodes is None:
+            policy_logps = [float(r.logp) for r in rollouts]  # type: ignore[arg-type]  # with_logps: every one has it
+        else:  # over the model's own tokens of each episode
+            policy_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size)
         ref_logps = completion_logps(policy, rollouts, tokenizer.pad_token_id, config.batch_size, reference)
         kl = [p - r for p, r in zip(policy_logps, ref_logps)]
         metrics["ref"] = described
         del reference, ref
     del policy
     _free()
-    baseline_rollouts = None
-    if config.baseline:
-        base_source = resolve_source(config.baseline)
-        base_tokenizer = load_tokenizer(base_source)
-        base_template = resolve_template(config.template, base_tokenizer, config.baseline)
-        baseline = load_causal_lm_for_inference(base_source, dtype)
-        baseline_rollouts = generate_rollouts(
-            baseline, base_tokenizer, base_template, conversations, sampling, seed=config.seed
-        )
+    baseline_rollouts, baseline_episodes = None, None
+    if config.baseline and baseline_side is not None:
+        baseline = load_causal_lm_for_inference(resolve_source(config.baseline), dtype)
+        baseline_rollouts, baseline_episodes = generate_replies(baseline, baseline_side, prompts, sampling, config.seed)
         del baseline
         _free()
     if reward is None:
@@ -210,6 +252,8 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
     metrics |= score_summary(scores)
     metrics["mean_length_tokens"] = statistics.fmean(len(r.completion_ids) for r in rollouts)
     metrics["mean_length_chars"] = statistics.fmean(len(r.text) for r in rollouts)
+    if episodes is not None:
+        metrics |= episodes.metrics
     if kl is not None:
         metrics |= kl_summary(kl)
     distributions = {"policy": scores}
@@ -220,6 +264,9 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
         metrics["baseline_score_mean"] = statistics.fmean(baseline_scores)
         metrics["baseline_score_median"] = float(statistics.median(baseline_scores))
         metrics["baseline_mean_length_tokens"] = statistics.fmean(len(r.completion_ids) for r in baseline_rollouts)
+        if baseline_episodes is not None:
+            for key in ("tools/call_frequency", "tools/failure_frequency"):
+                metrics[f"baseline_{key}"] = baseline_episodes.metrics[key]
         metrics["win_rate"] = win_rate(scores, baseline_scores)
         distributions["baseline"] = baseline_scores
     examples = []
@@ -230,6 +277,8 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
             "score": score,
             "length_tokens": len(rollout.completion_ids),
         }
+        if episodes is not None:  # the exchange after the prompt: the calls and what they answered
+            example |= {"turns": episodes.samples.turns[i], "messages": episodes.samples.exchanges[i]}
         if kl is not None:
             example["kl"] = kl[i]
         if baseline_rollouts is not None:
