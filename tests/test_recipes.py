@@ -53,6 +53,7 @@ RECIPES = {
     },
     "kto-iterated": {"kto-1": ADAPTER + CARD, "kto-2": ADAPTER + CARD, "kto-3": ADAPTER + CARD},
     "grpo-arithmetic": {"sft": ADAPTER + CARD, "grpo": ADAPTER + ("samples.jsonl",) + CARD},
+    "grpo-tools": {"eval": ("report.json",), "sft": ADAPTER + CARD, "grpo": ADAPTER + ("samples.jsonl",) + CARD},
     "distill": {
         "eval/teacher": ("report.json",),
         "eval/student": ("report.json",),
@@ -60,7 +61,11 @@ RECIPES = {
     },
 }
 # recipe name -> the make variables it needs besides MODEL at the smallest scale
-NEEDS = {"distill": {"TEACHER": "{model}"}}
+NEEDS = {
+    "distill": {"TEACHER": "{model}"},
+    # the calculator's schema in every prompt's system turn: ~550 tiny-tokenizer tokens
+    "grpo-tools": {"MAX_LENGTH": "600"},
+}
 
 # recipe name -> {file the recipe wrote under OUT/data: columns of the original dataset's layout}
 CONVERTED_DATA = {
