@@ -217,3 +217,19 @@ def test_the_demo_calculator_evaluates_arithmetic_and_nothing_else():
     ]:
         with pytest.raises(ValueError, match=reason):
             calculator(expression)
+
+
+def test_piped_samples_with_tools_are_seeded(tiny_model_dir, monkeypatch):
+    """--n samples per prompt through the episode sampler, the same for the same --seed (the random
+    tiny model writes no call: every episode is one turn)."""
+    options = (*TOOLS, "--n", "2", "--temperature", "1", "--max-new-tokens", "6")
+    runs = [_chat(tiny_model_dir, monkeypatch, "hi\nWhat is 2 + 2?\n", *options, "--seed", str(s)) for s in (3, 3, 4)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr
+    first = [json.loads(line) for line in runs[0].stdout.splitlines()]
+    assert [(r["prompt"], r["sample"], r["turns"]) for r in first] == [
+        ("hi", 0, 1),
+        ("hi", 1, 1),
+        ("What is 2 + 2?", 0, 1),
+        ("What is 2 + 2?", 1, 1),
+    ]
+    assert runs[0].stdout == runs[1].stdout != runs[2].stdout
