@@ -26,10 +26,11 @@ def tools_option(what: str) -> Any:
     )
 
 
-def max_turns_option() -> Any:
+def max_turns_option(unit: str = "reply") -> Any:
+    """`--max-turns`: the cap on tool-calling rounds per `unit` (a reply, grpo's episode)."""
     return opt(
         None,
-        "Most tool-calling rounds per reply (grpo's --max-turns, TRL's max_tool_calling_iterations; "
+        f"Most tool-calling rounds per {unit} (TRL's max_tool_calling_iterations; "
         "default: no limit but --max-new-tokens); calls made after it are left unanswered.",
         min=1,
     )

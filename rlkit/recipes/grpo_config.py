@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from rlkit.agents.options import max_turns_option, tool_timeout_option, tools_option
 from rlkit.config import arg, opt
 from rlkit.losses.advantages import estimator_help
 from rlkit.losses.group_advantages import GROUP_ESTIMATORS, REWARD_AGGREGATIONS
@@ -42,22 +43,15 @@ class GRPOConfig(TrainConfig):
         + ".",
         choices=REWARD_AGGREGATION_NAMES,
     )
-    tools: list[str] = opt(
-        [],
-        "Tool (repeatable): module:function, a typed function with a Google-style docstring (TRL's tools=); the model calls it in <tool_call> blocks and reads its result in a tool turn, for up to --max-turns rounds. Needs a template with tool turns (--template chatml-tools).",
+    tools: list[str] = tools_option(
+        "the model calls it in <tool_call> blocks and reads its result in a tool turn, for up to --max-turns rounds."
     )
     env: Optional[str] = opt(
         None,
         "Environment: module:Class (TRL's environment_factory): one instance per concurrent episode, reset(**row) before each (None, or text appended to the prompt), its public methods the tools; an optional get_reward() is one more reward (weight 1, named after the class; then --reward is optional).",
     )
-    max_turns: Optional[int] = opt(
-        None,
-        "Most tool-calling rounds per episode (TRL's max_tool_calling_iterations; default: no limit but --max-new-tokens).",
-        min=1,
-    )
-    tool_timeout: float = opt(
-        30.0, "Seconds a tool call may run before it is answered with a timeout message (0: no limit, as TRL).", min=0
-    )
+    max_turns: Optional[int] = max_turns_option("episode")
+    tool_timeout: float = tool_timeout_option()
     ref: Optional[str] = opt(
         None,
         "Reference model for --beta (default: the starting policy -- with LoRA the base with the adapter disabled, no second copy).",
