@@ -372,11 +372,12 @@ class Distillation:
         ]
 
     def step_line(self, rl_step: int, metrics: dict[str, float], generation_s: float, training_s: float) -> str:
+        """The rollout's side of the step (the engine's progress line shows the loss, the divergence)."""
         nan = float("nan")
         return (
             f"distill step {rl_step + 1} ({'on' if metrics.get('on_policy', 1.0) else 'off'}-policy): "
-            f"divergence {metrics.get('divergence', nan):.4f}  agreement {metrics.get('teacher_agreement', nan):.3f}  "
-            f"len {metrics.get('completion_length/mean', nan):.1f}  gen {generation_s:.1f}s train {training_s:.1f}s"
+            f"len {metrics.get('completion_length/mean', nan):.1f}  truncated {metrics.get('frac_truncated', nan):.2f}  "
+            f"gen {generation_s:.1f}s train {training_s:.1f}s"
         )
 
 
