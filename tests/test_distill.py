@@ -270,3 +270,68 @@ def test_a_teacher_that_cannot_grade_the_student_is_refused(models, tiny_model_d
     del args[3:5]
     result = run_cli(*args)
     assert result.returncode == 2 and "--teacher" in result.stderr, result.stderr
+
+
+SMOLLM2 = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason="needs the demo model (`make demo-model`)")
+def test_efficacy_smollm2_student_recovers_the_teachers_format(tmp_path):
+    """examples/distill.mk at a smaller scale: a teacher taught the demo's answer format by the demo's
+    SFT stage, distilled into a fresh LoRA on the same base from prompts alone; on the 96 held-out
+    prompts the student's format rate rises over the base's with a 95% interval above zero."""
+    from rlkit.demo.transfer import transfer_rows
+
+    base = tmp_path / "base"
+    subprocess.run(
+        [sys.executable, "-m", "rlkit.demo.dequantize", str(SMOLLM2), str(base)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    steps = [
+        ["sft", str(base), str(DEMO_DATA / "sft.jsonl"), "-o", str(teacher), "--max-length", "256",
+         "--max-steps", "16", "--batch-size", "4", "--lr", "5e-4", "--warmup-steps", "2"],
+        ["distill", str(base), str(DEMO_DATA / "prompts.jsonl"), "--teacher", str(teacher), "-o", str(student),
+         "--max-length", "128", "--max-new-tokens", "32", "--batch-size", "8", "--max-steps", "30",
+         "--lr", "5e-4", "--beta", "0.5", "--sample-every", "10"],
+    ]  # fmt: skip
+    for args in steps:
+        result = run_cli(*args, timeout=3600)
+        assert result.returncode == 0, result.stderr
+    evals = tmp_path / "eval"
+    common = ["--prompts", str(DEMO_DATA / "eval_prompts.jsonl"), "--reward", "rlkit.demo.task:reward",
+              "--max-new-tokens", "32", "--batch-size", "48"]  # fmt: skip
+    for model, extra in ((teacher, ["--baseline", str(base)]), (student, [])):
+        result = run_cli("eval", str(model), *common, *extra, "--output-dir", str(evals / model.name), timeout=3600)
+        assert result.returncode == 0, result.stderr
+    divergence = [m["divergence"] for m in _metrics(student)]
+    assert sum(divergence[-5:]) < sum(divergence[:5]), divergence
+    rows = {row.target: row for row in transfer_rows(evals)}
+    form = rows["format"]
+    assert form.teacher > 0.8, form
+    assert form.change.low > 0, form  # the student's format rate rose over the base's, 95% interval above 0
+
+
+def test_tools_on_policy_episodes_are_distilled_with_tool_turns_left_out(models, tmp_path):
+    """--tools: the student's on-policy samples are episodes (grpo's sampler), some first turns
+    rewritten into a call of add; the run logs the calls and the teacher grades only the student's
+    own tokens (the tool turns have mask 0: `response_tokens` counts fewer than the episodes hold)."""
+    from test_grpo_tools import ADD_CALL, END, SCRIPTED_FIRST_TURNS
+
+    student, teacher = models
+    (tmp_path / "scripted_first_turns.py").write_text(SCRIPTED_FIRST_TURNS)
+    out = tmp_path / "tools"
+    args = _args(student, teacher, out, "--template", "chatml-tools", "--tools", "scripted_first_turns:add")
+    args += ["--max-new-tokens", "96", "--max-length", "1000", "--max-steps", "2", "--max-turns", "1"]
+    env = {"SCRIPTED_MODEL": str(student), "PYTHONPATH": str(tmp_path)}
+    result = run_cli(*args, env=env, cwd=tmp_path, process=True)  # the script patches generate: its own process
+    assert result.returncode == 0, result.stderr
+    assert ADD_CALL and END  # the script rewrites first turns into this call, ended as chatml-tools ends a turn
+    metrics = _metrics(out)
+    assert sum(m["tools/calls"] for m in metrics) > 0, metrics
+    for m in metrics:
+        assert m["tools/appended_tokens/mean"] >= 0 and m["divergence"] >= 0
+    assert any(m["tools/appended_tokens/mean"] > 0 for m in metrics)
+    card = (out / "README.md").read_text()
+    assert "scripted_first_turns:add" in card

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlkit.console import warn
+from rlkit.console import info, warn
 from rlkit.data.formats import Messages, as_messages
 from rlkit.data.templates import ChatTemplate, prompt_text
 from rlkit.data.tokenize import IGNORE, char_budget, finish_ids, wants_bos
@@ -120,14 +120,27 @@ def prompts_that_fit(
     return kept, encoded
 
 
-def rollout_prompts(config: Any, tokenizer: Any) -> tuple[ChatTemplate, PromptRows, list[list[int]]]:
+def rollout_prompts(config: Any, tokenizer: Any) -> tuple[ChatTemplate, PromptRows, list[list[int]], Any]:
     """What every recipe that samples from its policy starts from: the policy's chat template
     (--template), the prompt records of --data (--columns) that leave --max-new-tokens of room in
-    --max-length, and their token ids."""
+    --max-length, their token ids, and the episodes' tools and environment (`rlkit.agents.setup.Agents`,
+    None without --tools/--env; loaded and checked from the tokenizer alone, before any weights).
+    With tools the prompts are encoded with the schemas shown in them (the system turn grows by
+    every schema), and the room is measured on that."""
     from rlkit.data.templates import resolve_template
 
     template = resolve_template(config.template, tokenizer, config.model or "the policy")
     prompts = load_prompt_rows(config.data, config.columns)
     room = config.max_length - config.max_new_tokens
     kept, encoded = prompts_that_fit(tokenizer, template, prompts.conversations, room)
-    return template, prompts.select(kept), encoded
+    prompts = prompts.select(kept)
+    agents = None
+    tools, env = getattr(config, "tools", []), getattr(config, "env", None)
+    if tools or env:
+        from rlkit.agents.setup import load_agents
+
+        agents = load_agents(tools, env, tokenizer, template, config.max_turns, config.tool_timeout or None)
+        kept, encoded = agents.encode_prompts(tokenizer, prompts, room)
+        prompts = prompts.select(kept)
+        info(f"episodes: {agents.describe()}")
+    return template, prompts, encoded, agents

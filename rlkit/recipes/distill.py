@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
+from rlkit.agents.setup import Agents
 from rlkit.console import info
 from rlkit.data.formats import Messages, as_messages
 from rlkit.data.prepare import tokenizer_fingerprint
@@ -43,6 +44,7 @@ from rlkit.preference.reference import sharded_like_policy
 from rlkit.recipes.distill_config import DistillConfig
 from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
+from rlkit.training.episodes import EpisodeSamples, episode_metrics, sample_episodes
 from rlkit.training.logprobs import output_layer_swapped, positions_from_mask, response_logprobs
 from rlkit.training.rollout import (
     Rollout,
@@ -278,10 +280,12 @@ class Distillation:
         teacher: torch.nn.Module,
         replies: list[list[int]] | None,
         generation_rows: int,
+        agents: Agents | None = None,
     ):
-        """`generation_rows`: the rows per `generate` call, as the run's plan has them."""
+        """`generation_rows`: the rows per `generate` call, as the run's plan has them; `agents` the
+        tools and environment of multi-turn episodes (--tools / --env), None for single turns."""
         c = config
-        self.c, self.inputs, self.teacher, self.replies = config, inputs, teacher, replies
+        self.c, self.inputs, self.teacher, self.replies, self.agents = config, inputs, teacher, replies, agents
         acc = inputs.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
         self.rollout_size = c.batch_size * c.grad_accum
@@ -313,7 +317,9 @@ class Distillation:
         indices = prompt_indices(n, rl_step, c.seed, self.rollout_size, c.num_generations, self.rank, self.world)
         # 2. the completions: the student samples them (on-policy) or the data's own (off-policy)
         on_policy = self.on_policy(rl_step)
-        if on_policy:
+        if on_policy and self.agents is not None:  # episodes: tool turns appended with mask 0
+            samples = sample_episodes(inputs, wrapper, indices, rl_step, self.sampling, self.agents)
+        elif on_policy:
             samples = sample(inputs, wrapper, indices, rl_step, self.sampling)
         else:
             assert self.replies is not None
@@ -345,7 +351,12 @@ class Distillation:
         inputs, s = self.inputs, rollout.samples
         assert isinstance(rollout, DistillRollout)
         lengths = inputs.gather(s.response_mask.sum(1).float())
+        tools = {}
+        if self.agents is not None:  # every process takes this branch alike (the step's kind is shared)
+            episodes = s if isinstance(s, EpisodeSamples) else None
+            tools = episode_metrics(inputs, episodes, self.agents.tool_names) if episodes is not None else {}
         return {
+            **tools,
             "on_policy": float(rollout.on_policy),
             "completion_length/mean": float(lengths.mean()),
             "completion_length/min": float(lengths.min()),
@@ -481,6 +492,8 @@ def _check(config: DistillConfig) -> None:
         )
     if config.eval_data or config.eval_fraction:
         raise InputError("distill has no held-out loss to evaluate; measure the student with `rlkit eval`")
+    if config.max_turns is not None and not (config.tools or config.env):
+        raise InputError(f"--max-turns {config.max_turns} caps tool-calling rounds; give --tools or --env as well")
 
 
 def run_distill(config: DistillConfig) -> Path | None:
@@ -497,7 +510,7 @@ def run_distill(config: DistillConfig) -> Path | None:
     check_rollout_layout(config, world)
     # 2. the prompts (and their own completions for off-policy steps), the teacher's compatibility
     tokenizer = run.load_tokenizer()
-    template, prompts, encoded = rollout_prompts(config, tokenizer)
+    template, prompts, encoded, agents = rollout_prompts(config, tokenizer)  # agents: --tools / --env
     replies = recorded_replies(config, tokenizer, template, prompts) if config.lmbda < 1 else None
     prompts_per_step = prompts_per_rollout(config, world, len(prompts.conversations))
     teacher_source = check_teacher(config, run.source, tokenizer)
@@ -515,7 +528,7 @@ def run_distill(config: DistillConfig) -> Path | None:
     # 4. train: a rollout per step (Distillation.collect), one update on it
     inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)
     assert plan.generation is not None
-    algorithm = Distillation(config, inputs, teacher, replies, generation_rows=plan.generation.rows)
+    algorithm = Distillation(config, inputs, teacher, replies, plan.generation.rows, agents)
     objective = DistillObjective(config, teacher, teacher_head)
     loop = RolloutSteps(algorithm, config, run, objective, steps, epochs=1, mini_batches=1)
     default_lr = 1e-5 if config.lora else 1e-6
@@ -527,7 +540,8 @@ def run_distill(config: DistillConfig) -> Path | None:
         f"- teacher: `{config.teacher}` ({config.teacher_precision} precision)\n"
         f"- loss: generalized JSD, beta {config.beta} (0 forward KL, 1 reverse KL), temperature {config.temperature}\n"
         f"- on-policy fraction (lmbda): {config.lmbda}; {config.num_generations} completion(s) per prompt\n"
-        f"- samples: `{SAMPLES_FILE}`\n\n"
+        + (f"- episodes: {agents.describe()}\n" if agents is not None else "")
+        + f"- samples: `{SAMPLES_FILE}`\n\n"
     )
     return run.finish(
         tokenizer,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from rlkit.agents.options import max_turns_option, tool_timeout_option, tools_option
 from rlkit.config import arg, opt
 from rlkit.training.options import TrainConfig
 
@@ -50,6 +51,15 @@ class DistillConfig(TrainConfig):
         min=0,
         max=1,
     )
+    tools: list[str] = tools_option(
+        "on on-policy steps the student calls it in <tool_call> blocks and reads its result in a tool turn, which the teacher's divergence leaves out (mask 0), for up to --max-turns rounds."
+    )
+    env: Optional[str] = opt(
+        None,
+        "Environment: module:Class (TRL's environment_factory): one instance per concurrent episode, reset(**row) before each, its public methods the student's tools (a get_reward() is not used: the teacher is the signal).",
+    )
+    max_turns: Optional[int] = max_turns_option("episode")
+    tool_timeout: float = tool_timeout_option()
     max_steps: Optional[int] = opt(
         None, "Stop after this many distillation steps (default: --epochs passes over the prompts).", min=1
     )

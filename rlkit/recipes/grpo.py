@@ -53,7 +53,7 @@ import torch
 from accelerate.utils import set_seed
 
 from rlkit.agents.environment import EnvironmentReward
-from rlkit.agents.setup import Agents, load_agents
+from rlkit.agents.setup import Agents
 from rlkit.console import info
 from rlkit.data.prompts import rollout_prompts
 from rlkit.errors import InputError
@@ -437,17 +437,9 @@ def run_grpo(config: GRPOConfig) -> Path | None:
     check_rollout_layout(config, world)
     # 2. the prompts that leave room for a completion, and how many GRPO steps they make
     tokenizer = run.load_tokenizer()
-    template, prompts, encoded = rollout_prompts(config, tokenizer)
-    agents = None
-    if config.tools or config.env:  # checked from the tokenizer alone (tools, environment, template)
-        agents = load_agents(
-            config.tools, config.env, tokenizer, template, config.max_turns, config.tool_timeout or None
-        )
-        if not config.reward and not (agents.environment and agents.environment.has_reward):
-            raise InputError(f"missing --reward: --env {config.env} has no get_reward() to score its episodes")
-        kept, encoded = agents.encode_prompts(tokenizer, prompts, config.max_length - config.max_new_tokens)
-        prompts = prompts.select(kept)
-        info(f"episodes: {agents.describe()}")
+    template, prompts, encoded, agents = rollout_prompts(config, tokenizer)  # agents: --tools / --env
+    if agents is not None and not config.reward and not (agents.environment and agents.environment.has_reward):
+        raise InputError(f"missing --reward: --env {config.env} has no get_reward() to score its episodes")
     conversations = prompts.conversations
     prompts_per_step = prompts_per_rollout(config, world, len(conversations))
     steps = config.max_steps or config.epochs * (len(conversations) // prompts_per_step)

@@ -66,7 +66,7 @@ def run_ppo(config: PPOConfig) -> Path | None:
     set_seed(config.seed)
     # 2. the prompts that leave room for a response, and how many PPO steps they make
     tokenizer = run.load_tokenizer()
-    template, prompts, encoded = rollout_prompts(config, tokenizer)
+    template, prompts, encoded, _ = rollout_prompts(config, tokenizer)  # ppo takes no --tools
     conversations = prompts.conversations
     rollout_size = config.batch_size * config.grad_accum * config.mini_batches
     world = run.accelerator.num_processes
