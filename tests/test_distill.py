@@ -198,8 +198,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_log_what_one_process_logs(models, tmp_path):
-    """The same global batch on two gloo processes: the same samples, divergences and agreement as one."""
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_log_what_one_process_logs(models, tmp_path, sharding):
+    """The same global batch on two gloo processes (DDP; FSDP2, the teacher sharded like a frozen
+    reference): the same samples, divergences and agreement as one process."""
     from equivalence import reduction_bound
 
     student, teacher = models
@@ -211,7 +213,13 @@ def test_two_processes_log_what_one_process_logs(models, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [*launch, str(_free_port()), "-m", "rlkit", *_args(student, teacher, two, *common, "--grad-accum", "2")],
+        [
+            *launch,
+            str(_free_port()),
+            "-m",
+            "rlkit",
+            *_args(student, teacher, two, *common, "--grad-accum", "2", *sharding),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -219,6 +227,8 @@ def test_two_processes_log_what_one_process_logs(models, tmp_path):
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
+    if sharding:
+        assert "fsdp: teacher on process 1 of 2 holds" in result.stderr
     a, b = _metrics(one), _metrics(two)
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
