@@ -541,3 +541,51 @@ def test_two_processes_log_what_one_process_logs_with_tools(tiny_model_dir, user
         ):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+
+
+ANSWER_LETTERS = textwrap.dedent(
+    '''
+
+    def answer_letters(completions, **kwargs):
+        """The share of ASCII letters and spaces in what the policy wrote after the tool's result (all
+        of it where it made no call)."""
+        scores = []
+        for c in completions:
+            text = c.rsplit("[tool add]", 1)[-1].split("\\n", 1)[-1] if "[tool add]" in c else c
+            scores.append(sum(ch.isascii() and (ch.isalpha() or ch == " ") for ch in text) / max(len(text), 1))
+        return scores
+    '''
+)
+
+
+def test_the_reward_rises_through_tool_episodes(tiny_model_dir, user_code, tmp_path):
+    """Training through multi-turn episodes: some first turns are a scripted call of add (the real
+    sampler, rewritten as the seeds decide), the tool turn is appended with mask 0, the policy goes on
+    after it; a rule-based reward on what the policy wrote after the tool's result (the share of
+    letters, as test_grpo's efficacy test) rises within 20 steps, with tool calls made throughout."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    (tmp_path / "scripted_first_turns.py").write_text(SCRIPTED_FIRST_TURNS + ANSWER_LETTERS)
+    out = tmp_path / "rises"
+    command = [
+        sys.executable, "-m", "rlkit", "grpo", str(tiny_model_dir), str(PROMPTS), "-o", str(out),
+        "--template", "tools.jinja", "--tools", "scripted_first_turns:add", "--max-turns", "1",
+        "--reward", "scripted_first_turns:answer_letters", "--max-steps", "20", "--batch-size", "8", "--grad-accum", "2",
+        "--num-generations", "8", "--max-new-tokens", "128", "--max-length", "600", "--sample-every", "0",
+        "--lr", "1e-2", "--full", "--precision", "fp32",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SCRIPTED_MODEL": str(tiny_model_dir),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(tests)]),
+    }
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summaries = [m for m in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if "reward/mean" in m]  # fmt: skip
+    rewards = [m["reward/mean"] for m in summaries]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
+    assert all(m["tools/calls"] > 0 for m in summaries[:5]), [m["tools/calls"] for m in summaries]
