@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,3 +223,31 @@ def run_in_process(
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def interrupted_after(monkeypatch, run: Callable[[Any], Any], config: Any, checkpoint: str, metric_lines: int) -> Path:
+    """OUT.partial as a run left it when interrupted right after `checkpoint`: `run(config)` goes to the
+    end but its last write (the rename to OUT) fails, then every later checkpoint and all but the first
+    `metric_lines` lines of the metrics log are removed. `--resume` continues from there; the resume
+    tests compare its result with an uninterrupted run's. Returns OUT.partial."""
+    import shutil
+
+    import rlkit.training.run as run_module
+    from rlkit.errors import RunError
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RunError("simulated crash before the output was written")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "finalize", crash)
+        with pytest.raises(RunError):
+            run(config)
+    partial = Path(f"{config.output}.partial")
+    checkpoints = sorted(p.name for p in (partial / "checkpoints").iterdir())
+    assert checkpoint in checkpoints, checkpoints
+    for name in checkpoints:
+        if name != checkpoint:
+            shutil.rmtree(partial / "checkpoints" / name)
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:metric_lines]))
+    return partial

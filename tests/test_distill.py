@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO, build_model, build_tokenizer, run_cli, write_jsonl
+from conftest import DEMO_DATA, REPO, build_model, build_tokenizer, interrupted_after, run_cli, write_jsonl
 
 PROMPTS = DEMO_DATA / "grpo_prompts.jsonl"
 
@@ -145,8 +144,6 @@ def test_lmbda_mixes_on_and_off_policy_steps(models, tmp_path):
 def test_resume_is_bit_identical(models, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import rlkit.training.run as run_module
-    from rlkit.errors import RunError
     from rlkit.recipes.distill import run_distill
     from rlkit.recipes.distill_config import DistillConfig
 
@@ -164,22 +161,7 @@ def test_resume_is_bit_identical(models, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     run_distill(config(whole))
     out = tmp_path / "resumed"
-    real_finalize = run_module.finalize
-
-    def crash(*args, **kwargs):
-        raise RunError("simulated crash before the output was written")
-
-    monkeypatch.setattr(run_module, "finalize", crash)
-    with pytest.raises(RunError):
-        run_distill(config(out))
-    partial = tmp_path / "resumed.partial"
-    checkpoints = sorted(p.name for p in (partial / "checkpoints").iterdir())
-    for name in checkpoints:
-        if name != "step-0000001":
-            shutil.rmtree(partial / "checkpoints" / name)
-    lines = (partial / "metrics.jsonl").read_text().splitlines()
-    (partial / "metrics.jsonl").write_text(lines[0] + "\n")
-    monkeypatch.setattr(run_module, "finalize", real_finalize)
+    interrupted_after(monkeypatch, run_distill, config(out), "step-0000001", 1)
     run_distill(config(out, resume=True))
 
     expected, got = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO, run_cli, write_jsonl
+from conftest import DEMO_DATA, REPO, interrupted_after, run_cli, write_jsonl
 
 PROMPTS = DEMO_DATA / "grpo_prompts.jsonl"
 TESTS = Path(__file__).parent
@@ -306,8 +305,6 @@ def test_two_processes_log_what_one_process_logs(tiny_model_dir, tmp_path):
 def test_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import rlkit.training.run as run_module
-    from rlkit.errors import RunError
     from rlkit.recipes.grpo import run_grpo
 
     common = dict(max_steps=3, save_every=1, lr=1e-2, lora=False, num_iterations=2, beta=0.1)
@@ -315,24 +312,8 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
     run_grpo(_config(tiny_model_dir, whole, **common))
 
     out = tmp_path / "resumed"
-    real_finalize = run_module.finalize
-
-    def crash(*args, **kwargs):
-        raise RunError("simulated crash before the output was written")
-
-    monkeypatch.setattr(run_module, "finalize", crash)
-    with pytest.raises(RunError):
-        run_grpo(_config(tiny_model_dir, out, **common))
-    partial = tmp_path / "resumed.partial"
-    checkpoints = sorted(p.name for p in (partial / "checkpoints").iterdir())
-    assert "step-0000002" in checkpoints, checkpoints  # after GRPO step 1 (two updates)
-    # forget everything after GRPO step 1 (engine step 2): resume from that checkpoint
-    for name in checkpoints:
-        if name != "step-0000002":
-            shutil.rmtree(partial / "checkpoints" / name)
-    lines = (partial / "metrics.jsonl").read_text().splitlines()
-    (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
-    monkeypatch.setattr(run_module, "finalize", real_finalize)
+    # interrupted after GRPO step 1 (engine step 2: two updates), resumed from that checkpoint
+    interrupted_after(monkeypatch, run_grpo, _config(tiny_model_dir, out, **common), "step-0000002", 2)
     run_grpo(_config(tiny_model_dir, out, resume=True, **common))
 
     expected, got = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))

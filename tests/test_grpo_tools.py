@@ -9,7 +9,6 @@ real sampler and only rewrites some first turns into calls, so the seeds still d
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import textwrap
 from dataclasses import replace
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEMO_DATA, run_cli
+from conftest import DEMO_DATA, interrupted_after, run_cli
 
 from rlkit.data.templates import shipped_template
 from rlkit.training.plots import select_panels
@@ -389,8 +388,6 @@ def test_resume_with_tools_is_bit_identical(tiny_model_dir, user_code, tmp_path,
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    import rlkit.training.run as run_module
-    from rlkit.errors import RunError
     from rlkit.recipes.grpo import run_grpo
     from rlkit.recipes.grpo_config import GRPOConfig
 
@@ -426,22 +423,7 @@ def test_resume_with_tools_is_bit_identical(tiny_model_dir, user_code, tmp_path,
     assert _summary(whole)["tools/calls"] > 0
 
     out = tmp_path / "resumed"
-    real_finalize = run_module.finalize
-
-    def crash(*args, **kwargs):
-        raise RunError("simulated crash before the output was written")
-
-    monkeypatch.setattr(run_module, "finalize", crash)
-    with pytest.raises(RunError):
-        run_grpo(config(out))
-    partial = tmp_path / "resumed.partial"
-    checkpoints = sorted(p.name for p in (partial / "checkpoints").iterdir())
-    for name in checkpoints:  # resume from the end of GRPO step 1 (engine step 2)
-        if name != "step-0000002":
-            shutil.rmtree(partial / "checkpoints" / name)
-    lines = (partial / "metrics.jsonl").read_text().splitlines()
-    (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
-    monkeypatch.setattr(run_module, "finalize", real_finalize)
+    interrupted_after(monkeypatch, run_grpo, config(out), "step-0000002", 2)
     run_grpo(config(out, resume=True))
 
     expected, got = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))
