@@ -4,6 +4,7 @@
     python bench/grpo.py --models tiny,smollm2            # also SmolLM2-135M-Instruct, LoRA (needs `make demo-model`)
     python bench/grpo.py --models smollm2 --smollm2-full --precision bf16
     python bench/grpo.py --repeats 1 --steps 3 --no-doc   # a quick look, table on stdout only
+    python bench/grpo.py --tools --models smollm2 --repeats 2   # the tools row: multi-turn episodes with a calculator
 
 Every configuration runs in its own process, one after another, with one torch thread
 (--threads). Both trainers are measured the same way: `GenerationMixin.generate` is wrapped to
@@ -28,6 +29,23 @@ is each trainer's own (rlkit generates a process's whole rollout at once on the 
 weights, each distinct prompt prefilled once for its G rows, and runs each prompt once per
 micro-batch in its forwards; TRL generates its whole generation batch at once through the PEFT
 model and runs every row whole).
+
+--tools runs the tools row instead (block bench:grpo-tools-PRECISION): both trainers sample
+multi-turn episodes with the demo calculator (`rlkit.demo.tools:calculator`) as their one tool,
+up to --max-turns tool rounds (TRL's max_tool_calling_iterations) within --tools-max-new-tokens
+for the whole episode (TRL's max_completion_length), the template `chatml-tools` on both sides
+(rlkit `--template chatml-tools`; TRL gets it as the tokenizer's chat_template and, since TRL 1.16
+only knows the response formats of the chat templates it ships, its own Qwen parser
+`trl.chat_template_utils.qwen3_template` as the tokenizer's `response_template`: the same
+`<tool_call>{json}</tool_call>` blocks). A model that has never seen a call rarely writes one, so
+both start from the same model that has: MODEL merged with a LoRA adapter that `rlkit sft` trained
+once on synthetic calculator conversations (--tools-sft-examples, written into WORK/grpo-tools; see
+`tool_sft_rows`), cached for SmolLM2 as WORK/SmolLM2-135M-Instruct-tools; each trainer then trains
+a fresh LoRA (or the full model) on top, as in the single-turn rows. Tokens are counted from what
+each trainer trains on, not from `generate` (a later turn's `generate` input repeats the episode so
+far): per step the prompt tokens (first turn, as rendered with the tool schema), the model's tokens
+(sampled, loss mask 1) and the tool tokens (tool turns and template markup appended between turns,
+mask 0), and the tool calls, failures and model turns of the step's episodes.
 
 TRL lives in its own virtual environment (default .cache/bench/trl116-venv, created on first use
 with `trl==1.16.0 --no-deps`, sharing this environment's torch/transformers through a .pth
@@ -64,6 +82,7 @@ from common import (  # noqa: E402
     replace_block,
     run_child,
     run_header,
+    run_plain,
     trl_run_args,
     versions,
     write_step_result,
@@ -75,14 +94,16 @@ DEFAULT_WORK = REPO / ".cache" / "bench"
 TRL_REQUIREMENT = "trl==1.16.0"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear"}
 LABELS = {"rlkit": "rlkit grpo", "trl": "TRL GRPOTrainer"}
+TOOL = "rlkit.demo.tools:calculator"
+TOOLS_TEMPLATE = "chatml-tools"
 
 
 def bench_reward(prompts: list[Any], completions: list[Any], answer: list[int], **_: Any) -> list[float]:
     """The demo checker on plain text: TRL hands conversational completions as message lists."""
     from rlkit.demo.task import arithmetic_reward
 
-    def text(x: Any) -> str:
-        return x if isinstance(x, str) else " ".join(m["content"] for m in x)
+    def text(x: Any) -> str:  # a tool message's content may be TRL's {"error": ...}
+        return x if isinstance(x, str) else " ".join(str(m.get("content") or "") for m in x)
 
     return arithmetic_reward([text(p) for p in prompts], [text(c) for c in completions], answer)
 
@@ -122,6 +143,11 @@ class GRPOClock:
             return out
 
         GenerationMixin.generate = timed
+
+    def add(self, **values: float) -> None:
+        """Numbers a trainer hook adds to the step under way (the tools row's token and call counts)."""
+        for key, value in values.items():
+            self.pending[key] = self.pending.get(key, 0.0) + float(value)
 
     def start(self) -> None:
         self.mark = (time.perf_counter(), time.process_time())
@@ -175,6 +201,9 @@ def grpo_argv(spec: dict[str, Any]) -> list[str]:
         "--max-length",
         "2048",
     ]
+    if spec.get("tools"):  # the whole episode's budget is --max-new-tokens (TRL's max_completion_length)
+        argv += ["--template", TOOLS_TEMPLATE, "--tools", TOOL, "--max-turns", str(spec["max_turns"])]
+        argv += ["--tool-timeout", "0"]  # no time limit, as TRL (which has none)
     if spec["lora"]:
         argv += ["--lora", "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"])]
         argv += ["--lora-dropout", str(LORA["dropout"]), "--lora-targets", LORA["targets"]]
@@ -202,6 +231,8 @@ def child_rlkit(spec: dict[str, Any], result_path: str) -> None:
         return sink_log(self, step, values)
 
     engine.Engine.fit, metrics.MetricsSink.log = timed_fit, timed_log
+    if spec.get("tools"):
+        count_rlkit_episodes(clock)
     argv = grpo_argv(spec)
     sys.argv = ["rlkit", *argv]
     from rlkit.cli import main
@@ -212,6 +243,62 @@ def child_rlkit(spec: dict[str, Any], result_path: str) -> None:
         if done.code not in (0, None):
             raise
     finish(result_path, clock, spec["warmup"], {"command": "rlkit " + command_line(argv)})
+
+
+def count_rlkit_episodes(clock: GRPOClock) -> None:
+    """The tools row's counts from rlkit's multi-turn sampler: what the step trains on."""
+    import rlkit.recipes.grpo as recipe
+
+    real = recipe.sample_episodes
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        samples = real(*args, **kwargs)
+        model = float(samples.response_mask.sum())  # loss mask 1: the sampled ids
+        clock.add(
+            episodes_s=time.perf_counter() - t0,
+            episodes=len(samples.turns),
+            prompt_kept=float(samples.query_mask.sum()),
+            model_tokens=model,
+            tool_tokens=sum(len(ids) for ids in samples.completion_ids) - model,
+            turns=sum(samples.turns),
+            calls=samples.tool_counts.calls,
+            failures=samples.tool_counts.failures,
+        )
+        return samples
+
+    recipe.sample_episodes = counted
+
+
+def count_trl_episodes(clock: GRPOClock) -> None:
+    """The same counts from TRL's `_generate` (prompt ids, completion ids, tool mask, completions)
+    and its `_tool_call_loop` (calls and failures)."""
+    from trl import GRPOTrainer
+
+    generate, loop = GRPOTrainer._generate, GRPOTrainer._tool_call_loop
+
+    def counted(self: Any, prompts: list[Any]) -> Any:
+        t0 = time.perf_counter()
+        out = generate(self, prompts)
+        prompt_ids, completion_ids, tool_mask, completions = out[:4]
+        masks = tool_mask if tool_mask is not None else [[1] * len(c) for c in completion_ids]
+        model = float(sum(sum(m) for m in masks))
+        clock.add(
+            episodes_s=time.perf_counter() - t0,
+            episodes=len(completion_ids),
+            prompt_kept=sum(len(p) for p in prompt_ids),
+            model_tokens=model,
+            tool_tokens=sum(len(c) for c in completion_ids) - model,
+            turns=sum(sum(m.get("role") == "assistant" for m in c) for c in completions),
+        )
+        return out
+
+    def counted_loop(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = loop(self, *args, **kwargs)
+        clock.add(calls=out[4], failures=out[5])
+        return out
+
+    GRPOTrainer._generate, GRPOTrainer._tool_call_loop = counted, counted_loop
 
 
 def child_trl(spec: dict[str, Any], result_path: str) -> None:
@@ -230,6 +317,20 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         tok.pad_token = tok.eos_token
     clock = GRPOClock(tok.eos_token_id)
     clock.wrap_generate()
+    tool_args: dict[str, Any] = {}
+    if spec.get("tools"):
+        from trl.chat_template_utils import qwen3_template
+
+        from rlkit.data.templates import shipped_template
+        from rlkit.demo.tools import calculator
+
+        # rlkit's chatml-tools as the chat template; TRL 1.16 parses calls only for the templates it ships
+        # (add_response_schema refuses any other), so it gets its own parser of the same
+        # <tool_call>{json}</tool_call> blocks after <|im_start|>assistant\n (Qwen's) as response_template
+        tok.chat_template = shipped_template(TOOLS_TEMPLATE)
+        tok.response_template = qwen3_template
+        tool_args = {"tools": [calculator]}
+        count_trl_episodes(clock)
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -273,6 +374,7 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         num_iterations=1,
         max_grad_norm=1.0,
         log_completions=False,
+        max_tool_calling_iterations=spec.get("max_turns"),
         **{**trl_run_args(spec["seed"]), "bf16": spec["precision"] == "bf16"},
     )
     trainer = GRPOTrainer(
@@ -283,6 +385,7 @@ def child_trl(spec: dict[str, Any], result_path: str) -> None:
         processing_class=tok,
         peft_config=peft_config,
         callbacks=[Timer()],
+        **tool_args,
     )
     trainer.train()
     finish(result_path, clock, spec["warmup"], {"trl": trl.__version__})
@@ -306,6 +409,104 @@ def child_main(kind: str, spec_json: str, result_path: str) -> None:
         raise SystemExit(f"unknown child kind {kind}")
 
 
+# ---- the tools row's starting model ---------------------------------------------------------
+
+
+def tools_system_text(model_dir: Path) -> str:
+    """The system turn chatml-tools writes for the calculator's schema (transformers'
+    `get_json_schema`, as both trainers render it), so SFT examples hold the very prompt GRPO shows."""
+    from transformers import AutoTokenizer
+
+    from rlkit.data.templates import shipped_template
+    from rlkit.demo.tools import calculator
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}],
+        tools=[calculator],
+        chat_template=shipped_template(TOOLS_TEMPLATE),
+        tokenize=False,
+    )
+    head, end = "<|im_start|>system\n", "<|im_end|>\n<|im_start|>user\n"
+    if not text.startswith(head) or end not in text:
+        raise SystemExit(f"{TOOLS_TEMPLATE} rendered an unexpected system turn: {text[:120]!r}")
+    return text[len(head) : text.index(end)]
+
+
+def tool_sft_rows(n: int, seed: int, system: str) -> list[dict[str, Any]]:
+    """`n` synthetic conversations in the demo prompts' phrasings (other numbers): the question, a
+    calculator call as chatml-tools renders `tool_calls`, its result as a tool turn, the answer."""
+    import random
+
+    rng = random.Random(seed)
+    names = ["Ava", "Ben", "Leo", "Mia", "Sam", "Zoe"]
+    things = ["apples", "cards", "coins", "books", "shells", "marbles"]
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        kind = rng.choice(["+", "-", "*", "story+", "story-", "story*"])
+        if kind in ("-", "story-") and b > a:
+            a, b = b, a
+        if kind in ("*", "story*"):
+            b = rng.randint(2, 12)
+        op = kind[-1]
+        who, what = rng.choice(names), rng.choice(things)
+        question = {
+            "+": rng.choice([f"What is {a} plus {b}?", f"How much is {a} + {b}?", f"What is {a} + {b}?"]),
+            "-": rng.choice([f"What is {a} minus {b}?", f"What is {a} - {b}?", f"Calculate {a} - {b}."]),
+            "*": rng.choice([f"Compute {a} * {b}.", f"What is {a} times {b}?", f"What is {a} multiplied by {b}?"]),
+            "story+": f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now?",
+            "story-": f"{who} has {a} {what} and gives away {b}. How many {what} are left?",
+            "story*": f"There are {b} boxes with {a} {what} in each box. How many {what} are there in total?",
+        }[kind]
+        expression = f"{a} {op} {b}"
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        call = {"name": "calculator", "arguments": {"expression": expression}}
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"<tool_call>\n{json.dumps(call)}\n</tool_call>"},
+                    {"role": "tool", "content": str(result)},
+                    {"role": "assistant", "content": f"{expression} = {result}. The answer is {result}."},
+                ]
+            }
+        )
+    return rows
+
+
+def tools_model(
+    base: Path, merged: Path, sft_dir: Path, data: Path, args: argparse.Namespace, env: dict[str, str], logs: Path
+) -> tuple[Path | None, str]:
+    """`base` merged with a LoRA adapter `rlkit sft` trained on `tool_sft_rows` (made once: an
+    existing `merged` is reused), or (None, why not)."""
+    if (merged / "config.json").is_file():
+        return merged, ""
+    data.parent.mkdir(parents=True, exist_ok=True)
+    rows = tool_sft_rows(args.tools_sft_examples, args.seed, tools_system_text(base))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log(f"teaching {base.name} the call format: rlkit sft on {len(rows)} calculator conversations, then merge-lora")
+    sft = [sys.executable, "-m", "rlkit", "sft", str(base), str(data), "-o", str(sft_dir), "--overwrite"]
+    sft += [
+        "--template",
+        TOOLS_TEMPLATE,
+        "--lora",
+        "--no-packing",
+        "--max-steps",
+        str(args.tools_sft_steps),
+        "--batch-size",
+        "8",
+    ]
+    sft += ["--lr", "3e-4", "--max-length", "1024", "--seed", str(args.seed), "--log-every", "10"]
+    merge = [sys.executable, "-m", "rlkit", "merge-lora", str(sft_dir), "-o", str(merged), "--overwrite"]
+    for what, cmd in (("sft", sft), ("merge-lora", merge)):
+        if run_plain(cmd, env, logs / f"tools-{what}-{base.name}.log") != 0:
+            return None, f"tools row skipped: rlkit {what} failed (see {logs / f'tools-{what}-{base.name}.log'})"
+    shutil.rmtree(sft_dir, ignore_errors=True)
+    return merged, ""
+
+
 # ---- the orchestrator ------------------------------------------------------------------------
 
 
@@ -314,7 +515,7 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
     steps = result["steps"]
     med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
     tokens = [s["prompt_tokens"] + s["completion_tokens"] for s in steps]
-    return {
+    out = {
         "step_s": med("wall_s"),
         "cpu_s": med("cpu_s"),
         "generation_s": med("generation_s"),
@@ -325,6 +526,27 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
         "peak_rss_mib": result["peak_rss_mib"],
         "steps_measured": len(steps),
     }
+    if "model_tokens" in steps[0]:  # the tools row: counted from what the step trains on (see the module doc)
+        kept = [s["prompt_kept"] + s["model_tokens"] + s["tool_tokens"] for s in steps]
+        per_s = lambda key: statistics.median(s[key] / max(s["wall_s"], 1e-9) for s in steps)  # noqa: E731
+        total = lambda key: sum(s.get(key, 0.0) for s in steps)  # noqa: E731
+        out.update(
+            episodes_s=med("episodes_s"),
+            rest_s=statistics.median(s["wall_s"] - s["episodes_s"] for s in steps),
+            prompt_tokens_per_step=med("prompt_kept"),
+            model_tokens_per_step=med("model_tokens"),
+            tool_tokens_per_step=med("tool_tokens"),
+            tokens_per_step=statistics.median(kept),
+            completion_tokens_per_step=med("model_tokens"),
+            tokens_per_s=statistics.median(t / max(s["wall_s"], 1e-9) for t, s in zip(kept, steps)),
+            model_tokens_per_s=per_s("model_tokens"),
+            tool_tokens_per_s=per_s("tool_tokens"),
+            calls_per_episode=total("calls") / max(total("episodes"), 1),
+            failure_share=total("failures") / max(total("calls"), 1),
+            turns_per_episode=total("turns") / max(total("episodes"), 1),
+            sampled_tokens_per_step=med("completion_tokens"),
+        )
+    return out
 
 
 def fmt(x: float, digits: int = 2) -> str:
@@ -350,6 +572,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--tools", action="store_true", help="the tools row instead: multi-turn episodes with the calculator"
+    )
+    p.add_argument("--max-turns", type=int, default=2, help="tools row: tool rounds per episode (default 2)")
+    p.add_argument(
+        "--tools-max-new-tokens", type=int, default=96, help="tools row: the whole episode's token budget (default 96)"
+    )
+    p.add_argument("--tools-sft-examples", type=int, default=128, help="tools row: SFT conversations (default 128)")
+    p.add_argument("--tools-sft-steps", type=int, default=32, help="tools row: SFT steps of 8 (default 32)")
     p.add_argument("--smollm2-full", action="store_true", help="full fine-tuning of SmolLM2 (default: LoRA r 16)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache and results dir (default .cache/bench)")
     p.add_argument("--trl-venv", type=Path, default=None, help="separate venv for TRL (default WORK/trl116-venv)")
@@ -408,12 +639,21 @@ def main(argv: list[str]) -> int:
             if model_dir is None:
                 notes.append(skipped)
                 continue
+            if args.tools:  # both trainers start from the same model that has seen the call format
+                merged = (tmp if name == "tiny" else work) / f"{model_dir.name}-tools"
+                sft_data = results_dir / "tools-sft" / f"{name}.jsonl"
+                model_dir, skipped = tools_model(model_dir, merged, tmp / f"sft-{name}", sft_data, args, env, logs)
+                if model_dir is None:
+                    notes.append(skipped)
+                    continue
+            max_new = args.tools_max_new_tokens if args.tools else args.max_new_tokens
             lora = name != "tiny" and not args.smollm2_full
             steps = args.steps if name == "tiny" else args.smollm2_steps
             label = ("tiny Llama" if name == "tiny" else "SmolLM2-135M-Instruct") + (" LoRA" if lora else " full")
-            label += f", {args.precision}"
+            label += f", {args.precision}" + (", calculator tool" if args.tools else "")
             matmul, layers, hidden = matmul_params_of(str(model_dir))
-            context = 64 + args.max_new_tokens  # short demo prompts, then the completion
+            # short demo prompts (about 250 tokens with the tool schema in the system turn), then the completion
+            context = (256 if args.tools else 64) + max_new
             mfu_of["train"][label] = model_flops_per_token(matmul, layers, hidden, context, lora=lora)
             mfu_of["sample"][label] = model_flops_per_token(matmul, layers, hidden, context, train=False)
             lr = 1e-5 if lora else 1e-6
@@ -421,13 +661,22 @@ def main(argv: list[str]) -> int:
             settings[label] = (
                 f"{'LoRA (r 16, alpha 32, dropout 0.05, all-linear)' if lora else 'full fine-tuning'}; "
                 f"{batch} completions per step ({batch // args.num_generations} prompts x G {args.num_generations}), "
-                f"micro-batch {args.batch} x grad-accum {args.grad_accum}; up to {args.max_new_tokens} new tokens; lr {lr:g}; "
+                f"micro-batch {args.batch} x grad-accum {args.grad_accum}; up to {max_new} new tokens; lr {lr:g}; "
                 f"{args.warmup} warmup + {steps} measured steps per run, {args.repeats} runs per configuration"
             )
+            if args.tools:
+                settings[label] += (
+                    f"; tool {TOOL}, template {TOOLS_TEMPLATE}, up to {args.max_turns} tool rounds per episode "
+                    f"(TRL max_tool_calling_iterations), the {max_new} new tokens the whole episode's budget, model "
+                    f"and tool turns together (TRL max_completion_length); starting model: {model_dir.name}, the "
+                    f"model merged with a LoRA adapter from `rlkit sft` on {args.tools_sft_examples} synthetic "
+                    f"calculator conversations ({args.tools_sft_steps} steps of 8, lr 3e-4)"
+                )
             runs: dict[str, list[dict[str, Any]]] = {}
             for repeat in range(args.repeats):
                 for trainer in list(reversed(trainers)) if repeat % 2 else list(trainers):
-                    key = f"{name}-{'lora' if lora else 'full'}-{args.precision}-{trainer}-{repeat + 1}"
+                    key = f"{name}-{'lora' if lora else 'full'}-{args.precision}{'-tools' if args.tools else ''}"
+                    key += f"-{trainer}-{repeat + 1}"
                     spec = {
                         "model": str(model_dir),
                         "prompts": str(args.prompts.resolve()),
@@ -437,12 +686,14 @@ def main(argv: list[str]) -> int:
                         "batch": args.batch,
                         "grad_accum": args.grad_accum,
                         "num_generations": args.num_generations,
-                        "max_new_tokens": args.max_new_tokens,
+                        "max_new_tokens": max_new,
                         "lr": lr,
                         "seed": args.seed,
                         "lora": lora,
                         "precision": args.precision,
                     }
+                    if args.tools:
+                        spec.update(tools=True, max_turns=args.max_turns)
                     python = trl_python if trainer == "trl" else sys.executable
                     run_loads.append(os.getloadavg()[0])
                     log(f"{key}: {args.warmup} warmup + {steps} measured steps (load average {run_loads[-1]:.1f}) ...")
@@ -463,6 +714,11 @@ def main(argv: list[str]) -> int:
                     log(
                         f"{key}: step {one['step_s']:.2f}s (generation {one['generation_s']:.2f}s), "
                         f"{one['tokens_per_s']:.0f} tok/s, peak RSS {one['peak_rss_mib']:.0f} MiB"
+                        + (
+                            f", {one['calls_per_episode']:.2f} calls and {one['turns_per_episode']:.2f} turns per episode"
+                            if "calls_per_episode" in one
+                            else ""
+                        )
                     )
                     runs.setdefault(trainer, []).append(one)
             table[label] = [(t, combine_runs(runs[t])) for t in trainers if runs.get(t)]
@@ -477,12 +733,16 @@ def main(argv: list[str]) -> int:
         "run_loads": run_loads,
         "threads": args.threads,
         "smollm2_full": args.smollm2_full,
+        "tools": args.tools,
+        "max_turns": args.max_turns if args.tools else None,
         "trl": versions(["trl"], trl_python).get("trl") if trl_python else None,
         "precision": args.precision,
         "mfu": mfu_of,
     }
     summary = {"table": table, "settings": settings, "notes": notes, "meta": meta}
-    (results_dir / f"summary-{args.precision}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (results_dir / f"summary-{'tools-' if args.tools else ''}{args.precision}.json").write_text(
+        json.dumps(summary, indent=1, default=str) + "\n"
+    )
     return report(summary, None if args.no_doc else args.doc)
 
 
@@ -500,28 +760,34 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
         work = mfu_of["train"][label] * r["tokens_per_step"] + mfu_of["sample"][label] * r["completion_tokens_per_step"]
         return f"{100 * mfu(1 / max(r['step_s'], 1e-9), work, mfu_of['peak']):.2f}%"
 
-    rows = []
-    for label, results in table.items():
-        trl_row = dict(results).get("trl")
-        for trainer, r in results:
-            rows.append(
-                [
-                    label,
-                    LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else ""),
-                    fmt(r["step_s"]),
-                    f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}",
-                    fmt(r["generation_s"]),
-                    fmt(r["rest_s"]),
-                    fmt(r["tokens_per_step"], 0),
-                    fmt(r["tokens_per_s"], 0),
-                    utilisation(label, r),
-                    f"{r['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x" if trl_row else "-",
-                    fmt(r["peak_rss_mib"], 0),
-                    f"{r['peak_rss_mib'] / trl_row['peak_rss_mib']:.2f}x" if trl_row else "-",
-                ]
-            )
-    columns = ["model", "trainer", "s / step", "range over runs", "generation s", "the rest s"]
-    columns += ["tokens / step", "tokens/s", "MFU", "vs TRL", "peak RSS (MiB)", "RSS vs TRL"]
+    rows: list[list[str]] = []
+    if meta.get("tools"):
+        rows = tools_rows(table, trl_v, utilisation)
+        columns = ["model", "trainer", "s / step", "range over runs", "episodes s", "generation s", "the rest s"]
+        columns += ["calls / episode", "turns / episode", "prompt + model + tool tokens / step", "tokens/s", "vs TRL"]
+        columns += ["model tokens/s", "vs TRL", "tool tokens/s", "MFU", "peak RSS (MiB)", "RSS vs TRL"]
+    else:
+        for label, results in table.items():
+            trl_row = dict(results).get("trl")
+            for trainer, r in results:
+                rows.append(
+                    [
+                        label,
+                        LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else ""),
+                        fmt(r["step_s"]),
+                        f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}",
+                        fmt(r["generation_s"]),
+                        fmt(r["rest_s"]),
+                        fmt(r["tokens_per_step"], 0),
+                        fmt(r["tokens_per_s"], 0),
+                        utilisation(label, r),
+                        f"{r['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x" if trl_row else "-",
+                        fmt(r["peak_rss_mib"], 0),
+                        f"{r['peak_rss_mib'] / trl_row['peak_rss_mib']:.2f}x" if trl_row else "-",
+                    ]
+                )
+        columns = ["model", "trainer", "s / step", "range over runs", "generation s", "the rest s"]
+        columns += ["tokens / step", "tokens/s", "MFU", "vs TRL", "peak RSS (MiB)", "RSS vs TRL"]
     t = markdown_table(columns, rows)
     print(t)
     notes = list(summary["notes"])
@@ -531,12 +797,74 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
             + " Per step: every token trained once, every completion token also sampled; the rollout's no-grad"
             " forwards are not counted (a lower bound)."
         )
+    if meta.get("tools"):
+        notes.append(tools_note(table))
     header = run_header(meta, summary["settings"], notes)
-    if doc is not None:  # one block per precision, and one for --smollm2-full runs
-        name = f"grpo-{meta['precision']}" + ("-full" if meta.get("smollm2_full") else "")
+    if doc is not None:  # one block per precision, one for --smollm2-full runs, one for the tools row
+        name = f"grpo-{'tools-' if meta.get('tools') else ''}{meta['precision']}"
+        name += "-full" if meta.get("smollm2_full") else ""
         replace_block(doc, name, "\n".join(header) + "\n\n" + t)
         log(f"wrote the bench:{name} block of {doc}")
     return 0
+
+
+def tools_rows(
+    table: dict[str, list[tuple[str, dict[str, Any]]]], trl_v: str | None, utilisation: Any
+) -> list[list[str]]:
+    """The tools row's table: the step's time split into the episodes (all turns, tools and templates
+    included), `generate` within them and the rest; tokens counted apart (see the module doc)."""
+    rows = []
+    for label, results in table.items():
+        trl_row = dict(results).get("trl")
+
+        def vs(r: dict[str, Any], key: str, trl_row: dict[str, Any] | None = trl_row) -> str:
+            return f"{r[key] / trl_row[key]:.2f}x" if trl_row else "-"
+
+        for trainer, r in results:
+            rows.append(
+                [
+                    label,
+                    LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else ""),
+                    fmt(r["step_s"]),
+                    f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}",
+                    fmt(r["episodes_s"]),
+                    fmt(r["generation_s"]),
+                    fmt(r["rest_s"]),
+                    fmt(r["calls_per_episode"]),
+                    fmt(r["turns_per_episode"]),
+                    f"{r['prompt_tokens_per_step']:,.0f} + {r['model_tokens_per_step']:,.0f} + "
+                    f"{r['tool_tokens_per_step']:,.0f}",
+                    fmt(r["tokens_per_s"], 0),
+                    vs(r, "tokens_per_s"),
+                    fmt(r["model_tokens_per_s"], 1),
+                    vs(r, "model_tokens_per_s"),
+                    fmt(r["tool_tokens_per_s"], 1),
+                    utilisation(label, r),
+                    fmt(r["peak_rss_mib"], 0),
+                    vs(r, "peak_rss_mib"),
+                ]
+            )
+    return rows
+
+
+def tools_note(table: dict[str, list[tuple[str, dict[str, Any]]]]) -> str:
+    """The line under the tools table: calls, failures and what `generate` sampled beyond what was kept."""
+    parts = []
+    for label, results in table.items():
+        for trainer, r in results:
+            parts.append(
+                f"{LABELS[trainer]} ({label}): {r['calls_per_episode']:.2f} calls per episode, "
+                f"{100 * r['failure_share']:.0f}% of them failed; `generate` sampled "
+                f"{r['sampled_tokens_per_step']:,.0f} tokens a step (through each row's first EOS) for "
+                f"{r['model_tokens_per_step']:,.0f} kept"
+            )
+    return (
+        "Tool use in the measured steps (medians over runs): "
+        + "; ".join(parts)
+        + ". tokens/s = (prompt + model + tool tokens of a step) / step time, every count from what the step"
+        " trains on; model tokens/s counts the sampled tokens (loss mask 1) alone, tool tokens/s the tool turns"
+        " and template markup appended between turns (mask 0)."
+    )
 
 
 if __name__ == "__main__":
