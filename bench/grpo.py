@@ -510,6 +510,13 @@ def tools_model(
 # ---- the orchestrator ------------------------------------------------------------------------
 
 
+def failed_note(key: str, error: str) -> str:
+    """The line under the table for a run that gave no numbers (its configuration's are the other runs')."""
+    if error.startswith("exit -9"):
+        return f"Run {key} was killed (SIGKILL, what the kernel's out-of-memory killer sends) and gave no numbers."
+    return f"Run {key} failed ({error}) and gave no numbers."
+
+
 def run_summary(result: dict[str, Any]) -> dict[str, float]:
     """One run's medians over its measured steps."""
     steps = result["steps"]
@@ -709,6 +716,7 @@ def main(argv: list[str]) -> int:
                         shutil.rmtree(leftover, ignore_errors=True)
                     if "error" in result or not result.get("steps"):
                         log(f"{key}: FAILED {result.get('error', 'no steps')} (log: {logs / (key + '.log')})")
+                        notes.append(failed_note(key, result.get("error", "no steps")))
                         continue
                     one = run_summary(result)
                     log(
