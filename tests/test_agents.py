@@ -22,12 +22,11 @@ from rlkit.agents.transcript import (
     EpisodeTokens,
     check_tool_template,
     prompt_text,
-    render,
     tool_turn_ids,
     tool_turn_text,
 )
 from rlkit.agents.turn import tool_round
-from rlkit.data.templates import ChatTemplate, render_segments, shipped_template
+from rlkit.data.templates import ChatTemplate, render, render_segments, shipped_template
 from rlkit.errors import InputError, RunError
 
 CHATML_TOOLS = ChatTemplate("chatml-tools", shipped_template("chatml-tools"))
@@ -501,7 +500,7 @@ def test_a_two_turn_episode_is_the_sampled_ids_plus_the_templates_tool_turn(smol
     episode = EpisodeTokens().sampled(first).appended(round_.appended_ids).sampled(final)
 
     whole = [*conversation, *round_.messages, {"role": "assistant", "content": "It is 12."}]
-    rendered = render(tok, CHATML_TOOLS, whole, tools.schemas)
+    rendered = render(tok, CHATML_TOOLS, whole, tools=tools.schemas)
     assert prompt_ids + list(episode.ids) == _ids(tok, rendered.rstrip())  # token for token, the template's episode
     assert episode.mask == (1,) * len(first) + (0,) * len(round_.appended_ids) + (1,) * len(final)
     assert tool_round("It is 12.", conversation, tools, tok, CHATML_TOOLS) is None  # no call: the episode is over
@@ -539,6 +538,103 @@ def test_episode_tokens_are_what_sft_trains_on_for_the_same_conversation(tiny_to
     assert sft_mask[len(prompt) : len(prompt) + len(episode)] == list(episode.mask)
 
 
+def test_an_sft_file_with_tools_trains_on_the_episodes_tokens_and_mask(tmp_path, tiny_tokenizer):
+    """TRL's tool-calling SFT layout (a `tools` column of schemas, `tool_calls` on assistant turns,
+    `tool` turns) read from JSONL: the rows are the very ids a `--tools` episode of the same
+    conversation has after its prompt (the schemas shown), the labels its mask; two records with
+    different tools keep their schemas exactly (no other tool's keys added as nulls)."""
+    from conftest import write_jsonl
+
+    from rlkit.agents.transcript import prompt_ids
+    from rlkit.data.prepare import DataOptions, build_sft_data
+    from rlkit.data.tokenize import IGNORE
+
+    tok, tools = tiny_tokenizer, tools_of([multiply])
+    conversation = [{"role": "user", "content": "What is 3 times 4?"}]
+    sampled = _ids(tok, '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|></s>')
+    round_ = tool_round(tok.decode(sampled, skip_special_tokens=True), conversation, tools, tok, CHATML_TOOLS)
+    final = _ids(tok, "It is 12.<|im_end|></s>")
+    episode = EpisodeTokens().sampled(sampled).appended(round_.appended_ids).sampled(final)
+    prompt = prompt_ids(tok, CHATML_TOOLS, conversation, tools.schemas)  # BOS included, as SFT rows have it
+    record = {
+        "tools": tools.schemas,
+        "messages": [
+            *conversation,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}],
+            },
+            {"role": "tool", "name": "multiply", "content": "12"},
+            {"role": "assistant", "content": "It is 12."},
+        ],
+    }
+    other = {"tools": tools_of([divide]).schemas, "messages": [*conversation, {"role": "assistant", "content": "12."}]}
+    path = write_jsonl(tmp_path / "calls.jsonl", [record, other])
+    rows = build_sft_data(DataOptions(sources=[str(path)], template="chatml-tools", packing=False), tok, "tiny").train
+    ids, labels = rows[0]["input_ids"], rows[0]["labels"]
+    assert ids[: len(prompt) + len(episode)] == prompt + list(episode.ids)
+    trained = [int(label != IGNORE) for label in labels]
+    assert trained[: len(prompt)] == [0] * len(prompt)
+    assert trained[len(prompt) : len(prompt) + len(episode)] == list(episode.mask)
+    divide_prompt = prompt_ids(tok, CHATML_TOOLS, conversation, tools_of([divide]).schemas)
+    assert rows[1]["input_ids"][: len(divide_prompt)] == divide_prompt
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda r: r["messages"][0].update(tool_calls=[{"name": "multiply"}]), "only assistant turns call tools"),
+        (lambda r: r["messages"][1].update(tool_calls=[{"arguments": {}}]), "tool call 1 is"),
+        (lambda r: r["messages"][1].update(tool_calls=[{"name": "m", "arguments": [3]}]), "write a JSON object"),
+        (lambda r: r["messages"][1].update(tool_calls=[{"name": "m", "arguments": "{3"}]), "is not valid JSON"),
+        (lambda r: r.update(tools=[{"description": "no name"}]), "tool 1 in 'tools' has no name"),
+        (lambda r: r.update(tools={"name": "m"}), "'tools' must be a list"),
+    ],
+)
+def test_bad_tool_fields_in_sft_data_are_refused_with_the_record(tmp_path, tiny_tokenizer, change, expected):
+    from conftest import write_jsonl
+
+    from rlkit.data.prepare import DataOptions, build_sft_data
+
+    record = {
+        "tools": tools_of([multiply]).schemas,
+        "messages": [
+            {"role": "user", "content": "3 x 4?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "multiply", "arguments": {"a": 3, "b": 4}}]},
+            {"role": "tool", "content": "12"},
+            {"role": "assistant", "content": "12."},
+        ],
+    }
+    change(record)
+    path = write_jsonl(tmp_path / "bad.jsonl", [record])
+    with pytest.raises(InputError, match=f"{path} record 1") as err:
+        build_sft_data(DataOptions(sources=[str(path)], template="chatml-tools"), tiny_tokenizer, "tiny")
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_tool_calls_need_a_template_that_writes_them(tmp_path, tiny_tokenizer):
+    from conftest import write_jsonl
+
+    from rlkit.data.prepare import DataOptions, build_sft_data
+
+    calls = [{"name": "multiply", "arguments": {"a": 3, "b": 4}}]
+    messages = [{"role": "user", "content": "3 x 4?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    for record, expected in (
+        ({"messages": messages}, "assistant tool_calls"),
+        (
+            {
+                "tools": tools_of([multiply]).schemas,
+                "messages": messages[:1] + [{"role": "assistant", "content": "12."}],
+            },
+            "tool schemas",
+        ),
+    ):
+        path = write_jsonl(tmp_path / "r.jsonl", [record])
+        with pytest.raises(InputError, match=f"template 'chatml' does not render {expected}"):
+            build_sft_data(DataOptions(sources=[str(path)], template="chatml"), tiny_tokenizer, "tiny")
+
+
 def test_templates_that_cannot_append_tool_turns_are_refused(tiny_tokenizer):
     check_tool_template(tiny_tokenizer, CHATML_TOOLS)  # the shipped one passes
     source = CHATML_TOOLS.source
@@ -552,7 +648,7 @@ def test_templates_that_cannot_append_tool_turns_are_refused(tiny_tokenizer):
     )
     refusals = {
         strips_earlier_turns: "renders earlier turns differently",
-        ChatTemplate("chatml", shipped_template("chatml")): "does not render an assistant's tool calls",
+        ChatTemplate("chatml", shipped_template("chatml")): "does not render",
         hides_results: "does not show tool results",
     }
     for template, expected in refusals.items():
@@ -582,8 +678,8 @@ def test_chatml_tools_renders_a_conversation_without_tools_exactly_as_chatml(tin
         {"role": "user", "content": "Bye?"},
     ]
     for generation_prompt in (False, True):
-        assert render(tiny_tokenizer, CHATML_TOOLS, conversation, None, generation_prompt) == render(
-            tiny_tokenizer, chatml, conversation, None, generation_prompt
+        assert render(tiny_tokenizer, CHATML_TOOLS, conversation, generation_prompt) == render(
+            tiny_tokenizer, chatml, conversation, generation_prompt
         )
     with_tools = prompt_text(tiny_tokenizer, CHATML_TOOLS, conversation, [MULTIPLY_SCHEMA])
     assert with_tools.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n") and "<tools>\n{" in with_tools

@@ -112,7 +112,7 @@ def test_max_turns_leaves_the_last_calls_unanswered(tiny_model_dir, monkeypatch)
     [
         (
             ["--tools", "rlkit.demo.tools:calculator", "--template", "chatml"],
-            "does not render an assistant's tool calls",
+            "does not render tool schemas",
         ),
         (["--tools", f"{USER_MODULE}:nope", "--template", "tools.jinja"], "no function 'nope'"),
         (["--max-turns", "2"], "--max-turns 2 caps tool-calling rounds; give --tools"),

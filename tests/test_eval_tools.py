@@ -128,7 +128,7 @@ def test_a_baseline_answers_with_the_same_tools(tiny_model_dir, tmp_path, monkey
 @pytest.mark.parametrize(
     "options,expected",
     [
-        (["--template", "chatml"], "does not render an assistant's tool calls"),
+        (["--template", "chatml"], "does not render tool schemas"),
         (["--max-turns", "0"], "--max-turns"),
     ],
 )

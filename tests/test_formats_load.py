@@ -437,7 +437,7 @@ def test_a_tool_message_needs_a_template_that_renders_tools(tiny_tokenizer):
     from rlkit.data.templates import ChatTemplate, render
 
     messages = [user("what time is it?"), {"role": "tool", "content": "12:00"}]
-    with pytest.raises(InputError, match="no 'tool' role"):
+    with pytest.raises(InputError, match="does not render a 'tool' role"):
         render(tiny_tokenizer, ChatTemplate("chatml", "{% for m in messages %}{{ m.content }}{% endfor %}"), messages)
     tool_aware = "{% for m in messages %}{% if m.role == 'tool' %}[tool]{% endif %}{{ m.content }}{% endfor %}"
     assert render(tiny_tokenizer, ChatTemplate("mine", tool_aware), messages) == "what time is it?[tool]12:00"

@@ -355,7 +355,7 @@ def test_an_environment_resets_per_episode_and_scores_it_with_get_reward(
     "options,code,expected",
     [
         (["--env", f"{USER_MODULE}:Broken"], 1, ["Broken.reset() for row", "ValueError('no task here')"]),
-        (["--tools", f"{USER_MODULE}:act", "--template", "chatml"], 2, ["does not render an assistant's tool calls"]),
+        (["--tools", f"{USER_MODULE}:act", "--template", "chatml"], 2, ["does not render tool schemas"]),
         (["--tools", f"{USER_MODULE}:nope"], 2, [f"--tools {USER_MODULE}:nope", "no function 'nope'"]),
         (["--env", f"{USER_MODULE}:add"], 2, ["not a class"]),
         (["--max-turns", "2"], 2, ["--max-turns 2", "--tools or --env"]),

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlkit.agents.calls import CLOSE, OPEN, ToolCall, parse_turn
-from rlkit.data.templates import ChatTemplate
+from rlkit.data.templates import ChatTemplate, render
 from rlkit.data.tokenize import IGNORE, finish_ids, wants_bos
 from rlkit.errors import InputError, RunError
 
@@ -38,30 +38,10 @@ Conversation = list[dict[str, Any]]
 Schemas = Sequence[dict[str, Any]]
 
 
-def render(
-    tokenizer: Any,
-    template: ChatTemplate,
-    messages: Conversation,
-    tools: Schemas | None = None,
-    add_generation_prompt: bool = False,
-) -> str:
-    """The conversation as the template writes it, with the tools' schemas shown to the model."""
-    try:
-        return tokenizer.apply_chat_template(
-            list(messages),
-            chat_template=template.source,
-            tools=list(tools) if tools else None,  # None, not []: some templates render boilerplate for []
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
-    except Exception as err:  # jinja raises its own exception types (and templates raise_exception)
-        raise InputError(f"template {template.name!r} failed to render a conversation with tools: {_line(err)}")
-
-
 def prompt_text(tokenizer: Any, template: ChatTemplate, messages: Conversation, tools: Schemas | None = None) -> str:
     """What the model is given for its first turn: the prompt with the tools and the assistant header
     (tokenise it as any prompt is, `rlkit.data.prompts`, one BOS)."""
-    return render(tokenizer, template, messages, tools, add_generation_prompt=True)
+    return render(tokenizer, template, messages, add_generation_prompt=True, tools=tools)
 
 
 def prompt_ids(
@@ -84,9 +64,9 @@ def tool_turn_text(
 ) -> str:
     """The text after the model's turn: from its end-of-turn on, through the tool turns and the next
     generation prompt. `conversation` ends with the assistant turn that made the calls."""
-    before = render(tokenizer, template, conversation, tools)
+    before = render(tokenizer, template, conversation, tools=tools)
     cut = len(before.rstrip())
-    after = render(tokenizer, template, [*conversation, *tool_messages], tools, add_generation_prompt=True)
+    after = render(tokenizer, template, [*conversation, *tool_messages], add_generation_prompt=True, tools=tools)
     if not after.startswith(before[:cut]):
         raise RunError(
             f"template {template.name!r} rendered this episode's earlier turns differently once its tool results "
@@ -184,8 +164,8 @@ def check_tool_template(tokenizer: Any, template: ChatTemplate, tools: Schemas |
     for i, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
-        header = render(tokenizer, template, conversation[:i], schemas, add_generation_prompt=True)
-        through = render(tokenizer, template, conversation[: i + 1], schemas)
+        header = render(tokenizer, template, conversation[:i], add_generation_prompt=True, tools=schemas)
+        through = render(tokenizer, template, conversation[: i + 1], tools=schemas)
         if not through.startswith(header):
             raise InputError(
                 f"template {name!r} renders earlier turns differently once another turn follows, so an episode's "
@@ -204,7 +184,7 @@ def check_tool_template(tokenizer: Any, template: ChatTemplate, tools: Schemas |
         while end < len(conversation) and conversation[end]["role"] == "tool":
             end += 1
         cut = len(through.rstrip())
-        after = render(tokenizer, template, conversation[:end], schemas, add_generation_prompt=True)
+        after = render(tokenizer, template, conversation[:end], add_generation_prompt=True, tools=schemas)
         if not after.startswith(through[:cut]):
             raise InputError(
                 f"template {name!r} does not render a tool turn as a pure suffix (the conversation before the tool "

@@ -1,7 +1,10 @@
 """Recognise the standard layouts of SPEC.md and normalise each record to message lists.
 
 Every downstream step (templates, masks, pairs) works on one shape: a list of
-`{"role", "content"}` messages, so string and conversational data share one code path.
+`{"role", "content"}` messages, so string and conversational data share one code path. An
+assistant message may also carry `tool_calls` and a record a `tools` column (the JSON schemas the
+template shows the model), in the layout TRL and transformers use, so tool-calling conversations
+are trained on exactly as `rlkit grpo --tools` later samples them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 from rlkit.errors import InputError
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 
 class Format(str, Enum):
@@ -94,12 +97,74 @@ def as_messages(value: Any, role: str, where: str) -> Messages:
             raise InputError(
                 f"{where}: message {number} has role {shown(message.get('role'))}; use one of {', '.join(ROLES)}"
             )
-        if message.get("content") is None:
+        calls = message.get("tool_calls")
+        if calls is not None and message["role"] != "assistant":
+            raise InputError(
+                f"{where}: message {number} ({message['role']}) has tool_calls; only assistant turns call tools"
+            )
+        if message.get("content") is None and calls is None:
             raise InputError(f"{where}: message {number} ({message['role']}) has no content")
-        messages.append(
-            {"role": message["role"], "content": text_of(message["content"], f"message {number}'s content", where)}
-        )
+        content = message.get("content")
+        kept: dict[str, Any] = {
+            "role": message["role"],
+            "content": "" if content is None else text_of(content, f"message {number}'s content", where),
+        }
+        if calls is not None:
+            kept["tool_calls"] = tool_calls(calls, f"{where}: message {number}")
+        messages.append(kept)
     return messages
+
+
+CALL_LAYOUT = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+
+
+def _json_value(value: Any, what: str, where: str) -> Any:
+    """A value given as JSON text (how rlkit's reader hands nested tool fields over) parsed; others as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: {what} is not valid JSON ({err.msg} at column {err.colno})")
+
+
+def tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's calls as `[{"type": "function", "function": {"name", "arguments"}}]`, the
+    layout chat templates read (the bare `{"name", "arguments"}` is accepted too). Arguments must be a
+    JSON object, given as one or as its text: a template writes them back with `tojson`, so the model
+    is trained on the very call syntax `rlkit.agents.calls` parses from its samples."""
+    value = _json_value(value, "tool_calls", where)
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where}: tool_calls must be a non-empty list of {CALL_LAYOUT}, got {shown(value)}")
+    calls = []
+    for k, call in enumerate(value, 1):
+        function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InputError(f"{where}: tool call {k} is {shown(call)}; write {CALL_LAYOUT}")
+        arguments = _json_value(function.get("arguments", {}), f"tool call {k}'s arguments", where)
+        if not isinstance(arguments, dict):
+            raise InputError(f"{where}: tool call {k}'s arguments are {shown(arguments)}; write a JSON object")
+        calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+def record_tools(record: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
+    """A record's `tools` column: the JSON schemas its conversation's template shows the model (TRL's
+    dataset column; `transformers.utils.get_json_schema` writes them), or None without one."""
+    value = _json_value(record.get("tools"), "'tools'", where)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise InputError(f"{where}: 'tools' must be a list of JSON schema objects, got {shown(value)}")
+    for k, tool in enumerate(value, 1):
+        function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        if not isinstance(function.get("name"), str):
+            raise InputError(
+                f"{where}: tool {k} in 'tools' has no name; write schemas as transformers' get_json_schema does, "
+                '{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}'
+            )
+    return value or None
 
 
 def _common_prefix_messages(chosen: Messages, rejected: Messages) -> int:

@@ -121,6 +121,30 @@ def _text_parts_joined(record: dict[str, Any], where: str) -> dict[str, Any]:
     return record
 
 
+def _tool_fields_as_json(record: dict[str, Any]) -> dict[str, Any]:
+    """The `tools` column and each message's `tool_calls` as JSON text, before Arrow sees them.
+
+    Arrow gives every struct of a column one schema, the union of all records' keys, and fills a key
+    a record lacks with null: one tool's parameters would gain another tool's as nulls, rendered into
+    the prompt. As text they stay exactly as written; `formats.record_tools` and `formats.as_messages`
+    parse them back (and accept them already parsed, from a dataset `datasets` loaded itself).
+    """
+    if isinstance(record.get("tools"), list):
+        record["tools"] = json.dumps(record["tools"], ensure_ascii=False)
+    for column in MESSAGE_COLUMNS:
+        value = record.get(column)
+        if isinstance(value, list) and any(
+            isinstance(m, dict) and isinstance(m.get("tool_calls"), list) for m in value
+        ):
+            record[column] = [
+                {**m, "tool_calls": json.dumps(m["tool_calls"], ensure_ascii=False)}
+                if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+                else m
+                for m in value
+            ]
+    return record
+
+
 def _kind(value: Any) -> str:
     return "null" if value is None else "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
 
@@ -196,7 +220,7 @@ def _load_one(source: str) -> datasets.Dataset:
             raise InputError(f"{path}: unknown file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
         if not records:
             raise InputError(f"{path}: no records in the file")
-        records = [_text_parts_joined(r, f"{path} record {i}") for i, r in enumerate(records, 1)]
+        records = [_tool_fields_as_json(_text_parts_joined(r, f"{path} record {i}")) for i, r in enumerate(records, 1)]
         try:
             return _dataset_of(records, _digest(path))
         except (TypeError, ValueError, Exception) as err:  # Arrow type clashes between lines

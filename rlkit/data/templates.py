@@ -10,6 +10,7 @@ prefix of the conversation, so any Jinja template works without `{% generation %
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -51,36 +52,68 @@ def resolve_template(name: str | None, tokenizer: Any, tokenizer_name: str = "th
     raise InputError(f"--template {name!r}: not a shipped template ({', '.join(SHIPPED)}) and no such .jinja file")
 
 
-def render(tokenizer: Any, template: ChatTemplate, messages: Messages, add_generation_prompt: bool = False) -> str:
-    if "tool" not in template.source and any(m["role"] == "tool" for m in messages):
-        raise InputError(
-            f"template {template.name!r} has no 'tool' role, so a tool message would be dropped or garbled; "
-            "remove tool messages or pass a --template that renders them"
-        )
+def render(
+    tokenizer: Any,
+    template: ChatTemplate,
+    messages: Messages,
+    add_generation_prompt: bool = False,
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The conversation as the template writes it, with `tools`' schemas shown to the model. Tool
+    messages, tool calls and schemas are refused for a template that never mentions them: it would
+    drop them silently, and the model would be trained on a conversation it never sees."""
+    _check_renders_tools(template, messages, tools)
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template.source, tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages),
+            chat_template=template.source,
+            tools=list(tools) if tools else None,  # None, not []: some templates render boilerplate for []
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     except Exception as err:  # jinja raises its own exception types (and templates raise_exception)
-        raise InputError(f"template {template.name!r} failed to render a conversation: {err}")
+        raise InputError(f"template {template.name!r} failed to render a conversation: {_first_line(err)}")
 
 
-def render_segments(tokenizer: Any, template: ChatTemplate, messages: Messages) -> list[tuple[str, bool]]:
+def _check_renders_tools(template: ChatTemplate, messages: Messages, tools: Sequence[dict[str, Any]] | None) -> None:
+    needs = [
+        ("tool", "a 'tool' role", any(m["role"] == "tool" for m in messages)),
+        ("tool_calls", "assistant tool_calls", any(m.get("tool_calls") for m in messages)),
+        ("tools", "tool schemas", bool(tools)),
+    ]
+    for word, what, present in needs:
+        if present and word not in template.source:
+            raise InputError(
+                f"template {template.name!r} does not render {what}, so the model would never see them; "
+                "pass a --template that renders them (chatml-tools for ChatML models)"
+            )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def render_segments(
+    tokenizer: Any, template: ChatTemplate, messages: Messages, tools: Sequence[dict[str, Any]] | None = None
+) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trainable) segments, one per assistant turn.
 
     The trainable span of assistant turn i is what rendering messages[:i+1] adds to rendering
     messages[:i] with the generation prompt; trailing whitespace stays untrained, and EOS is
     appended when the template does not end the turn with it, so generation learns to stop.
     """
-    full = render(tokenizer, template, messages)
+    full = render(tokenizer, template, messages, tools=tools)
     eos = tokenizer.eos_token or ""
     segments: list[tuple[str, bool]] = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(tokenizer, template, messages[:i], add_generation_prompt=True) if i else ""
-        through = render(tokenizer, template, messages[: i + 1])
+        prefix = (
+            render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools) if i or tools else ""
+        )
+        through = render(tokenizer, template, messages[: i + 1], tools=tools)
         if not through.startswith(prefix) or not full.startswith(through) or len(prefix) < cursor:
             raise InputError(
                 f"template {template.name!r} does not render conversations incrementally, so assistant turns "

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rlkit.data.formats import Format, text_of, to_conversation
+from rlkit.data.formats import Format, record_tools, text_of, to_conversation
 from rlkit.data.templates import ChatTemplate, render_segments
 
 IGNORE = -100
@@ -79,7 +79,7 @@ def _segments(
     if fmt is Format.TEXT:
         return [(text_of(record["text"], "'text'", where) + (tokenizer.eos_token or ""), True)]
     assert template is not None
-    return render_segments(tokenizer, template, to_conversation(record, fmt, where))
+    return render_segments(tokenizer, template, to_conversation(record, fmt, where), record_tools(record, where))
 
 
 def tokenize_sft(
