@@ -42,6 +42,7 @@ from rlkit.output import resume_hint
 from rlkit.preference.reference import LogpsSpec, Reference
 from rlkit.scoring import RewardBatch, RewardSet
 from rlkit.tools.generation import left_pad
+from rlkit.training.fast_sampling import warper_kwargs
 from rlkit.training.logprobs import cache_keyword, grouped_response_logprobs, response_logprobs, shared_prefix
 
 
@@ -256,6 +257,7 @@ class RolloutSampling:
     chunk: int
     shared_prompts: bool = False
     seed: Callable[[int, int], int | None] | None = None
+    fast_warpers: bool = False  # sample through rlkit.training.fast_sampling.SamplingWarper (numpy's sort)
 
 
 def check_rollout_layout(config: Any, world: int) -> None:
@@ -324,6 +326,11 @@ def generate_rows(
     episodes (`rlkit.training.episodes`) one per turn."""
     acc, tok = inputs.accelerator, inputs.tokenizer
     do_sample = how.temperature > 0
+    warping: dict[str, Any] = {"temperature": None, "top_p": None, "top_k": None}
+    if do_sample:
+        warping = {"temperature": how.temperature, "top_p": how.top_p, "top_k": how.top_k}
+    if do_sample and how.fast_warpers:
+        warping = warper_kwargs(how.temperature, how.top_k, how.top_p)
     with seeded(seed, acc.device), acc.autocast():
         cache = None
         shared = shared_prefix(generator, ids, mask) if shared_prompts else None
@@ -335,9 +342,7 @@ def generate_rows(
             **({cache_keyword(generator): cache} if cache is not None else {}),
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            temperature=how.temperature if do_sample else None,
-            top_p=how.top_p if do_sample else None,
-            top_k=how.top_k if do_sample else None,
+            **warping,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
             use_cache=True,
