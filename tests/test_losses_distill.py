@@ -257,7 +257,8 @@ def test_logits_exist_a_chunk_at_a_time_and_are_recomputed_in_the_backward():
     assert sorted(calls["teacher"]) == [(2, H2), (2, H2), (4, H2), (4, H2)]
 
 
-def test_bf16_hidden_states_get_fp32_softmax_math():
+@pytest.mark.parametrize("frozen_head", [False, True])  # the checkpointed and the fused path
+def test_bf16_hidden_states_get_fp32_softmax_math(frozen_head):
     # Small integers: every logit (|z| <= 16) and partial sum is exact in bf16, whatever the kernel,
     # so the only error left is the fp32 softmax math: a few eps32 per term, N x V terms of size
     # <= ~5, well under 1e-4; the same math in bf16 would be off by ~1e-2.
@@ -275,7 +276,7 @@ def test_bf16_hidden_states_get_fp32_softmax_math():
     expected = whole_vocabulary(hidden64, teacher_hidden, head64, teacher64, mask, 0.5, 1.0)
     (expected_grad,) = torch.autograd.grad(expected, [hidden64])
 
-    head16, teacher16 = head64.to(torch.bfloat16), teacher64.to(torch.bfloat16)
+    head16, teacher16 = head64.to(torch.bfloat16).requires_grad_(not frozen_head), teacher64.to(torch.bfloat16)
     hidden16 = student_hidden.to(torch.bfloat16).requires_grad_(True)
     terms = distill_loss(hidden16, teacher_hidden.to(torch.bfloat16), head16, teacher16, mask, 0.5, chunk_size=4)
     assert terms.divergence_sum.dtype == torch.float32
@@ -285,3 +286,64 @@ def test_bf16_hidden_states_get_fp32_softmax_math():
     # the gradient is rounded to bf16 on its way back through the bf16 head: 2^-8 relative, and
     # a sum of 16 such products
     torch.testing.assert_close(grad.double(), expected_grad, atol=2**-4 * expected_grad.abs().max().item(), rtol=0)
+
+
+# ---------------------------------------------------------------- the fused path (a frozen Linear head)
+
+
+def frozen(head: torch.nn.Linear) -> torch.nn.Linear:
+    return head.requires_grad_(False)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 6, 50])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+def test_frozen_head_fused_gradient_equals_whole_vocabulary(beta, chunk_size):
+    # A frozen plain Linear (LoRA's untouched output layer) takes the analytic gradient: the same
+    # value, the same gradient to the hidden states as autograd through the whole-vocabulary path.
+    student_hidden, teacher_hidden, student_head, teacher_head, mask = setup()
+    student_head = frozen(student_head)
+    expected = whole_vocabulary(student_hidden, teacher_hidden, student_head, teacher_head, mask, beta, 1.5)
+    (expected_grad,) = torch.autograd.grad(expected, [student_hidden])
+    terms = distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, mask, beta, 1.5, chunk_size)
+    assert terms.tokens == N_TRAINED and terms.divergence_sum.dtype == torch.float64
+    torch.testing.assert_close(terms.divergence_sum, expected, atol=TOL64, rtol=0)
+    (grad,) = torch.autograd.grad(terms.divergence_sum * 3.0, [student_hidden])  # the incoming gradient scales it
+    assert expected_grad.abs().max() > 1e-3
+    torch.testing.assert_close(grad, 3.0 * expected_grad, atol=3 * TOL64, rtol=0)
+    with torch.no_grad():  # evaluation: the same value and metrics, no gradient computed
+        plain = distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, mask, beta, 1.5, chunk_size)
+    torch.testing.assert_close(plain.divergence_sum, expected.detach(), atol=TOL64, rtol=0)
+
+
+def test_frozen_head_fused_metrics_equal_the_checkpointed_path():
+    student_hidden, teacher_hidden, student_head, teacher_head, mask = setup()
+    reference = distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, mask, 0.5, 1.5, 4)
+    fused = distill_loss(student_hidden, teacher_hidden, frozen(student_head), teacher_head, mask, 0.5, 1.5, 4)
+    assert fused.agreement_sum.item() == reference.agreement_sum.item()
+    for got, want in ((fused.student_entropy_sum, reference.student_entropy_sum), (fused.teacher_entropy_sum, reference.teacher_entropy_sum)):  # fmt: skip
+        assert got.dtype == torch.float32 and not got.requires_grad
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_frozen_head_fused_keeps_nothing_vocabulary_sized_and_recomputes_nothing():
+    student_hidden, teacher_hidden, student_head, teacher_head, mask = setup()
+    student_head = frozen(student_head)
+    calls = {"teacher": 0}
+
+    def teacher(h):
+        calls["teacher"] += 1
+        return teacher_head(h)
+
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        terms = distill_loss(student_hidden, teacher_hidden, student_head, teacher, mask, 0.5, chunk_size=4)
+    assert set(saved) == {B * L, N_TRAINED * H}  # the mask's bookkeeping and the [N, H] gradient, nothing [.., V]
+    assert calls["teacher"] == 2
+    terms.divergence_sum.backward()
+    assert calls["teacher"] == 2  # the backward rebuilt no logits
+    assert student_hidden.grad is not None and student_hidden.grad.abs().max() > 1e-3

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,9 +33,12 @@ from torch.utils.checkpoint import checkpoint
 Head = Callable[[Tensor], Tensor]
 """Hidden states [N, H] -> logits [N, V]: a model's output layer (``lm_head``, LoRA-wrapped or not)."""
 
-CHUNK_TOKENS = 512
+CHUNK_TOKENS = 128
 """Positions projected onto the vocabulary at once. A chunk keeps about ten [chunk, V] fp32 tensors
-alive while its backward runs: 512 x 152k x 4 bytes = 300 MiB each, ~3 GiB in all."""
+alive while its backward runs (four in the fused path of a frozen output layer, and only in the
+forward): 128 x 152k x 4 bytes = 74 MiB each. Why not more: on one CPU thread 128 positions ran
+faster than 512 (SmolLM2-135M, 440 positions x 49,152: 1.2 against 1.3 s fused, 1.8 against
+2.8 s checkpointed), the [chunk, V] tensors then staying closer to the caches."""
 
 
 def _check(beta: float, temperature: float) -> None:
@@ -152,6 +156,137 @@ def _chunk_terms(
     return divergence, agreement, student_entropy, teacher_entropy
 
 
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """[N] Σ_v a[n, v] b[n, v] without an [N, V] product tensor (a batched dot product)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _fused_chunk(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    head: torch.nn.Linear,
+    teacher_head: Head,
+    beta: float,
+    temperature: float,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One chunk of `_FusedFrozenHeadJSD`: ([4] Σ divergence, agreements, Σ student entropy, Σ teacher
+    entropy; the chunk's d Σ JSD / d student_hidden [n, H], or None).
+
+    With u = z / τ the student's scaled logits, S = softmax(u), T the teacher's distribution and
+    d = log S - log M, the gradient of each position's divergence with respect to u is
+
+        β = 0:      ∂ KL(T ‖ S) / ∂u = S - T
+        0 < β <= 1: ∂ JSD(β) / ∂u = (1 - β) S ⊙ (d - KL(S ‖ M))      (β = 1: M = T, the factor 1)
+
+    (JSD(β) = const + (1 - β) Σ S log S - Σ M log M, so ∂/∂S = (1 - β) d, and through the softmax
+    ∂/∂u = S ⊙ (g - Σ S g)); then ∂/∂z = ∂/∂u / τ and ∂/∂h = (∂/∂z) W. Each [n, V] tensor is freed
+    or overwritten as soon as it is used: at most four are alive at once.
+    """
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)
+        student_logits = head(student_hidden)  # under the caller's autocast, as the model's own head
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ: the teacher must share the student's vocabulary (and output size)"
+        )
+    logits_dtype = student_logits.dtype
+    with torch.no_grad(), torch.autocast(student_hidden.device.type, enabled=False):
+        agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+        log_t = _log_softmax(teacher_logits, temperature)
+        del teacher_logits
+        log_s = _log_softmax(student_logits, temperature)
+        del student_logits
+        log_m = None
+        if 0.0 < beta < 1.0:  # log M = log((1-β) S + β T), in log space
+            log_m = log_s + math.log1p(-beta)
+            torch.logaddexp(log_m, log_t + math.log(beta), out=log_m)
+        teacher_probs = log_t.exp()
+        teacher_entropy = -_rowdot(teacher_probs, log_t)
+        if beta == 0.0:  # KL(T ‖ S); gradient S - T
+            divergence = _rowdot(teacher_probs, log_t.sub_(log_s))
+            del log_t
+            student_probs = log_s.exp()
+            student_entropy = -_rowdot(student_probs, log_s)
+            grad_u = student_probs.sub_(teacher_probs) if want_grad else None
+            del teacher_probs
+        else:
+            kl_teacher = None
+            if log_m is None:  # β = 1: KL(S ‖ T), M = T
+                log_m = log_t
+            else:
+                kl_teacher = _rowdot(teacher_probs, log_t.sub_(log_m))
+            del log_t, teacher_probs
+            student_probs = log_s.exp()
+            student_entropy = -_rowdot(student_probs, log_s)
+            d = log_s.sub_(log_m)  # log S - log M, in log_s's place
+            del log_m
+            kl_student = _rowdot(student_probs, d)
+            divergence = kl_student if kl_teacher is None else beta * kl_teacher + (1.0 - beta) * kl_student
+            grad_u = None
+            if want_grad:
+                grad_u = d.sub_(kl_student.unsqueeze(1)).mul_(student_probs)
+                if beta != 1.0:
+                    grad_u.mul_(1.0 - beta)
+            del student_probs, d
+        if grad_u is not None and temperature != 1.0:
+            grad_u.div_(temperature)
+        terms = torch.stack(
+            [divergence.sum(), agreement.to(divergence.dtype), student_entropy.sum(), teacher_entropy.sum()]
+        )
+    grad_hidden = None
+    if grad_u is not None:
+        with torch.no_grad():
+            grad_hidden = grad_u.to(logits_dtype) @ head.weight.to(logits_dtype)
+    return terms, grad_hidden
+
+
+class _FusedFrozenHeadJSD(torch.autograd.Function):
+    """Σ JSD(β) over N positions for a frozen `nn.Linear` student head, a chunk at a time, with the
+    gradient with respect to the student's hidden states computed in the forward (analytically, see
+    `_fused_chunk`) and kept as [N, H]: nothing vocabulary-sized outlives its chunk, and the
+    backward only scales what was kept (no recomputation of either model's logits)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        head: torch.nn.Linear,
+        teacher_head: Head,
+        beta: float,
+        temperature: float,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        n = student.size(0)
+        grad = torch.empty_like(student)
+        metrics = torch.zeros(3, dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+        divergence = metrics.new_zeros(())
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            terms, grad[rows] = _fused_chunk(student[rows], teacher[rows], head, teacher_head, beta, temperature, True)
+            divergence += terms[0]
+            metrics += terms[1:]
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(metrics)
+        return divergence, metrics
+
+    @staticmethod
+    def backward(ctx: Any, grad_divergence: Tensor, _grad_metrics: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_divergence.to(grad.dtype), None, None, None, None, None, None)
+
+
+def _frozen_linear(head: Head) -> torch.nn.Linear | None:
+    """`head` when it is a plain `nn.Linear` none of whose parameters trains (the fused path), else None."""
+    if type(head) is not torch.nn.Linear:
+        return None
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return None
+    return head
+
+
 def distill_loss(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
@@ -175,9 +310,18 @@ def distill_loss(
     the backward pass and peak memory is O(chunk_size x V), not O(tokens x V). The teacher's chunk is
     recomputed with it (one more [chunk, H2] x [H2, V] product) rather than kept. Gradients reach
     ``student_hidden`` and every trainable parameter ``student_head`` uses (a LoRA adapter on the
-    output layer included). Logits are taken in the heads' dtype and the softmax math done in fp32
-    (fp64 for fp64 logits). With no trained position the sum is a 0 that still depends on the
-    student's head, so every process of a data-parallel run gets a gradient for it.
+    output layer included).
+
+    A frozen plain `nn.Linear` student head (LoRA leaves the output layer alone) takes a fused path
+    instead (`_FusedFrozenHeadJSD`): each chunk's gradient with respect to the hidden states is
+    computed analytically in the forward and kept as [chunk, H], so nothing vocabulary-sized is
+    saved or rebuilt and the backward is a scaling (SmolLM2-135M, 440 positions: 1.2 s and ~0.1 GB
+    at chunk 128, against 2.8 s and ~0.8 GB checkpointed at 512). The gradient is exact, the
+    autograd path's arithmetic in another order (see `_fused_chunk`).
+
+    Logits are taken in the heads' dtype and the softmax math done in fp32 (fp64 for fp64 logits).
+    With no trained position the sum is a 0 that still depends on the student's head, so every
+    process of a data-parallel run gets a gradient for it.
     """
     _check(beta, temperature)
     if chunk_size < 1:
@@ -192,6 +336,21 @@ def distill_loss(
     teacher = teacher_hidden.detach()[selected]  # [N, H2]
     n = student.size(0)
     recompute = torch.is_grad_enabled()
+    fused = _frozen_linear(student_head)
+    if fused is not None and n > 0:
+        if recompute and student.requires_grad:
+            divergence, metrics = _FusedFrozenHeadJSD.apply(
+                student, teacher, fused, teacher_head, beta, temperature, chunk_size
+            )
+        else:
+            sums = [
+                _fused_chunk(student[r], teacher[r], fused, teacher_head, beta, temperature, False)[0]
+                for r in (slice(s, s + chunk_size) for s in range(0, n, chunk_size))
+            ]
+            divergence, metrics = torch.stack(sums).sum(0).split([1, 3])
+            divergence = divergence.squeeze(0)
+        metrics = metrics.float()
+        return DistillTerms(divergence, n, metrics[0], metrics[1], metrics[2])
 
     divergence_sum: Tensor | None = None
     metrics = torch.zeros(3, dtype=torch.float32, device=student_hidden.device)

@@ -85,7 +85,7 @@ class DistillConfig(TrainConfig):
     top_p: float = opt(0.95, "Nucleus sampling of the student's completions (TRL's 0.95).", above=0, max=1)
     top_k: int = opt(0, "Sample among the k most likely tokens only (0: no limit).", min=0)
     loss_chunk: int = opt(
-        512,
+        128,
         "Positions whose full-vocabulary distributions are computed at once (both models); memory is chunk x vocab, never length x vocab.",
         min=1,
         panel="Speed and memory",
