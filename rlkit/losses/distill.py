@@ -35,7 +35,7 @@ Head = Callable[[Tensor], Tensor]
 
 CHUNK_TOKENS = 128
 """Positions projected onto the vocabulary at once. A chunk keeps about ten [chunk, V] fp32 tensors
-alive while its backward runs (four in the fused path of a frozen output layer, and only in the
+alive while its backward runs (five in the fused path of a frozen output layer, and only in the
 forward): 128 x 152k x 4 bytes = 74 MiB each. Why not more: on one CPU thread 128 positions ran
 faster than 512 (SmolLM2-135M, 440 positions x 49,152: 1.2 against 1.3 s fused, 1.8 against
 2.8 s checkpointed), the [chunk, V] tensors then staying closer to the caches."""
@@ -157,8 +157,9 @@ def _chunk_terms(
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """[N] Σ_v a[n, v] b[n, v] without an [N, V] product tensor (a batched dot product)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """[N] Σ_v a[n, v] b[n, v]. `torch.linalg.vecdot` rather than a batched [1, V] x [V, 1] `bmm`,
+    which took twice as long on one CPU thread (50 against 22 ms for 128 x 49,152)."""
+    return torch.linalg.vecdot(a, b)
 
 
 def _fused_chunk(
@@ -181,7 +182,7 @@ def _fused_chunk(
 
     (JSD(β) = const + (1 - β) Σ S log S - Σ M log M, so ∂/∂S = (1 - β) d, and through the softmax
     ∂/∂u = S ⊙ (g - Σ S g)); then ∂/∂z = ∂/∂u / τ and ∂/∂h = (∂/∂z) W. Each [n, V] tensor is freed
-    or overwritten as soon as it is used: at most four are alive at once.
+    or overwritten as soon as it is used: at most five are alive at once.
     """
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_hidden)
@@ -193,7 +194,8 @@ def _fused_chunk(
         )
     logits_dtype = student_logits.dtype
     with torch.no_grad(), torch.autocast(student_hidden.device.type, enabled=False):
-        agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+        # max(-1).indices: argmax's first maximum, ~1.6x faster than argmax on one CPU thread
+        agreement = (student_logits.max(-1).indices == teacher_logits.max(-1).indices).sum()
         log_t = _log_softmax(teacher_logits, temperature)
         del teacher_logits
         log_s = _log_softmax(student_logits, temperature)
