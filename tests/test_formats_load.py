@@ -92,6 +92,18 @@ def test_message_lists_survive_jsonl_and_parquet(tmp_path):
         assert detect_format(loaded.column_names, name) is Format.MESSAGES
 
 
+def test_a_column_only_later_records_have_is_kept(tmp_path):
+    """An optional column (a `tools` schema list, a `margin`) that the first record lacks is a column
+    all the same, null where absent: it was once dropped silently, with every later record's value."""
+    records = [
+        {"messages": [user("hi"), assistant("hello")]},
+        {"messages": [user("2+2?"), assistant("4")], "margin": 1.5},
+    ]
+    loaded = load_records([str(write_jsonl(tmp_path / "m.jsonl", records))])
+    assert loaded.column_names == ["messages", "margin"]
+    assert loaded["margin"] == [None, 1.5]
+
+
 def test_several_sources_concatenate_in_order(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", RECORDS[:2])
     write_jsonl(tmp_path / "b.jsonl", RECORDS[2:])

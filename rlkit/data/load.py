@@ -93,11 +93,14 @@ def _digest(path: Path) -> str:
 def _dataset_of(records: list[dict[str, Any]], fingerprint: str) -> datasets.Dataset:
     """`Dataset.from_list`, named by `fingerprint`: from_list names a dataset by pickling its whole
     table, which held two more copies of a 50 MB record at once (tests/test_huge_records.py).
-    Columns and types are inferred as from_list infers them (the first record's keys)."""
+    Columns are every key any record has, in the order first seen (from_list keeps only the first
+    record's keys, which silently dropped an optional column such as `tools` that record 1 lacks);
+    a record without a column holds null there."""
     from datasets.arrow_writer import OptimizedTypedSequence
     from datasets.table import InMemoryTable
 
-    columns = {key: OptimizedTypedSequence([r.get(key) for r in records], col=key) for key in records[0]}
+    keys = list(dict.fromkeys(key for record in records for key in record))
+    columns = {key: OptimizedTypedSequence([r.get(key) for r in records], col=key) for key in keys}
     table = InMemoryTable.from_pydict(mapping=columns)
     info = datasets.DatasetInfo(features=datasets.Features({k: c.get_inferred_type() for k, c in columns.items()}))
     return datasets.Dataset(table, info=info, fingerprint=fingerprint)
