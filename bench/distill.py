@@ -28,8 +28,9 @@ the batch (per-device batch x accumulation; one rollout per optimizer step), lea
 its linear schedule without warmup, torch AdamW, gradient clipping at 1, dropout off in the
 student (rlkit always; TRL `disable_dropout=True`), the teacher in fp32 as the student, seed,
 precision, no gradient checkpointing, no samples logged. What differs is each trainer's own
-(rlkit samples on the merged LoRA weights, computes the divergence only at completion positions,
-512 at a time, inside the student's forward; TRL samples through the PEFT model and runs its
+(rlkit samples on the merged LoRA weights, column-major, with numpy's sort for top-p, computes the
+divergence only at completion positions, 128 at a time, inside the student's forward, the frozen
+output layer's gradient in closed form; TRL samples through the PEFT model and runs its
 chunked-divergence kernel over every completion position of the padded batch, masked after).
 
 Student = teacher makes the divergence 0 at the start (and with LoRA's zero-initialised B, 0
