@@ -180,14 +180,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("training", ["--full", "--lora"])  # --lora: frozen weights laid out column-major
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_two_processes_log_what_one_process_logs(models, tmp_path, sharding):
+def test_two_processes_log_what_one_process_logs(models, tmp_path, sharding, training):
     """The same global batch on two gloo processes (DDP; FSDP2, the teacher sharded like a frozen
     reference): the same samples, divergences and agreement as one process."""
     from equivalence import reduction_bound
 
     student, teacher = models
-    common = ["--max-steps", "2", "--batch-size", "2", "--generation-batch-size", "2", "--full", "--lr", "1e-2"]
+    common = ["--max-steps", "2", "--batch-size", "2", "--generation-batch-size", "2", training, "--lr", "1e-2"]
     one = tmp_path / "one"
     result = run_cli(*_args(student, teacher, one, *common, "--grad-accum", "4"))
     assert result.returncode == 0, result.stderr

@@ -525,8 +525,8 @@ def run_distill(config: DistillConfig) -> Path | None:
     policy = run.load_policy()
     if not plan.main.dropout:
         disable_dropout(policy)
-    if world == 1 and not config.fsdp:  # decode-sized products ~2x faster on CPU; same function
-        column_major_frozen_linears(policy)
+    if not config.fsdp:  # decode-sized products ~2x faster on CPU, the same function (FSDP gathers
+        column_major_frozen_linears(policy)  # row-major copies to sample from: left as they are)
     teacher, teacher_head = load_teacher(plan, config, run, teacher_source)
     info(f"teacher: {config.teacher} ({next(teacher.parameters()).dtype}, frozen)")
     # 4. train: a rollout per step (Distillation.collect), one update on it
