@@ -45,8 +45,8 @@ def script_generate(monkeypatch, tokenizer, turns: list[str], by_row=None) -> No
 
     def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
         rows = []
-        for row in input_ids.tolist():
-            text = tokenizer.decode(row)
+        for row, seen in zip(input_ids.tolist(), attention_mask.bool().tolist()):
+            text = tokenizer.decode([t for t, s in zip(row, seen) if s])  # what the mask lets a model see
             k = text.count(TOOL_TURN)
             reply = by_row(text, k) if by_row else turns[min(k, len(turns) - 1)]
             rows.append(tokenizer(reply, add_special_tokens=False)["input_ids"][:max_new_tokens])

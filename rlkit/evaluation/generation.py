@@ -41,7 +41,9 @@ def win_rate(policy: list[float], baseline: list[float]) -> float:
 
 
 def _completion_sums(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    logps, _ = label_logprobs(model, batch["input_ids"], batch["position_ids"], batch["labels"])
+    """Each row's summed completion log-probs; the prompt tokens all rows start with (a system prompt,
+    tool schemas) run once, in this call, under whichever weights `model` has now (a reference's too)."""
+    logps, _ = label_logprobs(model, batch["input_ids"], batch["position_ids"], batch["labels"], reuse_prefix=True)
     return logps.double().sum(dim=1)
 
 

@@ -251,18 +251,33 @@ def label_logprobs(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     labels: torch.Tensor,
+    reuse_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps, mask), both [batch, length-1]: log p(labels[t+1] | ids[:t+1]); 0 where unlabelled.
 
     No attention mask is passed, so transformers derives a block-diagonal causal mask from
-    the restarting `position_ids` (packed rows, or padding after a single example).
+    the restarting `position_ids` (packed rows, or padding after a single example). With
+    `reuse_prefix`, leading columns that every row shares (`common_prefix`: a system prompt, tool
+    schemas) run once and the rest of the rows on top of their cache (`_label_prefix_cache`): the
+    same log-probs up to float rounding.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE
     keep = mask.any(dim=0).nonzero().squeeze(1)
     kept_targets = targets[:, keep]
+    start, cached = 0, {}
+    reused = _label_prefix_cache(model, input_ids, position_ids, keep) if reuse_prefix else None
+    if reused is not None:  # columns [0, start) are in the cache; logits are needed from `start` on
+        start, cache = reused
+        cached = {cache_keyword(model): cache}
     with output_layer_swapped(model, lambda head: _LabelLogpHead(head, kept_targets)) as fused:
-        out = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=keep, use_cache=False)
+        out = model(
+            input_ids=input_ids[:, start:],
+            position_ids=position_ids[:, start:],
+            logits_to_keep=keep - start,
+            use_cache=bool(cached),
+            **cached,
+        )
     if fused:
         kept_logps = out.logits.squeeze(-1)
     else:
@@ -347,6 +362,34 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
 
 
+PREFIX_MIN_TOKENS = 16
+"""The fewest leading tokens every row must share for `common_prefix` to run them once: below it,
+the extra forward's fixed cost outweighs the columns it saves."""
+
+
+def _prefix_cache_usable(model: torch.nn.Module, rows: int) -> bool:
+    """Whether a prefix's KV cache can stand in for its columns: two rows or more (one gains nothing),
+    and a model whose forward keeps a cache (gradient checkpointing turns HF's cache off)."""
+    return rows >= 2 and not _checkpointing(model)
+
+
+def _prefix_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> Any | None:
+    """The KV cache of the left-padded prefixes `ids` [U, P] (one forward), repeated so that row b of
+    the batch gets prefix `rows[b]`; None when the model gives back no cache that can be re-indexed."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions_from_mask(mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(rows)
+    return cache
+
+
 def shared_prefix(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[Any, torch.Tensor, torch.Tensor, int] | None:
@@ -360,7 +403,7 @@ def shared_prefix(
     times, in the prefill before sampling and in the forward of every update. Gradients reach the
     prompt's tokens through the repeated cache (indexing is differentiable), summed over the group.
     """
-    if ids.shape[0] < 2 or _checkpointing(model):
+    if not _prefix_cache_usable(model, ids.shape[0]):
         return None
     unique, inverse = torch.unique_consecutive(ids, dim=0, return_inverse=True)
     if unique.shape[0] == ids.shape[0]:
@@ -374,18 +417,86 @@ def shared_prefix(
     prefix_ids, prefix_mask = ids[starts, :-1], mask[starts, :-1]
     if prefix_ids.shape[1] == 0 or not bool(prefix_mask.any(dim=1).all()):
         return None
-    out = model(
-        input_ids=prefix_ids,
-        attention_mask=prefix_mask,
-        position_ids=positions_from_mask(prefix_mask),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_select_indices"):
+    cache = _prefix_cache(model, prefix_ids, prefix_mask, inverse)
+    return None if cache is None else (cache, ids, mask, prefix_ids.shape[1])
+
+
+def common_prefix(ids: torch.Tensor, real: torch.Tensor | None = None) -> int:
+    """How many leading columns of `ids` [B, T] hold the same token in every row (and, given `real`
+    [B, T], a real token in every row, not padding): the columns one forward can compute for all."""
+    same = (ids == ids[:1]).all(dim=0)
+    if real is not None:
+        same &= real.all(dim=0)
+    differ = (~same).nonzero()
+    return int(differ[0]) if len(differ) else ids.shape[1]
+
+
+def _common_prefix_cache(model: torch.nn.Module, row: torch.Tensor, rows: int) -> Any | None:
+    """The cache of the 1-D token run `row` (positions 0..P-1), computed with batch 1 and repeated for `rows` rows."""
+    ones = torch.ones(1, row.numel(), dtype=torch.long, device=row.device)
+    return _prefix_cache(model, row[None], ones, torch.zeros(rows, dtype=torch.long, device=row.device))
+
+
+def _label_prefix_cache(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor
+) -> tuple[int, Any] | None:
+    """(P, the cache of the first P columns for every row) for `label_logprobs`'s right-padded rows,
+    or None where the plain forward is to run.
+
+    A row's real tokens are the leading columns whose position id is the column's index (padding
+    restarts at 0); P is the shared run of them, capped so that every row keeps a token after it and
+    no logit the labels need (`keep`, the columns scored) falls inside it. Computed in the caller's
+    forward, so a reference (adapter off, another adapter) caches under its own weights. Without a
+    backward under FSDP2: a block's keys and values would escape its pre-backward hook, as
+    `grouped_response_logprobs` says.
+    """
+    if keep.numel() == 0 or not _prefix_cache_usable(model, input_ids.shape[0]):
         return None
-    cache.batch_select_indices(inverse)
-    return cache, ids, mask, prefix_ids.shape[1]
+    if torch.is_grad_enabled() and _fsdp_units(model):
+        return None
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    real = position_ids == columns
+    run = int(real.long().cumprod(dim=1).sum(dim=1).min())
+    prefix = min(common_prefix(input_ids, real), run - 1, int(keep[0]))
+    if prefix < PREFIX_MIN_TOKENS:
+        return None
+    cache = _common_prefix_cache(model, input_ids[0, :prefix], input_ids.shape[0])
+    return None if cache is None else (prefix, cache)
+
+
+def left_padded_prefix(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+    """Left-padded rows laid out for `generate` to go on from the cache of the real tokens they all
+    start with: (that cache, repeated per row; the ids and mask as [prefix][padding][rest]), or None
+    where they share fewer than `PREFIX_MIN_TOKENS` tokens (each row keeps at least one after it),
+    the mask is not a left padding, or the cache cannot be used.
+
+    Moving a row's padding after the prefix leaves every real token's position (HF's cumsum of the
+    mask) and what it attends to as they were, so the tokens are the same up to float rounding;
+    the width is the same too, so the generated tokens still start at column `ids.shape[1]`.
+    """
+    rows, width = ids.shape
+    if not _prefix_cache_usable(model, rows):
+        return None
+    lengths = mask.sum(dim=1)
+    pad = width - lengths
+    columns = torch.arange(width, device=ids.device)
+    if not bool((mask == (columns >= pad[:, None])).all()):
+        return None
+    shortest = int(lengths.min())
+    aligned = ids.gather(1, pad[:, None] + columns[:shortest])  # each row's first `shortest` real tokens
+    prefix = min(common_prefix(aligned), shortest - 1)
+    if prefix < PREFIX_MIN_TOKENS:
+        return None
+    # column c takes: prefix token c, then the row's padding, then its real tokens from `prefix` on
+    source = torch.where(
+        columns < prefix,
+        columns + pad[:, None],
+        torch.where(columns < prefix + pad[:, None], columns - prefix, columns),
+    )
+    cache = _common_prefix_cache(model, aligned[0, :prefix], rows)
+    return None if cache is None else (cache, ids.gather(1, source), mask.gather(1, source))
 
 
 def grouped_response_logprobs(

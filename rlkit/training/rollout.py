@@ -43,7 +43,13 @@ from rlkit.preference.reference import LogpsSpec, Reference
 from rlkit.scoring import RewardBatch, RewardSet
 from rlkit.tools.generation import left_pad
 from rlkit.training.fast_sampling import warper_kwargs
-from rlkit.training.logprobs import cache_keyword, grouped_response_logprobs, response_logprobs, shared_prefix
+from rlkit.training.logprobs import (
+    cache_keyword,
+    grouped_response_logprobs,
+    left_padded_prefix,
+    response_logprobs,
+    shared_prefix,
+)
 
 
 def rollout_reference_spec(temperature: float, shared_prompts: bool = False) -> LogpsSpec:
@@ -322,8 +328,9 @@ def generate_rows(
     """The tokens `generate` samples after each left-padded row of `ids` [B, W] (EOS, then padding,
     where a row stops early), from a generator seeded with `seed` (None: the running one), under
     autocast; with `shared_prompts` each distinct prompt's prefill runs once and `generate` goes on
-    from its cache. One `generate` call: single-turn sampling makes one per chunk, multi-turn
-    episodes (`rlkit.training.episodes`) one per turn."""
+    from its cache, and otherwise the tokens all rows start with do (`left_padded_prefix`: the
+    same tokens up to float rounding). One `generate` call: single-turn sampling makes one per
+    chunk, multi-turn episodes (`rlkit.training.episodes`) one per turn."""
     acc, tok = inputs.accelerator, inputs.tokenizer
     do_sample = how.temperature > 0
     warping: dict[str, Any] = {"temperature": None, "top_p": None, "top_k": None}
@@ -336,6 +343,10 @@ def generate_rows(
         shared = shared_prefix(generator, ids, mask) if shared_prompts else None
         if shared is not None:  # each distinct prompt's prefill once; generate goes on from it
             cache, ids, mask, _ = shared
+        else:  # the tokens every row starts with (a system prompt, tool schemas) once
+            common = left_padded_prefix(generator, ids, mask)
+            if common is not None:
+                cache, ids, mask = common
         out = generator.generate(
             input_ids=ids,
             attention_mask=mask,
