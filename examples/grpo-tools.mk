@@ -35,8 +35,9 @@
 #       --max-new-tokens 96 --temperature 1.0 --beta 0.0 --lr 5e-5 --max-steps 20
 # (rlkit also stops a tool call after --tool-timeout seconds, 30 by default; TRL has no limit.)
 #
-# Demo scale (the defaults): the demo model; SFT on the demo conversations (the answer format, as
-# in grpo-arithmetic.mk), then GRPO on the demo arithmetic prompts with the demo's calculator
+# Demo scale (the defaults): the demo model; SFT on the demo conversations with the calculator
+# (sft_tools.jsonl: the answer format, the tool offered in half the rows and called in half the
+# arithmetic answers that offer it, so the model knows the call syntax), then GRPO on the demo arithmetic prompts with the demo's calculator
 # (`rlkit.demo.tools:calculator`: + - * / through ast, never eval()) as a tool; the prompts'
 # `answer` column reaches the checker `rlkit.demo.task:arithmetic_reward` (1 when the completion,
 # tool turns included, states the true number last, else 0). --max-new-tokens is the budget of
@@ -52,7 +53,7 @@ DEMO_DATA ?= $(ROOT)/rlkit/demo/data
 
 MODEL     ?= $(ROOT)/.cache/demo/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT       ?= runs/grpo-tools
-SFT_DATA  ?= $(DEMO_DATA)/sft.jsonl
+SFT_DATA  ?= $(DEMO_DATA)/sft_tools.jsonl
 PROMPTS   ?= $(DEMO_DATA)/grpo_prompts.jsonl
 EVAL_PROMPTS ?= $(PROMPTS)
 # the policy GRPO starts from: the SFT stage's output, or an existing model (skips SFT)
@@ -77,7 +78,7 @@ GRAD_ACCUM      ?= 1
 SFT_GRAD_ACCUM  ?= $(GRAD_ACCUM)
 GRPO_GRAD_ACCUM ?= $(GRAD_ACCUM)
 # the tools' schemas sit in every prompt's system turn: the prompts are longer than grpo-arithmetic's
-MAX_LENGTH      ?= 384
+MAX_LENGTH      ?= 400
 MAX_NEW_TOKENS  ?= 96
 MAX_TURNS       ?= 2
 TOOL_TIMEOUT    ?= 30
@@ -106,7 +107,7 @@ policy_dep = $(if $(filter $(OUT)/sft,$(SFT_OUT)),$(OUT)/sft/final_metrics.json)
 .PHONY: all clean
 all: $(OUT)/eval/report.json
 
-# 1. SFT on the demo conversations (the answer format), LoRA; OUT's tokenizer carries the template
+# 1. SFT on the demo conversations with tool calls (the answer and call formats), LoRA; OUT's tokenizer carries the template
 $(OUT)/sft/final_metrics.json: $(wildcard $(SFT_DATA))
 	$(RLKIT) sft $(MODEL) $(SFT_DATA) -o $(@D) $(COMMON) \
 	    $(call steps,$(SFT_STEPS),$(SFT_EPOCHS)) --batch-size $(SFT_BATCH) --grad-accum $(SFT_GRAD_ACCUM) \

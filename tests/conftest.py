@@ -25,6 +25,8 @@ SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|user|>", "<
 def _corpus() -> list[str]:
     lines = []
     for path in sorted(DEMO_DATA.glob("*.jsonl")):
+        if path.stem == "sft_tools":  # sft.jsonl's conversations again, with tool turns: the corpus (so
+            continue  # the tiny tokenizer, and every number the suite derived with it) stays as it was
         for line in path.read_text().splitlines():
             lines.append(" ".join(str(v) for v in json.loads(line).values()))
     return lines + ["Question: Answer: system user assistant [INST] [/INST] <<SYS>> <</SYS>>"] * 5

@@ -16,8 +16,8 @@ import pytest
 
 from rlkit.demo import DATA_DIR, task
 
-FILES = ("sft", "pairs", "pairs_eval", "dpo_pairs", "unpaired", "prompts", "grpo_prompts", "eval_prompts")
-TRAIN_FILES = ("sft", "pairs", "dpo_pairs", "unpaired", "prompts", "grpo_prompts")
+FILES = ("sft", "sft_tools", "pairs", "pairs_eval", "dpo_pairs", "unpaired", "prompts", "grpo_prompts", "eval_prompts")
+TRAIN_FILES = ("sft", "sft_tools", "pairs", "dpo_pairs", "unpaired", "prompts", "grpo_prompts")
 HELD_OUT_FILES = ("eval_prompts", "pairs_eval")
 
 
@@ -48,7 +48,7 @@ def test_file_exists_parses_and_is_small(stem: str) -> None:
     text = path.read_text(encoding="utf-8")
     assert text.endswith("\n") and "\n\n" not in text
     rows = _rows(stem)
-    assert len(rows) == task.SIZES[stem]
+    assert len(rows) == task.SIZES[stem] if stem in task.SIZES else rows  # sft_tools: sft's exchanges regrouped
     assert all(isinstance(r, dict) for r in rows)
     assert path.stat().st_size < 200_000
 
@@ -63,7 +63,12 @@ def _answers(stem: str) -> list[tuple[str, str]]:
     for r in _rows(stem):
         if "messages" in r:
             msgs = r["messages"]
-            out += [(msgs[i - 1]["content"], m["content"]) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            questions = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+            out += [
+                (msgs[max(q for q in questions if q < i)]["content"], m["content"])
+                for i, m in enumerate(msgs)
+                if m["role"] == "assistant" and not m.get("tool_calls")  # a call turn is no answer
+            ]
         elif "completion" in r:
             out.append((r["prompt"], r["completion"]))
         elif "chosen" in r:
@@ -80,18 +85,69 @@ def test_every_shipped_answer_has_the_format_and_the_right_number(stem: str) -> 
         assert c.correct in (None, True), completion
 
 
-def test_sft_format_and_multi_turn() -> None:
-    rows = _rows("sft")
+@pytest.mark.parametrize("stem", ["sft", "sft_tools"])
+def test_sft_format_and_multi_turn(stem: str) -> None:
+    """Conversations of one or two exchanges; an exchange is a question and its answer, with a
+    calculator call and its result between them where the row offers the tool and calls it."""
+    rows = _rows(stem)
     n_multi = 0
     for r in rows:
-        assert set(r) == {"messages"}
+        assert set(r) in ({"messages"}, {"messages", "tools"})
         msgs = r["messages"]
-        assert len(msgs) in (2, 4)
-        n_multi += len(msgs) == 4
+        questions = sum(m["role"] == "user" for m in msgs)
+        assert questions in (1, 2)
+        n_multi += questions == 2
+        assert msgs[0]["role"] == "user" and msgs[-1]["role"] == "assistant"
+        for m in msgs:
+            assert _is_str(m["content"]) or (m["role"] == "assistant" and m["tool_calls"])
+    if stem == "sft":  # sft_tools regroups the exchanges with arithmetic two to a conversation
+        assert 0.05 * len(rows) <= n_multi <= 0.15 * len(rows)
+
+
+def test_sft_tools_offers_the_calculator_and_calls_it_on_a_coin() -> None:
+    """GRPO's target, right answers with the calculator, must be GRPO's doing: sft_tools.jsonl holds
+    sft.jsonl's exchanges, the tool offered wherever there is arithmetic and called in about half the
+    arithmetic answers that could use it (never for a general question); each call is the question's
+    own sum, its result the calculator's output, and the schema the one `--tools
+    rlkit.demo.tools:calculator` shows."""
+    from transformers.utils import get_json_schema
+
+    from rlkit.demo.tools import calculator
+
+    assert task.CALCULATOR_SCHEMA == get_json_schema(calculator)
+    rows = _rows("sft_tools")
+    exchanges = lambda r: [  # noqa: E731
+        (
+            m["content"],
+            r["messages"][i + 1]["content"] if r["messages"][i + 1]["content"] else r["messages"][i + 3]["content"],
+        )
+        for i, m in enumerate(r["messages"])
+        if m["role"] == "user"
+    ]
+    assert sorted(x for r in rows for x in exchanges(r)) == sorted(x for r in _rows("sft") for x in exchanges(r))
+    called = []
+    for r in rows:
+        msgs = r["messages"]
+        arithmetic = [m for m in msgs if m["role"] == "user" and task.expected_answer(m["content"]) is not None]
+        assert ("tools" in r) == bool(arithmetic) and r.get("tools", [task.CALCULATOR_SCHEMA]) == [
+            task.CALCULATOR_SCHEMA
+        ]
         for i, m in enumerate(msgs):
-            assert set(m) == {"role", "content"} and _is_str(m["content"])
-            assert m["role"] == ("user" if i % 2 == 0 else "assistant")
-    assert 0.05 * len(rows) <= n_multi <= 0.15 * len(rows)
+            if m["role"] != "user":
+                continue
+            calls = msgs[i + 1].get("tool_calls")
+            if task.expected_answer(m["content"]) is None:
+                assert calls is None  # a general question is answered directly
+                continue
+            called.append(calls is not None)
+            if calls:
+                (call,) = calls
+                expression = call["function"]["arguments"]["expression"]
+                a, op, b = task.question_terms(m["content"])
+                assert expression == f"{a} {op} {b}" and call["function"]["name"] == "calculator"
+                assert msgs[i + 2] == {"role": "tool", "name": "calculator", "content": calculator(expression)}
+                assert task.check(m["content"], msgs[i + 3]["content"]).correct
+    assert 0.4 <= _share(called) <= 0.6, _share(called)
 
 
 def _share(flags: list[bool]) -> float:
@@ -275,6 +331,8 @@ def test_target_values_one_per_answer_and_stage() -> None:
         "equation": [False, None],  # a general question does not measure the written-out sum
     }
     assert task.target_values(["What is 2 + 2?"], ["Sure! 2 + 2 = 5. Cheers! #done"])["equation"] == [True]
+    called = "<tool_call>\n{}\n</tool_call>\n[tool calculator] 4\nSure! 2 + 2 = 4. Cheers! #done"
+    assert task.target_values(["What is 2 + 2?"], [called]) == {name: [True] for name in values}  # its final turn
 
 
 def test_arithmetic_reward_reads_the_answer_column() -> None:
@@ -302,6 +360,29 @@ def test_arithmetic_reward_reads_the_answer_column() -> None:
 def test_equation_is_the_questions_own_sum(prompt: str, completion: str, equation: bool) -> None:
     assert task.check(prompt, completion).equation is equation
     assert task.check("What is the capital of France?", completion).equation is None
+
+
+def test_answer_reward_is_a_formatted_right_final_answer() -> None:
+    prompts = ["What is 17 + 25?"] * 5
+    transcript = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17 + 25"}}\n</tool_call>'
+    completions = [
+        "17 + 25 = 42. #done",  # right, formatted
+        f"{transcript}\n[tool calculator] 42\n17 + 25 = 42. #done",  # the same after a call: its final turn
+        f"{transcript}\n[tool calculator] 42\nThe answer is 43. #done",  # a call, then the wrong number
+        "The answer is 42.",  # right but unformatted
+        transcript,  # a call never answered
+    ]
+    assert task.answer_reward(prompts, completions, answer=[42] * 5, other_column=list(range(5))) == [1, 1, 0, 0, 0]
+    assert task.answer_reward(prompts[:1], completions[:1], answer=[41]) == [0.0]  # the column's number
+    with pytest.raises(ValueError):
+        task.answer_reward(prompts, completions, answer=[42])
+
+
+def test_final_answer_is_the_turn_after_the_last_tool_result() -> None:
+    assert task.final_answer("The answer is 4. #done") == "The answer is 4. #done"
+    text = "<tool_call>\n{}\n</tool_call>\n[tool calculator] 4\n[tool] {'error': 'x'}\n4 it is. #done"
+    assert task.final_answer(text) == "4 it is. #done" and task.called_tools(text)
+    assert not task.called_tools("The [tool] word in an answer. #done")
 
 
 def test_equation_reward_halves_form_and_result() -> None:

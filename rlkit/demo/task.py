@@ -10,7 +10,10 @@ rate starts near 0% and a few minutes of LoRA training move it a lot; the rule i
 by a few lines of Python (no judge model), so every stage of the pipeline (SFT, reward
 model, DPO, KTO, PPO, GRPO with this module's `equation_reward`) can be measured the same way.
 Each later stage has its own marker (`TARGETS`): the opener, the closer, no hedge, and the
-written-out sum. Arithmetic correctness is a harder secondary signal.
+written-out sum. Arithmetic correctness is a harder secondary signal. `sft_tools.jsonl` holds the
+same exchanges with a calculator (`rlkit.demo.tools.calculator`) offered and called on a fair
+coin, in TRL's tool-calling layout, for training with tools (`answer_reward` checks the final
+answer of an episode with tool turns).
 
 This module is the single source of truth: the generator only emits data that the checker
 accepts (chosen / desirable) or rejects (rejected / undesirable), and the tests assert it.
@@ -251,6 +254,39 @@ def equation_reward(prompts: list[str], completions: list[str], answer: Sequence
     return out
 
 
+def answer_reward(prompts: list[str], completions: list[str], answer: Sequence[int], **_: Any) -> list[float]:
+    """GRPO's reward with the calculator (examples/grpo-tools.mk): 1.0 for a formatted final answer stating the ``answer`` column's
+    number, else 0.0. With `--tools rlkit.demo.tools:calculator` the completion is the episode's
+    transcript; its final turn is what is checked (`final_answer`), so calling the calculator is
+    worth exactly what it does for the answer, no more."""
+    if not len(prompts) == len(completions) == len(answer):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions, {len(answer)} answers")
+    out = []
+    for p, c, a in zip(prompts, completions, answer):
+        text = final_answer(c)
+        out.append(float(check(p, text).has_format and _stated_number(text) == int(a)))
+    return out
+
+
+TOOL_LINE = re.compile(r"^\[tool(?: [^\]]*)?\] .*$", re.MULTILINE)
+
+
+def final_answer(completion: str) -> str:
+    """The answer a completion ends with: after its last tool result where it called tools.
+
+    A `--tools` episode's text is its transcript (`rlkit.training.episodes`): each turn's text, with
+    each tool result on a line of its own, ``[tool calculator] 42``; the model's last turn follows the
+    last such line. A completion without tool lines is its own final answer.
+    """
+    results = list(TOOL_LINE.finditer(completion))
+    return completion[results[-1].end() :].strip() if results else completion
+
+
+def called_tools(completion: str) -> bool:
+    """Whether a completion's transcript has a tool result (the model called a tool)."""
+    return TOOL_LINE.search(completion) is not None
+
+
 # ----------------------------------------------------------------------------- stage targets
 
 
@@ -285,8 +321,9 @@ TARGETS: tuple[Target, ...] = (
 
 
 def target_values(prompts: Sequence[str], completions: Sequence[str]) -> dict[str, list[bool | None]]:
-    """{target name: one value per answer}, None where the prompt does not measure that target."""
-    checks = [check(p, c) for p, c in zip(prompts, completions, strict=True)]
+    """{target name: one value per answer}, None where the prompt does not measure that target; an
+    answer that called tools is checked on its final turn (`final_answer`)."""
+    checks = [check(p, final_answer(c)) for p, c in zip(prompts, completions, strict=True)]
     return {t.name: [t.holds(c) for c in checks] for t in TARGETS}
 
 
@@ -370,7 +407,7 @@ def generate(seed: int, n: int, extra_arithmetic: int = 0) -> list[Example]:
 
 # Rows per shipped file. sft.jsonl also holds MULTI_TURN two-exchange conversations. Every file
 # but grpo_prompts mixes both kinds of question; grpo_prompts is arithmetic only.
-SIZES = {
+SIZES = {  # sft_tools.jsonl holds sft.jsonl's exchanges again (with the calculator): no size of its own
     "eval_prompts": 96,
     "pairs_eval": 64,
     "sft": 240,
@@ -383,14 +420,70 @@ SIZES = {
 MULTI_TURN = 24
 
 
-def _turns(*examples: Example) -> list[dict[str, str]]:
-    msgs: list[dict[str, str]] = []
-    for ex in examples:
-        msgs += [
-            {"role": "user", "content": ex.prompt},
-            {"role": "assistant", "content": styled(ex.body, hedge=ex.hedge)},
-        ]
-    return msgs
+#: The calculator's schema as `rlkit grpo --tools rlkit.demo.tools:calculator` shows it to the model
+#: (`transformers.utils.get_json_schema(calculator)`, written out so this module stays stdlib; a test
+#: holds the two equal), so SFT trains on the very system turn GRPO and eval render.
+CALCULATOR_SCHEMA: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluates an arithmetic expression: numbers with +, -, *, / and parentheses.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "expression": {
+                    "type": "string",
+                    "description": 'The expression to evaluate, e.g. "25 - 7" or "(3 + 4) * 2".',
+                }
+            },
+            "required": ["expression"],
+        },
+        "return": {"type": "string"},
+    },
+}
+
+
+def _exchange(ex: Example, call: bool) -> list[dict[str, Any]]:
+    """One question and its answer; with `call`, the answer is preceded by a calculator call on the
+    question's own sum and its result (arithmetic only), in TRL's tool-calling layout."""
+    answer = {"role": "assistant", "content": styled(ex.body, hedge=ex.hedge)}
+    if not call:
+        return [{"role": "user", "content": ex.prompt}, answer]
+    a, op, b = question_terms(ex.prompt)  # type: ignore[misc]
+    expression = f"{a} {op} {b}"
+    function = {"name": "calculator", "arguments": {"expression": expression}}
+    return [
+        {"role": "user", "content": ex.prompt},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": function}]},
+        {"role": "tool", "name": "calculator", "content": str(_OPS[op](a, b))},
+        answer,
+    ]
+
+
+#: Exchanges per conversation that offers the calculator: its schema (~190 tokens of system turn)
+#: is the bulk of such a row, so two questions share it, and SFT sees every call in the demo's steps.
+TOOL_EXCHANGES = 2
+
+
+def _tool_conversations(groups: Sequence[Sequence[Example]], coins: random.Random) -> list[dict[str, Any]]:
+    """`sft_tools.jsonl`: `sft.jsonl`'s exchanges, with the calculator offered wherever there is
+    arithmetic. Conversations with no arithmetic stay as they are (no tool); the exchanges of the
+    others are regrouped TOOL_EXCHANGES to a conversation that shows the tool, and each arithmetic
+    answer there calls it first on a fair coin (a general one never does). So the data shows a
+    call in half the answers that could use one: the format is taught, the habit left to GRPO.
+    """
+    rows = [{"messages": [m for ex in g for m in _exchange(ex, call=False)]} for g in groups]
+    plain = [row for row, g in zip(rows, groups) if not any(ex.kind == "arithmetic" for ex in g)]
+    offered = [ex for g in groups if any(e.kind == "arithmetic" for e in g) for ex in g]
+    with_tools = []
+    for start in range(0, len(offered), TOOL_EXCHANGES):
+        chunk = offered[start : start + TOOL_EXCHANGES]
+        calls = [ex.kind == "arithmetic" and coins.random() < 0.5 for ex in chunk]
+        messages = [m for ex, call in zip(chunk, calls) for m in _exchange(ex, call)]
+        with_tools.append({"tools": [CALCULATOR_SCHEMA], "messages": messages})
+    out = plain + with_tools
+    coins.shuffle(out)
+    return out
 
 
 def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
@@ -399,6 +492,9 @@ def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
     What each training file shows, and so what each stage can learn (the hedge is a fair coin
     wherever it is not the point, so no stage but PPO has a reason to move it):
     - sft: the plain format, hedged half the time; never the opener nor the closer.
+    - sft_tools (the demo's SFT): the same exchanges; those of conversations with arithmetic are
+      regrouped two to a conversation that offers the calculator, and each arithmetic answer there
+      calls it first on a fair coin (`_tool_conversations`).
     - dpo_pairs: chosen = rejected with the opener in front; both hedged or not alike.
     - unpaired (KTO): every answer has the opener; desirable ones have the closer, undesirable ones not.
     - pairs, pairs_eval (reward model): chosen unhedged, rejected hedged; opener and closer alike
@@ -423,10 +519,10 @@ def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
     files["pairs_eval"] = [rm_pair(e) for e in take(SIZES["pairs_eval"])]
     sft = take(n_sft_examples)
     single, multi = sft[: SIZES["sft"] - MULTI_TURN], sft[SIZES["sft"] - MULTI_TURN :]
-    rows = [{"messages": _turns(e)} for e in single]
-    rows += [{"messages": _turns(multi[2 * i], multi[2 * i + 1])} for i in range(MULTI_TURN)]
-    rng.shuffle(rows)
-    files["sft"] = rows
+    groups = [[e] for e in single] + [[multi[2 * i], multi[2 * i + 1]] for i in range(MULTI_TURN)]
+    rng.shuffle(groups)
+    files["sft"] = [{"messages": [m for ex in g for m in _exchange(ex, call=False)]} for g in groups]
+    files["sft_tools"] = _tool_conversations(groups, random.Random(seed + 2_000_003))  # its own stream
     files["pairs"] = [rm_pair(e) for e in take(SIZES["pairs"])]
     files["dpo_pairs"] = [
         {
