@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "rlkit" / "demo" / "data"
+SMOLLM2 = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # the demo model (slow tests)
 SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 
@@ -253,3 +254,13 @@ def interrupted_after(monkeypatch, run: Callable[[Any], Any], config: Any, check
     lines = (partial / "metrics.jsonl").read_text().splitlines()
     (partial / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:metric_lines]))
     return partial
+
+
+def dequantized_smollm2(directory: Path) -> Path:
+    """The demo model as a float32 transformers dir (a `.gguf` is dequantized on every load, ~20 s;
+    a slow test that loads it several times converts it once)."""
+    subprocess.run(
+        [sys.executable, "-m", "rlkit.demo.dequantize", str(SMOLLM2), str(directory)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    return directory

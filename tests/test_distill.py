@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO, build_model, build_tokenizer, interrupted_after, run_cli, write_jsonl
+from conftest import (
+    DEMO_DATA,
+    REPO,
+    SMOLLM2,
+    build_model,
+    build_tokenizer,
+    dequantized_smollm2,
+    interrupted_after,
+    run_cli,
+    write_jsonl,
+)
 
 PROMPTS = DEMO_DATA / "grpo_prompts.jsonl"
 
@@ -265,9 +275,6 @@ def test_a_teacher_that_cannot_grade_the_student_is_refused(models, tiny_model_d
     assert result.returncode == 2 and "--teacher" in result.stderr, result.stderr
 
 
-SMOLLM2 = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2.is_file(), reason="needs the demo model (`make demo-model`)")
 def test_efficacy_smollm2_student_recovers_the_teachers_format(tmp_path):
@@ -278,11 +285,7 @@ def test_efficacy_smollm2_student_recovers_the_teachers_format(tmp_path):
     above zero."""
     from rlkit.demo.transfer import transfer_rows
 
-    base = tmp_path / "base"
-    subprocess.run(
-        [sys.executable, "-m", "rlkit.demo.dequantize", str(SMOLLM2), str(base)],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+    base = dequantized_smollm2(tmp_path / "base")
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     steps = [
         ["sft", str(base), str(DEMO_DATA / "sft.jsonl"), "-o", str(teacher), "--max-length", "256",

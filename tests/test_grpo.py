@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO, interrupted_after, run_cli, write_jsonl
+from conftest import DEMO_DATA, REPO, SMOLLM2, interrupted_after, run_cli, write_jsonl
 
 PROMPTS = DEMO_DATA / "grpo_prompts.jsonl"
 TESTS = Path(__file__).parent
@@ -173,9 +173,6 @@ def test_efficacy_rule_based_reward_rises(tiny_model_dir, tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.1, rewards
     assert all(math.isfinite(r) for r in rewards)
-
-
-SMOLLM2 = REPO / ".cache" / "demo" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _held_out_score(model: str, tmp_path: Path, name: str) -> float:
