@@ -344,6 +344,21 @@ def ensure_venv_with(
 # ---- reporting ----------------------------------------------------------------------------
 
 
+def fmt(x: float, digits: int = 2) -> str:
+    """A table number: thousands separated, `digits` decimals."""
+    return f"{x:,.{digits}f}"
+
+
+def trainer_cells(label: str, trainer_name: str, r: dict[str, Any]) -> list[str]:
+    """The cells every bench table row starts with: model, trainer, s / step and its range over runs."""
+    return [label, trainer_name, fmt(r["step_s"]), f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}"]
+
+
+def versus(r: dict[str, Any], trl_row: dict[str, Any] | None, key: str) -> str:
+    """`r[key]` as a multiple of TRL's (the "vs TRL" columns), "-" without a TRL row."""
+    return f"{r[key] / trl_row[key]:.2f}x" if trl_row else "-"
+
+
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -62,6 +62,7 @@ from common import (  # noqa: E402
     combine_runs,
     command_line,
     ensure_venv_with,
+    fmt,
     log,
     markdown_table,
     matmul_params_of,
@@ -72,8 +73,10 @@ from common import (  # noqa: E402
     replace_block,
     run_child,
     run_header,
+    trainer_cells,
     trl_run_args,
     versions,
+    versus,
     write_step_result,
 )
 from grpo import GRPOClock  # noqa: E402  (per step: wall, CPU, generation s, prompt and completion tokens)
@@ -302,10 +305,6 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def fmt(x: float, digits: int = 2) -> str:
-    return f"{x:,.{digits}f}"
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -508,20 +507,18 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
     for label, results in table.items():
         trl_row = dict(results).get("trl")
         for trainer, r in results:
+            name = LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else "")
             rows.append(
                 [
-                    label,
-                    LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else ""),
-                    fmt(r["step_s"]),
-                    f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}",
+                    *trainer_cells(label, name, r),
                     fmt(r["generation_s"]),
                     fmt(r["training_s"]),
                     fmt(r["tokens_per_step"], 0),
                     fmt(r["tokens_per_s"], 1),
                     utilisation(label, r),
-                    f"{r['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x" if trl_row else "-",
+                    versus(r, trl_row, "tokens_per_s"),
                     fmt(r["peak_rss_mib"], 0),
-                    f"{r['peak_rss_mib'] / trl_row['peak_rss_mib']:.2f}x" if trl_row else "-",
+                    versus(r, trl_row, "peak_rss_mib"),
                 ]
             )
     columns = ["model", "trainer", "s / step", "range over runs", "generation s", "training s"]

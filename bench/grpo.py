@@ -72,6 +72,7 @@ from common import (  # noqa: E402
     combine_runs,
     command_line,
     ensure_venv_with,
+    fmt,
     log,
     markdown_table,
     matmul_params_of,
@@ -83,8 +84,10 @@ from common import (  # noqa: E402
     run_child,
     run_header,
     run_plain,
+    trainer_cells,
     trl_run_args,
     versions,
+    versus,
     write_step_result,
 )
 
@@ -556,10 +559,6 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def fmt(x: float, digits: int = 2) -> str:
-    return f"{x:,.{digits}f}"
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -778,20 +777,18 @@ def report(summary: dict[str, Any], doc: Path | None) -> int:
         for label, results in table.items():
             trl_row = dict(results).get("trl")
             for trainer, r in results:
+                name = LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else "")
                 rows.append(
                     [
-                        label,
-                        LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else ""),
-                        fmt(r["step_s"]),
-                        f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}",
+                        *trainer_cells(label, name, r),
                         fmt(r["generation_s"]),
                         fmt(r["rest_s"]),
                         fmt(r["tokens_per_step"], 0),
                         fmt(r["tokens_per_s"], 0),
                         utilisation(label, r),
-                        f"{r['tokens_per_s'] / trl_row['tokens_per_s']:.2f}x" if trl_row else "-",
+                        versus(r, trl_row, "tokens_per_s"),
                         fmt(r["peak_rss_mib"], 0),
-                        f"{r['peak_rss_mib'] / trl_row['peak_rss_mib']:.2f}x" if trl_row else "-",
+                        versus(r, trl_row, "peak_rss_mib"),
                     ]
                 )
         columns = ["model", "trainer", "s / step", "range over runs", "generation s", "the rest s"]
@@ -824,17 +821,11 @@ def tools_rows(
     rows = []
     for label, results in table.items():
         trl_row = dict(results).get("trl")
-
-        def vs(r: dict[str, Any], key: str, trl_row: dict[str, Any] | None = trl_row) -> str:
-            return f"{r[key] / trl_row[key]:.2f}x" if trl_row else "-"
-
         for trainer, r in results:
+            name = LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else "")
             rows.append(
                 [
-                    label,
-                    LABELS[trainer] + (f" {trl_v}" if trainer == "trl" and trl_v else ""),
-                    fmt(r["step_s"]),
-                    f"{r['step_s_range'][0]:.2f}-{r['step_s_range'][1]:.2f}",
+                    *trainer_cells(label, name, r),
                     fmt(r["episodes_s"]),
                     fmt(r["generation_s"]),
                     fmt(r["rest_s"]),
@@ -843,13 +834,13 @@ def tools_rows(
                     f"{r['prompt_tokens_per_step']:,.0f} + {r['model_tokens_per_step']:,.0f} + "
                     f"{r['tool_tokens_per_step']:,.0f}",
                     fmt(r["tokens_per_s"], 0),
-                    vs(r, "tokens_per_s"),
+                    versus(r, trl_row, "tokens_per_s"),
                     fmt(r["model_tokens_per_s"], 1),
-                    vs(r, "model_tokens_per_s"),
+                    versus(r, trl_row, "model_tokens_per_s"),
                     fmt(r["tool_tokens_per_s"], 1),
                     utilisation(label, r),
                     fmt(r["peak_rss_mib"], 0),
-                    vs(r, "peak_rss_mib"),
+                    versus(r, trl_row, "peak_rss_mib"),
                 ]
             )
     return rows

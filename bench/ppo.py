@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     combine_runs,
     command_line,
     ensure_venv_with,
+    fmt,
     log,
     markdown_table,
     matmul_params_of,
@@ -507,10 +508,6 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
         "peak_rss_mib": result["peak_rss_mib"],
         "steps_measured": len(steps),
     }
-
-
-def fmt(x: float, digits: int = 2) -> str:
-    return f"{x:,.{digits}f}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
