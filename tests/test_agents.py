@@ -26,6 +26,7 @@ from rlkit.agents.transcript import (
     tool_turn_text,
 )
 from rlkit.agents.turn import tool_round
+from rlkit.data.formats import Format
 from rlkit.data.templates import ChatTemplate, render, render_segments, shipped_template
 from rlkit.errors import InputError, RunError
 
@@ -633,6 +634,32 @@ def test_tool_calls_need_a_template_that_writes_them(tmp_path, tiny_tokenizer):
         path = write_jsonl(tmp_path / "r.jsonl", [record])
         with pytest.raises(InputError, match=f"template 'chatml' does not render {expected}"):
             build_sft_data(DataOptions(sources=[str(path)], template="chatml"), tiny_tokenizer, "tiny")
+
+
+def test_preference_and_unpaired_records_show_their_tools_column(tiny_tokenizer):
+    """DPO/KTO data with a `tools` column (a chosen answer that calls the tool, a rejected one that
+    does not) is tokenized as SFT tokenizes it: the prompt is the episode's prompt with the schemas,
+    the call turn is trained, the tool turn is not."""
+    from rlkit.agents.transcript import prompt_ids
+    from rlkit.data.pairs import tokenize_pairs
+    from rlkit.data.tokenize import IGNORE
+    from rlkit.data.unpaired import tokenize_unpaired
+
+    tok, tools = tiny_tokenizer, tools_of([multiply])
+    question = [{"role": "user", "content": "What is 3 times 4?"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"name": "multiply", "arguments": {"a": 3, "b": 4}}]}
+    chosen = [call, {"role": "tool", "content": "12"}, {"role": "assistant", "content": "It is 12."}]
+    record = {"tools": tools.schemas, "prompt": question, "chosen": chosen, "rejected": "It is 11."}
+    (row,), _ = tokenize_pairs([record], tok, CHATML_TOOLS, 1000)
+    expected_prompt = prompt_ids(tok, CHATML_TOOLS, question, tools.schemas)
+    chosen_ids, chosen_labels = row["chosen_input_ids"], row["chosen_labels"]
+    assert row["prompt_input_ids"] == expected_prompt  # the schemas shown, as a --tools episode shows them
+    assert tok.decode(chosen_ids).count("<|im_start|>tool") == 1
+    trained = tok.decode([i for i, label in zip(chosen_ids, chosen_labels) if label != IGNORE])
+    assert "<tool_call>" in trained and "It is 12." in trained and "<|im_start|>tool" not in trained
+    unpaired = {"tools": tools.schemas, "prompt": question, "completion": chosen, "label": True}
+    (kto_row,), _ = tokenize_unpaired([unpaired], Format.UNPAIRED, tok, CHATML_TOOLS, 1000)
+    assert kto_row["prompt_input_ids"] == expected_prompt and kto_row["label"] is True
 
 
 def test_templates_that_cannot_append_tool_turns_are_refused(tiny_tokenizer):

@@ -31,13 +31,13 @@ CPU). With flash-attention's varlen kernels a row's cost is linear, so `capacity
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from rlkit.data.formats import Messages, shown, split_pair
+from rlkit.data.formats import Messages, record_tools, shown, split_pair
 from rlkit.data.packing import best_fit_decreasing
 from rlkit.data.templates import ChatTemplate, prompt_text, render_segments
 from rlkit.data.tokenize import IGNORE, encode_clipped, finish_ids, wants_bos
@@ -70,7 +70,12 @@ class PairStats:
 
 
 def completion_segments(
-    tokenizer: Any, template: ChatTemplate, prompt: Messages, completion: Messages, where: str
+    tokenizer: Any,
+    template: ChatTemplate,
+    prompt: Messages,
+    completion: Messages,
+    where: str,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> list[tuple[str, bool]]:
     """(text, trainable) segments of `completion` as it follows `prompt`, trailing markup dropped.
 
@@ -81,7 +86,7 @@ def completion_segments(
     """
     if not completion or completion[0]["role"] != "assistant":
         raise InputError(f"{where}: chosen and rejected must start with an assistant reply after the prompt")
-    segments = render_segments(tokenizer, template, prompt + completion)
+    segments = render_segments(tokenizer, template, prompt + completion, tools)
     replies_in_prompt = sum(1 for message in prompt if message["role"] == "assistant")
     seen, start = 0, len(segments)
     for i, (_, trainable) in enumerate(segments):
@@ -99,12 +104,14 @@ def completion_segments(
 def _render_pair(
     record: dict[str, Any], tokenizer: Any, template: ChatTemplate, where: str
 ) -> list[list[tuple[str, bool]]]:
-    """[prompt segments, chosen segments, rejected segments] of one record."""
+    """[prompt segments, chosen segments, rejected segments] of one record (with its `tools` column's
+    schemas shown, as SFT shows them)."""
     prompt, chosen, rejected = split_pair(record, where)
+    tools = record_tools(record, where)
     return [
-        [(prompt_text(tokenizer, template, prompt), False)],
-        completion_segments(tokenizer, template, prompt, chosen, where),
-        completion_segments(tokenizer, template, prompt, rejected, where),
+        [(prompt_text(tokenizer, template, prompt, tools), False)],
+        completion_segments(tokenizer, template, prompt, chosen, where, tools),
+        completion_segments(tokenizer, template, prompt, rejected, where, tools),
     ]
 
 

@@ -129,6 +129,9 @@ def render_segments(
     return [(text, trainable) for text, trainable in segments if text]
 
 
-def prompt_text(tokenizer: Any, template: ChatTemplate, messages: Messages) -> str:
-    """What the model is given at generation time: the conversation plus the assistant header."""
-    return render(tokenizer, template, messages, add_generation_prompt=True)
+def prompt_text(
+    tokenizer: Any, template: ChatTemplate, messages: Messages, tools: Sequence[dict[str, Any]] | None = None
+) -> str:
+    """What the model is given at generation time: the conversation (with `tools`' schemas) plus the
+    assistant header."""
+    return render(tokenizer, template, messages, add_generation_prompt=True, tools=tools)

@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from rlkit.data.formats import Format, as_messages
+from rlkit.data.formats import Format, as_messages, record_tools
 from rlkit.data.pairs import (
     IGNORE,
     collate_sequences,
@@ -118,10 +118,11 @@ def _from_labelled(
         where = f"{source} record {i + 1}"
         prompt = as_messages(record["prompt"], "user", where)
         completion = as_messages(record["completion"], "assistant", where)
+        tools = record_tools(record, where)
         rendered.append(
             [
-                [(prompt_text(tokenizer, template, prompt), False)],
-                completion_segments(tokenizer, template, prompt, completion, where),
+                [(prompt_text(tokenizer, template, prompt, tools), False)],
+                completion_segments(tokenizer, template, prompt, completion, where, tools),
             ]
         )
         flags.append(parse_label(record["label"], where))
