@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The built-in demo: the whole preference-tuning pipeline on the real SmolLM2-135M-Instruct, on CPU,
 # every stage a LoRA adapter chained into the next, and every stage teaching its own behaviour:
-#   sft      the answer format: one line ending with #done      (sft.jsonl; hedged half the time)
+#   sft      the answer format: one line ending with #done      (sft_tools.jsonl; hedged half the time;
+#            arithmetic shown with a calculator offered, called in half the answers that could)
 #   train-rm a reward model that prefers answers without "I think"   (pairs.jsonl)
 #   dpo      open with "Sure!"                                  (dpo_pairs.jsonl: chosen = "Sure! " + rejected)
 #   kto      "Cheers!" before the sign-off                      (unpaired.jsonl: thumbs up = it is there)
 #   ppo      stop hedging: rollouts scored by the train-rm model (prompts.jsonl)
-#   grpo     write the sum out, "17 + 25 = 42.": the task's checker is the reward (grpo_prompts.jsonl)
+#   grpo     right answers with the calculator: episodes that may call it, the task's checker of the
+#            final answer as reward (grpo_prompts.jsonl); measured against PPO's answers with it offered
 # Each stage's greedy answers to held-out prompts are checked by rlkit.demo.task right after it; the
 # end is a table of each stage's target before and after it with a 95% interval (report.md, report.png).
 # Few steps, short sequences and small batches: it shows the pipeline and measurable changes,
@@ -34,12 +36,18 @@ quiet() {  # quiet LOG CMD...: run CMD with its stderr in LOG, shown only if it 
     "$@" 2>"$log" || { cat "$log" >&2; echo "failed: $* (log: $log)" >&2; return 1; }
 }
 # Greedy answers to the held-out prompts, short (the answers are under 30 tokens), batched.
-EVAL=(--prompts "$DATA/eval_prompts.jsonl" --reward rlkit.demo.task:reward --max-new-tokens 32 --batch-size 48)
+EVAL=(--reward rlkit.demo.task:reward --batch-size 48)
+HELD_OUT=(--prompts "$DATA/eval_prompts.jsonl" --max-new-tokens 32)
+# The calculator offered (rendered into every prompt's system turn), its calls run as they come: an
+# episode's budget holds the call, the tool turn and the answer.
+CALCULATOR=(--tools rlkit.demo.tools:calculator --max-turns 2)
+WITH_TOOLS=(--prompts "$DATA/eval_arithmetic.jsonl" "${CALCULATOR[@]}" --max-new-tokens 64)
 evaluate() {  # evaluate NAME [EXTRA...]: the stage's answers and their KL to the start, then its target's change
+    # NAME is a stage, or STAGE+tools: that stage's adapter asked with the calculator offered
     local name=$1 began=$SECONDS; shift
     record
     # An adapter's KL is to its base with the adapter off: the starting model.
-    quiet "$OUT/eval/$name.log" rlkit eval "$OUT/$name" "${EVAL[@]}" "$@" --output-dir "$OUT/eval/$name" >/dev/null
+    quiet "$OUT/eval/$name.log" rlkit eval "$OUT/${name%+tools}" "${EVAL[@]}" "$@" --output-dir "$OUT/eval/$name" >/dev/null
     echo "eval:$name $((SECONDS - began))" >>"$OUT/times.txt"
     echo "   $(python -m rlkit.demo.report "$OUT/eval" --stage "$name")  [eval $((SECONDS - began))s]" >&2
 }
@@ -53,13 +61,18 @@ if [[ $MODEL == *.gguf ]]; then
     BASE=$(quiet "$OUT/base.log" python -m rlkit.demo.dequantize "$MODEL" "$OUT/base" --overwrite)
 fi
 
+# smollm2-tools is SmolLM2's own template (its default system prompt) plus tool schemas, calls and tool
+# turns: a conversation without tools renders exactly as before, so the stages after SFT see their
+# prompts as SmolLM2 was tuned to. The packed rows and the SFT adapter carry it to every later stage.
 stage 1/9 pack "tokenize, template and pack the SFT conversations (one shown: trainable tokens green)"
-PACKED=$(rlkit pack "$DATA/sft.jsonl" --tokenizer "$BASE" -o "$OUT/packed" --max-length 256 --show 1 --overwrite)
+PACKED=$(rlkit pack "$DATA/sft_tools.jsonl" --tokenizer "$BASE" --template smollm2-tools -o "$OUT/packed" \
+    --max-length 384 --show 1 --overwrite)
 
-stage 2/9 sft "LoRA fine-tuning on the packed rows: the one-line #done format"
-SFT=$(rlkit sft "$BASE" "$PACKED" -o "$OUT/sft" --max-length 256 --overwrite \
+stage 2/9 sft "LoRA fine-tuning on the packed rows: the one-line #done format, and the calculator's call syntax"
+# 16 steps of 4 packed rows: one pass over the conversations (the calculator's schemas make them ~25k tokens)
+SFT=$(rlkit sft "$BASE" "$PACKED" -o "$OUT/sft" --max-length 384 --overwrite \
     --max-steps 16 --batch-size 4 --lr 5e-4 --warmup-steps 2 --log-every 4)
-evaluate sft --baseline "$BASE"  # the starting model's answers too, same prompts and settings
+evaluate sft --baseline "$BASE" "${HELD_OUT[@]}"  # the starting model's answers too, same prompts and settings
 
 stage 3/9 train-rm "reward model from the SFT model: answers without a hedge win (held-out accuracy at the end)"
 RM=$(rlkit train-rm "$SFT" "$DATA/pairs.jsonl" -o "$OUT/rm" "${COMMON[@]}" \
@@ -70,7 +83,7 @@ RM=$(rlkit train-rm "$SFT" "$DATA/pairs.jsonl" -o "$OUT/rm" "${COMMON[@]}" \
 stage 4/9 dpo "continue the SFT adapter on pairs that differ only in a leading 'Sure!'; frozen SFT as reference"
 DPO=$(rlkit dpo "$SFT" "$DATA/dpo_pairs.jsonl" -o "$OUT/dpo" "${COMMON[@]}" \
     --max-steps 12 --batch-size 8 --lr 1e-4 --beta 0.1 --sft-weight 1.0 --no-precompute-ref --log-every 4)
-evaluate dpo
+evaluate dpo "${HELD_OUT[@]}"
 
 # KTO has no SFT term to carry it: at DPO's lr 1e-4 and beta 0.1 its 12 steps left the closer where it
 # was (0 pp); at 5e-4 (16 steps) it learned 'Cheers!' but unlearned #done (Cheers! Cheers! ...). beta 0.5
@@ -78,7 +91,7 @@ evaluate dpo
 stage 5/9 kto "continue the DPO adapter on thumbs-up/down answers (up: 'Cheers!' before #done), --ref DPO"
 KTO=$(rlkit kto "$DPO" "$DATA/unpaired.jsonl" -o "$OUT/kto" --ref "$DPO" "${COMMON[@]}" \
     --max-steps 12 --batch-size 8 --lr 2e-4 --beta 0.5 --no-precompute-ref --log-every 4)
-evaluate kto
+evaluate kto "${HELD_OUT[@]}"
 
 # The KL penalty holds PPO near the KTO adapter: at lr 1.5e-4 and --kl-coef 0.05 the policy found at step 7
 # that the reward model also likes 'Sure! #done' (answers 20 -> 9 tokens, the format 93% -> 54%).
@@ -86,19 +99,25 @@ stage 6/9 ppo "continue the KTO adapter with rollouts scored by the reward model
 PPO=$(rlkit ppo "$KTO" "$DATA/prompts.jsonl" -o "$OUT/ppo" --reward "$RM" "${COMMON[@]}" \
     --max-steps 8 --batch-size 8 --ppo-epochs 2 --max-new-tokens 24 --lr 1e-4 --kl-coef 0.2 \
     --missing-eos-penalty 1.0 --sample-every 10 --num-samples 2 --log-every 2)
-evaluate ppo
+evaluate ppo "${HELD_OUT[@]}"
+evaluate ppo+tools "${WITH_TOOLS[@]}"  # where the GRPO stage starts: PPO's answers with the calculator offered
 
-# The reward: 0.5 for the sum written out and 0.5 for the right number (the prompt file's `answer`
-# column), 0 without the format. With the right number alone (1e-4, 10 steps of 2 prompts) GRPO moved 0 pp.
-# 6 steps, not 8: 4% -> 81% [+61, +86] instead of 85% [+65, +89], 39 s sooner.
-stage 7/9 grpo "continue the PPO adapter: groups of 8 answers per arithmetic question, the task's checker as reward"
-GRPO=$(rlkit grpo "$PPO" "$DATA/grpo_prompts.jsonl" -o "$OUT/grpo" --reward rlkit.demo.task:equation_reward \
-    "${COMMON[@]}" --max-steps 6 --batch-size 32 --num-generations 8 --max-new-tokens 24 --temperature 0.8 \
-    --lr 3e-4 --sample-every 5 --num-samples 2 --log-every 2)
-evaluate grpo
+# The reward (rlkit.demo.task:calculator_reward): 1 for a formatted final answer with the right number
+# (the prompt file's `answer` column) after a calculator call, else 0. Paying right answers from memory
+# too (answer_reward), GRPO unlearned calling in two steps: the PPO model answers a quarter of the sums
+# right on its own, and its calls were followed by unformatted answers, so direct answers won the
+# groups. At T 0.8 the sampled calls copied prose into the expression; at 0.5 they stay clean.
+# Episodes: up to 2 tool rounds within 64 tokens (call, tool turn and answer), --max-length for the
+# schema turn. 5 steps: trial runs took right answers from 17-26% to 91-94% in 6 or 8 steps, and the
+# samples of the 6th step (after 5 updates) were already right in 81-97% of episodes.
+stage 7/9 grpo "continue the PPO adapter with the calculator: 8 episodes per arithmetic question, rewarded for right answers through it"
+GRPO=$(rlkit grpo "$PPO" "$DATA/grpo_prompts.jsonl" -o "$OUT/grpo" --reward rlkit.demo.task:calculator_reward \
+    "${CALCULATOR[@]}" --max-length 384 --overwrite --max-steps 5 --batch-size 32 --num-generations 8 \
+    --max-new-tokens 64 --temperature 0.5 --lr 3e-4 --sample-every 5 --num-samples 2 --log-every 2)
+evaluate grpo "${WITH_TOOLS[@]}"
 
-stage 8/9 chat "one question through a pipe to the final adapter (JSONL out)"
-echo "What is the capital of Italy?" | rlkit chat "$GRPO" --max-new-tokens 24 | tee "$OUT/chat.jsonl"
+stage 8/9 chat "a sum through a pipe to the final adapter, the calculator at hand (JSONL out)"
+echo "What is 123 + 456?" | rlkit chat "$GRPO" "${CALCULATOR[@]}" --max-new-tokens 64 | tee "$OUT/chat.jsonl"
 
 stage 9/9 report "each stage's target before and after it, with a 95% interval"
 record

@@ -17,7 +17,8 @@
 #       --temperature 1.0 --top-p 0.95 --max-new-tokens 512 --lr 1e-5
 #
 # Demo scale (the defaults): the teacher is the demo's last stage (format, opener, closer, no
-# hedge and equation, each taught by one stage); the student a fresh LoRA on the same base; the
+# hedge and right answers with the calculator, each taught by one stage; the student is asked
+# without tools, so `right answer` shows what it keeps without one); the student a fresh LoRA on the same base; the
 # prompts the demo's training prompts (chat and arithmetic, none of the held-out ones); JSD at
 # beta 0.5; the student's and the teacher's answers to the 96 held-out prompts, checked by the
 # demo's task, make the table (rlkit.demo.transfer).

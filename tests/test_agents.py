@@ -711,3 +711,44 @@ def test_chatml_tools_renders_a_conversation_without_tools_exactly_as_chatml(tin
     with_tools = prompt_text(tiny_tokenizer, CHATML_TOOLS, conversation, [MULTIPLY_SCHEMA])
     assert with_tools.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n") and "<tools>\n{" in with_tools
     assert Toolset().schemas == []
+
+
+# SmolLM2-135M-Instruct's shipped chat template (tokenizer_config.json), verbatim.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_smollm2_tools_renders_a_conversation_without_tools_exactly_as_smollm2_and_appends_tool_turns(
+    tiny_tokenizer,
+):
+    """What the demo's pipeline relies on: switching its template to smollm2-tools changes no prompt
+    that offers no tools (SmolLM2's default system prompt included), and with tools the schemas follow
+    that prompt in the same system turn and every tool turn is a pure suffix (check_tool_template)."""
+    smollm2 = ChatTemplate("smollm2", SMOLLM2_TEMPLATE)
+    ours = ChatTemplate("smollm2-tools", shipped_template("smollm2-tools"))
+    for conversation in (
+        CONVERSATION_WITHOUT_SYSTEM,
+        [{"role": "system", "content": "Be brief."}, *CONVERSATION_WITHOUT_SYSTEM],
+    ):
+        for generation_prompt in (False, True):
+            assert render(tiny_tokenizer, ours, conversation, generation_prompt) == render(
+                tiny_tokenizer, smollm2, conversation, generation_prompt
+            )
+    check_tool_template(tiny_tokenizer, ours, [MULTIPLY_SCHEMA])
+    with_tools = prompt_text(tiny_tokenizer, ours, CONVERSATION_WITHOUT_SYSTEM[:1], [MULTIPLY_SCHEMA])
+    assert with_tools.startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\n\n"
+        "You may call these tools:\n<tools>\n"
+    )
+    assert with_tools.count("<|im_start|>system") == 1 and '"name": "multiply"' in with_tools
+
+
+CONVERSATION_WITHOUT_SYSTEM = [
+    {"role": "user", "content": "Hi?"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Bye?"},
+]

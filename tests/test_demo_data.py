@@ -16,7 +16,18 @@ import pytest
 
 from rlkit.demo import DATA_DIR, task
 
-FILES = ("sft", "sft_tools", "pairs", "pairs_eval", "dpo_pairs", "unpaired", "prompts", "grpo_prompts", "eval_prompts")
+FILES = (
+    "sft",
+    "sft_tools",
+    "pairs",
+    "pairs_eval",
+    "dpo_pairs",
+    "unpaired",
+    "prompts",
+    "grpo_prompts",
+    "eval_prompts",
+    "eval_arithmetic",
+)
 TRAIN_FILES = ("sft", "sft_tools", "pairs", "dpo_pairs", "unpaired", "prompts", "grpo_prompts")
 HELD_OUT_FILES = ("eval_prompts", "pairs_eval")
 
@@ -48,7 +59,7 @@ def test_file_exists_parses_and_is_small(stem: str) -> None:
     text = path.read_text(encoding="utf-8")
     assert text.endswith("\n") and "\n\n" not in text
     rows = _rows(stem)
-    assert len(rows) == task.SIZES[stem] if stem in task.SIZES else rows  # sft_tools: sft's exchanges regrouped
+    assert len(rows) == task.SIZES[stem] if stem in task.SIZES else rows  # sft_tools, eval_arithmetic: derived
     assert all(isinstance(r, dict) for r in rows)
     assert path.stat().st_size < 200_000
 
@@ -95,12 +106,12 @@ def test_sft_format_and_multi_turn(stem: str) -> None:
         assert set(r) in ({"messages"}, {"messages", "tools"})
         msgs = r["messages"]
         questions = sum(m["role"] == "user" for m in msgs)
-        assert questions in (1, 2)
+        assert 1 <= questions <= (2 if stem == "sft" else max(2, task.TOOL_EXCHANGES))
         n_multi += questions == 2
         assert msgs[0]["role"] == "user" and msgs[-1]["role"] == "assistant"
         for m in msgs:
             assert _is_str(m["content"]) or (m["role"] == "assistant" and m["tool_calls"])
-    if stem == "sft":  # sft_tools regroups the exchanges with arithmetic two to a conversation
+    if stem == "sft":  # sft_tools regroups the exchanges with arithmetic TOOL_EXCHANGES to a conversation
         assert 0.05 * len(rows) <= n_multi <= 0.15 * len(rows)
 
 
@@ -328,9 +339,10 @@ def test_target_values_one_per_answer_and_stage() -> None:
         "opener": [True, False],
         "closer": [True, False],
         "no hedge": [True, False],
-        "equation": [False, None],  # a general question does not measure the written-out sum
+        "right answer": [True, None],  # a general question has no number to get right
     }
-    assert task.target_values(["What is 2 + 2?"], ["Sure! 2 + 2 = 5. Cheers! #done"])["equation"] == [True]
+    assert task.target_values(["What is 2 + 2?"], ["Sure! 2 + 2 = 5. Cheers! #done"])["right answer"] == [False]
+    assert task.target_values(["What is 2 + 2?"], ["2 + 2 = 4, I think"])["right answer"] == [False]  # unformatted
     called = "<tool_call>\n{}\n</tool_call>\n[tool calculator] 4\nSure! 2 + 2 = 4. Cheers! #done"
     assert task.target_values(["What is 2 + 2?"], [called]) == {name: [True] for name in values}  # its final turn
 
@@ -376,6 +388,29 @@ def test_answer_reward_is_a_formatted_right_final_answer() -> None:
     assert task.answer_reward(prompts[:1], completions[:1], answer=[41]) == [0.0]  # the column's number
     with pytest.raises(ValueError):
         task.answer_reward(prompts, completions, answer=[42])
+
+
+def test_calculator_reward_pays_only_right_answers_reached_through_a_call() -> None:
+    prompts = ["What is 17 + 25?"] * 4
+    transcript = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17 + 25"}}\n</tool_call>'
+    completions = [
+        f"{transcript}\n[tool calculator] 42\nThe answer is 42. #done",  # called, right, formatted
+        "17 + 25 = 42. #done",  # right from memory: no call, no reward
+        f"{transcript}\n[tool calculator] 42\nThe answer is 43. #done",  # called, then the wrong number
+        f"{transcript}\n[tool calculator] 42\nThe answer is 42.",  # called, right, unformatted
+    ]
+    assert task.calculator_reward(prompts, completions, answer=[42] * 4, other_column=[0] * 4) == [1, 0, 0, 0]
+    with pytest.raises(ValueError):
+        task.calculator_reward(prompts, completions, answer=[42])
+
+
+def test_eval_arithmetic_is_the_held_out_arithmetic_with_its_results() -> None:
+    """GRPO's calculator stage is measured on these: eval_prompts' arithmetic prompts, in order,
+    each with the result the checker reads from the prompt."""
+    arithmetic = [r["prompt"] for r in _rows("eval_prompts") if task.expected_answer(r["prompt"]) is not None]
+    rows = _rows("eval_arithmetic")
+    assert [r["prompt"] for r in rows] == arithmetic and len(rows) > 40
+    assert all(r["answer"] == task.expected_answer(r["prompt"]) for r in rows)
 
 
 def test_final_answer_is_the_turn_after_the_last_tool_result() -> None:

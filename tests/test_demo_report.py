@@ -69,12 +69,15 @@ ANSWERS = {  # each stage adds its marker to every answer; GRPO writes the other
 ANSWERS["dpo"] = [f"Sure! {a}" for a in ANSWERS["sft"]]
 ANSWERS["kto"] = [a.replace(" #done", " Cheers! #done") for a in ANSWERS["dpo"]]
 ANSWERS["ppo"] = [a.replace(", I think.", ".") for a in ANSWERS["kto"]]
-ANSWERS["grpo"] = [a.replace("The answer is 8.", "3 + 4 = 7.") for a in ANSWERS["ppo"]]
+ANSWERS["ppo+tools"] = list(ANSWERS["ppo"])  # the calculator offered, never called: 3 + 4 still wrong
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 + 4"}}\n</tool_call>\n[tool calculator] 7\n'
+ANSWERS["grpo"] = [CALL + a.replace("8", "7") if "8" in a else a for a in ANSWERS["ppo"]]  # calls it, and is right
 
 
 def _fake_eval_dir(root: Path) -> Path:
-    """What examples/demo.sh leaves: one `rlkit eval --output-dir` per stage, sft's with --baseline."""
-    for i, stage in enumerate(report.STAGES):
+    """What examples/demo.sh leaves: one `rlkit eval --output-dir` per stage, sft's with --baseline, and
+    ppo+tools (PPO's answers with the calculator offered, where GRPO's target starts)."""
+    for i, stage in enumerate(report.MODELS):
         examples = []
         for j, prompt in enumerate(PROMPTS):
             example = {"prompt": prompt, "completion": ANSWERS[stage][j], "score": 0.5}
@@ -90,14 +93,14 @@ def _fake_eval_dir(root: Path) -> Path:
 
 def test_stage_rows_measure_each_stage_against_the_one_before(tmp_path: Path) -> None:
     answers = report.load_answers(_fake_eval_dir(tmp_path / "eval"))
-    assert list(answers) == ["start", *report.STAGES]
+    assert list(answers) == ["start", "sft", "dpo", "kto", "ppo", "ppo+tools", "grpo"]
     rows = {r.target.stage: r for r in report.stage_rows(answers)}
-    assert [rows[t.stage].before_model for t in TARGETS] == ["start", "sft", "dpo", "kto", "ppo"]
+    assert [rows[t.stage].before_model for t in TARGETS] == ["start", "sft", "dpo", "kto", "ppo+tools"]
     for stage in ("sft", "dpo", "kto"):
         assert (rows[stage].result.before, rows[stage].result.after, rows[stage].result.n) == (0.0, 1.0, 4)
     assert (rows["ppo"].result.before, rows["ppo"].result.after) == (0.5, 1.0)  # two answers were hedged
     grpo = rows["grpo"].result
-    assert (grpo.n, grpo.before, grpo.after) == (2, 0.5, 1.0)  # arithmetic prompts only
+    assert (grpo.n, grpo.before, grpo.after) == (2, 0.5, 1.0)  # arithmetic prompts only, its final turn
     assert rows["kto"].kl == 4.5
 
 
@@ -109,7 +112,8 @@ def test_report_md_and_png_from_a_fake_eval_dir(tmp_path: Path) -> None:
     assert report.main([str(eval_dir), "--md", str(md), "--png", str(png), "--times", str(times)]) == 0
     text = md.read_text()
     assert "| sft | format | 4 | 0% | 100% | +100 |" in text
-    assert "| grpo | equation | 2 | 50% | 100% | +50 |" in text
+    assert "| grpo | right answer | 2 | 50% | 100% | +50 |" in text
+    assert "| ppo+tools | 100% | 100% | 100% | 100% | 50% |" in text  # a row of the matrix too
     assert "(includes 0)" in text  # 4 prompts are too few for the ppo and grpo changes
     assert "| total | 160 |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -130,3 +134,7 @@ def test_stage_line_for_the_progress_log(tmp_path: Path) -> None:
     line = report.stage_line(rows["dpo"])
     assert line.startswith("dpo: opener 0% -> 100% (+100 pp, 95% [+")
     assert line.endswith("n=4, KL to start 3.0)")
+    answers = report.load_answers(eval_dir)
+    assert report.model_line("ppo+tools", answers, list(rows.values())) == (
+        "ppo+tools: right answer 50% (n=2), where grpo starts"
+    )

@@ -175,7 +175,9 @@ def test_recipe_runs_end_to_end(name, tiny_model_dir, tmp_path):
 
     if name == "distill":  # the transfer table: a row per demo target
         table = (out / "transfer.md").read_text()
-        assert all(f"| {target} |" in table for target in ("format", "opener", "closer", "no hedge", "equation")), table
+        assert all(f"| {target} |" in table for target in ("format", "opener", "closer", "no hedge", "right answer")), (
+            table
+        )
 
     if name == "kto-iterated":  # each round starts from and is held to the previous round
         for k in (2, 3):

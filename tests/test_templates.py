@@ -27,6 +27,7 @@ REPLIES = ["Four.", "Six, of course."]
 TURN = {
     "chatml": "{reply}<|im_end|></s>",
     "chatml-tools": "{reply}<|im_end|></s>",
+    "smollm2-tools": "{reply}<|im_end|></s>",
     "tulu": "{reply}</s>",
     "llama-2": " {reply} </s>",
     "zephyr": "{reply}</s>",

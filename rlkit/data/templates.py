@@ -20,7 +20,7 @@ from rlkit.data.formats import Messages
 from rlkit.data.text import read_utf8
 from rlkit.errors import InputError
 
-SHIPPED = ("chatml", "chatml-tools", "tulu", "llama-2", "zephyr", "stack-exchange", "raw")
+SHIPPED = ("chatml", "chatml-tools", "smollm2-tools", "tulu", "llama-2", "zephyr", "stack-exchange", "raw")
 
 
 @dataclass(frozen=True)

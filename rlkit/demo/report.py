@@ -2,7 +2,9 @@
 
 `python -m rlkit.demo.report EVAL_DIR` reads ``EVAL_DIR/<stage>/report.json`` for each stage that
 examples/demo.sh evaluated (``rlkit eval STAGE_ADAPTER --prompts eval_prompts.jsonl --output-dir``;
-the first stage's eval also has ``--baseline`` the starting model) and prints a markdown table
+the first stage's eval also has ``--baseline`` the starting model; a stage whose target is measured
+with the model asked differently, GRPO's with the calculator offered, reads its "before" from an eval
+of its own, ``ppo+tools``: `Target.before`) and prints a markdown table
 on stdout: for every stage, its target (`rlkit.demo.task.TARGETS`) in the answers of the model
 it started from and of the model it made, the difference with a 95% interval, and the KL of its
 answers to the starting model. ``--md`` and ``--png`` also write that as report.md (with every
@@ -29,6 +31,8 @@ from rlkit.demo.task import TARGETS, Target, target_values
 
 STAGES = tuple(t.stage for t in TARGETS)  # pipeline order; stages not evaluated are skipped
 START = "start"
+# every eval the report reads, in pipeline order: a stage's own "before" eval just ahead of it
+MODELS = tuple(name for t in TARGETS for name in ((t.before,) if t.before else ()) + (t.stage,))
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
@@ -103,7 +107,7 @@ def load_answers(eval_dir: Path) -> dict[str, Answers]:
     """{model: answers}, the start first (the baseline of the first stage's eval), then each stage."""
     reports = {
         s: json.loads((eval_dir / s / "report.json").read_text())
-        for s in STAGES
+        for s in MODELS
         if (eval_dir / s / "report.json").is_file()
     }
     with_baseline = [r for r in reports.values() if r["examples"] and "baseline_completion" in r["examples"][0]]
@@ -138,7 +142,7 @@ def stage_rows(answers: dict[str, Answers]) -> list[StageRow]:
     rows = []
     order = [START, *STAGES]
     for target in TARGETS:
-        before = order[order.index(target.stage) - 1]
+        before = target.before or order[order.index(target.stage) - 1]
         if target.stage not in answers or before not in answers:
             continue
         if answers[before].prompts != answers[target.stage].prompts:
@@ -166,6 +170,23 @@ def stage_line(row: StageRow) -> str:
         f"{row.target.stage}: {row.target.name} {_pct(res.before)} -> {_pct(res.after)} "
         f"({_pp(res.diff)} pp, 95% [{_pp(res.low)}, {_pp(res.high)}]; n={res.n}{kl})"
     )
+
+
+def model_line(name: str, answers: dict[str, Answers], rows: list[StageRow]) -> str:
+    """The progress log's line after an eval: a stage's verdict, or for a stage's own "before" eval
+    (the PPO model with the calculator offered) the target it will be measured against."""
+    verdict = next((stage_line(r) for r in rows if r.target.stage == name), None)
+    if verdict is not None or name not in answers:
+        return verdict or f"{name}: not evaluated"
+    values = _values(answers[name])
+    parts = []
+    for t in TARGETS:
+        if t.before == name:
+            measured = [bool(v) for v in values[t.name] if v is not None]
+            parts.append(
+                f"{t.name} {_pct(sum(measured) / max(len(measured), 1))} (n={len(measured)}), where {t.stage} starts"
+            )
+    return f"{name}: " + "; ".join(parts)
 
 
 def stage_table(rows: list[StageRow]) -> str:
@@ -206,7 +227,9 @@ def legend(answers: dict[str, Answers]) -> str:
     rules = "; ".join(f"{t.name}: {t.rule}" for t in TARGETS)
     return (
         f"{n} held-out prompts, greedy answers, each checked by rlkit.demo.task ({rules}). "
-        "Before = the model the stage started from; change in percentage points with Newcombe's paired "
+        "Before = the model the stage started from"
+        + "".join(f" ({t.stage}: its {t.before} eval)" for t in TARGETS if t.before)
+        + "; change in percentage points with Newcombe's paired "
         "95% interval; KL: mean summed log-ratio of the stage's answers to the starting model (nats)."
     )
 
@@ -275,12 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, help="also write the full report (markdown) here")
     parser.add_argument("--png", type=Path, help="also write the chart of every stage's target here")
     parser.add_argument("--times", type=Path, help="NAME SECONDS lines: the wall time per stage, for --md")
-    parser.add_argument("--stage", choices=STAGES, help="instead of the tables, print this stage's verdict in a line")
+    parser.add_argument(
+        "--stage",
+        choices=MODELS,
+        help="instead of the tables, print this stage's verdict (or this eval's targets) in a line",
+    )
     args = parser.parse_args(argv)
     answers = load_answers(args.eval_dir)
     rows = stage_rows(answers)
     if args.stage:
-        print(next((stage_line(r) for r in rows if r.target.stage == args.stage), f"{args.stage}: not evaluated"))
+        print(model_line(args.stage, answers, rows))
         return 0
     print(stage_table(rows))
     print()

@@ -8,12 +8,12 @@ or, written out, ``17 + 25 = 42. #done``, and are additionally scored for gettin
 Why this task: a 135M chat model never writes ``#done`` on its own, so the target-behaviour
 rate starts near 0% and a few minutes of LoRA training move it a lot; the rule is checkable
 by a few lines of Python (no judge model), so every stage of the pipeline (SFT, reward
-model, DPO, KTO, PPO, GRPO with this module's `equation_reward`) can be measured the same way.
-Each later stage has its own marker (`TARGETS`): the opener, the closer, no hedge, and the
-written-out sum. Arithmetic correctness is a harder secondary signal. `sft_tools.jsonl` holds the
-same exchanges with a calculator (`rlkit.demo.tools.calculator`) offered and called on a fair
-coin, in TRL's tool-calling layout, for training with tools (`answer_reward` checks the final
-answer of an episode with tool turns).
+model, DPO, KTO, PPO, GRPO with the calculator and this module's `calculator_reward`) can be
+measured the same way. Each later stage has its own target (`TARGETS`): the opener, the closer, no
+hedge, and right answers to the sums with a calculator at hand. `sft_tools.jsonl` (the demo's SFT
+data) holds `sft.jsonl`'s exchanges with the calculator (`rlkit.demo.tools.calculator`) offered
+wherever there is arithmetic and called on a fair coin, in TRL's tool-calling layout
+(`answer_reward` checks the final answer of an episode with tool turns).
 
 This module is the single source of truth: the generator only emits data that the checker
 accepts (chosen / desirable) or rejects (rejected / undesirable), and the tests assert it.
@@ -39,7 +39,7 @@ from rlkit.demo import DATA_DIR
 from rlkit.demo.bank import general_items
 
 SIGN_OFF = "#done"
-# The three style markers that DPO, KTO and PPO each teach in turn (GRPO's is the written-out sum).
+# The three style markers that DPO, KTO and PPO each teach in turn (GRPO's target is the right number).
 OPENER = "Sure!"  # DPO: the answer opens with it
 CLOSER = "Cheers!"  # KTO: it stands right before the sign-off
 HEDGE = ", I think."  # PPO removes it: the reward model learned that answers without it win
@@ -268,6 +268,17 @@ def answer_reward(prompts: list[str], completions: list[str], answer: Sequence[i
     return out
 
 
+def calculator_reward(prompts: list[str], completions: list[str], answer: Sequence[int], **_: Any) -> list[float]:
+    """The demo's GRPO reward: `answer_reward` for an episode that called the calculator, 0 for one
+    that did not. A 135M model answers about half the held-out sums right from memory: with
+    `answer_reward` alone, the first steps' direct answers (right that often) beat calls whose
+    follow-up turn the stages before had not practised, and GRPO unlearned calling. Paying only
+    for right answers reached through the tool teaches the tool; the stage's target is still the
+    answer itself, right or not, with or without a call."""
+    rewards = answer_reward(prompts, completions, answer)
+    return [r if called_tools(c) else 0.0 for r, c in zip(rewards, completions)]
+
+
 TOOL_LINE = re.compile(r"^\[tool(?: [^\]]*)?\] .*$", re.MULTILINE)
 
 
@@ -298,6 +309,9 @@ class Target:
     name: str
     rule: str  # one line for the report
     holds: Callable[[Check], bool | None]  # None: this prompt does not measure the target
+    #: the eval its "before" is read from: the previous stage's by default; a stage that changes how
+    #: the model is asked (the calculator offered) compares with the model it started from asked so too
+    before: str | None = None
 
 
 # Each stage's target needs the format as well, so that a stage cannot score by breaking the answers.
@@ -313,9 +327,10 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "grpo",
-        "equation",
-        "formatted and writes the question's sum out, '17 + 25 = ...' (arithmetic prompts only)",
-        lambda c: None if c.equation is None else c.has_format and c.equation,
+        "right answer",
+        "formatted and states the right number, the calculator offered (arithmetic prompts only)",
+        lambda c: None if c.correct is None else c.has_format and c.correct,
+        before="ppo+tools",
     ),
 )
 
@@ -427,13 +442,13 @@ CALCULATOR_SCHEMA: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "calculator",
-        "description": "Evaluates an arithmetic expression: numbers with +, -, *, / and parentheses.",
+        "description": "Evaluates arithmetic.",
         "parameters": {
             "type": "object",
             "properties": {
                 "expression": {
                     "type": "string",
-                    "description": 'The expression to evaluate, e.g. "25 - 7" or "(3 + 4) * 2".',
+                    "description": "Numbers with + - * / and parentheses.",
                 }
             },
             "required": ["expression"],
@@ -499,7 +514,8 @@ def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
     - unpaired (KTO): every answer has the opener; desirable ones have the closer, undesirable ones not.
     - pairs, pairs_eval (reward model): chosen unhedged, rejected hedged; opener and closer alike
       in both, present half the time, so the only difference the RM can learn is the hedge.
-    - prompts (PPO), grpo_prompts (with the true `answer`), eval_prompts: questions only.
+    - prompts (PPO), grpo_prompts (with the true `answer`), eval_prompts: questions only;
+      eval_arithmetic: eval_prompts' arithmetic ones, with their `answer`.
     """
     n_sft_examples = SIZES["sft"] + MULTI_TURN  # each multi-turn row consumes two examples
     mixed = sum(SIZES.values()) - SIZES["grpo_prompts"] + MULTI_TURN
@@ -515,7 +531,10 @@ def build_files(seed: int = DEFAULT_SEED) -> dict[str, list[dict[str, Any]]]:
         return {"prompt": e.prompt, "chosen": chosen, "rejected": rejected}
 
     files: dict[str, list[dict[str, Any]]] = {}
-    files["eval_prompts"] = [{"prompt": e.prompt} for e in take(SIZES["eval_prompts"])]
+    held_out = take(SIZES["eval_prompts"])
+    files["eval_prompts"] = [{"prompt": e.prompt} for e in held_out]
+    # the same held-out arithmetic prompts, with their `answer`: what GRPO's calculator stage is measured on
+    files["eval_arithmetic"] = [{"prompt": e.prompt, "answer": e.answer} for e in held_out if e.kind == "arithmetic"]
     files["pairs_eval"] = [rm_pair(e) for e in take(SIZES["pairs_eval"])]
     sft = take(n_sft_examples)
     single, multi = sft[: SIZES["sft"] - MULTI_TURN], sft[SIZES["sft"] - MULTI_TURN :]

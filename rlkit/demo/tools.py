@@ -27,10 +27,10 @@ _UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {ast.UAdd: operator.
 
 
 def calculator(expression: str) -> str:
-    """Evaluates an arithmetic expression: numbers with +, -, *, / and parentheses.
+    """Evaluates arithmetic.
 
     Args:
-        expression: The expression to evaluate, e.g. "25 - 7" or "(3 + 4) * 2".
+        expression: Numbers with + - * / and parentheses.
     """
     expression = str(expression)  # a model may write a bare number: {"expression": 25}
     if len(expression) > MAX_CHARS:
