@@ -194,16 +194,22 @@ def test_a_real_ctrl_c_is_not_the_functions_fault(load):
     from rlkit.training.engine import _StopRequest
 
     reward = load("ctrl_c")
-    # during training the first Ctrl-C only asks the engine to checkpoint and stop: the call completes
-    with _StopRequest() as stop:
-        assert reward.score(RewardBatch(CHAT, ["a", "b"])) == [0.0, 0.0]
-        assert stop.requested
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a second one interrupts
-    # with Python's handler (eval; a second Ctrl-C in training) it interrupts, as a KeyboardInterrupt
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt):
-        reward.score(RewardBatch(CHAT, ["a", "b"]))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler, as a terminal gives it: a job started in the background with `&` (nohup, a
+    # CI runner's shell) inherits SIGINT ignored, and _StopRequest rightly restores what it found
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        # during training the first Ctrl-C only asks the engine to checkpoint and stop: the call completes
+        with _StopRequest() as stop:
+            assert reward.score(RewardBatch(CHAT, ["a", "b"])) == [0.0, 0.0]
+            assert stop.requested
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a second one interrupts
+        # with Python's handler (eval; a second Ctrl-C in training) it interrupts, as a KeyboardInterrupt
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            reward.score(RewardBatch(CHAT, ["a", "b"]))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_what_a_function_prints_goes_to_stderr(load, capsys):
