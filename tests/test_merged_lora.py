@@ -63,3 +63,42 @@ def test_models_it_does_not_merge_are_left_alone():
     with lora_merged_for_generation(model) as same:
         assert torch.equal(weight.detach(), saved)
         assert torch.equal(_logits(same, ids), expected)
+
+
+def test_eval_generation_samples_what_the_adapter_layers_would():
+    """`generate_rollouts` (eval, piped chat) folds the adapter in and runs a shared system prompt
+    once: greedy answers and their log-probs are those of plain `generate` through the adapter."""
+    from conftest import build_tokenizer
+
+    from rlkit.data.templates import resolve_template
+    from rlkit.tools.generation import SamplingConfig, generate_rollouts, generated_token_logps, left_pad
+
+    tokenizer = build_tokenizer()
+    model = _lora(build_model(len(tokenizer)))
+    template = resolve_template(None, tokenizer)
+    system = {"role": "system", "content": "You answer questions about numbers and months, briefly and politely."}
+    questions = ["What is 2 + 3?", "Which month comes after May?", "Name a prime."]
+    conversations = [[system, {"role": "user", "content": q}] for q in questions]
+    replies = generate_rollouts(
+        model, tokenizer, template, conversations, SamplingConfig(max_new_tokens=8), with_logps=True
+    )
+
+    ids, mask = left_pad([r.prompt_ids for r in replies], tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    plain = out.sequences[:, ids.shape[1] :]
+    plain_logps = generated_token_logps(out.logits, plain)
+    for i, reply in enumerate(replies):
+        n = len(reply.completion_ids)
+        assert reply.completion_ids == plain[i, :n].tolist()
+        # fp32: merged weights and a cached prefix change the logits by rounding only
+        assert reply.logp == pytest.approx(float(plain_logps[i, :n].sum()), abs=1e-3)

@@ -15,6 +15,8 @@ from rlkit.data.formats import Messages
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import ChatTemplate
 from rlkit.data.tokenize import IGNORE
+from rlkit.models.merged_lora import lora_merged_for_generation
+from rlkit.training.logprobs import cache_keyword, left_padded_prefix
 
 
 @dataclass
@@ -90,6 +92,11 @@ def generate_rollouts(
     saves a second forward over every sample; the price is that generation keeps every step's
     logits until the batch ends, batch x new tokens x vocab floats (0.3 GB for the demo's 48 x 32
     x 49k, 0.5 GB for eval's default 8 x 128 with a 128k vocab).
+
+    Sampled as the rollouts of training are: a LoRA adapter folded into its base for the duration
+    (`lora_merged_for_generation`), and the tokens every prompt of a batch starts with (a system
+    prompt, often half of a short prompt) run once, their cache repeated (`left_padded_prefix`).
+    Both change only float rounding; the demo's six evals take about a third less time.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -99,22 +106,30 @@ def generate_rollouts(
         chunk = expanded[start : start + sampling.batch_size]
         prompts = [encode_prompt(tokenizer, template, c) for c in chunk]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
         sample = sampling.temperature > 0
         if seed is not None:
             torch.manual_seed(seed + start)
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=sample,
-            temperature=sampling.temperature if sample else None,
-            top_p=sampling.top_p if sample else None,
-            top_k=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=with_logps,
-        )
+        with lora_merged_for_generation(model) as generator:
+            common = left_padded_prefix(generator, ids, mask)  # a system prompt's tokens once, not per row
+            cache: dict[str, Any] = {}
+            if common is not None:
+                cache = {cache_keyword(generator): common[0]}
+                ids, mask = common[1], common[2]
+            out = generator.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                **cache,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=sampling.top_p if sample else None,
+                top_k=None,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                return_dict_in_generate=True,
+                output_logits=with_logps,
+            )
         generated = out.sequences[:, ids.shape[1] :]
         token_logps = generated_token_logps(out.logits, generated).cpu() if with_logps else None
         for i, (prompt, row) in enumerate(zip(prompts, generated)):
