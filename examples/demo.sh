@@ -111,14 +111,14 @@ evaluate ppo+tools "${WITH_TOOLS[@]}"  # where the GRPO stage starts: PPO's answ
 # direct answers won the groups. At T 0.8 the sampled calls copied prose into the expression; at 0.5
 # they stay clean.
 # Episodes: up to 2 tool rounds within 64 tokens (call, tool turn and answer), --max-length for the
-# schema turn. 5 steps: trial runs took right answers from 17-26% to 91-94% in 6 or 8 steps, and the
-# samples of the 6th step (after 5 updates) were already right in 81-97% of episodes; 5 steps gave 91%,
-# and so did 4 (checked from this run's PPO adapter). The stage is sensitive to its batch: 5 steps of
-# 3 prompts x 8 drew only zero-reward groups first, and calls fell from 0.88 to 0.12 per episode.
+# schema turn. 4 steps: trial runs took right answers from 17-26% to 91-94% in 6 or 8 steps; from the
+# measured run's PPO adapter 5 steps gave 91%, and so did 4 (43 of 47), ~33 s sooner. The stage is
+# sensitive to its batch: 5 steps of 3 prompts x 8 drew only zero-reward groups first, and calls fell
+# from 0.88 to 0.12 per episode.
 stage 7/9 grpo "continue the PPO adapter with the calculator: 8 episodes per arithmetic question, rewarded for right answers through it"
 GRPO=$(rlkit grpo "$PPO" "$DATA/grpo_prompts.jsonl" -o "$OUT/grpo" --reward rlkit.demo.task:calculator_reward \
-    "${CALCULATOR[@]}" --max-length 384 --overwrite --max-steps 5 --batch-size 32 --num-generations 8 \
-    --max-new-tokens 64 --temperature 0.5 --lr 3e-4 --sample-every 5 --num-samples 2 --log-every 2)
+    "${CALCULATOR[@]}" --max-length 384 --overwrite --max-steps 4 --batch-size 32 --num-generations 8 \
+    --max-new-tokens 64 --temperature 0.5 --lr 3e-4 --sample-every 4 --num-samples 2 --log-every 2)
 evaluate grpo "${WITH_TOOLS[@]}"
 
 stage 8/9 chat "a sum through a pipe to the final adapter, the calculator at hand (JSONL out)"
