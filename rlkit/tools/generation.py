@@ -15,6 +15,7 @@ from rlkit.data.formats import Messages
 from rlkit.data.prompts import encode_prompt
 from rlkit.data.templates import ChatTemplate
 from rlkit.data.tokenize import IGNORE
+from rlkit.models.growing_cache import empty_growing_cache, growing
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.training.logprobs import cache_keyword, left_padded_prefix
 
@@ -96,7 +97,7 @@ def generate_rollouts(
     Sampled as the rollouts of training are: a LoRA adapter folded into its base for the duration
     (`lora_merged_for_generation`), and the tokens every prompt of a batch starts with (a system
     prompt, often half of a short prompt) run once, their cache repeated (`left_padded_prefix`).
-    Both change only float rounding; the demo's six evals take about a third less time.
+    Both change only float rounding; the KV cache grows in place (`rlkit.models.growing_cache`).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -112,14 +113,13 @@ def generate_rollouts(
             torch.manual_seed(seed + start)
         with lora_merged_for_generation(model) as generator:
             common = left_padded_prefix(generator, ids, mask)  # a system prompt's tokens once, not per row
-            cache: dict[str, Any] = {}
+            cache = empty_growing_cache(generator)  # grows in place (rlkit.models.growing_cache)
             if common is not None:
-                cache = {cache_keyword(generator): common[0]}
-                ids, mask = common[1], common[2]
+                cache, ids, mask = growing(common[0]), common[1], common[2]
             out = generator.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                **cache,
+                **({cache_keyword(generator): cache} if cache is not None else {}),
                 max_new_tokens=sampling.max_new_tokens,
                 do_sample=sample,
                 temperature=sampling.temperature if sample else None,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from rlkit.data.formats import Messages
 from rlkit.data.prompts import PromptRows
 from rlkit.errors import InputError, RlkitError, RunError
+from rlkit.models.growing_cache import empty_growing_cache, growing
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.output import resume_hint
 from rlkit.preference.reference import LogpsSpec, Reference
@@ -338,7 +339,7 @@ def generate_rows(
         warping = {"temperature": how.temperature, "top_p": how.top_p, "top_k": how.top_k}
     if do_sample and how.fast_warpers:
         warping = warper_kwargs(how.temperature, how.top_k, how.top_p)
-    with seeded(seed, acc.device), acc.autocast():
+    with seeded(seed, acc.device), acc.autocast(), torch.no_grad():
         cache = None
         shared = shared_prefix(generator, ids, mask) if shared_prompts else None
         if shared is not None:  # each distinct prompt's prefill once; generate goes on from it
@@ -347,6 +348,8 @@ def generate_rows(
             common = left_padded_prefix(generator, ids, mask)
             if common is not None:
                 cache, ids, mask = common
+        # the cache grows in place, not by a copy of itself per token (rlkit.models.growing_cache)
+        cache = empty_growing_cache(generator) if cache is None else growing(cache)
         out = generator.generate(
             input_ids=ids,
             attention_mask=mask,
