@@ -102,7 +102,9 @@ PPO=$(rlkit ppo "$KTO" "$DATA/prompts.jsonl" -o "$OUT/ppo" --reward "$RM" "${COM
     --max-steps 8 --batch-size 8 --ppo-epochs 2 --max-new-tokens 24 --lr 1e-4 --kl-coef 0.2 \
     --missing-eos-penalty 1.0 --sample-every 10 --num-samples 2 --log-every 2)
 evaluate ppo "${HELD_OUT[@]}"
-evaluate ppo+tools "${WITH_TOOLS[@]}"  # where the GRPO stage starts: PPO's answers with the calculator offered
+# where the GRPO stage starts: PPO's answers with the calculator offered (their KL, which the report
+# does not show for this row, would take two more forwards over every episode)
+evaluate ppo+tools "${WITH_TOOLS[@]}" --no-kl
 
 # The reward (rlkit.demo.task:calculator_reward): 1 for a formatted final answer with the right number
 # (the prompt file's `answer` column) after a calculator call, else 0. Paying right answers from memory

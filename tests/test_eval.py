@@ -212,6 +212,17 @@ def test_generation_kl_of_an_adapter_equals_the_hand_computed_sum(
     )
 
 
+def test_no_kl_leaves_the_kl_out_and_the_answers_as_they_were(tmp_path, capsys, monkeypatch, adapter_dir):
+    (tmp_path / "wordreward.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 + 2?"}, {"prompt": "Name a colour."}])
+    options = {"model": str(adapter_dir), "prompts": str(prompts), "reward": "wordreward:reward", "max_new_tokens": 5}
+    with_kl = _eval(capsys, **options)
+    without = _eval(capsys, **options, kl=False)
+    assert "kl_mean" in with_kl and "kl_mean" not in without and "ref" not in without
+    assert {k: v for k, v in with_kl.items() if not k.startswith("kl_") and k != "ref"} == without
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.5])
 def test_generation_logps_are_the_summed_log_probs_of_a_forward(tiny_model_dir, tiny_tokenizer, temperature):
     """The log-probs eval's KL takes from generation's own logits (left-padded, batched, rows
@@ -307,6 +318,8 @@ def test_win_rate_counts_ties_half():
         ({"model": "m", "pairs": "p", "baseline": "b"}, "--baseline"),
         ({"model": "m", "data": "d", "ref": "r"}, "--ref"),
         ({"model": "m", "pairs": "p", "beta": 0.0}, "--beta"),
+        ({"model": "m", "pairs": "p", "kl": False}, "--no-kl"),
+        ({"model": "m", "prompts": "p", "reward": "r", "ref": "r", "kl": False}, "--no-kl turns off"),
     ],
 )
 def test_wrong_combinations_are_usage_errors(options, message):

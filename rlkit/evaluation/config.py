@@ -56,6 +56,11 @@ class EvalConfig:
         None,
         "Reference policy for the implicit reward (--pairs) and the KL (--prompts). Default for an adapter MODEL: its base with the adapter disabled.",
     )
+    kl: bool = opt(
+        True,
+        "With --prompts: the KL of MODEL's answers to --ref, a forward of the reference over every answer (with "
+        "--tools, one of MODEL too); --no-kl skips it when only the scores matter.",
+    )
     baseline: Optional[str] = opt(
         None,
         "Baseline model (--prompts): generates on the same prompts with the same settings; reports its scores and MODEL's win rate (ties count 1/2).",
@@ -140,6 +145,10 @@ def question(config: EvalConfig) -> str:
             f"--tools runs the model's tool calls while it generates (--prompts); --{mode} does not use it"
         )
     check_tool_options(config.tools, config.max_turns)
+    if not config.kl and mode != "prompts":
+        raise InputError(f"--no-kl turns off the KL of --prompts; --{mode} computes none")
+    if config.ref and not config.kl:
+        raise InputError("--ref is the reference of the KL, which --no-kl turns off; drop one of them")
     if config.ref and mode not in ("pairs", "prompts"):
         raise InputError(
             f"--ref is the reference policy of --pairs (implicit reward) and --prompts (KL); --{mode} does not use it"

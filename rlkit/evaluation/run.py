@@ -203,7 +203,7 @@ def eval_generation(config: EvalConfig, source: ModelSource, dtype: torch.dtype)
             f"--reward {config.reward}: not a reward model (no *ForSequenceClassification architecture); pass a `rlkit train-rm` output dir or module:function"
         )
     policy = load_causal_lm_for_inference(source, dtype)
-    ref = _reference(config, source, tokenizer, dtype, required=False, spec=COMPLETION_LOGPS)
+    ref = _reference(config, source, tokenizer, dtype, required=False, spec=COMPLETION_LOGPS) if config.kl else None
     rollouts, episodes = generate_replies(
         policy, policy_side, prompts, sampling, config.seed, with_logps=ref is not None
     )
