@@ -58,3 +58,25 @@ def test_the_dir_is_the_model_a_gguf_load_gives(tmp_path):
     with torch.no_grad():
         logits = [load_causal_lm(s).eval()(input_ids=ids).logits for s in (gguf, plain)]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_a_gguf_is_parsed_once_inside_and_as_usual_outside(tmp_path):
+    import gguf
+    import numpy as np
+
+    from rlkit.demo.dequantize import parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_tensor("w", np.ones((2, 3), dtype="float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with parsed_once():
+        first, again = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is again and first.get_tensor(0).name == "w"
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(path) is not first
