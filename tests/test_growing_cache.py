@@ -37,6 +37,16 @@ def test_updates_hold_what_concatenation_holds_through_reallocations_and_replace
     assert torch.equal(grown.keys[..., :-1, :], first_keys)
 
 
+def test_values_narrower_than_keys_get_their_own_buffer():
+    layer = GrowingLayer()
+    with torch.no_grad():
+        for step in range(3):
+            keys, values = torch.randn(2, 1, 40, 8), torch.randn(2, 1, 40, 4)  # 40: past the first room too
+            got_keys, got_values = layer.update(keys, values)
+            assert got_keys.shape == (2, 1, 40 * (step + 1), 8) and got_values.shape == (2, 1, 40 * (step + 1), 4)
+            assert torch.equal(got_values[..., -40:, :], values)
+
+
 def test_growing_refuses_autograd_and_keeps_a_prefix_cache_contents():
     cache = DynamicCache()
     with torch.no_grad():

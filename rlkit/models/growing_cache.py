@@ -48,7 +48,7 @@ class GrowingLayer(DynamicLayer):
         length = self.get_seq_length()
         new = key_states.shape[-2]
         if not self._owns(length) or length + new > self._key_room.shape[-2]:  # type: ignore[union-attr]
-            self._reallocate(length, max(2 * (length + new), length + new + 64), key_states)
+            self._reallocate(length, max(2 * (length + new), length + new + 64), key_states, value_states)
         assert self._key_room is not None and self._value_room is not None
         self._key_room[..., length : length + new, :].copy_(key_states)
         self._value_room[..., length : length + new, :].copy_(value_states)
@@ -56,10 +56,11 @@ class GrowingLayer(DynamicLayer):
         self.values = self._value_room[..., : length + new, :]
         return self.keys, self.values
 
-    def _reallocate(self, length: int, capacity: int, like: torch.Tensor) -> None:
-        """Buffers of `capacity` positions holding the `length` cached ones."""
+    def _reallocate(self, length: int, capacity: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Buffers of `capacity` positions holding the `length` cached ones (keys and values laid out
+        each as its own states: a value head may be narrower than a key head)."""
         rooms = []
-        for filled, fresh in ((self.keys, like), (self.values, like)):
+        for filled, fresh in ((self.keys, keys), (self.values, values)):
             room = fresh.new_empty((*fresh.shape[:-2], capacity, fresh.shape[-1]))
             if length:
                 assert filled is not None
@@ -81,9 +82,8 @@ def growing(cache: Any) -> Any:
             grown = GrowingLayer.__new__(GrowingLayer)
             grown.__dict__.update(layer.__dict__)
             cache.layers[i] = grown
-    if (
-        getattr(cache, "layer_class_to_replicate", None) is DynamicLayer
-    ):  # a cache without a config adds layers as it goes
+    # a cache made without a config adds its layers as they are first updated
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         cache.layer_class_to_replicate = GrowingLayer
     return cache
 
