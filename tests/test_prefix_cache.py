@@ -12,7 +12,8 @@ from conftest import build_model
 
 from rlkit.data.collate import collate_rows
 from rlkit.data.tokenize import IGNORE
-from rlkit.training import logprobs, rollout
+from rlkit.tools import generation
+from rlkit.training import logprobs
 from rlkit.training.logprobs import PREFIX_MIN_TOKENS, common_prefix, label_logprobs
 from rlkit.training.rollout import RolloutSampling, generate_rows
 
@@ -142,7 +143,7 @@ def test_greedy_generation_from_a_common_prefix_gives_the_same_tokens(monkeypatc
     calls = _calls(monkeypatch, "_common_prefix_cache")
     reused = _generate(model, rows)
     assert len(calls) == 1
-    monkeypatch.setattr(rollout, "left_padded_prefix", lambda *args: None)
+    monkeypatch.setattr(generation, "left_padded_prefix", lambda *args: None)  # where the samplers look it up
     plain = _generate(model, rows)
     assert reused.shape == plain.shape == (4, 8)
     assert reused.tolist() == plain.tolist()

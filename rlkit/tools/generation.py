@@ -17,7 +17,7 @@ from rlkit.data.templates import ChatTemplate
 from rlkit.data.tokenize import IGNORE
 from rlkit.models.growing_cache import empty_growing_cache, growing
 from rlkit.models.merged_lora import lora_merged_for_generation
-from rlkit.training.logprobs import cache_keyword, left_padded_prefix
+from rlkit.training.logprobs import cache_keyword, left_padded_prefix, shared_prefix
 
 
 @dataclass
@@ -36,6 +36,25 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
         ids[i, width - len(row) :] = torch.as_tensor(row)
         mask[i, width - len(row) :] = 1
     return ids, mask
+
+
+def cached_start(
+    generator: Any, ids: torch.Tensor, mask: torch.Tensor, shared_prompts: bool = False
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """`generate`'s cache keyword for left-padded rows `ids` [B, W], and the ids and mask laid out
+    for it: with `shared_prompts` each distinct prompt's prefill once (`shared_prefix`, GRPO's
+    groups), else the tokens every row starts with once (`left_padded_prefix`: a system prompt,
+    tool schemas); the cache grows in place (`rlkit.models.growing_cache`). Run under no_grad."""
+    cache = None
+    shared = shared_prefix(generator, ids, mask) if shared_prompts else None
+    if shared is not None:
+        cache, ids, mask, _ = shared
+    else:
+        common = left_padded_prefix(generator, ids, mask)
+        if common is not None:
+            cache, ids, mask = common
+    cache = empty_growing_cache(generator) if cache is None else growing(cache)
+    return ({cache_keyword(generator): cache} if cache is not None else {}), ids, mask
 
 
 @dataclass
@@ -112,14 +131,11 @@ def generate_rollouts(
         if seed is not None:
             torch.manual_seed(seed + start)
         with lora_merged_for_generation(model) as generator:
-            common = left_padded_prefix(generator, ids, mask)  # a system prompt's tokens once, not per row
-            cache = empty_growing_cache(generator)  # grows in place (rlkit.models.growing_cache)
-            if common is not None:
-                cache, ids, mask = growing(common[0]), common[1], common[2]
+            cache, ids, mask = cached_start(generator, ids, mask)
             out = generator.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                **({cache_keyword(generator): cache} if cache is not None else {}),
+                **cache,
                 max_new_tokens=sampling.max_new_tokens,
                 do_sample=sample,
                 temperature=sampling.temperature if sample else None,

@@ -37,19 +37,15 @@ import torch.nn.functional as F
 from rlkit.data.formats import Messages
 from rlkit.data.prompts import PromptRows
 from rlkit.errors import InputError, RlkitError, RunError
-from rlkit.models.growing_cache import empty_growing_cache, growing
 from rlkit.models.merged_lora import lora_merged_for_generation
 from rlkit.output import resume_hint
 from rlkit.preference.reference import LogpsSpec, Reference
 from rlkit.scoring import RewardBatch, RewardSet
-from rlkit.tools.generation import left_pad
+from rlkit.tools.generation import cached_start, left_pad
 from rlkit.training.fast_sampling import warper_kwargs
 from rlkit.training.logprobs import (
-    cache_keyword,
     grouped_response_logprobs,
-    left_padded_prefix,
     response_logprobs,
-    shared_prefix,
 )
 
 
@@ -340,20 +336,11 @@ def generate_rows(
     if do_sample and how.fast_warpers:
         warping = warper_kwargs(how.temperature, how.top_k, how.top_p)
     with seeded(seed, acc.device), acc.autocast(), torch.no_grad():
-        cache = None
-        shared = shared_prefix(generator, ids, mask) if shared_prompts else None
-        if shared is not None:  # each distinct prompt's prefill once; generate goes on from it
-            cache, ids, mask, _ = shared
-        else:  # the tokens every row starts with (a system prompt, tool schemas) once
-            common = left_padded_prefix(generator, ids, mask)
-            if common is not None:
-                cache, ids, mask = common
-        # the cache grows in place, not by a copy of itself per token (rlkit.models.growing_cache)
-        cache = empty_growing_cache(generator) if cache is None else growing(cache)
+        cache, ids, mask = cached_start(generator, ids, mask, shared_prompts)
         out = generator.generate(
             input_ids=ids,
             attention_mask=mask,
-            **({cache_keyword(generator): cache} if cache is not None else {}),
+            **cache,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             **warping,
