@@ -259,6 +259,30 @@ def test_lora_dpo_end_to_end_and_reference_cache(tiny_model_dir, tmp_path):
     assert json.loads((out / "final_metrics.json").read_text())["loss"] == pytest.approx(final["loss"], abs=1e-6)
 
 
+def test_continued_adapter_on_the_fly_writes_the_trained_adapter_alone(base, tiny_tokenizer, tmp_path):
+    """The frozen start loaded beside the trained adapter is no part of OUT (peft would save it as
+    OUT/reference/): the adapter saved is the trained one, and OUT loads as it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    base.save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    start = _perturbed_lora(base, seed=3)
+    start.peft_config["default"].base_model_name_or_path = str(base_dir)
+    start.save_pretrained(adapter_dir)
+    args = ("--no-precompute-ref", "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2")
+    result = rlkit("dpo", str(adapter_dir), str(DEMO_DATA / "pairs_eval.jsonl"), "-o", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    assert "its adapter, frozen" in result.stderr
+    assert not (out / "reference").exists() and (out / "adapter_model.safetensors").is_file()
+    saved, started = load_file(out / "adapter_model.safetensors"), load_file(adapter_dir / "adapter_model.safetensors")
+    assert saved.keys() == started.keys()
+    assert any(not torch.equal(saved[k], started[k]) for k in saved)  # trained, not the frozen start
+    loaded = PeftModel.from_pretrained(load_causal_lm(resolve_source(str(base_dir))), out)
+    assert list(loaded.peft_config) == ["default"]
+
+
 def test_full_dpo_with_ref_on_the_fly_and_simpo(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -254,6 +254,22 @@ def add_lora(
         )
 
 
+def drop_frozen_adapters(model: torch.nn.Module) -> list[str]:
+    """Delete the adapters loaded frozen beside a PEFT model's trained one (a continued adapter's
+    start kept as the reference, a teacher adapter), and return their names. Why before saving:
+    peft's `save_pretrained` writes every loaded adapter, the others into subdirectories of OUT
+    (`OUT/reference/`), a second copy that is no part of the result."""
+    from peft import PeftModel
+
+    dropped = []
+    for peft_model in [m for m in model.modules() if isinstance(m, PeftModel)]:
+        for name, adapter in list(peft_model.peft_config.items()):
+            if adapter.inference_mode and name != peft_model.active_adapter:
+                peft_model.delete_adapter(name)
+                dropped.append(name)
+    return dropped
+
+
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant activation checkpointing. transformers 5.25 renamed `gradient_checkpointing_enable`
     (which now warns on every call) to `activation_checkpointing_enable`; earlier 5.x have the old name only."""

@@ -21,7 +21,14 @@ from rlkit.console import info
 from rlkit.errors import InputError
 from rlkit.models.attention import use_fp32_attention_backward
 from rlkit.models.lean_blocks import lora_inputs_uncast_under_autocast, use_lean_blocks
-from rlkit.models.load import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, resolve_source
+from rlkit.models.load import (
+    add_lora,
+    drop_frozen_adapters,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_source,
+)
 from rlkit.output import (
     METRICS_FILE,
     check_output,
@@ -221,6 +228,7 @@ class TrainingRun:
         if acc.is_main_process:
             assert self.run_dir is not None
             model = acc.unwrap_model(self.model)
+            drop_frozen_adapters(model)  # training is over: OUT holds the trained adapter alone
             if chat_template:
                 tokenizer.chat_template = chat_template
             with writing("the model in", self.run_dir, self.run_dir):
