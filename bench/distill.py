@@ -4,9 +4,11 @@
     python bench/distill.py --models tiny,smollm2          # also SmolLM2-135M-Instruct, LoRA: docs/distill.md's table (~15 min)
     python bench/distill.py --repeats 1 --steps 3 --no-doc # a quick look, table on stdout only
 
-On-policy distillation with the same model directory as student and teacher (two copies in each
-trainer: the student trained, the teacher frozen), so the machine holds the model twice, as a real
-distillation does. Every configuration runs in its own process, one after another, with one torch
+On-policy distillation with the same model directory as student and teacher: the student trained,
+the teacher frozen. TRL loads the teacher as a second model; so does rlkit under full fine-tuning,
+while a LoRA student's teacher (here the student's base itself) runs on the student's own copy of
+the base weights (docs/distill.md: one copy of the base when the teacher is on it), as it does for
+a teacher that is an adapter on the student's base. Every configuration runs in its own process, one after another, with one torch
 thread (--threads). Both trainers are measured the same way: `GenerationMixin.generate` is wrapped
 to time generation and count the prompt tokens (attention mask) and completion tokens (through the
 first EOS) it produces, and the end of each optimizer step is marked (rlkit: its per-step summary
@@ -400,7 +402,7 @@ def main(argv: list[str]) -> int:
             lr = 1e-5 if lora else 1e-6
             batch = args.batch * args.grad_accum
             settings[label] = (
-                f"student and teacher both this model (two copies, the teacher frozen in {args.precision}); "
+                f"student and teacher both this model (the teacher frozen in {args.precision}: TRL a second copy, rlkit {'sharing the base weights with the student' if lora else 'a second copy'}); "
                 f"{'LoRA on the student (r 16, alpha 32, dropout 0.05 set and then turned off by both, all-linear)' if lora else 'full fine-tuning of the student'}; "
                 f"{batch} completions per step ({batch} prompts x 1), micro-batch {args.batch} x grad-accum {args.grad_accum}; "
                 f"up to {args.max_new_tokens} new tokens; beta {args.beta:g}, temperature 1, top-p {args.top_p:g}, top-k 0; "

@@ -231,6 +231,58 @@ def test_two_processes_log_what_one_process_logs(models, tmp_path, sharding, tra
             assert abs(x[key] - y[key]) <= bound, (x["step"], key, x[key], y[key])
 
 
+@pytest.fixture(scope="module")
+def student_adapter(models, tmp_path_factory) -> Path:
+    """A LoRA adapter (non-zero) on the student's base, as a stage of a pipeline leaves one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    student, _ = models
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(student), config)
+    adapter.peft_config["default"].base_model_name_or_path = str(student)
+    directory = tmp_path_factory.mktemp("distill-adapter") / "adapter"
+    adapter.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("teacher_is", ["an adapter on the base", "the base under the adapter"])
+def test_a_teacher_on_the_students_base_runs_on_its_copy(models, student_adapter, tmp_path, monkeypatch, teacher_is):
+    """A LoRA student and a teacher on the same base weights: a LoRA adapter on it (examples/distill.mk:
+    the demo's adapter into a fresh one) or the base itself under a continued adapter. The teacher
+    runs on the student's own copy of the base (its adapter switched to, or the student's off), and
+    logs what the teacher loaded as a model of its own gives, to rounding (the student's frozen
+    weights are laid out column-major, the separate teacher's row-major); OUT holds the student's
+    adapter alone."""
+    import rlkit.recipes.distill as distill
+    from rlkit.recipes.distill_config import DistillConfig
+
+    base, _ = models
+    student, teacher = (base, student_adapter) if teacher_is == "an adapter on the base" else (student_adapter, base)
+    extra = ("--max-steps", "2", "--lora", "--lr", "1e-2", "--beta", "0.5")
+    shared = tmp_path / "shared"
+    config = DistillConfig(model=str(student), data=[str(PROMPTS)], teacher=str(teacher), output=str(shared), lora=True)
+    assert distill.teacher_on_student_base(config) is not None
+    assert distill.distill_plan(config).held_frozen == ()  # --dry-run plans no second copy
+    result = run_cli(*_args(student, teacher, shared, *extra))
+    assert result.returncode == 0, result.stderr
+    assert "no second copy" in result.stderr
+    monkeypatch.setattr(distill, "teacher_on_student_base", lambda config: None)
+    separate = tmp_path / "separate"
+    result = run_cli(*_args(student, teacher, separate, *extra))
+    assert result.returncode == 0, result.stderr
+    assert "a model of its own" in result.stderr
+    got, expected = _metrics(shared), _metrics(separate)
+    assert len(got) == len(expected) == 2
+    for g, e in zip(got, expected, strict=True):
+        assert g["divergence"] > 1e-3  # the teacher differs from the student: not the student's own forward
+        for key in ("divergence", "teacher_agreement", "student_entropy", "teacher_entropy"):
+            assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), key
+    assert sorted(p.name for p in shared.iterdir() if p.is_dir()) == []  # no OUT/teacher/ beside the adapter
+    assert (shared / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [

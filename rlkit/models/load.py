@@ -104,6 +104,11 @@ def resolve_source(name: str) -> ModelSource:
     return ModelSource(name, name)
 
 
+def base_of(source: ModelSource) -> ModelSource:
+    """The base weights under `source` (itself when it is no adapter)."""
+    return ModelSource(source.weights, source.path, source.gguf_file)
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     """The adapter dir's own tokenizer when it has one (it carries the chat template used)."""
     where = (

@@ -35,3 +35,30 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def adapter_frozen_in_use(peft_model: Any, adapter: str | None) -> Iterator[None]:
+    """A PEFT model's forwards run as a frozen model: as the frozen `adapter` loaded beside the trained
+    one, or as the bare base (`adapter` None: every adapter off); in eval mode, and switched back to
+    the trained adapter afterwards, whatever happens. How a reference or a teacher that is the
+    trained model's base (or an adapter on it) runs without a second copy of the base."""
+    if adapter is None:
+        with eval_mode(peft_model), peft_model.disable_adapter():
+            yield
+        return
+    trained = peft_model.active_adapter
+    with eval_mode(peft_model):
+        peft_model.set_adapter(adapter, inference_mode=True)  # its weights stay frozen
+        try:
+            yield
+        finally:
+            peft_model.set_adapter(trained)
+
+
+def load_frozen_adapter(peft_model: Any, adapter_dir: str, name: str) -> None:
+    """Load `adapter_dir` beside the trained adapter as `name`, frozen, leaving the trained one active
+    (for `adapter_frozen_in_use`; `drop_frozen_adapters` removes it before the result is saved)."""
+    trained = peft_model.active_adapter
+    peft_model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+    peft_model.set_adapter(trained)

@@ -47,7 +47,7 @@ from rlkit.console import console, info, warn
 from rlkit.data.prepare import PreparedData, tokenizer_fingerprint
 from rlkit.errors import InputError
 from rlkit.models.load import ModelSource, load_causal_lm, load_tokenizer, resolve_source
-from rlkit.models.modes import eval_mode, model_device, to_device
+from rlkit.models.modes import adapter_frozen_in_use, eval_mode, load_frozen_adapter, model_device, to_device
 from rlkit.preference.config import ReferenceConfig
 from rlkit.preference.logps import pair_logps
 
@@ -109,8 +109,7 @@ class DisabledAdapterReference:
         self.measure = spec.measure
 
     def logps(self, model: torch.nn.Module, batch: Batch) -> Any:
-        peft_model = extract_model_from_parallel(model)
-        with torch.no_grad(), eval_mode(model), peft_model.disable_adapter():
+        with torch.no_grad(), adapter_frozen_in_use(extract_model_from_parallel(model), None):
             return self.measure(model, batch)
 
 
@@ -123,18 +122,11 @@ class AdapterReference:
 
     def __init__(self, peft_model: Any, adapter_dir: str, spec: LogpsSpec = PAIR_LOGPS):
         self.measure = spec.measure
-        self.policy_adapter = peft_model.active_adapter
-        peft_model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        peft_model.set_adapter(self.policy_adapter)
+        load_frozen_adapter(peft_model, adapter_dir, REFERENCE_ADAPTER)
 
     def logps(self, model: torch.nn.Module, batch: Batch) -> Any:
-        peft_model = extract_model_from_parallel(model)
-        with torch.no_grad(), eval_mode(model):
-            peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
-            try:
-                return self.measure(model, batch)
-            finally:
-                peft_model.set_adapter(self.policy_adapter)
+        with torch.no_grad(), adapter_frozen_in_use(extract_model_from_parallel(model), REFERENCE_ADAPTER):
+            return self.measure(model, batch)
 
 
 class ModelReference:

@@ -21,11 +21,13 @@ frozen reference under --fsdp, and must share the student's tokenizer and output
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate.utils import set_seed
@@ -38,9 +40,17 @@ from rlkit.data.prompts import PromptRows, rollout_prompts
 from rlkit.data.templates import ChatTemplate, render_segments
 from rlkit.errors import InputError
 from rlkit.losses.distill import distill_loss
-from rlkit.models.load import ModelSource, is_reward_model, load_causal_lm, load_tokenizer, resolve_source
-from rlkit.models.modes import disable_dropout
-from rlkit.preference.reference import sharded_like_policy
+from rlkit.models.load import (
+    ModelSource,
+    adapter_config,
+    base_of,
+    is_reward_model,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_source,
+)
+from rlkit.models.modes import adapter_frozen_in_use, disable_dropout, load_frozen_adapter
+from rlkit.preference.reference import same_weights, sharded_like_policy
 from rlkit.recipes.distill_config import DistillConfig
 from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
@@ -74,15 +84,13 @@ class _HiddenHead(torch.nn.Module):
         return hidden
 
 
-def teacher_states(
-    teacher: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
-) -> torch.Tensor:
+def teacher_states(teacher: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
     """[B, R, H2]: the teacher's final hidden states that predict the R tokens ending every row (no
     gradient). A teacher whose output layer is not a plain Linear (logit soft-capping, scaling)
     gives its logits [B, R, V] instead, and `TeacherHead` passes them through."""
-    with torch.no_grad():
-        with output_layer_swapped(teacher, lambda head: _HiddenHead()) as fused:
-            out = teacher(
+    with torch.no_grad(), teacher.in_use() as model:
+        with output_layer_swapped(model, lambda head: _HiddenHead()) as fused:
+            out = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=positions_from_mask(attention_mask),
@@ -179,7 +187,7 @@ class DistillObjective:
     """The divergence of one micro-batch as a sum over its response tokens (the engine divides by the
     tokens of the whole update: a token mean, TRL's `num_items_in_batch`), with its metrics."""
 
-    def __init__(self, config: DistillConfig, teacher: torch.nn.Module, teacher_head: TeacherHead):
+    def __init__(self, config: DistillConfig, teacher: Teacher, teacher_head: TeacherHead):
         self.c, self.teacher, self.teacher_head = config, teacher, teacher_head
 
     def weight(self, batch: dict[str, Any]) -> float:
@@ -278,7 +286,7 @@ class Distillation:
         self,
         config: DistillConfig,
         inputs: RolloutInputs,
-        teacher: torch.nn.Module,
+        teacher: Teacher,
         replies: list[list[int]] | None,
         generation_rows: int,
         agents: Agents | None = None,
@@ -342,12 +350,15 @@ class Distillation:
         rows = slice(0, c.num_samples)
         ids, mask, responses = samples.input_ids[rows], samples.attention_mask[rows], samples.responses[rows]
         kept = samples.response_mask[rows].bool()
-        sums = []
-        for model in (wrapper.policy, self.teacher):
+
+        def summed(model: torch.nn.Module) -> tuple[float, ...]:
             with acc.autocast():
                 logps = response_logprobs(model, ids, mask, responses, c.temperature, want_entropy=False)[0]
-            sums.append(tuple(torch.where(kept, logps.float(), 0).sum(1).tolist()))
-        return sums[0], sums[1]
+            return tuple(torch.where(kept, logps.float(), 0).sum(1).tolist())
+
+        student = summed(wrapper.policy)
+        with self.teacher.in_use() as teacher:
+            return student, summed(teacher)
 
     def summary(self, rollout: Rollout) -> dict[str, float]:
         inputs, s = self.inputs, rollout.samples
@@ -427,14 +438,98 @@ def check_teacher(config: DistillConfig, student: ModelSource, tokenizer: Any) -
     return source
 
 
+TEACHER_ADAPTER = "teacher"
+
+
+class Teacher(Protocol):
+    def in_use(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The module whose forward is the teacher's, for the duration of the block (no gradients)."""
+
+
+class SeparateTeacher:
+    """A teacher model of its own, frozen."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[torch.nn.Module]:
+        yield self.model
+
+
+class TeacherOnStudentBase:
+    """A teacher run on the student's own copy of the base weights: the base itself with the student's
+    adapter switched off (`adapter_dir` None), or the teacher's LoRA adapter loaded frozen beside the
+    student's and switched to. One copy of the base instead of two: 0.54 GB of fp32 SmolLM2-135M."""
+
+    def __init__(self, policy: torch.nn.Module, adapter_dir: str | None):
+        self.policy = policy
+        self.adapter = TEACHER_ADAPTER if adapter_dir else None
+        if adapter_dir:
+            load_frozen_adapter(policy, adapter_dir, TEACHER_ADAPTER)
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[torch.nn.Module]:
+        with adapter_frozen_in_use(self.policy, self.adapter):
+            yield self.policy
+
+
+@dataclass(frozen=True)
+class TeacherOnBase:
+    """The teacher is the student's base (`adapter_dir` None) or a LoRA adapter on it."""
+
+    adapter_dir: str | None
+
+
+def teacher_on_student_base(config: DistillConfig) -> TeacherOnBase | None:
+    """Whether the teacher can run on the student's own copy of the base (`TeacherOnStudentBase`):
+    the student is a LoRA adapter (new, or continued) on the same base weights as the teacher (the
+    base itself, or a plain LoRA adapter on it: no modules saved whole, the output layer not
+    adapted), held in the teacher's precision (--teacher-precision auto, or the student's), not in
+    4 bits and not sharded (--fsdp shards the base, the teacher's output layer must be whole).
+    Otherwise the teacher is loaded as a model of its own."""
+    from rlkit.training.memory_plan import resolved_precision
+
+    if not (config.lora and config.teacher and config.model) or config.load_in_4bit or config.fsdp:
+        return None
+    student_dtype = "bf16" if resolved_precision(config) == "bf16" else "fp32"  # TrainingRun.weights_dtype
+    if config.teacher_precision not in ("auto", student_dtype):
+        return None
+    try:
+        teacher, student = resolve_source(config.teacher), resolve_source(config.model)
+    except InputError:  # said in full by the checks that run before any weights load
+        return None
+    if not same_weights(base_of(teacher), base_of(student)):
+        return None
+    if teacher.adapter_dir is None:
+        return TeacherOnBase(None)
+    adapter = adapter_config(Path(teacher.adapter_dir))
+    targets = adapter.get("target_modules") or []
+    plain = (
+        adapter.get("peft_type") == "LORA"
+        and not adapter.get("modules_to_save")
+        and not adapter.get("trainable_token_indices")
+        and not adapter.get("use_dora")
+        and "lm_head" not in (targets if isinstance(targets, list) else [targets])
+    )
+    return TeacherOnBase(teacher.adapter_dir) if plain else None
+
+
 def load_teacher(
-    plan: RunPlan, config: DistillConfig, run: TrainingRun, source: ModelSource
-) -> tuple[torch.nn.Module, TeacherHead]:
-    """The teacher, frozen, in --teacher-precision, sharded like a frozen reference under --fsdp; and
-    its output layer (a full copy when the teacher is sharded)."""
+    plan: RunPlan, config: DistillConfig, run: TrainingRun, source: ModelSource, policy: torch.nn.Module
+) -> tuple[Teacher, TeacherHead, str]:
+    """The teacher, frozen, and its output layer, and how it is held: on the student's base where it
+    can be (`teacher_on_student_base`), else its own model in --teacher-precision, sharded like a
+    frozen reference under --fsdp (its output layer then a full copy)."""
     from rlkit.training.engine import shards_itself
     from rlkit.training.logprobs import output_layer_slot
 
+    on_base = teacher_on_student_base(config)
+    if on_base is not None:
+        teacher = TeacherOnStudentBase(policy, on_base.adapter_dir)
+        slot = output_layer_slot(policy)  # the base's own (None: not a plain Linear, logits come whole)
+        how = "its adapter on the student's base" if on_base.adapter_dir else "the student's base, adapter off"
+        return teacher, TeacherHead(slot[2] if slot is not None else None), f"{how}: no second copy"
     precision = plan.model("teacher").dtype  # type: ignore[union-attr]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         precision or "", run.weights_dtype
@@ -450,7 +545,8 @@ def load_teacher(
         head.load_state_dict(layer.state_dict())
         head.requires_grad_(False)
     teacher = sharded_like_policy(teacher, run, what="teacher")
-    return teacher, TeacherHead(head).to(run.accelerator.device)
+    how = f"{next(teacher.parameters()).dtype}, a model of its own"
+    return SeparateTeacher(teacher), TeacherHead(head).to(run.accelerator.device), how
 
 
 # ---- the plan -----------------------------------------------------------------------------------------
@@ -462,6 +558,13 @@ def distill_plan(config: DistillConfig) -> RunPlan:
     under --fsdp, running a forward without gradient over every micro-batch; no reference; the
     student samples --generation-batch-size rows per `generate` call (default: a process's whole
     step in one call)."""
+    rows = config.generation_batch_size or config.batch_size * config.grad_accum
+    student = trained_policy(config, dropout=False, role="student")
+    micro = MicroBatch(config.batch_size, config.max_length)
+    generation = Generation(rows=rows, length=config.max_length, by="student")
+    if teacher_on_student_base(config) is not None:  # no second copy of the base
+        forward = NoGradForward("teacher forward (no grad, on the student's base)", by="student")
+        return RunPlan("distill", (student,), micro, generation=generation, no_grad_forwards=(forward,))
     precision = None if config.teacher_precision == "auto" else config.teacher_precision
     teacher = Frozen(
         "teacher",
@@ -470,13 +573,12 @@ def distill_plan(config: DistillConfig) -> RunPlan:
         sharded=True,
         note="frozen, no gradients",
     )
-    rows = config.generation_batch_size or config.batch_size * config.grad_accum
     return RunPlan(
         "distill",
-        (trained_policy(config, dropout=False, role="student"),),
-        MicroBatch(config.batch_size, config.max_length),
+        (student,),
+        micro,
         frozen=(teacher,),
-        generation=Generation(rows=rows, length=config.max_length, by="student"),
+        generation=generation,
         no_grad_forwards=(NoGradForward("teacher forward (no grad)", by="teacher"),),
     )
 
@@ -527,8 +629,8 @@ def run_distill(config: DistillConfig) -> Path | None:
         disable_dropout(policy)
     if not config.fsdp:  # decode-sized products ~2x faster on CPU, the same function (FSDP gathers
         column_major_frozen_linears(policy)  # row-major copies to sample from: left as they are)
-    teacher, teacher_head = load_teacher(plan, config, run, teacher_source)
-    info(f"teacher: {config.teacher} ({next(teacher.parameters()).dtype}, frozen)")
+    teacher, teacher_head, how = load_teacher(plan, config, run, teacher_source, policy)
+    info(f"teacher: {config.teacher} (frozen; {how})")
     # 4. train: a rollout per step (Distillation.collect), one update on it
     inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)
     assert plan.generation is not None
