@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_DATA, REPO, SMOLLM2, interrupted_after, run_cli, write_jsonl
+from conftest import DEMO_DATA, REPO, SMOLLM2, assert_same_up_to_fp32, interrupted_after, run_cli, write_jsonl
 
 PROMPTS = DEMO_DATA / "grpo_prompts.jsonl"
 TESTS = Path(__file__).parent
@@ -515,7 +515,7 @@ def test_each_prompt_runs_once_with_the_same_logprobs_gradients_and_samples(tiny
     from transformers import AutoModelForCausalLM
 
     from rlkit.tools.generation import left_pad
-    from rlkit.training.logprobs import cache_keyword, grouped_response_logprobs, response_logprobs, shared_prefix
+    from rlkit.training.logprobs import cache_keyword, prompt_cached_logprobs, response_logprobs, shared_prefix
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.train()
@@ -531,7 +531,7 @@ def test_each_prompt_runs_once_with_the_same_logprobs_gradients_and_samples(tiny
 
     whole, whole_entropy, _ = response_logprobs(model, ids, mask, responses, 0.7)
     whole_grads = torch.autograd.grad(whole.sum(), params)
-    once, once_entropy, _ = grouped_response_logprobs(model, ids, mask, responses, 0.7)
+    once, once_entropy, _ = prompt_cached_logprobs(model, ids, mask, responses, 0.7)
     once_grads = torch.autograd.grad(once.sum(), params)
     assert torch.allclose(whole, once, atol=1e-5) and torch.allclose(whole_entropy, once_entropy, atol=1e-4)
     for a, b in zip(whole_grads, once_grads):
@@ -546,3 +546,46 @@ def test_each_prompt_runs_once_with_the_same_logprobs_gradients_and_samples(tiny
         )
     assert torch.equal(plain[:, query.shape[1] :], shared[:, ids2.shape[1] :])
     assert shared_prefix(model, query[::3], query_mask[::3]) is None  # no two rows share a prompt
+
+
+def test_prompts_that_start_alike_run_their_common_start_once_then_each_prompt_once(tiny_model_dir, monkeypatch):
+    """Groups whose distinct prompts share a system prompt (the calculator's tool schemas): that start
+    runs once, batch 1, then each distinct prompt's rest on top of it, then the rows; the log-probs,
+    entropies and gradients are the whole rows' up to float32 rounding (conftest's
+    `assert_same_up_to_fp32` says why), and greedy generation from the shared prefill samples what
+    generation from the whole prompts does."""
+    from transformers import AutoModelForCausalLM
+
+    from rlkit.tools.generation import left_pad
+    from rlkit.training import logprobs
+    from rlkit.training.logprobs import cache_keyword, prompt_cached_logprobs, response_logprobs, shared_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).train()
+    system = torch.randint(3, 500, (logprobs.PREFIX_MIN_TOKENS + 3,), generator=torch.Generator().manual_seed(1))
+    prompts = [system.tolist() + rest for rest in ([5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16])]
+    rows = [p for p in prompts for _ in range(3)]
+    query, query_mask = left_pad(rows, 2)
+    responses = torch.randint(3, 500, (len(rows), 6), generator=torch.Generator().manual_seed(0))
+    ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, torch.ones_like(responses)], 1)
+    params = list(model.parameters())
+    calls = []
+    real = logprobs._common_prefix_cache
+    monkeypatch.setattr(logprobs, "_common_prefix_cache", lambda *a: calls.append(1) or real(*a))
+
+    once, once_entropy, _ = prompt_cached_logprobs(model, ids, mask, responses, 0.7)
+    once_grads = torch.autograd.grad(once.sum(), params)
+    assert len(calls) == 1
+    whole, whole_entropy, _ = response_logprobs(model, ids, mask, responses, 0.7)
+    whole_grads = torch.autograd.grad(whole.sum(), params)
+    for got, expected in zip([once, once_entropy, *once_grads], [whole, whole_entropy, *whole_grads], strict=True):
+        assert_same_up_to_fp32(got, expected)
+
+    model.eval()
+    with torch.no_grad():
+        plain = model.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=8, do_sample=False)
+        cache, ids2, mask2, _ = shared_prefix(model, query, query_mask)
+        assert len(calls) == 2 and cache.get_seq_length() == ids2.shape[1] - 1
+        shared = model.generate(
+            input_ids=ids2, attention_mask=mask2, max_new_tokens=8, do_sample=False, **{cache_keyword(model): cache}
+        )
+    assert torch.equal(plain[:, query.shape[1] :], shared[:, ids2.shape[1] :])

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import assert_same_up_to_fp32, build_model
 
 from rlkit.data.collate import collate_rows
 from rlkit.data.tokenize import IGNORE
@@ -154,8 +154,42 @@ def test_left_padded_prefix_moves_the_padding_after_the_prefix():
     system = _tokens(PREFIX_MIN_TOKENS, 0)
     ids = torch.tensor([[2, 2] + system + [9], system + [5, 6, 7]])
     mask = (torch.arange(ids.shape[1]) >= torch.tensor([[2], [0]])).long()
-    cache, new_ids, new_mask = logprobs.left_padded_prefix(model, ids, mask)
+    cache, new_ids, new_mask, _ = logprobs.left_padded_prefix(model, ids, mask)
     assert new_ids.tolist() == [system + [2, 2, 9], system + [5, 6, 7]]
     assert new_mask.tolist() == [[1] * len(system) + [0, 0, 1], [1] * (len(system) + 3)]
     assert cache.get_seq_length() == len(system)
     assert logprobs.left_padded_prefix(model, ids[:, :-1], mask[:, :-1]) is None  # row 0 would keep no token
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rollout_rows_sharing_a_system_prompt_run_it_once(monkeypatch, fused):
+    """PPO's rows (left-padded prompts that share only a system prompt, then the responses): the
+    prompt-cached log-probs, entropies, the last hidden states at the response's states (what a
+    value head reads) and the gradients are the plain forward's (`assert_same_up_to_fp32`); the
+    system prompt runs once. A model whose output layer is not a plain Linear takes the plain path."""
+    from rlkit.tools.generation import left_pad
+    from rlkit.training.logprobs import prompt_cached_logprobs, response_logprobs
+
+    model = build_model(VOCAB).double().train()
+    if not fused:
+        model.config.final_logit_softcapping = 30.0  # the fused head stands aside: the plain path
+    system = _tokens(PREFIX_MIN_TOKENS + 4, 0)
+    prompts = [system + _tokens(n, seed) for seed, n in ((1, 9), (2, 1), (3, 4), (4, 6))]
+    query, query_mask = left_pad(prompts, 2)
+    responses = torch.tensor([_tokens(5, 10 + i) for i in range(4)])
+    response_mask = torch.tensor([[1] * 5, [1] * 5, [1, 1, 0, 0, 0], [1] * 5])
+    ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(function):
+        logps, entropy, out = function(model, ids, mask, responses, 0.7, output_hidden_states=True)
+        states = out.hidden_states[-1][:, -6:-1]
+        grads = torch.autograd.grad((logps * response_mask).sum() + states.sum(), params, allow_unused=True)
+        return logps, entropy, states, grads
+
+    calls = _calls(monkeypatch, "_common_prefix_cache")
+    cached = run(prompt_cached_logprobs)
+    assert len(calls) == (1 if fused else 0)
+    plain = run(response_logprobs)
+    for got, expected in zip([*cached[:3], *cached[3]], [*plain[:3], *plain[3]], strict=True):
+        assert_same_up_to_fp32(got, expected)

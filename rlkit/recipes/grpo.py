@@ -468,11 +468,11 @@ def run_grpo(config: GRPOConfig) -> Path | None:
     reference, described = None, f"none ({plan.reference.why})" if plan.reference is not None else "none"
     if plan.has_reference:
         reference, described = on_the_fly_reference(
-            config, run, policy, tokenizer, rollout_reference_spec(config.temperature, shared_prompts=True)
+            config, run, policy, tokenizer, rollout_reference_spec(config.temperature)
         )
     info(f"reference: {described}")
     # critic-free: no value forward, no value loss; each group's prompt runs once per forward
-    model = PolicyValue(policy, None, None, shared_prompts=True)
+    model = PolicyValue(policy, None, None)
 
     # 4. train: a rollout per GRPO step (GRPORollout), --num-iterations updates on it
     inputs = RolloutInputs(run.accelerator, tokenizer, prompts, encoded, run)

@@ -52,7 +52,7 @@ def cached_start(
     else:
         common = left_padded_prefix(generator, ids, mask)
         if common is not None:
-            cache, ids, mask = common
+            cache, ids, mask, _ = common
     cache = empty_growing_cache(generator) if cache is None else growing(cache)
     return ({cache_keyword(generator): cache} if cache is not None else {}), ids, mask
 

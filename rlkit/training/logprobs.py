@@ -373,15 +373,25 @@ def _prefix_cache_usable(model: torch.nn.Module, rows: int) -> bool:
     return rows >= 2 and not _checkpointing(model)
 
 
-def _prefix_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> Any | None:
+def _prefix_cache(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    start: Any | None = None,
+    done: int = 0,
+) -> Any | None:
     """The KV cache of the left-padded prefixes `ids` [U, P] (one forward), repeated so that row b of
-    the batch gets prefix `rows[b]`; None when the model gives back no cache that can be re-indexed."""
+    the batch gets prefix `rows[b]`; None when the model gives back no cache that can be re-indexed.
+    `start`: the cache of their first `done` columns already computed, which the forward goes on from."""
+    resumed = {cache_keyword(model): start} if start is not None else {}
     out = model(
-        input_ids=ids,
+        input_ids=ids[:, done:],
         attention_mask=mask,
-        position_ids=positions_from_mask(mask),
+        position_ids=positions_from_mask(mask)[:, done:],
         use_cache=True,
         logits_to_keep=1,
+        **resumed,
     )
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_select_indices"):
@@ -402,6 +412,11 @@ def shared_prefix(
     holds each prompt G times: the prompt's tokens, often most of a row, run once instead of G
     times, in the prefill before sampling and in the forward of every update. Gradients reach the
     prompt's tokens through the repeated cache (indexing is differentiable), summed over the group.
+
+    The distinct prompts often start alike too (a system prompt, the tool schemas: ~200 of the demo
+    calculator's ~215 prompt tokens): what they all start with runs once more before them
+    (`left_padded_prefix`, batch 1), and the rows come back laid out as it lays them out, each
+    row's padding after that common part.
     """
     if not _prefix_cache_usable(model, ids.shape[0]):
         return None
@@ -417,7 +432,13 @@ def shared_prefix(
     prefix_ids, prefix_mask = ids[starts, :-1], mask[starts, :-1]
     if prefix_ids.shape[1] == 0 or not bool(prefix_mask.any(dim=1).all()):
         return None
-    cache = _prefix_cache(model, prefix_ids, prefix_mask, inverse)
+    common = left_padded_prefix(model, prefix_ids, prefix_mask)
+    if common is None:
+        cache = _prefix_cache(model, prefix_ids, prefix_mask, inverse)
+    else:  # the distinct prompts go on from what they all start with
+        start, prefix_ids, prefix_mask, width = common
+        cache = _prefix_cache(model, prefix_ids, prefix_mask, inverse, start, width)
+        ids, mask = torch.cat([prefix_ids[inverse], ids[:, -1:]], 1), torch.cat([prefix_mask[inverse], mask[:, -1:]], 1)
     return None if cache is None else (cache, ids, mask, prefix_ids.shape[1])
 
 
@@ -448,7 +469,7 @@ def _label_prefix_cache(
     no logit the labels need (`keep`, the columns scored) falls inside it. Computed in the caller's
     forward, so a reference (adapter off, another adapter) caches under its own weights. Without a
     backward under FSDP2: a block's keys and values would escape its pre-backward hook, as
-    `grouped_response_logprobs` says.
+    `prompt_cached_logprobs` says.
     """
     if keep.numel() == 0 or not _prefix_cache_usable(model, input_ids.shape[0]):
         return None
@@ -466,9 +487,9 @@ def _label_prefix_cache(
 
 def left_padded_prefix(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
-    """Left-padded rows laid out for `generate` to go on from the cache of the real tokens they all
-    start with: (that cache, repeated per row; the ids and mask as [prefix][padding][rest]), or None
+) -> tuple[Any, torch.Tensor, torch.Tensor, int] | None:
+    """Left-padded rows laid out to go on from the cache of the real tokens they all start with: (that
+    cache, repeated per row; the ids and mask as [prefix][padding][rest]; the prefix's width), or None
     where they share fewer than `PREFIX_MIN_TOKENS` tokens (each row keeps at least one after it),
     the mask is not a left padding, or the cache cannot be used.
 
@@ -496,47 +517,57 @@ def left_padded_prefix(
         torch.where(columns < prefix + pad[:, None], columns - prefix, columns),
     )
     cache = _common_prefix_cache(model, aligned[0, :prefix], rows)
-    return None if cache is None else (cache, ids.gather(1, source), mask.gather(1, source))
+    return None if cache is None else (cache, ids.gather(1, source), mask.gather(1, source), prefix)
 
 
-def grouped_response_logprobs(
+def prompt_cached_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     responses: torch.Tensor,
     temperature: float = 1.0,
     want_entropy: bool = True,
+    **forward_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """`response_logprobs` for rows that share prompts (GRPO's groups): each distinct prompt runs once
-    (`shared_prefix`), then every row's last prompt token and response on top of its cache.
+    """`response_logprobs` with the tokens the prompts share run once: each distinct prompt of rows
+    that come in groups sharing one (GRPO's G completions: `shared_prefix`), else the tokens every
+    row's prompt starts with (a system prompt, tool schemas: `left_padded_prefix`, PPO's rows); then
+    every row's remaining prompt tokens and its response on top of that cache. The model's output
+    covers those remaining columns (its hidden states end with the response's, as a value head
+    needs them).
 
     The same log-probs up to float rounding (the attention sums in another order), at about the
-    cost of the responses alone when the prompts are long; rows with no neighbour sharing their
-    prompt, or a model the fused head or the cache does not fit, take `response_logprobs` as it is.
-    So does a model with FSDP units: the prompt's keys and values leave each block beside its
-    output, where FSDP2's pre-backward hook (which gathers the block again for its backward) never
-    sees them, so the backward would reach a freed block. (Generation's shared prefill, without a
-    backward, still runs under FSDP.)
+    cost of what is not shared; rows that share too little, or a model the fused head or the cache
+    does not fit, take `response_logprobs` as it is. So does a model with FSDP units: the prompt's
+    keys and values leave each block beside its output, where FSDP2's pre-backward hook (which
+    gathers the block again for its backward) never sees them, so the backward would reach a freed
+    block. (Generation's shared prefill, without a backward, still runs under FSDP.)
     """
     width = responses.shape[1]
-    shared = None
+    start = None
     if output_layer_slot(model) is not None and not _fsdp_units(model):
-        shared = shared_prefix(model, input_ids[:, :-width], attention_mask[:, :-width])
-    if shared is None:
-        return response_logprobs(model, input_ids, attention_mask, responses, temperature, want_entropy)
-    cache, _, prompt_mask, prefix = shared
+        prompt_ids, prompt_mask = input_ids[:, :-width], attention_mask[:, :-width]
+        start = shared_prefix(model, prompt_ids, prompt_mask) or left_padded_prefix(model, prompt_ids, prompt_mask)
+    if start is None:
+        return response_logprobs(
+            model, input_ids, attention_mask, responses, temperature, want_entropy, **forward_kwargs
+        )
+    cache, prompt_ids, prompt_mask, prefix = start
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    suffix = input_ids[:, -(width + 1) :]  # the last prompt token predicts the first response token
+    rest = torch.cat(
+        [prompt_ids[:, prefix:], responses], dim=1
+    )  # the last prompt token predicts the first response token
     mask = torch.cat([prompt_mask, attention_mask[:, -width:]], dim=1)
     positions = positions_from_mask(mask)[:, prefix:]
     with output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)):
         out = model(
-            input_ids=suffix,
+            input_ids=rest,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             logits_to_keep=width + 1,
             **{cache_keyword(model): cache},
+            **forward_kwargs,
         )
     logps, entropy = out.logits.unbind(-1)
     return logps, entropy.detach(), out

@@ -43,22 +43,18 @@ from rlkit.preference.reference import LogpsSpec, Reference
 from rlkit.scoring import RewardBatch, RewardSet
 from rlkit.tools.generation import cached_start, left_pad
 from rlkit.training.fast_sampling import warper_kwargs
-from rlkit.training.logprobs import (
-    grouped_response_logprobs,
-    response_logprobs,
-)
+from rlkit.training.logprobs import prompt_cached_logprobs
 
 
-def rollout_reference_spec(temperature: float, shared_prompts: bool = False) -> LogpsSpec:
+def rollout_reference_spec(temperature: float) -> LogpsSpec:
     """What a rollout's reference measures (`rlkit.preference.reference` holds the strategies): the
-    [B, R] log-probs of the responses that end a rollout's rows, at the sampling temperature.
-    `shared_prompts` (GRPO): each distinct prompt of a batch runs once (`grouped_response_logprobs`),
-    as the policy's forward does, so a reference equal to the policy measures what it measures."""
-    logprobs = grouped_response_logprobs if shared_prompts else response_logprobs
+    [B, R] log-probs of the responses that end a rollout's rows, at the sampling temperature, the
+    prompts' shared tokens run once (`prompt_cached_logprobs`) as the policy's forward runs them, so
+    a reference equal to the policy measures what it measures."""
 
     def measure(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         ids, mask, responses = batch["input_ids"], batch["attention_mask"], batch["responses"]
-        return logprobs(model, ids, mask, responses, temperature, want_entropy=False)[0]
+        return prompt_cached_logprobs(model, ids, mask, responses, temperature, want_entropy=False)[0]
 
     return LogpsSpec(measure, unit="rollouts")
 

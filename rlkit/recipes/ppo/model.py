@@ -9,7 +9,7 @@ import torch
 
 from rlkit.console import info
 from rlkit.scoring import unwrap_peft
-from rlkit.training.logprobs import grouped_response_logprobs, positions_from_mask, response_logprobs
+from rlkit.training.logprobs import positions_from_mask, prompt_cached_logprobs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
@@ -22,8 +22,8 @@ class PolicyValue(torch.nn.Module):
     prompt + response rows), each token's log-prob at the sampling temperature, the entropy of
     its distribution (no gradient) and the value of the state before it, all [B, R]; the values
     are None without a value function (then no value forward runs: GRPO-style critic-free RL).
-    `shared_prompts` (critic-free only): rows come in groups sharing a prompt, and each distinct
-    prompt runs once (`rlkit.training.logprobs.grouped_response_logprobs`).
+    The policy runs the tokens its rows' prompts share once (`prompt_cached_logprobs`: each
+    distinct prompt of GRPO's groups, else the system prompt every row starts with).
     """
 
     def __init__(
@@ -31,23 +31,15 @@ class PolicyValue(torch.nn.Module):
         policy: torch.nn.Module,
         value_head: torch.nn.Module | None,
         critic: torch.nn.Module | None,
-        shared_prompts: bool = False,
     ):
         super().__init__()
         self.policy, self.value_head, self.critic = policy, value_head, critic
-        # GRPO: rows share prompts in groups, each distinct prompt runs once (critic-free only)
-        self.shared_prompts = shared_prompts and value_head is None and critic is None
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         r = responses.shape[1]
-        if self.shared_prompts:
-            logps, entropy, _ = grouped_response_logprobs(
-                self.policy, input_ids, attention_mask, responses, temperature
-            )
-            return logps, entropy, None
-        logps, entropy, out = response_logprobs(
+        logps, entropy, out = prompt_cached_logprobs(
             self.policy,
             input_ids,
             attention_mask,
