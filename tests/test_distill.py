@@ -21,6 +21,7 @@ from conftest import (
     DEMO_DATA,
     REPO,
     SMOLLM2,
+    assert_same_up_to_fp32,
     build_model,
     build_tokenizer,
     dequantized_smollm2,
@@ -229,6 +230,47 @@ def test_two_processes_log_what_one_process_logs(models, tmp_path, sharding, tra
         for key in ("divergence", "teacher_agreement", "student_entropy"):
             bound = reduction_bound(8 * 8) * max(abs(x[key]), 1.0) * 100
             assert abs(x[key] - y[key]) <= bound, (x["step"], key, x[key], y[key])
+
+
+def test_prompt_tokens_shared_by_every_row_run_once_in_both_forwards(models, monkeypatch):
+    """Rows whose prompts start alike (a system prompt): the teacher's and the student's forwards run
+    those tokens once (`prompt_cached_inputs`), and the divergence, its metrics and the student's
+    gradients are the whole rows' up to float32 rounding (conftest's `assert_same_up_to_fp32`)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlkit.recipes import distill
+    from rlkit.tools.generation import left_pad
+    from rlkit.training import logprobs
+    from rlkit.training.logprobs import PREFIX_MIN_TOKENS, positions_from_mask
+
+    student, teacher = (AutoModelForCausalLM.from_pretrained(m, dtype=torch.float64) for m in models)
+    student.train()
+    draw = torch.Generator().manual_seed(3)
+    system = torch.randint(3, 500, (PREFIX_MIN_TOKENS + 4,), generator=draw).tolist()
+    prompts = [system + torch.randint(3, 500, (n,), generator=draw).tolist() for n in (7, 1, 4, 9)]
+    query, query_mask = left_pad(prompts, 2)
+    responses = torch.randint(3, 500, (4, 6), generator=draw)
+    response_mask = torch.tensor([[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0], [1] * 6])
+    ids, mask = torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1)
+    params = [p for p in student.parameters() if p.requires_grad]
+    head = distill.TeacherHead(teacher.get_output_embeddings())
+
+    def run() -> list[torch.Tensor]:
+        states = distill.teacher_states(distill.SeparateTeacher(teacher), ids, mask, 6)
+        terms = distill.DistillStudent(student)(ids, mask, 6, states, head, response_mask, 0.5, 1.0, 4)
+        return [terms, *torch.autograd.grad(terms[0], params)]
+
+    calls = []
+    real = logprobs._common_prefix_cache
+    monkeypatch.setattr(logprobs, "_common_prefix_cache", lambda *a: calls.append(a[1].numel()) or real(*a))
+    cached = run()
+    assert calls == [len(system)] * 2  # the teacher's forward, the student's
+    whole = {"attention_mask": mask, "position_ids": positions_from_mask(mask), "use_cache": False}
+    monkeypatch.setattr(distill, "prompt_cached_inputs", lambda model, ids, mask, width: {"input_ids": ids, **whole})
+    plain = run()
+    assert float(plain[0][0]) > 1e-3  # a divergence to compare: the teacher is not the student
+    for got, expected in zip(cached, plain, strict=True):
+        assert_same_up_to_fp32(got, expected)
 
 
 @pytest.fixture(scope="module")

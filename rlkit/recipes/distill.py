@@ -56,7 +56,7 @@ from rlkit.tools.generation import left_pad
 from rlkit.training.engine import StepOutput
 from rlkit.training.episodes import EpisodeSamples, episode_metrics, sample_episodes
 from rlkit.training.fast_sampling import column_major_frozen_linears
-from rlkit.training.logprobs import output_layer_swapped, positions_from_mask, response_logprobs
+from rlkit.training.logprobs import output_layer_swapped, prompt_cached_inputs, response_logprobs
 from rlkit.training.rollout import (
     Rollout,
     RolloutForward,
@@ -89,14 +89,9 @@ def teacher_states(teacher: Teacher, input_ids: torch.Tensor, attention_mask: to
     gradient). A teacher whose output layer is not a plain Linear (logit soft-capping, scaling)
     gives its logits [B, R, V] instead, and `TeacherHead` passes them through."""
     with torch.no_grad(), teacher.in_use() as model:
+        inputs = prompt_cached_inputs(model, input_ids, attention_mask, width)  # shared prompt tokens once
         with output_layer_swapped(model, lambda head: _HiddenHead()) as fused:
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-                use_cache=False,
-                logits_to_keep=width + 1,
-            )
+            out = model(**inputs, logits_to_keep=width + 1)
         states = out.logits[:, :-1]
         return states if fused else states.float()
 
@@ -163,14 +158,9 @@ class DistillStudent(torch.nn.Module):
         def make_head(head: torch.nn.Module) -> torch.nn.Module:
             return _DivergenceHead(head, teacher, teacher_head, mask, beta, temperature, chunk)
 
+        inputs = prompt_cached_inputs(self.policy, input_ids, attention_mask, width)  # shared prompt tokens once
         with output_layer_swapped(self.policy, make_head) as fused:
-            out = self.policy(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-                use_cache=False,
-                logits_to_keep=width + 1,
-            )
+            out = self.policy(**inputs, logits_to_keep=width + 1)
         if fused:
             return out.logits.view(4)
         # an output layer that post-processes its logits: they are the states, the head is the identity

@@ -413,8 +413,8 @@ def shared_prefix(
     times, in the prefill before sampling and in the forward of every update. Gradients reach the
     prompt's tokens through the repeated cache (indexing is differentiable), summed over the group.
 
-    The distinct prompts often start alike too (a system prompt, the tool schemas: ~200 of the demo
-    calculator's ~215 prompt tokens): what they all start with runs once more before them
+    The distinct prompts often start alike too (a system prompt, the tool schemas: the demo calculator's
+    prompts share their first 154 tokens): what they all start with runs once more before them
     (`left_padded_prefix`, batch 1), and the rows come back laid out as it lays them out, each
     row's padding after that common part.
     """
@@ -520,6 +520,44 @@ def left_padded_prefix(
     return None if cache is None else (cache, ids.gather(1, source), mask.gather(1, source), prefix)
 
 
+def prompt_cached_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
+) -> dict[str, Any]:
+    """The keyword arguments of `model`'s forward over rollout rows (a left-padded prompt, then the
+    `width`-column response), with the tokens the prompts share run once: each distinct prompt of
+    rows that come in groups sharing one (GRPO's G completions: `shared_prefix`), else the tokens
+    every row's prompt starts with (a system prompt, tool schemas: `left_padded_prefix`, PPO's
+    rows); the forward then runs every row's remaining prompt tokens and its response on top of
+    that cache. Either way its output ends with the response's columns (and the last prompt
+    token's, which predicts the first response token), so `logits_to_keep` and hidden states
+    counted from the end mean what they mean over the whole rows.
+
+    The same numbers up to float rounding (the attention sums in another order), at about the cost
+    of what is not shared; gradients reach the shared tokens through the repeated cache. The rows
+    run whole where they share too little, under gradient checkpointing (HF turns the cache off),
+    and for a model with FSDP units: the prompt's keys and values leave each block beside its
+    output, where FSDP2's pre-backward hook (which gathers the block again for its backward) never
+    sees them, so the backward would reach a freed block. (Generation's shared prefill, without a
+    backward, still runs under FSDP.)
+    """
+    start = None
+    if not _fsdp_units(model):
+        prompt_ids, prompt_mask = input_ids[:, :-width], attention_mask[:, :-width]
+        start = shared_prefix(model, prompt_ids, prompt_mask) or left_padded_prefix(model, prompt_ids, prompt_mask)
+    if start is None:
+        positions = positions_from_mask(attention_mask)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions, "use_cache": False}
+    cache, prompt_ids, prompt_mask, prefix = start
+    mask = torch.cat([prompt_mask, attention_mask[:, -width:]], dim=1)
+    return {
+        "input_ids": torch.cat([prompt_ids[:, prefix:], input_ids[:, -width:]], dim=1),
+        "attention_mask": mask,
+        "position_ids": positions_from_mask(mask)[:, prefix:],
+        "use_cache": True,
+        cache_keyword(model): cache,
+    }
+
+
 def prompt_cached_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -529,45 +567,16 @@ def prompt_cached_logprobs(
     want_entropy: bool = True,
     **forward_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """`response_logprobs` with the tokens the prompts share run once: each distinct prompt of rows
-    that come in groups sharing one (GRPO's G completions: `shared_prefix`), else the tokens every
-    row's prompt starts with (a system prompt, tool schemas: `left_padded_prefix`, PPO's rows); then
-    every row's remaining prompt tokens and its response on top of that cache. The model's output
-    covers those remaining columns (its hidden states end with the response's, as a value head
-    needs them).
-
-    The same log-probs up to float rounding (the attention sums in another order), at about the
-    cost of what is not shared; rows that share too little, or a model the fused head or the cache
-    does not fit, take `response_logprobs` as it is. So does a model with FSDP units: the prompt's
-    keys and values leave each block beside its output, where FSDP2's pre-backward hook (which
-    gathers the block again for its backward) never sees them, so the backward would reach a freed
-    block. (Generation's shared prefill, without a backward, still runs under FSDP.)
-    """
+    """`response_logprobs` over `prompt_cached_inputs`: the tokens the rows' prompts share run once.
+    A model whose output layer the fused head does not fit takes `response_logprobs` as it is."""
     width = responses.shape[1]
-    start = None
-    if output_layer_slot(model) is not None and not _fsdp_units(model):
-        prompt_ids, prompt_mask = input_ids[:, :-width], attention_mask[:, :-width]
-        start = shared_prefix(model, prompt_ids, prompt_mask) or left_padded_prefix(model, prompt_ids, prompt_mask)
-    if start is None:
+    if output_layer_slot(model) is None:
         return response_logprobs(
             model, input_ids, attention_mask, responses, temperature, want_entropy, **forward_kwargs
         )
-    cache, prompt_ids, prompt_mask, prefix = start
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    rest = torch.cat(
-        [prompt_ids[:, prefix:], responses], dim=1
-    )  # the last prompt token predicts the first response token
-    mask = torch.cat([prompt_mask, attention_mask[:, -width:]], dim=1)
-    positions = positions_from_mask(mask)[:, prefix:]
+    inputs = prompt_cached_inputs(model, input_ids, attention_mask, width)
     with output_layer_swapped(model, lambda head: _ResponseLogpHead(head, responses, scale, want_entropy)):
-        out = model(
-            input_ids=rest,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=width + 1,
-            **{cache_keyword(model): cache},
-            **forward_kwargs,
-        )
+        out = model(**inputs, logits_to_keep=width + 1, **forward_kwargs)
     logps, entropy = out.logits.unbind(-1)
     return logps, entropy.detach(), out
