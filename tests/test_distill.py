@@ -320,6 +320,8 @@ def test_a_teacher_on_the_students_base_runs_on_its_copy(models, student_adapter
     for g, e in zip(got, expected, strict=True):
         assert g["divergence"] > 1e-3  # the teacher differs from the student: not the student's own forward
         for key in ("divergence", "teacher_agreement", "student_entropy", "teacher_entropy"):
+            # measured equal on the avx512, avx2 and default kernels; the bound leaves room for the two
+            # weight layouts' float32 rounding (~1e-7 relative a forward) carried through one update
             assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), key
     assert sorted(p.name for p in shared.iterdir() if p.is_dir()) == []  # no OUT/teacher/ beside the adapter
     assert (shared / "adapter_model.safetensors").is_file()
