@@ -289,6 +289,37 @@ def student_adapter(models, tmp_path_factory) -> Path:
     return directory
 
 
+def test_a_teacher_runs_on_the_students_base_only_where_it_computes_the_same(models, student_adapter, tmp_path):
+    """The shared base is chosen only for a LoRA student on the teacher's base weights in the
+    teacher's precision, with a plain LoRA teacher adapter; anything else keeps a teacher of its own."""
+    import json
+    import shutil
+
+    from rlkit.recipes.distill import TeacherOnBase, teacher_on_student_base
+    from rlkit.recipes.distill_config import DistillConfig
+
+    base, other = models
+
+    def decided(teacher, **overrides):
+        values = dict(model=str(base), data=[str(PROMPTS)], teacher=str(teacher), output=str(tmp_path / "o"))
+        return teacher_on_student_base(DistillConfig(**{**values, **overrides}))
+
+    assert decided(student_adapter) == TeacherOnBase(str(student_adapter))
+    assert decided(base) == TeacherOnBase(None)
+    assert decided(base, teacher_precision="fp32", precision="fp32") == TeacherOnBase(None)
+    assert decided(other) is None  # other weights
+    assert decided(student_adapter, lora=False) is None  # a full student moves the base itself
+    assert decided(student_adapter, teacher_precision="bf16", precision="fp32") is None
+    assert decided(student_adapter, fsdp=True) is None
+    assert decided(tmp_path / "missing") is None  # said in full by the checks before any weights load
+    for field, value in (("modules_to_save", ["lm_head"]), ("use_dora", True), ("target_modules", ["lm_head"])):
+        odd = tmp_path / f"adapter-{field}"
+        shutil.copytree(student_adapter, odd)
+        config = json.loads((odd / "adapter_config.json").read_text())
+        (odd / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        assert decided(odd) is None, field
+
+
 @pytest.mark.parametrize("teacher_is", ["an adapter on the base", "the base under the adapter"])
 def test_a_teacher_on_the_students_base_runs_on_its_copy(models, student_adapter, tmp_path, monkeypatch, teacher_is):
     """A LoRA student and a teacher on the same base weights: a LoRA adapter on it (examples/distill.mk:
